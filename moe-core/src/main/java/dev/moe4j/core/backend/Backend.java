@@ -1,0 +1,236 @@
+package dev.moe4j.core.backend;
+
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+
+/**
+ * Every operation a GPT-MoE training step needs, on one device.
+ *
+ * <p>Conventions (all ops):
+ * <ul>
+ *   <li>Tensors are contiguous row-major. "[N, C]" means the tensor seen as a matrix of N rows and C columns:
+ *       any leading dimensions are flattened into N, so [B, T, C] activations pass as [B*T, C].</li>
+ *   <li>Outputs are passed in (llm.c style) and may be views; the op checks shapes and throws
+ *       {@link IllegalArgumentException} naming the argument before doing any work.</li>
+ *   <li>Floating tensors may mix F32 and BF16 (and F64 on the CPU): arithmetic is at least fp32, results are
+ *       rounded to the output's dtype. Index tensors are I32.</li>
+ *   <li>Unless an op says "accumulates", it assigns its outputs. Parameter gradients accumulate (+=);
+ *       activation gradients are assigned (=).</li>
+ *   <li>Ops are queued in order on the backend's stream; only the host transfers ({@code to*}) and
+ *       {@link #synchronize()} wait. A training step calls no host transfer.</li>
+ *   <li>Randomness is counter based: element i of a random op draws from (seed, offset + i), so every
+ *       backend produces the same numbers (see {@code dev.moe4j.core.backend.Philox}).</li>
+ * </ul>
+ */
+public interface Backend extends AutoCloseable {
+
+    /** Short name, e.g. "cpu" or "cuda:0". */
+    String name();
+
+    /** True when this backend supports the dtype (F64 is CPU-only). */
+    boolean supports(DType dtype);
+
+    // ---------------------------------------------------------------- memory and host transfer
+
+    /** A new tensor, zero-filled. */
+    Tensor zeros(DType dtype, int... shape);
+
+    /** A new tensor whose contents are unspecified (may be garbage on a GPU). */
+    default Tensor empty(DType dtype, int... shape) { return zeros(dtype, shape); }
+
+    /** A new tensor holding {@code data} (rounded to {@code dtype}). */
+    Tensor fromFloats(DType dtype, float[] data, int... shape);
+
+    Tensor fromDoubles(DType dtype, double[] data, int... shape);
+
+    Tensor fromInts(int[] data, int... shape);
+
+    float[] toFloats(Tensor t);
+
+    double[] toDoubles(Tensor t);
+
+    int[] toInts(Tensor t);
+
+    /** dst = src (same element count; converts dtype). */
+    void copy(Tensor src, Tensor dst);
+
+    /** Every element of t = value. */
+    void fill(Tensor t, double value);
+
+    /** Waits until all queued work is done. */
+    void synchronize();
+
+    /** Bytes of device memory currently allocated by this backend (including cached free blocks). */
+    long allocatedBytes();
+
+    // ---------------------------------------------------------------- random numbers
+
+    /** out[i] = uniform in [lo, hi) drawn from counter (seed, offset + i). */
+    void randomUniform(Tensor out, double lo, double hi, long seed, long offset);
+
+    /** out[i] = normal(mean, std) drawn from counter (seed, offset + i). */
+    void randomNormal(Tensor out, double mean, double std, long seed, long offset);
+
+    // ---------------------------------------------------------------- matrix products
+
+    /**
+     * C = alpha * op(A) * op(B) + beta * C, op = transpose when the flag is set.
+     * Rank-2: A [M,K] (or [K,M] transposed), B [K,N] (or [N,K]), C [M,N].
+     * Rank-3: the same per batch, A, B and C all [batch, ., .].
+     */
+    void matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta);
+
+    /**
+     * Grouped product over contiguous row segments (the expert FFN): for each expert e, rows
+     * offsets[e] .. offsets[e+1] of A [T,K] times W[e] give the same rows of C [T,N]:
+     * C_e = A_e * op(W[e]) + beta * C_e. W is [E,K,N], or [E,N,K] with transW.
+     * offsets is I32 [E+1], non-decreasing, offsets[0] = 0, offsets[E] <= T; rows past offsets[E] are untouched.
+     */
+    void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta);
+
+    /**
+     * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],
+     * dY [T,N], dW [E,K,N]. (For a transposed weight, call with A and dY swapped.)
+     */
+    void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta);
+
+    // ---------------------------------------------------------------- elementwise
+
+    /** out = alpha * a + beta * b (same element count; out may alias a or b). */
+    void add(Tensor a, double alpha, Tensor b, double beta, Tensor out);
+
+    /** out = a * b elementwise. */
+    void mul(Tensor a, Tensor b, Tensor out);
+
+    /** out = alpha * x. */
+    void scale(Tensor x, double alpha, Tensor out);
+
+    /** out[n, c] = x[n, c] + bias[c]. */
+    void addBias(Tensor x, Tensor bias, Tensor out);
+
+    /** out[c] = beta * out[c] + sum_n x[n, c]  (bias gradients; accumulates with beta = 1). */
+    void sumRows(Tensor x, Tensor out, float beta);
+
+    /** out[n] = sum_c a[n, c] * b[n, c]. */
+    void rowDot(Tensor a, Tensor b, Tensor out);
+
+    /** out = act(x); x [N, act.inputWidth(F)], out [N, F]. */
+    void activation(Activation act, Tensor x, Tensor out);
+
+    /** dx = d act(x) / dx applied to dout; dx has x's shape (assigned). */
+    void activationBackward(Activation act, Tensor x, Tensor dout, Tensor dx);
+
+    // ---------------------------------------------------------------- normalisation and softmax
+
+    /**
+     * LayerNorm over the last dimension: x [N,C], gamma/beta [C], out [N,C];
+     * saves mean [N] and rstd [N] (F32) for the backward.
+     */
+    void layerNorm(Tensor x, Tensor gamma, Tensor beta, float eps, Tensor out, Tensor mean, Tensor rstd);
+
+    /** dx assigned; dgamma and dbeta accumulate. */
+    void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd,
+                           Tensor dx, Tensor dgamma, Tensor dbeta);
+
+    /** Row softmax: x [N,C] -> out [N,C]. */
+    void softmax(Tensor x, Tensor out);
+
+    /** dx = y * (dy - rowsum(dy * y)), y the softmax output (assigned). */
+    void softmaxBackward(Tensor y, Tensor dy, Tensor dx);
+
+    // ---------------------------------------------------------------- attention
+
+    /**
+     * Causal multi-head self-attention. qkv [B,T,3C] holds per token q, k, v, each C = H*D wide, head h at
+     * columns h*D..; out [B,T,C] (heads concatenated); lse [B,H,T] F32 saves each query row's
+     * log-sum-exp of scaled scores for the backward. Scale 1/sqrt(D).
+     */
+    void attention(Tensor qkv, int heads, Tensor out, Tensor lse);
+
+    /** dqkv [B,T,3C] assigned from dout [B,T,C], using the forward's qkv, out and lse. */
+    void attentionBackward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int heads, Tensor dqkv);
+
+    // ---------------------------------------------------------------- embedding and losses
+
+    /** out[b,t] = wte[tokens[b,t]] + wpe[t] (wpe may be null). tokens I32 [B,T]; out [B,T,C]. */
+    void embedding(Tensor tokens, Tensor wte, Tensor wpe, Tensor out);
+
+    /** dwte[tokens[b,t]] += dout[b,t]; dwpe[t] += sum_b dout[b,t] (dwpe may be null). Accumulates. */
+    void embeddingBackward(Tensor dout, Tensor tokens, Tensor dwte, Tensor dwpe);
+
+    /**
+     * Softmax cross-entropy per row: losses[n] = logsumexp(logits[n]) - logits[n, targets[n]];
+     * rows whose target is negative are ignored (loss 0). logits [N,V], targets I32 [N], losses F32 [N].
+     */
+    void crossEntropy(Tensor logits, Tensor targets, Tensor losses);
+
+    /** dlogits[n] = scale * (softmax(logits[n]) - onehot(targets[n])), zero for ignored rows (assigned). */
+    void crossEntropyBackward(Tensor logits, Tensor targets, float scale, Tensor dlogits);
+
+    /**
+     * Distillation term per row: losses[n] = T^2 * KL(softmax(teacher[n]/T) || softmax(student[n]/T)).
+     * student, teacher [N,V]; losses F32 [N].
+     */
+    void distillationLoss(Tensor student, Tensor teacher, float temperature, Tensor losses);
+
+    /** dstudent = scale * d(sum_n losses[n]) / dstudent (assigned). */
+    void distillationLossBackward(Tensor student, Tensor teacher, float temperature, float scale, Tensor dstudent);
+
+    // ---------------------------------------------------------------- rows by index
+
+    /** out[m] = src[idx[m]], zero where idx[m] &lt; 0. src [N,C], idx I32 [M], out [M,C]. */
+    void gatherRows(Tensor src, Tensor idx, Tensor out);
+
+    /** dst[idx[m]] += w[m] * src[m] for idx[m] &gt;= 0 (w may be null: 1). Accumulates. */
+    void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst);
+
+    // ---------------------------------------------------------------- reductions
+
+    /** out[0] = sum of all elements of x (out: 1 element). */
+    void sum(Tensor x, Tensor out);
+
+    /** out[0] = beta * out[0] + sum of x[i]^2 (global gradient norms). */
+    void sumSquares(Tensor x, Tensor out, float beta);
+
+    // ---------------------------------------------------------------- MoE routing (dev.moe4j.core.moe)
+
+    /**
+     * The fused gate: from fp32 logits [S,E] computes softmax gates, top-k experts, capacity slots and the
+     * l_aux / z-loss statistics, as {@link GateSpec} describes. See GateSpec for every output's meaning.
+     */
+    void moeGate(GateSpec spec, Tensor logits, GateOutputs out);
+
+    /** Backward of {@link #moeGate}: dlogits [S,E] (assigned) from the combine-weight gradient and the loss coefficients. */
+    void moeGateBackward(GateSpec spec, Tensor logits, GateOutputs saved, Tensor dweights,
+                         float lauxCoeff, float zlossCoeff, Tensor dlogits);
+
+    /** Dispatch: buf[dest[s,j]] = x[s] for dest[s,j] &gt;= 0. x [S,M], dest I32 [S,k], buf [R,M]; other rows untouched. */
+    void moePermute(Tensor x, Tensor dest, Tensor buf);
+
+    /**
+     * Combine: out[s] = sum_j w[s,j] * buf[dest[s,j]] over dest[s,j] &gt;= 0 (w null: weight 1). Assigned.
+     * With w null it is also the backward of {@link #moePermute}.
+     */
+    void moeUnpermute(Tensor buf, Tensor dest, Tensor w, Tensor out);
+
+    /**
+     * Backward of the weighted combine: dbuf[dest[s,j]] = w[s,j] * dout[s] (rows not addressed untouched),
+     * dw[s,j] = dot(dout[s], buf[dest[s,j]]) (0 where dest &lt; 0).
+     */
+    void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw);
+
+    // ---------------------------------------------------------------- optimizer
+
+    /**
+     * One fused AdamW update over a flat parameter range (decoupled weight decay):
+     * g = grad * clip, clip = min(1, maxNorm / sqrt(normSq[0])) when normSq is given (else 1);
+     * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p).
+     * If normSq[0] is not finite the update is skipped entirely (a NaN step must not poison the run).
+     * param, m, v F32 (master); grad F32 or BF16; modelCopy (nullable) receives the new params in its dtype.
+     */
+    void adamw(Tensor param, Tensor grad, Tensor m, Tensor v, AdamWParams h, Tensor normSq, Tensor modelCopy);
+
+    /** Releases everything this backend holds. */
+    @Override
+    void close();
+}

@@ -1,0 +1,49 @@
+package dev.moe4j.core.backend;
+
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+
+/** Argument checks shared by backends, so every backend rejects bad input with the same message. */
+public final class Checks {
+    private Checks() {}
+
+    public static void numel(String op, String name, Tensor t, long expected) {
+        if (t.numel() != expected) {
+            throw new IllegalArgumentException(op + ": " + name + " has " + t.numel() + " elements " + t.shape() + ", expected " + expected);
+        }
+    }
+
+    /** t seen as a matrix must be [rows, cols]. */
+    public static void matrix(String op, String name, Tensor t, long rows, long cols) {
+        if (t.cols() != cols || t.rows() != rows) {
+            throw new IllegalArgumentException(op + ": " + name + " is " + t.shape() + ", expected [" + rows + ", " + cols + "] (leading dims flattened)");
+        }
+    }
+
+    public static void cols(String op, String name, Tensor t, int cols) {
+        if (t.cols() != cols) {
+            throw new IllegalArgumentException(op + ": " + name + " is " + t.shape() + ", expected last dimension " + cols);
+        }
+    }
+
+    public static void dtype(String op, String name, Tensor t, DType expected) {
+        if (t.dtype() != expected) throw new IllegalArgumentException(op + ": " + name + " must be " + expected + ", got " + t.dtype());
+    }
+
+    public static void floating(String op, String name, Tensor t) {
+        if (!t.dtype().isFloating()) throw new IllegalArgumentException(op + ": " + name + " must be a floating tensor, got " + t.dtype());
+    }
+
+    public static void rank(String op, String name, Tensor t, int rank) {
+        if (t.rank() != rank) throw new IllegalArgumentException(op + ": " + name + " must have rank " + rank + ", got " + t.shape());
+    }
+
+    public static void open(String op, String name, Tensor t) {
+        if (t == null) throw new IllegalArgumentException(op + ": " + name + " is null");
+        if (t.isClosed()) throw new IllegalStateException(op + ": " + name + " was closed");
+    }
+
+    public static void positive(String op, String name, long v) {
+        if (v <= 0) throw new IllegalArgumentException(op + ": " + name + " must be > 0, got " + v);
+    }
+}

@@ -1,0 +1,13 @@
+package dev.moe4j.core.tensor;
+
+/**
+ * A backend's block of memory (a Java array on the CPU, a device allocation on a GPU).
+ * Tensors are typed views into a storage; only the owning tensor releases it.
+ */
+public interface Storage {
+    /** Capacity in bytes. */
+    long byteSize();
+
+    /** Give the memory back (to the OS, or to a caching allocator). Called at most once. */
+    void release();
+}
