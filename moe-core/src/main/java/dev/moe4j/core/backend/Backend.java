@@ -27,6 +27,15 @@ public interface Backend extends AutoCloseable {
     /** Short name, e.g. "cpu" or "cuda:0". */
     String name();
 
+    /** Device ordinal (0 for the CPU). */
+    default int deviceIndex() { return 0; }
+
+    /**
+     * The native stream (a {@code cudaStream_t} as a long) every op of this backend is queued on, so that a
+     * communicator can order its collectives with them; 0 for backends without streams.
+     */
+    default long nativeStream() { return 0; }
+
     /** True when this backend supports the dtype (F64 is CPU-only). */
     boolean supports(DType dtype);
 

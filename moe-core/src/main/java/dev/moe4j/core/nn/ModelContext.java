@@ -1,0 +1,52 @@
+package dev.moe4j.core.nn;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.tensor.DType;
+
+/**
+ * What every layer of one model shares: the backend, the activation dtype, the parameter store, the
+ * training flag and the counter-based RNG stream (noise, random token selection).
+ */
+public final class ModelContext {
+    private final Backend backend;
+    private final DType dtype;
+    private final Parameters params = new Parameters();
+    private final long seed;
+    private long rngOffset;
+    private boolean training = true;
+
+    public ModelContext(Backend backend, DType dtype, long seed) {
+        if (!backend.supports(dtype)) throw new IllegalArgumentException("backend " + backend.name() + " does not support dtype " + dtype);
+        this.backend = backend;
+        this.dtype = dtype;
+        this.seed = seed;
+    }
+
+    public Backend backend() { return backend; }
+
+    /** The dtype of weights and activations the forward reads and writes (F32/BF16, F64 for gradient checks). */
+    public DType dtype() { return dtype; }
+
+    public Parameters params() { return params; }
+
+    public long seed() { return seed; }
+
+    public boolean training() { return training; }
+
+    public void setTraining(boolean training) { this.training = training; }
+
+    /** Reserves {@code count} random numbers and returns the counter offset of the first. */
+    public long nextRandomOffset(long count) {
+        long o = rngOffset;
+        rngOffset += count;
+        return o;
+    }
+
+    /** The RNG position, saved in checkpoints so a resumed run draws the same numbers. */
+    public long rngOffset() { return rngOffset; }
+
+    public void setRngOffset(long offset) { this.rngOffset = offset; }
+
+    /** Allocates and initialises all declared parameters (call once the model is built). */
+    public void allocateParameters() { params.allocate(backend, dtype, seed); }
+}

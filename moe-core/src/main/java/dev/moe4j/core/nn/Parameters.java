@@ -1,0 +1,114 @@
+package dev.moe4j.core.nn;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Scope;
+import dev.moe4j.core.tensor.Shape;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+
+/**
+ * All parameters of a model in one allocation (llm.c's {@code malloc_and_point_parameters}): layers declare
+ * their parameters while the model is built, then {@link #allocate} carves one flat master buffer, one flat
+ * gradient buffer (same layout) and, for bf16 models, one flat model-dtype copy into views. Parameters with
+ * weight decay come first, so the optimizer runs two fused AdamW calls over two contiguous ranges.
+ */
+public final class Parameters implements AutoCloseable {
+    private final Map<String, Parameter> byName = new LinkedHashMap<>();
+    private Tensor master, grad, value;
+    private long decayCount, total;
+
+    /** Declares a parameter; names must be unique. Call before {@link #allocate}. */
+    public Parameter add(String name, Init init, boolean decay, int... shape) {
+        if (master != null) throw new IllegalStateException("parameters already allocated; cannot add " + name);
+        if (byName.containsKey(name)) throw new IllegalArgumentException("duplicate parameter name " + name);
+        Parameter p = new Parameter(name, Shape.of(shape), init, decay, byName.size());
+        byName.put(name, p);
+        return p;
+    }
+
+    public boolean isAllocated() { return master != null; }
+
+    /**
+     * Allocates the flat buffers on {@code backend} and initialises every parameter from (seed, its index),
+     * so the initial weights do not depend on the backend. Master and gradient buffers are F32 (F64 when
+     * {@code dtype} is F64); the forward reads a {@code dtype} copy when dtype is BF16.
+     */
+    public void allocate(Backend backend, DType dtype, long seed) {
+        if (master != null) throw new IllegalStateException("parameters already allocated");
+        if (!dtype.isFloating()) throw new IllegalArgumentException("model dtype must be floating, got " + dtype);
+        DType masterType = dtype == DType.F64 ? DType.F64 : DType.F32;
+        List<Parameter> order = ordered();
+        total = 0;
+        decayCount = 0;
+        for (Parameter p : order) {
+            total += p.shape().numel();
+            if (p.decay()) decayCount += p.shape().numel();
+        }
+        int n = Math.toIntExact(total);
+        master = Scope.keep(backend.zeros(masterType, n));
+        grad = Scope.keep(backend.zeros(masterType, n));
+        value = dtype == masterType ? master : Scope.keep(backend.zeros(dtype, n));
+        long at = 0;
+        for (Parameter p : order) {
+            int[] dims = p.shape().dims();
+            p.master = master.view(at, dims);
+            p.grad = grad.view(at, dims);
+            p.value = value.view(at, dims);
+            switch (p.init().kind()) {
+                case ZEROS -> backend.fill(p.master, 0);
+                case ONES -> backend.fill(p.master, 1);
+                case NORMAL -> backend.randomNormal(p.master, 0, p.init().std(), seed, p.index << 40);
+            }
+            at += p.shape().numel();
+        }
+        if (value != master) backend.copy(master, value);
+    }
+
+    /** Declaration order, decayed parameters first. */
+    private List<Parameter> ordered() {
+        List<Parameter> order = new ArrayList<>();
+        for (Parameter p : byName.values()) if (p.decay()) order.add(p);
+        for (Parameter p : byName.values()) if (!p.decay()) order.add(p);
+        return order;
+    }
+
+    public Parameter get(String name) {
+        Parameter p = byName.get(name);
+        if (p == null) throw new IllegalArgumentException("no parameter named " + name);
+        return p;
+    }
+
+    /** Parameters in declaration order. */
+    public List<Parameter> all() { return Collections.unmodifiableList(new ArrayList<>(byName.values())); }
+
+    /** Total element count. */
+    public long count() { return total; }
+
+    /** Elements [0, decayCount()) of the flat buffers get weight decay, the rest none. */
+    public long decayCount() { return decayCount; }
+
+    /** The flat F32 (or F64) master weights. */
+    public Tensor master() { return master; }
+
+    /** The flat gradients, same layout as {@link #master()}. */
+    public Tensor grad() { return grad; }
+
+    /** The flat weights the forward reads (== master unless the model dtype differs). */
+    public Tensor value() { return value; }
+
+    /** Sets every gradient to zero (before a step's first micro-batch). */
+    public void zeroGrad() { grad.backend().fill(grad, 0); }
+
+    @Override
+    public void close() {
+        if (value != null && value != master) value.close();
+        if (master != null) master.close();
+        if (grad != null) grad.close();
+    }
+}
