@@ -88,8 +88,9 @@ public final class Gpt {
     }
 
     /**
-     * Forward with the loss: mean cross-entropy over targets >= 0 plus the FFNs' auxiliary losses (already
-     * scaled by their coefficients). Returns a device scalar (F32 [1]); nothing is read to the host.
+     * Forward with the loss. Returns a device tensor [2] (F32; F64 in the float64 mode): the mean cross-entropy
+     * over targets >= 0, and the sum of the FFNs' auxiliary losses (already scaled by their coefficients). The
+     * training objective is their sum; nothing is read to the host.
      */
     public Tensor forwardLoss(Tensor tokens, Tensor targets, int validTargets) {
         Backend b = ctx.backend();
@@ -99,12 +100,13 @@ public final class Gpt {
         DType f = ctx.dtype() == DType.F64 ? DType.F64 : DType.F32;
         Tensor losses = b.empty(f, lg.rows());
         b.crossEntropy(lg, targets.reshape(lg.rows()), losses);
-        Tensor loss = b.empty(f, 1);
-        b.sum(losses, loss);
-        b.scale(loss, 1.0 / validTargets, loss);
+        Tensor loss = b.zeros(f, 2);
+        Tensor ce = loss.view(0, 1), auxSum = loss.view(1, 1);
+        b.sum(losses, ce);
+        b.scale(ce, 1.0 / validTargets, ce);
         for (Block blk : blocks) {
             Tensor aux = blk.ffn().auxLoss();
-            if (aux != null) b.add(loss, 1, aux, 1, loss);
+            if (aux != null) b.add(auxSum, 1, aux, 1, auxSum);
         }
         return loss;
     }
