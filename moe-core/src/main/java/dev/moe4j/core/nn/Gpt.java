@@ -32,6 +32,7 @@ public final class Gpt {
     private final List<Block> blocks = new ArrayList<>();
     private final LayerNorm lnf;
     private Tensor tokens, xf, logits, targets;  // saved for the backward
+    private Distill distill;
     private int batch, seq;
 
     public Gpt(ModelContext ctx, GptConfig cfg, FfnFactory ffn) {
@@ -88,25 +89,50 @@ public final class Gpt {
     }
 
     /**
-     * Forward with the loss. Returns a device tensor [2] (F32; F64 in the float64 mode): the mean cross-entropy
-     * over targets >= 0, and the sum of the FFNs' auxiliary losses (already scaled by their coefficients). The
-     * training objective is their sum; nothing is read to the host.
+     * Knowledge distillation for {@link #forwardLoss}: the objective becomes
+     * alpha * CE + beta * T^2 * KL(teacher_T || student_T) (mean over all rows) + aux.
+     *
+     * @param teacherLogits [B*T, V] from the teacher's forward on the same tokens
      */
+    public record Distill(Tensor teacherLogits, float alpha, float beta, float temperature) {
+        public Distill {
+            if (alpha < 0 || beta < 0) throw new IllegalArgumentException("distillation weights must be >= 0, got alpha=" + alpha + " beta=" + beta);
+            if (!(temperature > 0)) throw new IllegalArgumentException("distillation temperature must be > 0, got " + temperature);
+        }
+    }
+
+    /** {@link #forwardLoss(Tensor, Tensor, int, Distill)} without distillation. */
     public Tensor forwardLoss(Tensor tokens, Tensor targets, int validTargets) {
+        return forwardLoss(tokens, targets, validTargets, null);
+    }
+
+    /**
+     * Forward with the loss. Returns a device tensor [3] (F32; F64 in the float64 mode): the mean cross-entropy
+     * over targets >= 0, the sum of the FFNs' auxiliary losses (already scaled by their coefficients) and the
+     * distillation term (0 without {@code kd}). The objective is alpha*ce + aux + beta*kd (alpha 1 without kd);
+     * nothing is read to the host.
+     */
+    public Tensor forwardLoss(Tensor tokens, Tensor targets, int validTargets, Distill kd) {
         Backend b = ctx.backend();
         if (validTargets <= 0) throw new IllegalArgumentException("validTargets must be > 0, got " + validTargets);
         Tensor lg = forward(tokens);
         this.targets = targets;
+        this.distill = kd;
         DType f = ctx.dtype() == DType.F64 ? DType.F64 : DType.F32;
         Tensor losses = b.empty(f, lg.rows());
         b.crossEntropy(lg, targets.reshape(lg.rows()), losses);
-        Tensor loss = b.zeros(f, 2);
-        Tensor ce = loss.view(0, 1), auxSum = loss.view(1, 1);
+        Tensor loss = b.zeros(f, 3);
+        Tensor ce = loss.view(0, 1), auxSum = loss.view(1, 1), kdLoss = loss.view(2, 1);
         b.sum(losses, ce);
         b.scale(ce, 1.0 / validTargets, ce);
         for (Block blk : blocks) {
             Tensor aux = blk.ffn().auxLoss();
             if (aux != null) b.add(auxSum, 1, aux, 1, auxSum);
+        }
+        if (kd != null) {
+            b.distillationLoss(lg, kd.teacherLogits(), kd.temperature(), losses);
+            b.sum(losses, kdLoss);
+            b.scale(kdLoss, 1.0 / lg.rows(), kdLoss);
         }
         return loss;
     }
@@ -116,8 +142,15 @@ public final class Gpt {
         Backend b = ctx.backend();
         if (targets == null) throw new IllegalStateException("backwardLoss before forwardLoss");
         Tensor dlogits = b.empty(ctx.dtype(), logits.rows(), logits.cols());
-        b.crossEntropyBackward(logits, targets.reshape(logits.rows()), gradScale / validTargets, dlogits);
+        float alpha = distill == null ? 1f : distill.alpha();
+        b.crossEntropyBackward(logits, targets.reshape(logits.rows()), alpha * gradScale / validTargets, dlogits);
+        if (distill != null && distill.beta() > 0) {
+            Tensor dkd = b.empty(ctx.dtype(), logits.rows(), logits.cols());
+            b.distillationLossBackward(logits, distill.teacherLogits(), distill.temperature(), distill.beta() * gradScale / logits.rows(), dkd);
+            b.add(dlogits, 1, dkd, 1, dlogits);
+        }
         targets = null;
+        distill = null;
         backward(dlogits);
     }
 }

@@ -21,6 +21,7 @@ public final class Trainer {
     private final BatchSource data;
     private final CosineSchedule schedule;
     private final int microBatches;
+    private Teacher teacher;
     private int step;
 
     public Trainer(Gpt model, AdamW optimizer, BatchSource data, CosineSchedule schedule, int microBatches) {
@@ -30,6 +31,14 @@ public final class Trainer {
         this.data = data;
         this.schedule = schedule;
         this.microBatches = microBatches;
+    }
+
+    /** Distil from {@code teacher} (null: plain language-model training). */
+    public void setTeacher(Teacher teacher) {
+        if (teacher != null && teacher.model().context().backend() != model.context().backend()) {
+            throw new IllegalArgumentException("teacher and student must run on the same backend");
+        }
+        this.teacher = teacher;
     }
 
     /** The next step to run (from 0; restored from a checkpoint on resume). */
@@ -49,18 +58,23 @@ public final class Trainer {
         Backend b = model.context().backend();
         long t0 = System.nanoTime();
         float lr = schedule.lr(step);
-        double loss, auxLoss, normSq;
+        double loss, auxLoss, kdLoss, normSq;
         long tokens = 0;
         model.context().setTraining(true);
         model.context().params().zeroGrad();
         try (Scope s = Scope.open()) {
-            Tensor lossSum = b.zeros(model.context().params().master().dtype(), 2);
+            Tensor lossSum = b.zeros(model.context().params().master().dtype(), 3);
             for (int micro = 0; micro < microBatches; micro++) {
                 Batch batch = data.train(step, micro);
                 Tensor in = b.fromInts(batch.inputs(), batch.batch(), batch.seq());
                 Tensor tg = b.fromInts(batch.targets(), batch.batch(), batch.seq());
                 int valid = batch.validTargets();
-                Tensor l = model.forwardLoss(in, tg, valid);
+                Gpt.Distill kd = null;
+                if (teacher != null && teacher.activeAt(step)) {
+                    teacher.model().context().setTraining(false);
+                    kd = new Gpt.Distill(teacher.model().forward(in), teacher.alpha(), teacher.beta(), teacher.temperature());
+                }
+                Tensor l = model.forwardLoss(in, tg, valid, kd);
                 b.add(lossSum, 1, l, 1.0 / microBatches, lossSum);
                 model.backwardLoss(valid, 1f / microBatches);
                 tokens += (long) batch.batch() * batch.seq();
@@ -69,12 +83,13 @@ public final class Trainer {
             double[] losses = lossSum.toDoubles();   // the step's host reads, after the update is queued
             loss = losses[0];
             auxLoss = losses[1];
+            kdLoss = losses[2];
             normSq = nsq.toDoubles()[0];
         }
         // The device skips the update exactly when the squared gradient norm is not finite (a NaN/Inf loss makes it so).
         boolean skipped = !Double.isFinite(normSq);
         if (skipped) optimizer.undoStepCount();
-        StepMetrics m = new StepMetrics(step, loss, auxLoss, Math.sqrt(normSq), lr, tokens, (System.nanoTime() - t0) / 1e9, skipped);
+        StepMetrics m = new StepMetrics(step, loss, auxLoss, kdLoss, Math.sqrt(normSq), lr, tokens, (System.nanoTime() - t0) / 1e9, skipped);
         step++;
         return m;
     }
