@@ -39,10 +39,10 @@ public final class Block {
         return out;
     }
 
-    /** dout [B*T, C] -> dx [B*T, C]. */
-    public Tensor backward(Tensor dout) {
+    /** dout [B*T, C] -> dx [B*T, C]; {@code lossScale} scales the FFN's auxiliary-loss gradient. */
+    public Tensor backward(Tensor dout, float lossScale) {
         Backend b = ctx.backend();
-        Tensor dh = ln2.backward(ffn.backward(dout));
+        Tensor dh = ln2.backward(ffn.backward(dout, lossScale));
         b.add(dh, 1, dout, 1, dh);                       // residual: dh += dout
         Tensor dx = ln1.backward(attn.backward(dh));
         b.add(dx, 1, dh, 1, dx);                         // residual: dx += dh

@@ -74,8 +74,11 @@ public final class Gpt {
         return logits;
     }
 
-    /** dlogits [B*T, V] -> parameter gradients (accumulated). */
-    public void backward(Tensor dlogits) {
+    /**
+     * dlogits [B*T, V] -> parameter gradients (accumulated). {@code lossScale} is the factor already applied to
+     * dlogits' loss; the MoE layers apply it to their auxiliary-loss gradients.
+     */
+    public void backward(Tensor dlogits, float lossScale) {
         Backend b = ctx.backend();
         if (logits == null) throw new IllegalStateException("backward before forward");
         int n = batch * seq, c = cfg.hidden();
@@ -83,7 +86,7 @@ public final class Gpt {
         Tensor dx = b.empty(ctx.dtype(), n, c);
         b.matmul(dlogits, false, wte.value(), false, dx, 1f, 0f);
         dx = lnf.backward(dx);
-        for (int l = blocks.size() - 1; l >= 0; l--) dx = blocks.get(l).backward(dx);
+        for (int l = blocks.size() - 1; l >= 0; l--) dx = blocks.get(l).backward(dx, lossScale);
         b.embeddingBackward(dx, tokens, wte.grad(), wpe.grad());
         tokens = xf = logits = null;
     }
@@ -151,6 +154,6 @@ public final class Gpt {
         }
         targets = null;
         distill = null;
-        backward(dlogits);
+        backward(dlogits, gradScale);
     }
 }

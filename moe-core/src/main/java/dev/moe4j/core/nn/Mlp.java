@@ -31,7 +31,7 @@ public final class Mlp implements FeedForward {
     }
 
     @Override
-    public Tensor backward(Tensor dy) {
+    public Tensor backward(Tensor dy, float lossScale) {
         Tensor da = fc2.backward(dy);
         Tensor dh = ctx.backend().empty(ctx.dtype(), h.rows(), h.cols());
         ctx.backend().activationBackward(act, h, da, dh);

@@ -50,7 +50,7 @@ class LayerGradientTest {
         ModelContext ctx = f64();
         Mlp mlp = new Mlp(ctx, "mlp", 6, 5, act, 0.5, 0.5);
         ctx.allocateParameters();
-        checkLayer(ctx, Tensors.random(cpu, DType.F64, rnd, 1, 4, 6), mlp::forward, mlp::backward, 4, 6);
+        checkLayer(ctx, Tensors.random(cpu, DType.F64, rnd, 1, 4, 6), mlp::forward, dy -> mlp.backward(dy, 1f), 4, 6);
     }
 
     @Test
@@ -77,7 +77,7 @@ class LayerGradientTest {
         int b = 2, t = 3, c = 6;
         Block blk = new Block(ctx, "h.0", c, 3, name -> new Mlp(ctx, name, c, 10, Activation.GELU, 0.5, 0.5), 0.5, 0.5);
         ctx.allocateParameters();
-        checkLayer(ctx, Tensors.random(cpu, DType.F64, rnd, 1, b * t, c), x -> blk.forward(x, b, t), blk::backward, b * t, c);
+        checkLayer(ctx, Tensors.random(cpu, DType.F64, rnd, 1, b * t, c), x -> blk.forward(x, b, t), dy -> blk.backward(dy, 1f), b * t, c);
     }
 
     @Test
