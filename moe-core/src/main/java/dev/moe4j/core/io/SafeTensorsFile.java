@@ -272,44 +272,57 @@ public final class SafeTensorsFile implements AutoCloseable {
 
     /** Values of a floating tensor (F32, BF16 or F64, the latter rounded to float). */
     public float[] readFloats(String name) throws IOException {
+        return readFloats(name, 0, count(info(name)));
+    }
+
+    /** Elements [first, first + count) (row-major) of a floating tensor. */
+    public float[] readFloats(String name, long first, int count) throws IOException {
         TensorInfo t = info(name);
-        float[] out = new float[count(t)];
+        if (t.dtype() == DType.I32) throw wrongType(t, "readFloats", "a floating dtype");
+        float[] out = new float[count];
         switch (t.dtype()) {
-            case F32 -> forEachWindow(t.begin(), t.byteSize(), (b, first) -> b.asFloatBuffer().get(out, (int) (first / 4), b.remaining() / 4));
-            case BF16 -> forEachWindow(t.begin(), t.byteSize(), (b, first) -> {
-                int at = (int) (first / 2);
+            case F32 -> forEachWindow(t, first, count, (b, at) -> b.asFloatBuffer().get(out, at, b.remaining() / 4));
+            case BF16 -> forEachWindow(t, first, count, (b, at) -> {
                 while (b.hasRemaining()) out[at++] = BFloat16.toFloat(b.getShort());
             });
-            case F64 -> forEachWindow(t.begin(), t.byteSize(), (b, first) -> {
-                int at = (int) (first / 8);
+            case F64 -> forEachWindow(t, first, count, (b, at) -> {
                 while (b.hasRemaining()) out[at++] = (float) b.getDouble();
             });
-            case I32 -> throw wrongType(t, "readFloats", "a floating dtype");
+            default -> throw new AssertionError();
         }
         return out;
     }
 
     /** Values of a floating tensor as doubles (exact for every floating dtype). */
     public double[] readDoubles(String name) throws IOException {
+        return readDoubles(name, 0, count(info(name)));
+    }
+
+    /** Elements [first, first + count) of a floating tensor as doubles. */
+    public double[] readDoubles(String name, long first, int count) throws IOException {
         TensorInfo t = info(name);
-        if (t.dtype() == DType.F64) {
-            double[] out = new double[count(t)];
-            forEachWindow(t.begin(), t.byteSize(), (b, first) -> b.asDoubleBuffer().get(out, (int) (first / 8), b.remaining() / 8));
-            return out;
-        }
         if (t.dtype() == DType.I32) throw wrongType(t, "readDoubles", "a floating dtype");
-        float[] f = readFloats(name);
-        double[] out = new double[f.length];
-        for (int i = 0; i < f.length; i++) out[i] = f[i];
+        double[] out = new double[count];
+        if (t.dtype() == DType.F64) {
+            forEachWindow(t, first, count, (b, at) -> b.asDoubleBuffer().get(out, at, b.remaining() / 8));
+        } else {
+            float[] f = readFloats(name, first, count);
+            for (int i = 0; i < count; i++) out[i] = f[i];
+        }
         return out;
     }
 
     /** Values of an I32 tensor. */
     public int[] readInts(String name) throws IOException {
+        return readInts(name, 0, count(info(name)));
+    }
+
+    /** Elements [first, first + count) of an I32 tensor. */
+    public int[] readInts(String name, long first, int count) throws IOException {
         TensorInfo t = info(name);
         if (t.dtype() != DType.I32) throw wrongType(t, "readInts", "I32");
-        int[] out = new int[count(t)];
-        forEachWindow(t.begin(), t.byteSize(), (b, first) -> b.asIntBuffer().get(out, (int) (first / 4), b.remaining() / 4));
+        int[] out = new int[count];
+        forEachWindow(t, first, count, (b, at) -> b.asIntBuffer().get(out, at, b.remaining() / 4));
         return out;
     }
 
@@ -318,7 +331,7 @@ public final class SafeTensorsFile implements AutoCloseable {
         TensorInfo t = info(name);
         if (t.dtype() != DType.BF16) throw wrongType(t, "readBf16Bits", "BF16");
         short[] out = new short[count(t)];
-        forEachWindow(t.begin(), t.byteSize(), (b, first) -> b.asShortBuffer().get(out, (int) (first / 2), b.remaining() / 2));
+        forEachWindow(t, 0, out.length, (b, at) -> b.asShortBuffer().get(out, at, b.remaining() / 2));
         return out;
     }
 
@@ -352,6 +365,38 @@ public final class SafeTensorsFile implements AutoCloseable {
         }
     }
 
+    /**
+     * Copies rows [firstRow, firstRow + dst.dim(0)) of tensor {@code name} (split along its first dimension)
+     * into {@code dst}: e.g. one rank's experts out of an [E, ...] expert bank saved whole. {@code dst} must
+     * have the file's dtype and trailing dimensions.
+     */
+    public void loadRowsInto(String name, int firstRow, Tensor dst) throws IOException {
+        TensorInfo t = info(name);
+        if (dst == null || dst.isClosed()) throw new IllegalArgumentException("loadRowsInto '" + name + "': destination tensor is " + (dst == null ? "null" : "closed"));
+        int[] fd = t.shape().dims(), dd = dst.shape().dims();
+        boolean trailing = fd.length >= 1 && dd.length == fd.length
+                && java.util.Arrays.equals(fd, 1, fd.length, dd, 1, dd.length);
+        if (t.dtype() != dst.dtype() || !trailing) {
+            throw new IllegalArgumentException(path + ": tensor '" + name + "' is " + t.dtype() + t.shape()
+                    + " in the file; a row slice of it cannot fill the destination " + dst.dtype() + dst.shape());
+        }
+        if (firstRow < 0 || (long) firstRow + dd[0] > fd[0]) {
+            throw new IllegalArgumentException(path + ": rows [" + firstRow + ", " + ((long) firstRow + dd[0]) + ") of tensor '" + name
+                    + "' are outside its " + fd[0] + " rows");
+        }
+        long rowElems = fd[0] == 0 ? 0 : t.shape().numel() / fd[0];
+        long first = firstRow * rowElems;
+        int n = Math.toIntExact(dst.numel());
+        Backend backend = dst.backend();
+        try (Tensor host = switch (t.dtype()) {
+            case F32, BF16 -> backend.fromFloats(t.dtype(), readFloats(name, first, n), dd);
+            case F64 -> backend.fromDoubles(DType.F64, readDoubles(name, first, n), dd);
+            case I32 -> backend.fromInts(readInts(name, first, n), dd);
+        }) {
+            backend.copy(host, dst);
+        }
+    }
+
     private static int count(TensorInfo t) {
         long n = t.shape().numel();
         if (n > Integer.MAX_VALUE - 8) throw new IllegalArgumentException("tensor '" + t.name() + "' has " + n + " elements, too many for one Java array");
@@ -364,12 +409,28 @@ public final class SafeTensorsFile implements AutoCloseable {
 
     @FunctionalInterface
     private interface WindowConsumer {
-        /** {@code buf}: little-endian bytes of the window; {@code first}: its offset from the range start. */
-        void accept(ByteBuffer buf, long first) throws IOException;
+        /** {@code buf}: little-endian bytes of whole elements; {@code at}: index of its first element in the output. */
+        void accept(ByteBuffer buf, int at) throws IOException;
     }
 
-    /** Maps [begin, begin+len) of the data section window by window. */
-    private void forEachWindow(long begin, long len, WindowConsumer c) throws IOException {
+    /** Maps elements [first, first + count) of tensor t, window by window. */
+    private void forEachWindow(TensorInfo t, long first, int count, WindowConsumer c) throws IOException {
+        long numel = t.shape().numel();
+        if (first < 0 || count < 0 || first + count > numel) {
+            throw new IndexOutOfBoundsException(path + ": elements [" + first + ", " + (first + count) + ") of tensor '" + t.name()
+                    + "' are outside its " + numel + " elements");
+        }
+        int size = t.dtype().bytes();
+        forEachWindow(t.begin() + first * size, (long) count * size, (buf, byteOffset) -> c.accept(buf, (int) (byteOffset / size)));
+    }
+
+    @FunctionalInterface
+    private interface ByteWindowConsumer {
+        void accept(ByteBuffer buf, long byteOffset) throws IOException;
+    }
+
+    /** Maps [begin, begin+len) of the data section window by window (windows are multiples of 8 bytes). */
+    private void forEachWindow(long begin, long len, ByteWindowConsumer c) throws IOException {
         if (!channel.isOpen()) throw new IllegalStateException(path + " was closed");
         for (long done = 0; done < len; done += WINDOW) {
             long n = Math.min(WINDOW, len - done);

@@ -181,6 +181,39 @@ class SafeTensorsTest {
         }
     }
 
+    @Test
+    void rowSlicesLoadIntoSmallerTensors() throws IOException {
+        // An expert bank [E=4, 3, 2] saved whole, read back two experts at a time (re-sharding to another EP degree).
+        float[] bank = new float[4 * 3 * 2];
+        for (int i = 0; i < bank.length; i++) bank[i] = BFloat16.round(i * 0.37f - 3);
+        int[] ids = new int[4 * 5];
+        for (int i = 0; i < ids.length; i++) ids[i] = i * 31 - 7;
+        Path file = dir.resolve("bank.safetensors");
+        new SafeTensorsWriter()
+                .addFloats("experts.w", DType.BF16, new int[] {4, 3, 2}, () -> bank)
+                .addInts("experts.ids", new int[] {4, 5}, () -> ids)
+                .write(file);
+        try (SafeTensorsFile f = SafeTensorsFile.open(file);
+             Tensor half = cpu.zeros(DType.BF16, 2, 3, 2);
+             Tensor idRows = cpu.zeros(DType.I32, 3, 5)) {
+            for (int first : new int[] {0, 1, 2}) {
+                f.loadRowsInto("experts.w", first, half);
+                assertArrayEquals(java.util.Arrays.copyOfRange(bank, first * 6, first * 6 + 12), half.toFloats(), "rows from " + first);
+            }
+            f.loadRowsInto("experts.ids", 1, idRows);
+            assertArrayEquals(java.util.Arrays.copyOfRange(ids, 5, 20), idRows.toInts());
+            assertArrayEquals(java.util.Arrays.copyOfRange(bank, 7, 10), f.readFloats("experts.w", 7, 3));
+
+            var e = assertThrows(IllegalArgumentException.class, () -> f.loadRowsInto("experts.w", 3, half));
+            assertTrue(e.getMessage().contains("rows [3, 5) of tensor 'experts.w' are outside its 4 rows"), e.getMessage());
+            try (Tensor wrong = cpu.zeros(DType.BF16, 2, 2, 3)) {
+                e = assertThrows(IllegalArgumentException.class, () -> f.loadRowsInto("experts.w", 0, wrong));
+                assertTrue(e.getMessage().contains("BF16[4, 3, 2] in the file; a row slice of it cannot fill the destination BF16[2, 2, 3]"), e.getMessage());
+            }
+            assertThrows(IndexOutOfBoundsException.class, () -> f.readFloats("experts.w", 20, 5));
+        }
+    }
+
     // ------------------------------------------------------------------ corruption
 
     @Test
