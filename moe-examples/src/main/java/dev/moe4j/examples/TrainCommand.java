@@ -116,7 +116,7 @@ final class TrainCommand implements Callable<Integer> {
     @Override
     public Integer call() throws IOException {
         validate();
-        DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, seed);
+        DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum, seed);
         GptConfig cfg = Presets.withVocab(Presets.dense(preset), data.vocabSize(), seqLen);
         try (Backend backend = Backends.create(backendName)) {
             DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);

@@ -1,5 +1,7 @@
 package dev.moe4j.core.train;
 
+import dev.moe4j.core.data.Batch;
+
 import java.util.List;
 
 /** Where the trainer's batches come from. */

@@ -1,6 +1,7 @@
 package dev.moe4j.core.train;
 
 import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.data.Batch;
 import dev.moe4j.core.nn.Gpt;
 import dev.moe4j.core.optim.AdamW;
 import dev.moe4j.core.optim.CosineSchedule;
@@ -66,9 +67,9 @@ public final class Trainer {
             Tensor lossSum = b.zeros(model.context().params().master().dtype(), 3);
             for (int micro = 0; micro < microBatches; micro++) {
                 Batch batch = data.train(step, micro);
-                Tensor in = b.fromInts(batch.inputs(), batch.batch(), batch.seq());
-                Tensor tg = b.fromInts(batch.targets(), batch.batch(), batch.seq());
-                int valid = batch.validTargets();
+                Tensor in = b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen());
+                Tensor tg = b.fromInts(batch.targets(), batch.batchSize(), batch.seqLen());
+                int valid = validTargets(batch);
                 Gpt.Distill kd = null;
                 if (teacher != null && teacher.activeAt(step)) {
                     teacher.model().context().setTraining(false);
@@ -77,7 +78,7 @@ public final class Trainer {
                 Tensor l = model.forwardLoss(in, tg, valid, kd);
                 b.add(lossSum, 1, l, 1.0 / microBatches, lossSum);
                 model.backwardLoss(valid, 1f / microBatches);
-                tokens += (long) batch.batch() * batch.seq();
+                tokens += (long) batch.batchSize() * batch.seqLen();
             }
             Tensor nsq = optimizer.step(lr);
             double[] losses = lossSum.toDoubles();   // the step's host reads, after the update is queued
@@ -105,9 +106,9 @@ public final class Trainer {
         try {
             for (Batch batch : batches) {
                 try (Scope s = Scope.open()) {
-                    int valid = batch.validTargets();
-                    Tensor l = model.forwardLoss(b.fromInts(batch.inputs(), batch.batch(), batch.seq()),
-                            b.fromInts(batch.targets(), batch.batch(), batch.seq()), valid);
+                    int valid = validTargets(batch);
+                    Tensor l = model.forwardLoss(b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen()),
+                            b.fromInts(batch.targets(), batch.batchSize(), batch.seqLen()), valid);
                     sum += l.toDoubles()[0] * valid;
                     count += valid;
                 }
@@ -116,5 +117,12 @@ public final class Trainer {
             model.context().setTraining(true);
         }
         return sum / count;
+    }
+
+    /** Targets that count in the loss (negative ones are ignored). */
+    static int validTargets(Batch b) {
+        int n = 0;
+        for (int t : b.targets()) if (t >= 0) n++;
+        return n;
     }
 }

@@ -2,6 +2,7 @@ package dev.moe4j.core.train;
 
 import dev.moe4j.core.backend.Activation;
 import dev.moe4j.core.cpu.CpuBackend;
+import dev.moe4j.core.data.Batch;
 import dev.moe4j.core.nn.Gpt;
 import dev.moe4j.core.nn.GptConfig;
 import dev.moe4j.core.nn.ModelContext;
