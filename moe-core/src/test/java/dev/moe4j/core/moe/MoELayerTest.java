@@ -128,6 +128,35 @@ class MoELayerTest {
         }
     }
 
+    /** A bf16 model gates in fp32 from the fp32 master weights and stays close to the fp32 model. */
+    @Test
+    void bf16ModelTracksTheF32ModelAndAccumulatesGradients() {
+        ModelContext c32 = new ModelContext(b, DType.F32, 5), c16 = new ModelContext(b, DType.BF16, 5);
+        UnaryOperator<MoE.Builder> cfg = c -> c.optK(2).optDropless(true).optActivation(Activation.GEGLU).optTop2SecondExpertSampling(false);
+        MoE m32 = build(c32, cfg.apply(base()), 3), m16 = build(c16, cfg.apply(base()), 3);
+        c16.backend().copy(c16.params().master(), c16.params().value());
+        assertEquals(DType.F32, m16.gate().dtype());
+        assertEquals(DType.BF16, c16.params().value().dtype());
+        Tensor x32 = Tensors.random(b, DType.F32, new SplittableRandom(8), 1.0, S, M);
+        Tensor x16 = b.empty(DType.BF16, S, M);
+        b.copy(x32, x16);
+        MoEOutput o32 = m32.forward(x32), o16 = m16.forward(x16);
+        assertEquals(DType.BF16, o16.output().dtype());
+        assertArrayEquals(o32.counts().toInts(), o16.counts().toInts(), "same routing");
+        assertTrue(Tensors.relError(o16.output().toDoubles(), o32.output().toDoubles()) < 3e-2);
+        Tensor r = Tensors.random(b, DType.F32, new SplittableRandom(9), 1.0, S, M);
+        m32.backward(r, 0.01f);
+        double[] once = c32.params().grad().toDoubles();
+        m32.forward(x32);
+        m32.backward(r, 0.01f);
+        double[] twice = c32.params().grad().toDoubles();
+        for (int i = 0; i < once.length; i++) assertEquals(2 * once[i], twice[i], 1e-5 * (1 + Math.abs(once[i])), "gradients accumulate");
+        Tensor r16 = b.empty(DType.BF16, S, M);
+        b.copy(r, r16);
+        m16.backward(r16, 0.01f);
+        assertTrue(Tensors.relError(c16.params().grad().toDoubles(), once) < 5e-2);
+    }
+
     @Test
     void capacityFollowsDeepSpeed() {
         ModelContext ctx = new ModelContext(b, DType.F32, 1);
