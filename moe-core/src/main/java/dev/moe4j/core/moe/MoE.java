@@ -3,6 +3,7 @@ package dev.moe4j.core.moe;
 import dev.moe4j.core.backend.Activation;
 import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.nn.FeedForward;
 import dev.moe4j.core.nn.Init;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Parameter;
@@ -50,6 +51,7 @@ public final class MoE implements AutoCloseable {
     private final List<Tensor> saved = new ArrayList<>();
     private Tensor x, buf, y, rowExpert, stack, coef, resDest;
     private int capacity, tokens;
+    private MoEOutput last;
 
     private MoE(ModelContext ctx, Config c) {
         this.ctx = ctx;
@@ -156,7 +158,8 @@ public final class MoE implements AutoCloseable {
                 b.add(out, 1, sh, 1, out);
             }
         }
-        return new MoEOutput(out, g.losses().view(0, 1), g.losses().view(1, 1), g.counts());
+        last = new MoEOutput(out, g.losses().view(0, 1), g.losses().view(1, 1), g.counts());
+        return last;
     }
 
     /** rowExpert [R] I32: the expert each buffer row belongs to (0 for unused rows), by dispatching the choices. */
@@ -177,6 +180,14 @@ public final class MoE implements AutoCloseable {
      *                     loss scaling the caller applies to dout). The z-loss enters with the layer's zLossCoeff.
      */
     public Tensor backward(Tensor dout, float auxLossCoeff) {
+        return backward(dout, auxLossCoeff, (float) cfg.zLossCoeff);
+    }
+
+    /**
+     * dout [S, M] -&gt; dx [S, M] for loss = f(output) + auxLossCoeff * l_aux + zLossCoeff * z-loss, dout = df/doutput.
+     * Gradient accumulation scales all three by the same factor: pass it in both coefficients.
+     */
+    public Tensor backward(Tensor dout, float auxLossCoeff, float zLossCoeff) {
         if (y == null) throw new IllegalStateException("MoE " + cfg.name + ": backward called before forward");
         int S = tokens, M = cfg.hiddenSize, k = cfg.k;
         if (dout.rows() != S || dout.cols() != M) throw new IllegalArgumentException("MoE " + cfg.name + ": dout is " + dout.shape() + ", expected [" + S + ", " + M + "]");
@@ -213,11 +224,45 @@ public final class MoE implements AutoCloseable {
         b.moeUnpermute(dbuf, g.dest(), null, dxp);
         b.add(dx, 1, dxp, 1, dx);
         // gate backward (combine weights, l_aux, z-loss) into the input
-        Tensor dxg = tmpAdd(tmp, gate.backward(dw, auxLossCoeff, (float) cfg.zLossCoeff));
+        Tensor dxg = tmpAdd(tmp, gate.backward(dw, auxLossCoeff, zLossCoeff));
         b.add(dx, 1, dxg, 1, dx);
         for (Tensor t : tmp) t.close();
         return dx;
     }
+
+    /**
+     * This layer as a transformer block's FFN ({@link FeedForward}): forward returns the output; auxLoss() is
+     * auxLossCoeff * l_aux + zLossCoeff * z-loss of the last forward; backward(dy, lossScale) scales both
+     * coefficients by lossScale. The MoE statistics stay readable through this layer ({@link #lastOutput()}).
+     */
+    public FeedForward asFeedForward(double auxLossCoeff) {
+        if (!(auxLossCoeff >= 0) || Double.isInfinite(auxLossCoeff)) throw new IllegalArgumentException("auxLossCoeff must be a finite number >= 0, got " + auxLossCoeff);
+        return new FeedForward() {
+            private Tensor aux;
+
+            @Override
+            public Tensor forward(Tensor x) {
+                MoEOutput o = MoE.this.forward(x);
+                aux = keep(b.empty(o.lAux().dtype(), 1));
+                b.add(o.lAux(), auxLossCoeff, o.zLoss(), cfg.zLossCoeff, aux);
+                return o.output();
+            }
+
+            @Override
+            public Tensor backward(Tensor dy, float lossScale) {
+                return MoE.this.backward(dy, (float) (auxLossCoeff * lossScale), (float) (cfg.zLossCoeff * lossScale));
+            }
+
+            @Override
+            public Tensor auxLoss() { return aux; }
+
+            @Override
+            public String toString() { return "MoE " + cfg.name + " (auxLossCoeff " + auxLossCoeff + ")"; }
+        };
+    }
+
+    /** The last forward's result (its tensors valid until the next forward), or null. */
+    public MoEOutput lastOutput() { return last; }
 
     /** The capacity of the last forward (0: dropless). */
     public int lastCapacity() { return capacity; }
@@ -253,6 +298,7 @@ public final class MoE implements AutoCloseable {
         stack = null;
         coef = null;
         resDest = null;
+        last = null;
     }
 
     @Override

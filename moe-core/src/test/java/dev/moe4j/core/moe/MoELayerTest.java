@@ -157,6 +157,31 @@ class MoELayerTest {
         assertTrue(Tensors.relError(c16.params().grad().toDoubles(), once) < 5e-2);
     }
 
+    /** Steps run inside a Scope leave no tensor behind; a layer used without scopes frees its state on the next forward. */
+    @Test
+    void memoryIsFlatAcrossScopedSteps() {
+        ModelContext ctx = new ModelContext(b, DType.F32, 5);
+        MoE moe = build(ctx, base().optK(2).optUseResidual(true).optSharedExperts(1, 4).optNoisyGatePolicy("Jitter"), 3);
+        Tensor x = Tensors.random(b, DType.F32, new SplittableRandom(8), 1.0, S, M);
+        Tensor r = Tensors.random(b, DType.F32, new SplittableRandom(9), 1.0, S, M);
+        long before = b.allocatedBytes();
+        for (int step = 0; step < 3; step++) {
+            try (var scope = dev.moe4j.core.tensor.Scope.open()) {
+                moe.forward(x);
+                moe.backward(r, 0.01f);
+            }
+            assertEquals(before, b.allocatedBytes(), "step " + step);
+        }
+        moe.forward(x).output().close();
+        moe.backward(r, 0.01f).close();
+        long held = b.allocatedBytes();
+        moe.forward(x).output().close();
+        moe.backward(r, 0.01f).close();
+        assertEquals(held, b.allocatedBytes(), "unscoped steps do not grow");
+        moe.close();
+        assertEquals(before, b.allocatedBytes(), "close frees the saved state");
+    }
+
     @Test
     void capacityFollowsDeepSpeed() {
         ModelContext ctx = new ModelContext(b, DType.F32, 1);
