@@ -20,6 +20,18 @@ package dev.moe4j.core.backend;
  *       priority gets the lower slot, ties by position.</li>
  * </ul>
  * A call uses counters offset .. offset + randomCount(S, E) - 1 whether or not noise or RTS is on.
+ *
+ * <p>Semantics (the CPU backend's {@code CpuMoE} is the reference):
+ * <ol>
+ *   <li>gates[s] = softmax(logits[s]). Choice 0 = argmax_e logits[s,e] (+ g[s,e] with rsample); choice j &gt;= 1 =
+ *       argmax over experts not yet chosen of logits[s,e] (+ g[s,e] with secondSampling). Ties: lowest index.</li>
+ *   <li>Slots per expert are filled choice rank by rank (all choice-0 tokens, then choice 1, ...); within a rank in
+ *       token order, or with useRts in descending RTS priority. slot = (choices of earlier ranks routed to e,
+ *       counted before dropping) + rank within this rank's order. Kept iff dropless or slot &lt; capacity.</li>
+ *   <li>weights: k = 1: gates[s,e] if kept; k &gt;= 2: gates[s,e_j] / max(sum of kept gates of s, 2^-23) if kept;
+ *       0 if dropped.</li>
+ *   <li>l_aux = E * sum_e mean_s(gates[s,e]) * (choice-0 count of e) / S (before dropping); z-loss = mean_s lse_s^2.</li>
+ * </ol>
  */
 public record GateSpec(int k, int capacity, boolean useRts, boolean rsample, boolean secondSampling, long seed, long offset) {
     public GateSpec {
