@@ -1,18 +1,21 @@
 package dev.moe4j.examples;
 
-import com.fasterxml.jackson.core.JsonProcessingException;
 import com.fasterxml.jackson.databind.ObjectMapper;
 import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.Backends;
-import dev.moe4j.core.nn.Gpt;
+import dev.moe4j.core.model.MoESettings;
+import dev.moe4j.core.model.ModelSpec;
+import dev.moe4j.core.model.Models;
+import dev.moe4j.core.model.Presets;
 import dev.moe4j.core.nn.GptConfig;
 import dev.moe4j.core.nn.ModelContext;
-import dev.moe4j.core.nn.Presets;
 import dev.moe4j.core.optim.AdamW;
 import dev.moe4j.core.optim.CosineSchedule;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.train.Checkpoint;
+import dev.moe4j.core.train.RoutingStats;
 import dev.moe4j.core.train.StepMetrics;
+import dev.moe4j.core.train.Teacher;
 import dev.moe4j.core.train.Trainer;
 import me.tongfei.progressbar.ProgressBar;
 import me.tongfei.progressbar.ProgressBarBuilder;
@@ -24,6 +27,7 @@ import picocli.CommandLine.Parameters;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Locale;
@@ -51,6 +55,57 @@ final class TrainCommand implements Callable<Integer> {
 
     @Option(names = "--preset", defaultValue = "tiny", description = "Model shape: ${COMPLETION-CANDIDATES}.", completionCandidates = PresetNames.class)
     String preset;
+
+    @Option(names = "--layers", description = "Override the preset's number of layers (e.g. a shallower Mixture-of-Students student).")
+    Integer layers;
+
+    @Option(names = "--experts", description = "Make the model GPT-MoE with this many experts per MoE layer (or override the preset's).")
+    Integer experts;
+
+    @Option(names = "--moe-every", defaultValue = "2", description = "With --experts or --pyramid: MoE on every N-th layer (default ${DEFAULT-VALUE}).")
+    int moeEvery;
+
+    @Option(names = "--moe-layers", split = ",", description = "With --experts: MoE on exactly these layers (0-based), instead of --moe-every.")
+    List<Integer> moeLayers;
+
+    @Option(names = "--pyramid", paramLabel = "EXPERTSxLAYERS,...", description = "PR-MoE expert counts per MoE layer, e.g. 32x10,64x2.")
+    String pyramid;
+
+    @Option(names = "--top-k", description = "Experts per token (DeepSpeed k; default 1).")
+    Integer topK;
+
+    @Option(names = "--capacity-factor", description = "Training capacity factor (default 1.0).")
+    Double capacityFactor;
+
+    @Option(names = "--residual", negatable = true, description = "Residual-MoE: a dense MLP beside the experts.")
+    Boolean residual;
+
+    @Option(names = "--dropless", negatable = true, description = "Dropless routing: no capacity, variable-size expert batches.")
+    Boolean dropless;
+
+    @Option(names = "--noisy-gate", description = "Jitter or RSample.")
+    String noisyGate;
+
+    @Option(names = "--aux-loss-coeff", description = "Load-balancing loss coefficient (default 0.01).")
+    Double auxLossCoeff;
+
+    @Option(names = "--zloss-coeff", description = "Router z-loss coefficient (default 0: off).")
+    Double zLossCoeff;
+
+    @Option(names = "--teacher", paramLabel = "CHECKPOINT", description = "Mixture-of-Students: distil from this trained checkpoint.")
+    Path teacher;
+
+    @Option(names = "--kd-alpha", defaultValue = "1.0", description = "Weight of the hard-label cross-entropy with --teacher (default ${DEFAULT-VALUE}).")
+    float kdAlpha;
+
+    @Option(names = "--kd-beta", defaultValue = "1.0", description = "Weight of the distillation KL with --teacher (default ${DEFAULT-VALUE}).")
+    float kdBeta;
+
+    @Option(names = "--kd-temperature", defaultValue = "1.0", description = "Distillation temperature (default ${DEFAULT-VALUE}).")
+    float kdTemperature;
+
+    @Option(names = "--kd-stop-step", description = "Staged KD: switch the KL term off from this step on (default: never).")
+    Integer kdStopStep;
 
     @Option(names = "--steps", defaultValue = "400", description = "Optimizer steps (default ${DEFAULT-VALUE}).")
     int steps;
@@ -106,26 +161,31 @@ final class TrainCommand implements Callable<Integer> {
     @Option(names = "--no-progress", description = "Print one line per evaluation instead of a progress bar.")
     boolean noProgress;
 
+    private static final ObjectMapper JSON = new ObjectMapper();
+
     static final class PresetNames implements Iterable<String> {
         @Override public java.util.Iterator<String> iterator() { return Presets.names().iterator(); }
     }
 
-    /** What a checkpoint must agree with to be resumed (model shape, dtype, data and tokenizer). */
-    record RunConfig(GptConfig model, String dtype, String data) {}
+    /** What a checkpoint must agree with to be resumed (model, dtype, data and tokenizer). */
+    record RunConfig(ModelSpec model, String dtype, String data) {}
 
     @Override
     public Integer call() throws IOException {
         validate();
         DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum, seed);
-        GptConfig cfg = Presets.withVocab(Presets.dense(preset), data.vocabSize(), seqLen);
+        ModelSpec spec = modelSpec(data.vocabSize());
+        GptConfig cfg = spec.gpt();
         try (Backend backend = Backends.create(backendName)) {
             DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);
             ModelContext ctx = new ModelContext(backend, dtype, seed);
-            Gpt model = new Gpt(ctx, cfg);
+            Models.Built built = Models.build(ctx, spec);
             ctx.allocateParameters();
             AdamW opt = new AdamW(ctx.params(), 0.9f, 0.95f, 1e-8f, weightDecay, clip);
-            Trainer trainer = new Trainer(model, opt, data.source(), new CosineSchedule(lr, minLr, warmup, steps), gradAccum);
-            String configJson = configJson(new RunConfig(cfg, dtype.name(), data.description()));
+            Trainer trainer = new Trainer(built.gpt(), opt, data.source(), new CosineSchedule(lr, minLr, warmup, steps), gradAccum);
+            trainer.setMoELayers(built.moeLayers());
+            String configJson = JSON.writeValueAsString(new RunConfig(spec, dtype.name(), data.description()));
+            if (teacher != null) trainer.setTeacher(loadTeacher(backend, dtype, data));
             Path ckpt = out.resolve("checkpoint.safetensors");
             if (resume) {
                 Checkpoint.load(ckpt, trainer, configJson);
@@ -133,8 +193,13 @@ final class TrainCommand implements Callable<Integer> {
             } else if (Files.exists(ckpt)) {
                 throw new IllegalArgumentException(ckpt + " exists: pass --resume to continue it, or choose another --out");
             }
-            System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters, %s on %s%n", preset,
+            System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters, %s on %s%n", spec.name(),
                     cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), dtype, backend.name());
+            if (spec.hasMoELayers()) {
+                MoESettings m = spec.moe();
+                System.out.printf("moe   experts per layer %s, top-%d, capacity factor %.2f%s%s, aux coefficient %.3g%n", m.expertsPerLayer(), m.k(),
+                        m.capacityFactor(), m.dropless() ? ", dropless" : "", m.useResidual() ? ", residual" : "", m.auxLossCoeff());
+            }
             System.out.printf("data  %s: %,d training and %,d validation tokens; unigram entropy %.3f nats%n",
                     data.description(), data.trainTokens(), data.validationTokens(), data.unigramEntropy());
             return train(trainer, ckpt, configJson, data.unigramEntropy());
@@ -150,7 +215,8 @@ final class TrainCommand implements Callable<Integer> {
                      .setStyle(ProgressBarStyle.ASCII).continuousUpdate().build()) {
             if (bar != null) bar.stepTo(trainer.step());
             while (trainer.step() < steps) {
-                StepMetrics m = trainer.trainStep();
+                boolean logRouting = (trainer.step() + 1) % evalEvery == 0 || trainer.step() + 1 == steps;
+                StepMetrics m = trainer.trainStep(logRouting);
                 tokens += m.tokens();
                 seconds += m.seconds();
                 Map<String, Object> rec = new LinkedHashMap<>();
@@ -161,6 +227,8 @@ final class TrainCommand implements Callable<Integer> {
                 rec.put("lr", m.lr());
                 rec.put("tokens_per_s", m.tokensPerSecond());
                 rec.put("skipped", m.skipped());
+                if (m.kdLoss() != 0) rec.put("kd_loss", m.kdLoss());
+                if (!m.routing().isEmpty()) rec.put("moe", routingRecords(m.routing()));
                 if (m.skipped()) System.err.printf("step %d: loss %s / gradient norm %s is not finite; update skipped%n", m.step(), m.loss(), m.gradNorm());
                 int done = trainer.step();
                 if (done % evalEvery == 0 || done == steps) {
@@ -179,6 +247,71 @@ final class TrainCommand implements Callable<Integer> {
         System.out.printf(Locale.ROOT, "done: step %d, validation loss %.4f nats (unigram entropy %.4f), %.0f tokens/s, checkpoint %s%n",
                 trainer.step(), lastVal, unigram, seconds > 0 ? tokens / seconds : 0, ckpt);
         return 0;
+    }
+
+    /** The preset with the command line's overrides (vocabulary and sequence length from the data). */
+    private ModelSpec modelSpec(int vocabSize) {
+        ModelSpec spec = Presets.get(preset).withVocab(vocabSize, seqLen);
+        GptConfig g = spec.gpt();
+        if (layers != null) {
+            positive("--layers", layers);
+            g = new GptConfig(g.vocabSize(), g.maxSeqLen(), layers, g.hidden(), g.heads(), g.ffnHidden(), g.activation());
+            MoESettings m = spec.moe();
+            if (m != null && experts == null && pyramid == null) {
+                throw new IllegalArgumentException("--layers changes the depth of MoE preset " + preset + ": give --experts or --pyramid for the new layout");
+            }
+            spec = new ModelSpec(spec.name() + "-L" + layers, g, m);
+        }
+        MoESettings m = spec.moe();
+        List<Integer> layout = null;
+        if (pyramid != null) layout = MoESettings.pyramid(g.layers(), moeEvery, pyramid);
+        else if (experts != null) {
+            positive("--experts", experts);
+            layout = moeLayers != null ? MoESettings.onLayers(g.layers(), moeLayers, experts) : MoESettings.every(g.layers(), moeEvery, experts);
+        }
+        if (layout != null) m = m == null ? MoESettings.defaults(layout) : new MoESettings(layout, m.k(), m.capacityFactor(), m.evalCapacityFactor(),
+                m.minCapacity(), m.useResidual(), m.noisyGatePolicy(), m.dropTokens(), m.useRts(), m.dropless(), m.auxLossCoeff(), m.zLossCoeff(), m.sharedExperts());
+        boolean routingFlags = topK != null || capacityFactor != null || residual != null || dropless != null || noisyGate != null
+                || auxLossCoeff != null || zLossCoeff != null;
+        if (m == null) {
+            if (routingFlags) throw new IllegalArgumentException("MoE options need an MoE model: give --experts N, --pyramid, or an MoE preset");
+            return new ModelSpec(spec.name(), g, null);
+        }
+        m = new MoESettings(m.expertsPerLayer(), topK != null ? topK : m.k(), capacityFactor != null ? capacityFactor : m.capacityFactor(),
+                m.evalCapacityFactor(), m.minCapacity(), residual != null ? residual : m.useResidual(), noisyGate != null ? noisyGate : m.noisyGatePolicy(),
+                m.dropTokens(), m.useRts(), dropless != null ? dropless : m.dropless(), auxLossCoeff != null ? auxLossCoeff : m.auxLossCoeff(),
+                zLossCoeff != null ? zLossCoeff : m.zLossCoeff(), m.sharedExperts());
+        String name = spec.name() + (experts != null || pyramid != null ? "+moe" : "");
+        return new ModelSpec(name, g, m);
+    }
+
+    /** Rebuilds the teacher from its checkpoint's stored configuration and loads its weights. */
+    private Teacher loadTeacher(Backend backend, DType dtype, DataSetup.Prepared data) throws IOException {
+        RunConfig tc = JSON.readValue(Checkpoint.readConfig(teacher), RunConfig.class);
+        if (tc.model().gpt().vocabSize() != data.vocabSize()) {
+            throw new IllegalArgumentException("teacher " + teacher + " has vocabulary " + tc.model().gpt().vocabSize() + " but the data has " + data.vocabSize());
+        }
+        ModelContext tctx = new ModelContext(backend, dtype, seed);
+        Models.Built t = Models.build(tctx, tc.model());
+        tctx.allocateParameters();
+        Checkpoint.loadWeights(teacher, tctx.params());
+        tctx.setTraining(false);
+        System.out.printf("teacher %s (%s, %,d parameters): alpha %.2f, beta %.2f, temperature %.2f, KD until step %s%n", teacher, tc.model().name(),
+                tctx.params().count(), kdAlpha, kdBeta, kdTemperature, kdStopStep == null ? "the end" : kdStopStep);
+        return new Teacher(t.gpt(), kdAlpha, kdBeta, kdTemperature, kdStopStep == null ? Integer.MAX_VALUE : kdStopStep);
+    }
+
+    private static List<Map<String, Object>> routingRecords(List<RoutingStats> stats) {
+        List<Map<String, Object>> list = new ArrayList<>();
+        for (RoutingStats r : stats) {
+            Map<String, Object> m = new LinkedHashMap<>();
+            m.put("layer", r.block());
+            m.put("tokens_per_expert", r.tokensPerExpert());
+            m.put("dropped", r.droppedFraction());
+            m.put("l_aux", r.lAux());
+            list.add(m);
+        }
+        return list;
     }
 
     private void validate() {
@@ -206,11 +339,4 @@ final class TrainCommand implements Callable<Integer> {
         };
     }
 
-    private static String configJson(RunConfig c) {
-        try {
-            return new ObjectMapper().writeValueAsString(c);
-        } catch (JsonProcessingException e) {
-            throw new IllegalStateException(e);
-        }
-    }
 }

@@ -57,6 +57,29 @@ class TrainCommandTest {
     }
 
     @Test
+    void moeRunLogsRoutingAndAStudentDistilsFromIt(@TempDir Path dir) throws IOException {
+        Path teacher = dir.resolve("teacher"), student = dir.resolve("student");
+        assertEquals(0, run(tiny(teacher, "--steps", "3", "--experts", "4", "--top-k", "2")).code());
+        ObjectMapper json = new ObjectMapper();
+        JsonNode last = json.readTree(Files.readAllLines(teacher.resolve("metrics.jsonl")).get(2));
+        JsonNode moe = last.get("moe").get(0);
+        assertEquals(1, moe.get("layer").asInt(), "micro has 2 layers: MoE on the second with --moe-every 2");
+        int routed = 0;
+        for (JsonNode c : moe.get("tokens_per_expert")) routed += c.asInt();
+        assertEquals(4 * 16 * 2, routed, "every token's two choices are counted");
+        assertTrue(last.get("aux_loss").asDouble() > 0);
+
+        Result r = run(tiny(student, "--steps", "4", "--layers", "1", "--teacher", teacher.resolve("checkpoint.safetensors").toString(),
+                "--kd-stop-step", "2"));
+        assertEquals(0, r.code(), r.err());
+        List<String> lines = Files.readAllLines(student.resolve("metrics.jsonl"));
+        for (int i = 0; i < 4; i++) {
+            JsonNode n = json.readTree(lines.get(i));
+            assertEquals(i < 2, n.has("kd_loss"), "KD term on before step 2 and off after, step " + i);
+        }
+    }
+
+    @Test
     void badInputsGiveAClearError(@TempDir Path dir) {
         Result unknown = run("train", "--no-such-option");
         assertEquals(2, unknown.code());
@@ -69,6 +92,14 @@ class TrainCommandTest {
         Result badPreset = run("train", "--backend", "cpu", "--preset", "huge", "--out", dir.resolve("r2").toString());
         assertEquals(1, badPreset.code());
         assertTrue(badPreset.err().contains("unknown preset 'huge'"), badPreset.err());
+
+        Result moeFlagOnDense = run(tiny(dir.resolve("r4"), "--top-k", "2"));
+        assertEquals(1, moeFlagOnDense.code());
+        assertTrue(moeFlagOnDense.err().contains("MoE options need an MoE model"), moeFlagOnDense.err());
+
+        Result badK = run(tiny(dir.resolve("r5"), "--experts", "2", "--top-k", "3"));
+        assertEquals(1, badK.code());
+        assertTrue(badK.err().contains("k"), badK.err());
 
         Result badSteps = run(tiny(dir.resolve("r3"), "--steps", "0"));
         assertEquals(1, badSteps.code());

@@ -12,7 +12,9 @@ package dev.moe4j.core.train;
  * @param tokens         tokens processed in this step
  * @param seconds        wall time of the step
  * @param skipped        true when the loss or gradient was not finite and the update was skipped
+ * @param routing        per MoE layer routing statistics, when asked for (else empty)
  */
-public record StepMetrics(int step, double loss, double auxLoss, double kdLoss, double gradNorm, float lr, long tokens, double seconds, boolean skipped) {
+public record StepMetrics(int step, double loss, double auxLoss, double kdLoss, double gradNorm, float lr, long tokens, double seconds, boolean skipped,
+                          java.util.List<RoutingStats> routing) {
     public double tokensPerSecond() { return seconds > 0 ? tokens / seconds : 0; }
 }

@@ -2,12 +2,14 @@ package dev.moe4j.core.train;
 
 import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.data.Batch;
+import dev.moe4j.core.model.Models;
 import dev.moe4j.core.nn.Gpt;
 import dev.moe4j.core.optim.AdamW;
 import dev.moe4j.core.optim.CosineSchedule;
 import dev.moe4j.core.tensor.Scope;
 import dev.moe4j.core.tensor.Tensor;
 
+import java.util.ArrayList;
 import java.util.List;
 
 /**
@@ -23,6 +25,7 @@ public final class Trainer {
     private final CosineSchedule schedule;
     private final int microBatches;
     private Teacher teacher;
+    private List<Models.MoELayer> moeLayers = List.of();
     private int step;
 
     public Trainer(Gpt model, AdamW optimizer, BatchSource data, CosineSchedule schedule, int microBatches) {
@@ -33,6 +36,9 @@ public final class Trainer {
         this.schedule = schedule;
         this.microBatches = microBatches;
     }
+
+    /** The model's MoE layers, whose routing {@link #trainStep(boolean)} can report. */
+    public void setMoELayers(List<Models.MoELayer> layers) { this.moeLayers = List.copyOf(layers); }
 
     /** Distil from {@code teacher} (null: plain language-model training). */
     public void setTeacher(Teacher teacher) {
@@ -55,11 +61,18 @@ public final class Trainer {
     public AdamW optimizer() { return optimizer; }
 
     /** Runs one optimizer step and returns its metrics. */
-    public StepMetrics trainStep() {
+    public StepMetrics trainStep() { return trainStep(false); }
+
+    /**
+     * Runs one optimizer step; with {@code routingStats} the metrics also carry each MoE layer's expert load,
+     * dropped fraction and l_aux from the last micro-batch (extra host reads: ask for them only when logging).
+     */
+    public StepMetrics trainStep(boolean routingStats) {
         Backend b = model.context().backend();
         long t0 = System.nanoTime();
         float lr = schedule.lr(step);
         double loss, auxLoss, kdLoss, normSq;
+        List<RoutingStats> routing = new ArrayList<>();
         long tokens = 0;
         model.context().setTraining(true);
         model.context().params().zeroGrad();
@@ -80,6 +93,12 @@ public final class Trainer {
                 model.backwardLoss(valid, 1f / microBatches);
                 tokens += (long) batch.batchSize() * batch.seqLen();
             }
+            if (routingStats) {
+                for (Models.MoELayer l : moeLayers) {
+                    var out = l.moe().lastOutput();
+                    routing.add(new RoutingStats(l.block(), out.counts().toInts(), l.moe().droppedFraction(), out.lAux().toDoubles()[0]));
+                }
+            }
             Tensor nsq = optimizer.step(lr);
             double[] losses = lossSum.toDoubles();   // the step's host reads, after the update is queued
             loss = losses[0];
@@ -90,7 +109,7 @@ public final class Trainer {
         // The device skips the update exactly when the squared gradient norm is not finite (a NaN/Inf loss makes it so).
         boolean skipped = !Double.isFinite(normSq);
         if (skipped) optimizer.undoStepCount();
-        StepMetrics m = new StepMetrics(step, loss, auxLoss, kdLoss, Math.sqrt(normSq), lr, tokens, (System.nanoTime() - t0) / 1e9, skipped);
+        StepMetrics m = new StepMetrics(step, loss, auxLoss, kdLoss, Math.sqrt(normSq), lr, tokens, (System.nanoTime() - t0) / 1e9, skipped, routing);
         step++;
         return m;
     }
