@@ -7,11 +7,11 @@ import dev.moe4j.core.tensor.Tensor;
 import java.util.SplittableRandom;
 
 /** Deterministic per-rank test inputs, reproducible on the host for the serial references. */
-final class RankData {
+public final class RankData {
     private RankData() {}
 
     /** n values for (rank, tag), rounded to dtype (integers in [-50, 50) for I32); never all zero. */
-    static double[] values(DType dt, long tag, int rank, int n) {
+    public static double[] values(DType dt, long tag, int rank, int n) {
         SplittableRandom rnd = new SplittableRandom(tag * 1_000_003L + rank * 7919L + 17);
         double[] v = new double[n];
         for (int i = 0; i < n; i++) {
@@ -20,7 +20,7 @@ final class RankData {
         return v;
     }
 
-    static Tensor tensor(Backend b, DType dt, double[] v, int rows, int cols) {
+    public static Tensor tensor(Backend b, DType dt, double[] v, int rows, int cols) {
         if (dt == DType.I32) {
             int[] iv = new int[v.length];
             for (int i = 0; i < v.length; i++) iv[i] = (int) v[i];
@@ -29,13 +29,13 @@ final class RankData {
         return b.fromDoubles(dt, v, rows, cols);
     }
 
-    static double[] read(Tensor t) { return HostIO.read(t); }
+    public static double[] read(Tensor t) { return HostIO.read(t); }
 
     /**
      * counts[s][d]: rows rank s sends to rank d, in [0, 4), with empty splits forced where (s + 2d) % 3 == 0 and
      * one rank that sends nothing at all.
      */
-    static int[][] counts(int p, long tag) {
+    public static int[][] counts(int p, long tag) {
         SplittableRandom rnd = new SplittableRandom(tag);
         int[][] c = new int[p][p];
         for (int s = 0; s < p; s++) {
@@ -44,20 +44,20 @@ final class RankData {
         return c;
     }
 
-    static int sum(int[] a) {
+    public static int sum(int[] a) {
         int s = 0;
         for (int x : a) s += x;
         return s;
     }
 
-    static int[] column(int[][] c, int d) {
+    public static int[] column(int[][] c, int d) {
         int[] out = new int[c.length];
         for (int s = 0; s < c.length; s++) out[s] = c[s][d];
         return out;
     }
 
     /** The flat all-to-all result on rank d, computed serially from every rank's input. */
-    static double[] allToAllReference(DType dt, long tag, int[][] counts, int cols, int d) {
+    public static double[] allToAllReference(DType dt, long tag, int[][] counts, int cols, int d) {
         int p = counts.length;
         double[] out = new double[sum(column(counts, d)) * cols];
         int at = 0;

@@ -226,7 +226,14 @@ public final class NcclCommunicator implements Communicator {
     private void usable(String op) {
         if (closed) throw new IllegalStateException(op + ": " + describe() + " is closed");
         CommunicationException f = failure;
-        if (f != null) throw new CommunicationException(op + ": " + describe() + " was aborted: " + f.getMessage(), f);
+        if (f == null) return;
+        String msg = op + ": " + describe() + " was aborted: " + f.getMessage();
+        if (f instanceof CommTimeoutException te) {
+            CommTimeoutException e = new CommTimeoutException(msg, te.collective(), te.missingRanks());
+            e.initCause(f);
+            throw e;
+        }
+        throw new CommunicationException(msg, f);
     }
 
     private static long addr(Tensor t) { return t.storage().deviceAddress() + t.byteOffset(); }
