@@ -56,6 +56,16 @@ public final class HierarchicalCommunicator implements Communicator {
         this.inter = world.split(l, n);
     }
 
+    /**
+     * Node size from the launcher's environment: LOCAL_WORLD_SIZE (torchrun), OMPI_COMM_WORLD_LOCAL_SIZE or
+     * Slurm's tasks per node; 1 ... the world size when none is set (one node).
+     */
+    public static HierarchicalCommunicator fromEnvironment(Communicator world) {
+        var env = dev.moe4j.comm.rendezvous.DistributedEnv.fromEnvironment();
+        int g = env.worldSize() == world.size() ? env.localWorldSize() : world.size();
+        return new HierarchicalCommunicator(world, g);
+    }
+
     /** The declared node size G. */
     public int nodeSize() { return nodeSize; }
 

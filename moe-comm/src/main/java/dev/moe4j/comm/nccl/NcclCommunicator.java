@@ -260,7 +260,8 @@ public final class NcclCommunicator implements Communicator {
     }
 
     /** Enqueues one collective (the body returns NCCL's code), completes the non-blocking call, starts watching it. */
-    private long launch(String op, java.util.function.IntSupplier body) {
+    private synchronized long launch(String op, java.util.function.IntSupplier body) {
+        // Synchronized with the watchdog's abort: NCCL must not be aborted in the middle of an enqueue.
         usable(op);
         long s = seq++;
         String label = op + " #" + s;
@@ -362,7 +363,7 @@ public final class NcclCommunicator implements Communicator {
     }
 
     @Override
-    public Communicator split(int color, int key) {
+    public synchronized Communicator split(int color, int key) {
         usable("split");
         long s = seq++;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
@@ -393,8 +394,14 @@ public final class NcclCommunicator implements Communicator {
     @Override
     public void close() {
         if (closed) return;
-        closed = true;
-        watchdog.stop();
+        watchdog.stop();     // before taking the lock: the watchdog may be waiting for it to abort
+        synchronized (this) {
+            closed = true;
+            closeLocked();
+        }
+    }
+
+    private void closeLocked() {
         if (barrierBuf != null) barrierBuf.close();
         if (failure == null) {
             cudart.cudaSetDevice(device);
@@ -527,11 +534,13 @@ public final class NcclCommunicator implements Communicator {
                     + " ms (" + phase + "): " + who + "; the communicator was aborted", label, m);
         }
 
-        synchronized void fail(CommunicationException e) {
-            if (failure != null) return;
-            failure = e;
-            log.error("{}", e.getMessage());
-            nccl.ncclCommAbort(comm);    // releases kernels waiting for a peer; the comm is unusable afterwards
+        void fail(CommunicationException e) {
+            synchronized (NcclCommunicator.this) {
+                if (failure != null || closed) return;
+                failure = e;
+                log.error("{}", e.getMessage());
+                nccl.ncclCommAbort(comm);    // releases kernels waiting for a peer; the comm is unusable afterwards
+            }
         }
 
         void stop() {
