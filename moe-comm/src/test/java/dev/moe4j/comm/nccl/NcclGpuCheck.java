@@ -60,6 +60,7 @@ public final class NcclGpuCheck {
     public static boolean run(String mode) throws Exception {
         DistributedEnv env = DistributedEnv.fromEnvironment();
         Duration timeout = mode.equals("collectives") ? Duration.ofSeconds(60) : Duration.ofSeconds(10);
+        NcclLibrary.load();     // a clear message where NCCL or the GPU driver is missing
         Backend backend = CudaTestBackend.create(env.localRank());
         try (NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(timeout))) {
             log(comm, "NCCL " + NcclLibrary.versionString(NcclLibrary.load()) + ", " + comm.describe());
