@@ -30,6 +30,10 @@ import java.util.Arrays;
  * they run as kernels on a GPU. With variable splits, step 3 needs the splits of every rank of the node: they are
  * all-gathered (host ints, G*p numbers) inside the node once per call; equal splits need no exchange.
  *
+ * <p>The temporaries are freed when the call returns, while a GPU may still be running the queued all-to-alls: this
+ * relies on the backend's allocator reusing freed memory only for work queued later on the same stream (as a
+ * stream-ordered caching allocator does).
+ *
  * <p>The node size G is declared (default: LOCAL_WORLD_SIZE), so the path can be tested on one host with G
  * smaller than the number of GPUs. Creating this communicator is collective (it splits the world twice).
  */

@@ -51,7 +51,7 @@ public final class InProcessWorld {
         // Backends are made on the rank threads; the world is wired once all exist.
         Backend[] made = new Backend[size];
         java.util.concurrent.CountDownLatch ready = new java.util.concurrent.CountDownLatch(size);
-        List<InProcessCommunicator>[] comms = new List[1];
+        java.util.concurrent.atomic.AtomicReference<List<InProcessCommunicator>> comms = new java.util.concurrent.atomic.AtomicReference<>();
         Object wire = new Object();
         Thread[] threads = new Thread[size];
         for (int r = 0; r < size; r++) {
@@ -64,9 +64,9 @@ public final class InProcessWorld {
                     ready.countDown();
                     ready.await();
                     synchronized (wire) {
-                        if (comms[0] == null) comms[0] = InProcessCommunicator.createWorld(Arrays.asList(made), o);
+                        if (comms.get() == null) comms.set(InProcessCommunicator.createWorld(Arrays.asList(made), o));
                     }
-                    try (InProcessCommunicator c = comms[0].get(rank)) {
+                    try (InProcessCommunicator c = comms.get().get(rank)) {
                         results[rank] = body.run(c);
                     }
                 } catch (Throwable t) {
@@ -74,7 +74,7 @@ public final class InProcessWorld {
                     first.compareAndSet(-1, rank);
                     while (ready.getCount() > 0) ready.countDown();     // a rank that failed before wiring
                     synchronized (wire) {
-                        if (comms[0] != null) comms[0].get(0).abortWorld("rank " + rank + " failed: " + t);
+                        if (comms.get() != null) comms.get().get(0).abortWorld("rank " + rank + " failed: " + t);
                     }
                 } finally {
                     if (b != null) b.close();
