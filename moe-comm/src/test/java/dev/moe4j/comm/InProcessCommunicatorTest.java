@@ -62,6 +62,24 @@ class InProcessCommunicatorTest {
 
     @ParameterizedTest
     @ValueSource(ints = {4, 8})
+    void exchangeCountsTransposes(int p) {
+        int k = 3;   // e.g. three local experts per rank
+        InProcessWorld.run(p, OPTS, comm -> {
+            int r = comm.rank();
+            int[] send = new int[p * k];
+            for (int d = 0; d < p; d++) for (int e = 0; e < k; e++) send[d * k + e] = 100 * r + 10 * d + e;
+            int[] got = comm.exchangeCounts(send);
+            int[] want = new int[p * k];
+            for (int s = 0; s < p; s++) for (int e = 0; e < k; e++) want[s * k + e] = 100 * s + 10 * r + e;
+            assertArrayEquals(want, got);
+            var e = assertThrows(IllegalArgumentException.class, () -> comm.exchangeCounts(new int[p + 1]));
+            assertTrue(e.getMessage().contains("a multiple of the group size " + p), e.getMessage());
+            return null;
+        });
+    }
+
+    @ParameterizedTest
+    @ValueSource(ints = {4, 8})
     void allReduceSumMaxMin(int p) {
         int n = 37;
         for (DType dt : DTYPES) {

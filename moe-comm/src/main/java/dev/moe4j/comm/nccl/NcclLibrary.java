@@ -56,6 +56,12 @@ public final class NcclLibrary {
         return version;
     }
 
+    /** One line for a doctor command: the NCCL version found, or why NCCL cannot be used. */
+    public static String describe() {
+        String why = unavailableReason();
+        return why == null ? "NCCL " + versionString(version) + " (headers " + versionString(nccl.NCCL_VERSION_CODE) + ")" : "NCCL unavailable: " + why;
+    }
+
     /** 22809 -> "2.28.9". */
     public static String versionString(int code) {
         return (code / 10000) + "." + (code / 100 % 100) + "." + (code % 100);

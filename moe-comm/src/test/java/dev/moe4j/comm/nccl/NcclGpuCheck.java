@@ -128,6 +128,15 @@ public final class NcclGpuCheck {
                 exact("allToAll BF16", allToAllReference(DType.BF16, 40, counts, cols, r), read(recv));
             }
         }
+        {
+            int k = 3;
+            int[] send = new int[p * k];
+            for (int d = 0; d < p; d++) for (int e = 0; e < k; e++) send[d * k + e] = 100 * r + 10 * d + e;
+            int[] want = new int[p * k];
+            for (int s = 0; s < p; s++) for (int e = 0; e < k; e++) want[s * k + e] = 100 * s + 10 * r + e;
+            int[] got = comm.exchangeCounts(send);
+            check("exchangeCounts", Arrays.equals(want, got), Arrays.toString(got));
+        }
         int n = 1000;
         for (DType dt : new DType[] {DType.F32, DType.BF16, DType.I32}) {
             for (ReduceOp op : ReduceOp.values()) {

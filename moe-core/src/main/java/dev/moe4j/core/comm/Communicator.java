@@ -51,6 +51,27 @@ public interface Communicator extends AutoCloseable {
      */
     void allToAllV(Tensor send, int[] sendRows, Tensor recv, int[] recvRows);
 
+    /**
+     * The count exchange before a variable all-to-all (once per MoE layer): sendCounts holds k counts for each rank
+     * in rank order (e.g. tokens for each of its k local experts), length size*k; returns the k counts every rank
+     * sent to this one, in rank order (length size*k). Every rank passes the same k. One small all-to-all plus one
+     * host transfer.
+     */
+    default int[] exchangeCounts(int[] sendCounts) {
+        int p = size();
+        if (sendCounts == null || sendCounts.length % p != 0) {
+            throw new IllegalArgumentException("exchangeCounts: sendCounts must hold k counts per rank, a multiple of the group size "
+                    + p + " entries, got " + (sendCounts == null ? "null" : sendCounts.length));
+        }
+        int rows = sendCounts.length;
+        if (rows == 0) return new int[0];
+        Backend b = backend();
+        try (Tensor s = b.fromInts(sendCounts, rows, 1); Tensor r = b.zeros(dev.moe4j.core.tensor.DType.I32, rows, 1)) {
+            allToAll(s, r);
+            return b.toInts(r);
+        }
+    }
+
     /** In place: t = op over all ranks of t (same shape and dtype everywhere). */
     void allReduce(Tensor t, ReduceOp op);
 
