@@ -67,10 +67,11 @@ final class CudaTestBackend {
         final AtomicLong counter;
         boolean released;
 
-        DeviceStorage(long bytes, AtomicLong counter) {
+        DeviceStorage(long bytes, AtomicLong counter, CUstream_st stream) {
             Pointer p = new Pointer();
             cuda("cudaMalloc", cudart.cudaMalloc(p, Math.max(16, bytes)));
-            cuda("cudaMemset", cudart.cudaMemset(p, 0, Math.max(16, bytes)));
+            // On the backend's stream: a memset on the legacy stream could land after NCCL wrote the buffer.
+            cuda("cudaMemsetAsync", cudart.cudaMemsetAsync(p, 0, Math.max(16, bytes), stream));
             this.address = p.address();
             this.bytes = bytes;
             this.counter = counter;
@@ -113,7 +114,7 @@ final class CudaTestBackend {
         public Tensor zeros(Backend self, DType dt, int[] shape) {
             Shape s = Shape.of(shape);
             cudart.cudaSetDevice(device);
-            return Tensor.owning(self, new DeviceStorage(s.numel() * dt.bytes(), allocated), dt, s);
+            return Tensor.owning(self, new DeviceStorage(s.numel() * dt.bytes(), allocated, stream), dt, s);
         }
 
         public Tensor empty(Backend self, DType dt, int[] shape) { return zeros(self, dt, shape); }
