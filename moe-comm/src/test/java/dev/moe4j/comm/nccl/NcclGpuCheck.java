@@ -61,7 +61,11 @@ public final class NcclGpuCheck {
         DistributedEnv env = DistributedEnv.fromEnvironment();
         Duration timeout = mode.equals("collectives") ? Duration.ofSeconds(60) : Duration.ofSeconds(10);
         NcclLibrary.load();     // a clear message where NCCL or the GPU driver is missing
-        Backend backend = CudaTestBackend.create(env.localRank());
+        // -Dmoe4j.backend=cuda with moe-cuda on the class path: the real CUDA backend (gatherRows as a kernel);
+        // otherwise the test-only device backend.
+        Backend backend = "cuda".equals(System.getProperty("moe4j.backend"))
+                ? dev.moe4j.core.backend.Backends.select("cuda").create(env.localRank())
+                : CudaTestBackend.create(env.localRank());
         try (NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(timeout))) {
             log(comm, "NCCL " + NcclLibrary.versionString(NcclLibrary.load()) + ", " + comm.describe());
             NcclGpuCheck c = new NcclGpuCheck(comm);
