@@ -279,6 +279,19 @@ class InProcessCommunicatorTest {
     }
 
     @Test
+    void recvFromASilentPeerTimesOutNamingIt() {
+        var e = assertThrows(CommunicationException.class, () -> InProcessWorld.run(3, CommOptions.withTimeout(Duration.ofMillis(300)), comm -> {
+            if (comm.rank() == 0) {
+                try (Tensor t = comm.backend().zeros(DType.F32, 2)) { comm.recv(t, 2); }
+            }
+            return null;
+        }));
+        CommTimeoutException t = assertInstanceOf(CommTimeoutException.class, e.getCause());
+        assertArrayEquals(new int[] {2}, t.missingRanks());
+        assertTrue(t.getMessage().startsWith("recv #0 from rank 2"), t.getMessage());
+    }
+
+    @Test
     void mismatchedCollectivesAreReported() {
         var e = assertThrows(CommunicationException.class, () -> InProcessWorld.run(2, OPTS, comm -> {
             if (comm.rank() == 0) comm.barrier();
