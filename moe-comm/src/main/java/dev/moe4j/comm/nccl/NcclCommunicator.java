@@ -1,0 +1,562 @@
+package dev.moe4j.comm.nccl;
+
+import dev.moe4j.comm.rendezvous.DistributedEnv;
+import dev.moe4j.comm.rendezvous.Rendezvous;
+import dev.moe4j.comm.rendezvous.TcpStore;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.comm.CommChecks;
+import dev.moe4j.core.comm.CommOptions;
+import dev.moe4j.core.comm.CommTimeoutException;
+import dev.moe4j.core.comm.CommunicationException;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.ReduceOp;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import org.bytedeco.cuda.cudart.CUevent_st;
+import org.bytedeco.cuda.cudart.CUstream_st;
+import org.bytedeco.cuda.global.cudart;
+import org.bytedeco.cuda.global.nccl;
+import org.bytedeco.cuda.nccl.ncclComm;
+import org.bytedeco.cuda.nccl.ncclConfig_t;
+import org.bytedeco.cuda.nccl.ncclUniqueId;
+import org.bytedeco.javacpp.BytePointer;
+import org.bytedeco.javacpp.Pointer;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+import java.nio.ByteBuffer;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
+import java.util.concurrent.ConcurrentLinkedDeque;
+import java.util.concurrent.locks.LockSupport;
+
+/**
+ * The NCCL communicator: one process per GPU, collectives queued on the backend's stream on device memory
+ * ({@code Storage.deviceAddress()}), so GPU buffers never leave the device.
+ *
+ * <p>Creation is non-blocking (ncclCommInitRankConfig with blocking = 0, polled with ncclCommGetAsyncError) so
+ * that it can time out. A watchdog thread records a CUDA event after every collective and polls it together with
+ * ncclCommGetAsyncError: a collective still pending after the timeout, or an asynchronous NCCL error (a peer that
+ * died), aborts the communicator (ncclCommAbort, which also releases the GPU kernels waiting for the peer) and
+ * makes every later call throw. The ranks missing from the collective are named from the progress every rank
+ * publishes to the rendezvous store (the last collective it queued).
+ *
+ * <p>Variable all-to-all is ncclGroupStart + ncclSend/ncclRecv per peer + ncclGroupEnd; empty splits send
+ * nothing.
+ */
+public final class NcclCommunicator implements Communicator {
+    private static final Logger log = LoggerFactory.getLogger(NcclCommunicator.class);
+    private static int worlds;       // communicators made from the environment in this process (keys the unique id)
+
+    private final Backend backend;
+    private final int device;
+    private final ncclComm comm;
+    private final int rank, size;
+    private final int[] worldRanks;   // world rank of each member, in member order
+    private final String tag;         // store key prefix of this communicator
+    private final TcpStore store;     // may be null: then missing ranks cannot be named
+    private final CommOptions opts;
+    private final CUstream_st stream;
+    private final Watchdog watchdog;
+    private volatile CommunicationException failure;
+    private volatile boolean closed;
+    private long seq;
+    private Tensor barrierBuf;
+
+    private NcclCommunicator(Backend backend, ncclComm comm, int rank, int size, int[] worldRanks, String tag, TcpStore store, CommOptions opts) {
+        this.backend = backend;
+        this.device = backend.deviceIndex();
+        this.comm = comm;
+        this.rank = rank;
+        this.size = size;
+        this.worldRanks = worldRanks;
+        this.tag = tag;
+        this.store = store;
+        this.opts = opts;
+        this.stream = new CUstream_st(pointer(backend.nativeStream()));
+        this.watchdog = new Watchdog();
+        Thread t = new Thread(watchdog, "moe4j-nccl-watchdog-" + tag + "-r" + rank);
+        t.setDaemon(true);
+        watchdog.thread = t;
+        t.start();
+    }
+
+    // ------------------------------------------------------------------ creation
+
+    /**
+     * The world communicator of a job launched by torchrun, srun, mpirun or our launcher ({@link DistributedEnv}):
+     * rank 0 makes the NCCL unique id and passes it through the rendezvous store on MASTER_ADDR. The backend
+     * must already be on this process's GPU (usually device LOCAL_RANK).
+     */
+    public static NcclCommunicator fromEnvironment(Backend backend, CommOptions opts) {
+        return create(backend, DistributedEnv.fromEnvironment(), opts);
+    }
+
+    public static NcclCommunicator create(Backend backend, DistributedEnv env, CommOptions opts) {
+        NcclLibrary.load();
+        CommOptions o = opts == null ? CommOptions.defaults() : opts;
+        TcpStore store = Rendezvous.store(env, o.timeout());
+        String tag;
+        synchronized (NcclCommunicator.class) {
+            tag = "moe4j/nccl/w" + worlds++;
+        }
+        byte[] id;
+        if (env.rank() == 0) {
+            ncclUniqueId u = new ncclUniqueId();
+            check("ncclGetUniqueId", nccl.ncclGetUniqueId(u), null);
+            id = new byte[nccl.NCCL_UNIQUE_ID_BYTES];
+            u.internal().get(id);
+            store.set(tag + "/uid", id);
+        } else {
+            id = store.get(tag + "/uid");
+        }
+        int[] world = new int[env.worldSize()];
+        for (int i = 0; i < world.length; i++) world[i] = i;
+        return create(backend, env.rank(), env.worldSize(), id, world, tag, store, o);
+    }
+
+    /**
+     * A communicator from a unique id obtained elsewhere (all ranks pass the same id bytes). store may be null
+     * (missing ranks are then not named on a timeout).
+     */
+    public static NcclCommunicator create(Backend backend, int rank, int size, byte[] uniqueId, int[] worldRanks, String tag,
+                                          TcpStore store, CommOptions opts) {
+        NcclLibrary.load();
+        if (backend == null) throw new IllegalArgumentException("NcclCommunicator: backend is null");
+        if (size < 1 || rank < 0 || rank >= size) throw new IllegalArgumentException("NcclCommunicator: rank must be in [0, " + size + "), got " + rank);
+        if (uniqueId == null || uniqueId.length != nccl.NCCL_UNIQUE_ID_BYTES) {
+            throw new IllegalArgumentException("NcclCommunicator: uniqueId must hold " + nccl.NCCL_UNIQUE_ID_BYTES + " bytes");
+        }
+        requireDeviceMemory(backend);
+        CommOptions o = opts == null ? CommOptions.defaults() : opts;
+        cuda("cudaSetDevice", cudart.cudaSetDevice(backend.deviceIndex()));
+        if (store != null) store.set(tag + "/arrived/" + rank, new byte[] {1});
+        ncclUniqueId u = new ncclUniqueId();
+        u.internal().put(uniqueId);
+        ncclComm c = new ncclComm();
+        long deadline = System.nanoTime() + o.timeout().toNanos();
+        int rc = nccl.ncclCommInitRankConfig(c, size, u, rank, config());
+        if (!waitReady(c, "ncclCommInitRankConfig", rc, deadline)) {
+            nccl.ncclCommAbort(c);
+            int[] missing = store == null ? new int[0] : notArrived(store, tag, size, worldRanks);
+            throw new CommTimeoutException("NCCL communicator " + tag + " (rank " + rank + " of " + size + "): init did not complete within "
+                    + o.timeoutMillis() + " ms; world rank(s) " + Arrays.toString(missing) + " never arrived at the rendezvous",
+                    "init", missing);
+        }
+        return new NcclCommunicator(backend, c, rank, size, worldRanks.clone(), tag, store, o);
+    }
+
+    private static int[] notArrived(TcpStore store, String tag, int size, int[] worldRanks) {
+        List<Integer> m = new ArrayList<>();
+        for (int r = 0; r < size; r++) if (!store.check(tag + "/arrived/" + r)) m.add(worldRanks[r]);
+        return m.stream().mapToInt(Integer::intValue).toArray();
+    }
+
+    private static void requireDeviceMemory(Backend backend) {
+        try (Tensor t = backend.zeros(DType.I32, 1)) {
+            t.storage().deviceAddress();
+        } catch (UnsupportedOperationException e) {
+            throw new IllegalArgumentException("NcclCommunicator needs a GPU backend whose tensors have device addresses; backend "
+                    + backend.name() + " has none (" + e.getMessage() + "). For CPU ranks use dev.moe4j.comm.InProcessWorld.");
+        }
+    }
+
+    /** A non-blocking config: every other field "undefined" (NCCL's defaults), as NCCL_CONFIG_INITIALIZER does. */
+    private static ncclConfig_t config() {
+        int undef = Integer.MIN_VALUE;   // NCCL_CONFIG_UNDEF_INT
+        int[] v = new int[1];
+        nccl.ncclGetVersion(v);
+        ncclConfig_t c = new ncclConfig_t();
+        c.size(Pointer.sizeof(ncclConfig_t.class)).magic(0xcafebeef).version(Math.min(v[0], nccl.NCCL_VERSION_CODE));
+        c.blocking(0).cgaClusterSize(undef).minCTAs(undef).maxCTAs(undef).netName((BytePointer) null).splitShare(undef)
+                .trafficClass(undef).commName((BytePointer) null).collnetEnable(undef).CTAPolicy(undef).shrinkShare(undef)
+                .nvlsCTAs(undef).nChannelsPerNetPeer(undef).nvlinkCentricSched(undef).graphUsageMode(undef).numRmaCtx(undef);
+        return c;
+    }
+
+    /**
+     * Completes a non-blocking call: rc ncclInProgress means poll ncclCommGetAsyncError until it is not. Returns
+     * false on timeout (the caller aborts), throws on an NCCL error.
+     */
+    private static boolean waitReady(ncclComm c, String call, int rc, long deadline) {
+        if (rc == nccl.ncclSuccess) return true;
+        if (rc != nccl.ncclInProgress) check(call, rc, c);
+        int[] st = new int[1];
+        while (true) {
+            int q = nccl.ncclCommGetAsyncError(c, st);
+            if (q != nccl.ncclSuccess) check("ncclCommGetAsyncError after " + call, q, c);
+            if (st[0] == nccl.ncclSuccess) return true;
+            if (st[0] != nccl.ncclInProgress) check(call, st[0], c);
+            if (System.nanoTime() > deadline) return false;
+            LockSupport.parkNanos(20_000);
+        }
+    }
+
+    static void check(String call, int rc, ncclComm c) {
+        if (rc == nccl.ncclSuccess) return;
+        String last = "";
+        try {
+            BytePointer p = nccl.ncclGetLastError(c);
+            if (p != null && !p.isNull()) last = p.getString();
+        } catch (RuntimeException ignored) { }
+        throw new CommunicationException(call + " failed: " + nccl.ncclGetErrorString(rc).getString() + " (code " + rc + ")"
+                + (last.isBlank() ? "" : ": " + last));
+    }
+
+    static void cuda(String call, int rc) {
+        if (rc != cudart.cudaSuccess) throw new CommunicationException(call + " failed: " + cudart.cudaGetErrorString(rc).getString() + " (code " + rc + ")");
+    }
+
+    static Pointer pointer(long address) {
+        return new Pointer() { { this.address = address; } };
+    }
+
+    // ------------------------------------------------------------------ accessors
+
+    @Override public int rank() { return rank; }
+
+    @Override public int size() { return size; }
+
+    @Override public Backend backend() { return backend; }
+
+    @Override
+    public String describe() { return "nccl " + tag + " (rank " + rank + " of " + size + ", world rank " + worldRanks[rank] + ", cuda:" + device + ")"; }
+
+    private void usable(String op) {
+        if (closed) throw new IllegalStateException(op + ": " + describe() + " is closed");
+        CommunicationException f = failure;
+        if (f == null) return;
+        String msg = op + ": " + describe() + " was aborted: " + f.getMessage();
+        if (f instanceof CommTimeoutException te) {
+            CommTimeoutException e = new CommTimeoutException(msg, te.collective(), te.missingRanks());
+            e.initCause(f);
+            throw e;
+        }
+        throw new CommunicationException(msg, f);
+    }
+
+    private static long addr(Tensor t) { return t.storage().deviceAddress() + t.byteOffset(); }
+
+    private static Pointer ptr(Tensor t) { return pointer(addr(t)); }
+
+    private static Pointer ptr(Tensor t, long elementOffset) { return pointer(addr(t) + elementOffset * t.dtype().bytes()); }
+
+    private static int type(Tensor t) {
+        return switch (t.dtype()) {
+            case F32 -> nccl.ncclFloat32;
+            case BF16 -> nccl.ncclBfloat16;
+            case I32 -> nccl.ncclInt32;
+            case F64 -> nccl.ncclFloat64;
+        };
+    }
+
+    private static int op(ReduceOp op) {
+        return switch (op) {
+            case SUM -> nccl.ncclSum;
+            case MAX -> nccl.ncclMax;
+            case MIN -> nccl.ncclMin;
+        };
+    }
+
+    /** Enqueues one collective (the body returns NCCL's code), completes the non-blocking call, starts watching it. */
+    private synchronized long launch(String op, java.util.function.IntSupplier body) {
+        // Synchronized with the watchdog's abort: NCCL must not be aborted in the middle of an enqueue.
+        usable(op);
+        long s = seq++;
+        String label = op + " #" + s;
+        cuda("cudaSetDevice", cudart.cudaSetDevice(device));
+        int rc = body.getAsInt();
+        long deadline = System.nanoTime() + opts.timeout().toNanos();
+        if (!waitReady(comm, "nccl " + label, rc, deadline)) {
+            watchdog.fail(watchdog.timeout(s, label, "queuing"));
+            usable(op);
+        }
+        watchdog.track(s, label);
+        return s;
+    }
+
+    // ------------------------------------------------------------------ collectives
+
+    @Override
+    public void allToAll(Tensor send, Tensor recv) {
+        int n = CommChecks.allToAll(this, send, recv);
+        int[] splits = new int[size];
+        Arrays.fill(splits, n);
+        sendRecvAll("allToAll", send, splits, recv, splits);
+    }
+
+    @Override
+    public void allToAllV(Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+        CommChecks.allToAllV(this, send, sendRows, recv, recvRows);
+        sendRecvAll("allToAllV", send, sendRows.clone(), recv, recvRows.clone());
+    }
+
+    private void sendRecvAll(String op, Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+        long cols = send.cols();
+        int[] so = CommChecks.offsets(sendRows), ro = CommChecks.offsets(recvRows);
+        int dt = type(send);
+        launch(op, () -> {
+            int rc = nccl.ncclGroupStart();
+            if (rc != nccl.ncclSuccess) return rc;
+            for (int p = 0; p < size; p++) {
+                if (sendRows[p] > 0) {
+                    rc = nccl.ncclSend(ptr(send, so[p] * cols), sendRows[p] * cols, dt, p, comm, stream);
+                    if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) { nccl.ncclGroupEnd(); return rc; }
+                }
+                if (recvRows[p] > 0) {
+                    rc = nccl.ncclRecv(ptr(recv, ro[p] * cols), recvRows[p] * cols, dt, p, comm, stream);
+                    if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) { nccl.ncclGroupEnd(); return rc; }
+                }
+            }
+            return nccl.ncclGroupEnd();
+        });
+    }
+
+    @Override
+    public void allReduce(Tensor t, ReduceOp op) {
+        CommChecks.allReduce(this, t, op);
+        launch("allReduce", () -> nccl.ncclAllReduce(ptr(t), ptr(t), t.numel(), type(t), op(op), comm, stream));
+    }
+
+    @Override
+    public void allGather(Tensor send, Tensor recv) {
+        CommChecks.allGather(this, send, recv);
+        launch("allGather", () -> nccl.ncclAllGather(ptr(send), ptr(recv), send.numel(), type(send), comm, stream));
+    }
+
+    @Override
+    public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) {
+        CommChecks.reduceScatter(this, send, recv, op);
+        launch("reduceScatter", () -> nccl.ncclReduceScatter(ptr(send), ptr(recv), recv.numel(), type(send), op(op), comm, stream));
+    }
+
+    @Override
+    public void broadcast(Tensor t, int root) {
+        CommChecks.broadcast(this, t, root);
+        launch("broadcast", () -> nccl.ncclBroadcast(ptr(t), ptr(t), t.numel(), type(t), root, comm, stream));
+    }
+
+    @Override
+    public void barrier() {
+        usable("barrier");
+        if (barrierBuf == null) barrierBuf = backend.zeros(DType.I32, 1);
+        Tensor b = barrierBuf;
+        long s = launch("barrier", () -> nccl.ncclAllReduce(ptr(b), ptr(b), 1, nccl.ncclInt32, nccl.ncclSum, comm, stream));
+        // Wait on the host for the watchdog to see it complete (it aborts on the timeout, so this cannot hang).
+        while (watchdog.completed < s) {
+            usable("barrier");
+            LockSupport.parkNanos(50_000);
+        }
+    }
+
+    @Override
+    public void send(Tensor t, int peer) {
+        CommChecks.pointToPoint("send", this, t, peer);
+        launch("send to " + peer, () -> nccl.ncclSend(ptr(t), t.numel(), type(t), peer, comm, stream));
+    }
+
+    @Override
+    public void recv(Tensor t, int peer) {
+        CommChecks.pointToPoint("recv", this, t, peer);
+        launch("recv from " + peer, () -> nccl.ncclRecv(ptr(t), t.numel(), type(t), peer, comm, stream));
+    }
+
+    @Override
+    public synchronized Communicator split(int color, int key) {
+        usable("split");
+        long s = seq++;
+        cuda("cudaSetDevice", cudart.cudaSetDevice(device));
+        ncclComm nc = new ncclComm();
+        int rc = nccl.ncclCommSplit(comm, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, nc, config());
+        long deadline = System.nanoTime() + opts.timeout().toNanos();
+        boolean ok = waitReady(nc.isNull() ? comm : nc, "ncclCommSplit #" + s, rc, deadline);
+        if (!ok) {
+            watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));
+            usable("split");
+        }
+        if (color < 0) return null;
+        int[] v = new int[1];
+        check("ncclCommCount", nccl.ncclCommCount(nc, v), nc);
+        int subSize = v[0];
+        check("ncclCommUserRank", nccl.ncclCommUserRank(nc, v), nc);
+        int subRank = v[0];
+        NcclCommunicator sub = new NcclCommunicator(backend, nc, subRank, subSize, new int[subSize], tag + "/s" + s + "c" + color, store, opts);
+        // Learn the members' world ranks (for messages naming missing ranks): one small all-gather.
+        try (Tensor me = backend.fromInts(new int[] {worldRanks[rank]}, 1); Tensor all = backend.zeros(DType.I32, subSize)) {
+            sub.allGather(me, all);
+            int[] wr = backend.toInts(all);
+            System.arraycopy(wr, 0, sub.worldRanks, 0, subSize);
+        }
+        return sub;
+    }
+
+    @Override
+    public void close() {
+        if (closed) return;
+        watchdog.stop();     // before taking the lock: the watchdog may be waiting for it to abort
+        synchronized (this) {
+            closed = true;
+            closeLocked();
+        }
+    }
+
+    private void closeLocked() {
+        if (barrierBuf != null) barrierBuf.close();
+        if (failure == null) {
+            cudart.cudaSetDevice(device);
+            int rc = nccl.ncclCommFinalize(comm);
+            if (waitReady(comm, "ncclCommFinalize", rc, System.nanoTime() + opts.timeout().toNanos())) {
+                nccl.ncclCommDestroy(comm);
+            } else {
+                log.warn("{}: ncclCommFinalize did not complete within the timeout; aborting", describe());
+                nccl.ncclCommAbort(comm);
+            }
+        }
+        watchdog.destroyEvents();
+    }
+
+    @Override
+    public String toString() { return describe(); }
+
+    /** The failure that aborted this communicator, or null. */
+    public CommunicationException failure() { return failure; }
+
+    // ------------------------------------------------------------------ watchdog
+
+    private record Pending(long seq, String label, CUevent_st event, long startNanos) {}
+
+    private final class Watchdog implements Runnable {
+        final ConcurrentLinkedDeque<Pending> pending = new ConcurrentLinkedDeque<>();
+        volatile long enqueued = -1, completed = -1;
+        volatile boolean stopped;
+        Thread thread;
+        long published = Long.MIN_VALUE, lastPublish;
+        boolean storeWarned;
+
+        void track(long s, String label) {
+            CUevent_st ev = new CUevent_st();
+            cuda("cudaEventCreateWithFlags", cudart.cudaEventCreateWithFlags(ev, cudart.cudaEventDisableTiming));
+            cuda("cudaEventRecord", cudart.cudaEventRecord(ev, stream));
+            pending.add(new Pending(s, label, ev, System.nanoTime()));
+            enqueued = s;
+        }
+
+        @Override
+        public void run() {
+            cudart.cudaSetDevice(device);
+            int[] st = new int[1];
+            while (!stopped) {
+                if (failure == null) {
+                    try {
+                        poll(st);
+                    } catch (RuntimeException e) {
+                        fail(new CommunicationException(describe() + ": watchdog error: " + e, e));
+                    }
+                }
+                LockSupport.parkNanos(1_000_000);
+            }
+        }
+
+        private void poll(int[] st) {
+            int q = nccl.ncclCommGetAsyncError(comm, st);
+            if (q == nccl.ncclSuccess && st[0] != nccl.ncclSuccess && st[0] != nccl.ncclInProgress) {
+                Pending h = pending.peek();
+                fail(new CommunicationException(describe() + ": NCCL reported an asynchronous error during "
+                        + (h == null ? "the last collective" : h.label) + ": " + nccl.ncclGetErrorString(st[0]).getString()
+                        + " (a peer may have died; check the other ranks' logs)"));
+                return;
+            }
+            Pending h;
+            while ((h = pending.peek()) != null) {
+                int e = cudart.cudaEventQuery(h.event);
+                if (e == cudart.cudaSuccess) {
+                    pending.poll();
+                    cudart.cudaEventDestroy(h.event);
+                    completed = h.seq;
+                    continue;
+                }
+                if (e != cudart.cudaErrorNotReady) {
+                    fail(new CommunicationException(describe() + ": CUDA error while " + h.label + " was pending: "
+                            + cudart.cudaGetErrorString(e).getString()));
+                    return;
+                }
+                if (System.nanoTime() - h.startNanos > opts.timeout().toNanos()) {
+                    fail(timeout(h.seq, h.label, "running"));
+                    return;
+                }
+                break;
+            }
+            long now = System.nanoTime();
+            if (store != null && enqueued != published && now - lastPublish > 200_000_000L) {
+                publish();
+                lastPublish = now;
+            }
+        }
+
+        private void publish() {
+            try {
+                long e = enqueued;
+                store.set(tag + "/enqueued/" + rank, ByteBuffer.allocate(8).putLong(e).array());
+                published = e;
+            } catch (RuntimeException ex) {
+                if (!storeWarned) log.warn("{}: cannot publish progress to the rendezvous store: {}", describe(), ex.toString());
+                storeWarned = true;
+            }
+        }
+
+        /** The timeout exception for collective s, naming the ranks whose published progress is behind it. */
+        CommTimeoutException timeout(long s, String label, String phase) {
+            List<Integer> missing = new ArrayList<>();
+            StringBuilder seen = new StringBuilder();
+            if (store != null) {
+                publish();
+                try {
+                    for (int r = 0; r < size; r++) {
+                        if (r == rank) continue;
+                        String k = tag + "/enqueued/" + r;
+                        long last = store.check(k) ? ByteBuffer.wrap(store.get(k)).getLong() : -1;
+                        if (last < s) {
+                            missing.add(worldRanks[r]);
+                            seen.append(seen.isEmpty() ? "" : ", ").append("world rank ").append(worldRanks[r])
+                                    .append(last < 0 ? " queued none" : " last queued #" + last);
+                        }
+                    }
+                } catch (RuntimeException e) {
+                    seen.append("progress unknown: ").append(e.getMessage());
+                }
+            }
+            int[] m = missing.stream().mapToInt(Integer::intValue).toArray();
+            String who = store == null ? "the missing ranks are unknown (no rendezvous store)"
+                    : m.length == 0 ? "every rank has queued it (a GPU or the network may be stuck)"
+                    : "world rank(s) " + Arrays.toString(m) + " have not reached it (" + seen + ")";
+            return new CommTimeoutException("NCCL " + label + " on " + describe() + " did not complete within " + opts.timeoutMillis()
+                    + " ms (" + phase + "): " + who + "; the communicator was aborted", label, m);
+        }
+
+        void fail(CommunicationException e) {
+            synchronized (NcclCommunicator.this) {
+                if (failure != null || closed) return;
+                failure = e;
+                log.error("{}", e.getMessage());
+                nccl.ncclCommAbort(comm);    // releases kernels waiting for a peer; the comm is unusable afterwards
+            }
+        }
+
+        void stop() {
+            stopped = true;
+            if (thread != null && thread != Thread.currentThread()) {
+                try {
+                    thread.join(5_000);
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                }
+            }
+        }
+
+        void destroyEvents() {
+            Pending h;
+            while ((h = pending.poll()) != null) cudart.cudaEventDestroy(h.event);
+        }
+    }
+}
