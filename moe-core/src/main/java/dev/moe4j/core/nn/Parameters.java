@@ -50,10 +50,10 @@ public final class Parameters implements AutoCloseable {
             total += p.shape().numel();
             if (p.decay()) decayCount += p.shape().numel();
         }
-        int n = Math.toIntExact(total);
-        master = Scope.keep(backend.zeros(masterType, n));
-        grad = Scope.keep(backend.zeros(masterType, n));
-        value = dtype == masterType ? master : Scope.keep(backend.zeros(dtype, n));
+        int[] flat = flatShape(total);
+        master = Scope.keep(backend.zeros(masterType, flat));
+        grad = Scope.keep(backend.zeros(masterType, flat));
+        value = dtype == masterType ? master : Scope.keep(backend.zeros(dtype, flat));
         long at = 0;
         for (Parameter p : order) {
             int[] dims = p.shape().dims();
@@ -68,6 +68,16 @@ public final class Parameters implements AutoCloseable {
             at += p.shape().numel();
         }
         if (value != master) backend.copy(master, value);
+    }
+
+    /**
+     * The shape of a flat buffer of {@code n} elements: [n] while that fits an int dimension, else
+     * [ceil(n / 2^20), 2^20] (zero padding at the end), so models past 2^31 parameters still get one allocation.
+     */
+    public static int[] flatShape(long n) {
+        if (n <= Integer.MAX_VALUE - 8) return new int[] {(int) n};
+        int cols = 1 << 20;
+        return new int[] {Math.toIntExact((n + cols - 1) / cols), cols};
     }
 
     /** Declaration order, decayed parameters first. */
@@ -93,7 +103,7 @@ public final class Parameters implements AutoCloseable {
     /** Elements [0, decayCount()) of the flat buffers get weight decay, the rest none. */
     public long decayCount() { return decayCount; }
 
-    /** The flat F32 (or F64) master weights. */
+    /** The flat F32 (or F64) master weights (elements past {@link #count()} are padding, always zero). */
     public Tensor master() { return master; }
 
     /** The flat gradients, same layout as {@link #master()}. */

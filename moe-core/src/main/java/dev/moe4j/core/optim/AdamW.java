@@ -34,9 +34,9 @@ public final class AdamW implements AutoCloseable {
         this.weightDecay = weightDecay;
         this.maxGradNorm = maxGradNorm;
         DType t = params.master().dtype();
-        int n = Math.toIntExact(params.count());
-        this.m = Scope.keep(backend.zeros(t, n));
-        this.v = Scope.keep(backend.zeros(t, n));
+        int[] flat = Parameters.flatShape(params.count());
+        this.m = Scope.keep(backend.zeros(t, flat));
+        this.v = Scope.keep(backend.zeros(t, flat));
         this.normSq = Scope.keep(backend.zeros(t, 1));
     }
 
@@ -59,12 +59,17 @@ public final class AdamW implements AutoCloseable {
         return normSq;
     }
 
+    /** One fused update over [start, start + count), in chunks that fit an int dimension. */
     private void update(long start, long count, float wd, float lr) {
-        int c = Math.toIntExact(count);
-        Tensor value = params.value() == params.master() ? null : params.value().view(start, c);
-        backend.adamw(params.master().view(start, c), params.grad().view(start, c), m.view(start, c), v.view(start, c),
-                new AdamWParams(lr, beta1, beta2, eps, wd, step, maxGradNorm), normSq, value);
+        AdamWParams h = new AdamWParams(lr, beta1, beta2, eps, wd, step, maxGradNorm);
+        for (long at = start; at < start + count; at += CHUNK) {
+            int c = (int) Math.min(CHUNK, start + count - at);
+            Tensor value = params.value() == params.master() ? null : params.value().view(at, c);
+            backend.adamw(params.master().view(at, c), params.grad().view(at, c), m.view(at, c), v.view(at, c), h, normSq, value);
+        }
     }
+
+    private static final long CHUNK = 1L << 30;
 
     /** After a skipped (non-finite) step: the update did not happen, so the bias-correction count goes back. */
     public void undoStepCount() { step--; }
