@@ -1,0 +1,902 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.AdamWParams;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.Checks;
+import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.backend.GateSpec;
+import dev.moe4j.core.tensor.BFloat16;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Shape;
+import dev.moe4j.core.tensor.Tensor;
+import org.bytedeco.cuda.cublas.cublasContext;
+import org.bytedeco.cuda.cudart.CUstream_st;
+import org.bytedeco.cuda.global.cublas;
+import org.bytedeco.cuda.global.cudart;
+import org.bytedeco.javacpp.FloatPointer;
+import org.bytedeco.javacpp.IntPointer;
+import org.bytedeco.javacpp.Pointer;
+import org.bytedeco.javacpp.ShortPointer;
+
+/**
+ * The Backend SPI on one NVIDIA GPU: cuBLAS for the matrix products, the kernels of native/ for the rest.
+ *
+ * <p>Everything is queued on one stream ({@link #nativeStream()}); memory comes from a caching allocator
+ * ({@link CudaAllocator}), so a training step does no cudaMalloc after warm-up. F32, BF16 and I32 tensors;
+ * F64 is CPU-only. Every CUDA, driver and cuBLAS return code is checked ({@link CudaException} names the call).
+ * Ops are meant to be called from one thread at a time (the backend binds its device to the calling thread).
+ */
+public final class CudaBackend implements Backend {
+    private static final int THREADS = 256;
+
+    private final int device;
+    private final CUstream_st stream = new CUstream_st();
+    private final cublasContext blas = new cublasContext();
+    private final CudaAllocator allocator;
+    private final Kernels kernels;
+    private final FloatPointer scalars = new FloatPointer(2);  // alpha, beta for cuBLAS (host pointer mode)
+    private volatile Thread boundThread;
+    private boolean closed;
+
+    public CudaBackend(int device) {
+        this.device = device;
+        Cuda.check(cudart.cudaSetDevice(device), "cudaSetDevice(" + device + ")");
+        Cuda.check(cudart.cudaFree(new Pointer()), "cudaFree(0) (context creation)");
+        boundThread = Thread.currentThread();
+        Cuda.check(cudart.cudaStreamCreate(stream), "cudaStreamCreate");
+        this.allocator = new CudaAllocator(this::synchronize);
+        Cuda.checkBlas(cublas.cublasCreate_v2(blas), "cublasCreate");
+        Cuda.checkBlas(cublas.cublasSetStream_v2(blas, stream), "cublasSetStream");
+        this.kernels = new Kernels();
+    }
+
+    CudaAllocator allocator() { return allocator; }
+
+    /** Number of cudaMalloc calls so far (tests check that it stops growing after warm-up). */
+    public long mallocCalls() { return allocator.mallocCalls(); }
+
+    /** Bytes of tensors currently alive (excluding cached free blocks). */
+    public long inUseBytes() { return allocator.inUseBytes(); }
+
+    /** Makes this backend's device current on the calling thread (the driver API needs its context there). */
+    private void bind() {
+        if (closed) throw new IllegalStateException("the CUDA backend was closed");
+        Thread t = Thread.currentThread();
+        if (t != boundThread) {
+            Cuda.check(cudart.cudaSetDevice(device), "cudaSetDevice(" + device + ")");
+            boundThread = t;
+        }
+    }
+
+    @Override public String name() { return "cuda:" + device; }
+
+    @Override public int deviceIndex() { return device; }
+
+    @Override public long nativeStream() { return stream.address(); }
+
+    @Override public boolean supports(DType dtype) { return dtype != DType.F64; }
+
+    // ------------------------------------------------------------------ helpers
+
+    /** The dtype code of native/common.cuh. */
+    private static int dt(Tensor t) {
+        return switch (t.dtype()) {
+            case F32 -> 0;
+            case BF16 -> 1;
+            case I32 -> 2;
+            case F64 -> throw new IllegalArgumentException("the CUDA backend does not support F64 tensors (" + t + "); F64 is the CPU reference mode");
+        };
+    }
+
+    /** Device address of the first element of t (checked: open, on this backend). */
+    private long p(Tensor t) {
+        if (t == null) return 0L;
+        if (t.isClosed()) throw new IllegalStateException(t + " was closed");
+        if (!(t.storage() instanceof CudaStorage s) || s.owner != this) throw new IllegalArgumentException(t + " is not a tensor of " + name());
+        return s.deviceAddress() + t.byteOffset();
+    }
+
+    private static long dtOrZero(Tensor t) { return t == null ? 0 : dt(t); }
+
+    private static void floating(String op, String name, Tensor t) {
+        Checks.open(op, name, t);
+        if (!t.dtype().isFloating() || t.dtype() == DType.F64) throw new IllegalArgumentException(op + ": " + name + " must be F32 or BF16, got " + t.dtype());
+    }
+
+    private static int blocks(long n) { return (int) Math.max(1, Math.min((n + THREADS - 1) / THREADS, 65536)); }
+
+    private void launch(String kernel, int gx, int gy, int block, int shared, Object... args) {
+        bind();
+        kernels.launch(kernel, gx, gy, block, shared, stream, args);
+    }
+
+    /** Elementwise launch over n elements (grid-stride kernels). */
+    private void launchN(String kernel, long n, Object... args) {
+        if (n == 0) return;
+        launch(kernel, blocks(n), 1, THREADS, 0, args);
+    }
+
+    private static int rowThreads(int cols) { return cols >= 1024 ? 1024 : cols >= 256 ? 256 : 128; }
+
+    // ------------------------------------------------------------------ memory and host transfer
+
+    @Override
+    public Tensor zeros(DType dtype, int... shape) {
+        Tensor t = empty(dtype, shape);
+        bind();
+        Cuda.check(cudart.cudaMemsetAsync(Cuda.ptr(p(t)), 0, t.numel() * dtype.bytes(), stream), "cudaMemsetAsync");
+        return t;
+    }
+
+    @Override
+    public Tensor empty(DType dtype, int... shape) {
+        if (dtype == DType.F64) throw new IllegalArgumentException("the CUDA backend does not support F64 tensors; F64 is the CPU reference mode");
+        Shape s = Shape.of(shape);
+        long bytes = s.numel() * dtype.bytes();
+        bind();
+        long a = allocator.alloc(bytes);
+        return Tensor.owning(this, new CudaStorage(this, a, CudaAllocator.roundUp(bytes)), dtype, s);
+    }
+
+    private void upload(Tensor t, Pointer host, long bytes) {
+        bind();
+        Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(p(t)), host, bytes, cudart.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(host to device)");
+        synchronize();  // the host buffer is freed when this returns
+    }
+
+    private void download(Tensor t, Pointer host, long bytes) {
+        bind();
+        Cuda.check(cudart.cudaMemcpyAsync(host, Cuda.ptr(p(t)), bytes, cudart.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(device to host)");
+        synchronize();
+    }
+
+    @Override
+    public Tensor fromFloats(DType dtype, float[] data, int... shape) {
+        Tensor t = empty(dtype, shape);
+        Checks.numel("fromFloats", "data", t, data.length);
+        writeHost(t, i -> data[i], data.length);
+        return t;
+    }
+
+    @Override
+    public Tensor fromDoubles(DType dtype, double[] data, int... shape) {
+        Tensor t = empty(dtype, shape);
+        Checks.numel("fromDoubles", "data", t, data.length);
+        writeHost(t, i -> data[i], data.length);
+        return t;
+    }
+
+    @Override
+    public Tensor fromInts(int[] data, int... shape) {
+        Tensor t = empty(DType.I32, shape);
+        Checks.numel("fromInts", "data", t, data.length);
+        if (data.length > 0) try (IntPointer h = new IntPointer(data)) { upload(t, h, 4L * data.length); }
+        return t;
+    }
+
+    private interface Values { double get(int i); }
+
+    private void writeHost(Tensor t, Values v, int n) {
+        if (n == 0) return;
+        switch (t.dtype()) {
+            case F32 -> {
+                float[] f = new float[n];
+                for (int i = 0; i < n; i++) f[i] = (float) v.get(i);
+                try (FloatPointer h = new FloatPointer(f)) { upload(t, h, 4L * n); }
+            }
+            case BF16 -> {
+                short[] s = new short[n];
+                for (int i = 0; i < n; i++) s[i] = BFloat16.fromFloat((float) v.get(i));
+                try (ShortPointer h = new ShortPointer(s)) { upload(t, h, 2L * n); }
+            }
+            case I32 -> {
+                int[] a = new int[n];
+                for (int i = 0; i < n; i++) a[i] = (int) v.get(i);
+                try (IntPointer h = new IntPointer(a)) { upload(t, h, 4L * n); }
+            }
+            case F64 -> throw new IllegalArgumentException("F64 is not supported by " + name());
+        }
+    }
+
+    @Override
+    public float[] toFloats(Tensor t) {
+        int n = Math.toIntExact(t.numel());
+        float[] r = new float[n];
+        if (n == 0) return r;
+        switch (t.dtype()) {
+            case F32 -> { try (FloatPointer h = new FloatPointer(n)) { download(t, h, 4L * n); h.get(r); } }
+            case BF16 -> {
+                short[] s = new short[n];
+                try (ShortPointer h = new ShortPointer(n)) { download(t, h, 2L * n); h.get(s); }
+                for (int i = 0; i < n; i++) r[i] = BFloat16.toFloat(s[i]);
+            }
+            case I32 -> { int[] a = toInts(t); for (int i = 0; i < n; i++) r[i] = a[i]; }
+            case F64 -> throw new IllegalArgumentException("F64 is not supported by " + name());
+        }
+        return r;
+    }
+
+    @Override
+    public double[] toDoubles(Tensor t) {
+        int n = Math.toIntExact(t.numel());
+        double[] r = new double[n];
+        if (t.dtype() == DType.I32) {
+            int[] a = toInts(t);
+            for (int i = 0; i < n; i++) r[i] = a[i];
+        } else {
+            float[] f = toFloats(t);
+            for (int i = 0; i < n; i++) r[i] = f[i];
+        }
+        return r;
+    }
+
+    @Override
+    public int[] toInts(Tensor t) {
+        int n = Math.toIntExact(t.numel());
+        if (t.dtype() != DType.I32) {
+            float[] f = toFloats(t);
+            int[] r = new int[n];
+            for (int i = 0; i < n; i++) r[i] = (int) f[i];
+            return r;
+        }
+        int[] r = new int[n];
+        if (n == 0) return r;
+        try (IntPointer h = new IntPointer(n)) { download(t, h, 4L * n); h.get(r); }
+        return r;
+    }
+
+    @Override
+    public void copy(Tensor src, Tensor dst) {
+        Checks.open("copy", "src", src);
+        Checks.open("copy", "dst", dst);
+        Checks.numel("copy", "dst", dst, src.numel());
+        if (src.numel() == 0) return;
+        if (src.dtype() == dst.dtype()) {
+            bind();
+            Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(p(dst)), Cuda.ptr(p(src)), src.numel() * src.dtype().bytes(),
+                    cudart.cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync(device to device)");
+        } else {
+            launchN("k_convert", src.numel(), p(src), dt(src), p(dst), dt(dst), src.numel());
+        }
+    }
+
+    @Override
+    public void fill(Tensor t, double value) {
+        Checks.open("fill", "t", t);
+        launchN("k_fill", t.numel(), p(t), dt(t), t.numel(), value);
+    }
+
+    @Override
+    public void synchronize() {
+        bind();
+        Cuda.check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+
+    @Override public long allocatedBytes() { return allocator.heldBytes(); }
+
+    /** A scratch tensor outside any scope (closed by the caller). */
+    private Tensor scratch(DType dtype, int... shape) {
+        Tensor t;
+        try (var s = dev.moe4j.core.tensor.Scope.open()) {
+            t = empty(dtype, shape);
+            dev.moe4j.core.tensor.Scope.keep(t);
+        }
+        return t;
+    }
+
+    // ------------------------------------------------------------------ random
+
+    @Override
+    public void randomUniform(Tensor out, double lo, double hi, long seed, long offset) {
+        floating("randomUniform", "out", out);
+        launchN("k_random_uniform", out.numel(), p(out), dt(out), out.numel(), lo, hi, seed, offset);
+    }
+
+    @Override
+    public void randomNormal(Tensor out, double mean, double std, long seed, long offset) {
+        floating("randomNormal", "out", out);
+        launchN("k_random_normal", out.numel(), p(out), dt(out), out.numel(), mean, std, seed, offset);
+    }
+
+    // ------------------------------------------------------------------ matrix products
+
+    /**
+     * Operands cuBLAS accepts: bf16 x bf16 -> bf16 | f32, or f32 x f32 -> f32 (fp32 compute in both). Other
+     * mixes are promoted to f32 scratch copies; C is copied back at {@link #finish}.
+     */
+    private final class GemmOperands implements AutoCloseable {
+        long a, b, c;
+        int at, bt, ct;
+        private Tensor ta, tb, tc;
+        private final Tensor cOut;
+
+        GemmOperands(Tensor a, Tensor b, Tensor c, boolean needC) {
+            this.cOut = c;
+            boolean bf = a.dtype() == DType.BF16 && b.dtype() == DType.BF16;
+            if (bf) {
+                this.a = p(a); this.b = p(b); at = bt = cudart.CUDA_R_16BF;
+            } else {
+                if (a.dtype() == DType.F32) this.a = p(a);
+                else { ta = scratch(DType.F32, (int) a.numel()); copy(a, ta); this.a = p(ta); }
+                if (b.dtype() == DType.F32) this.b = p(b);
+                else { tb = scratch(DType.F32, (int) b.numel()); copy(b, tb); this.b = p(tb); }
+                at = bt = cudart.CUDA_R_32F;
+            }
+            if (c.dtype() == DType.F32) { this.c = p(c); ct = cudart.CUDA_R_32F; }
+            else if (bf) { this.c = p(c); ct = cudart.CUDA_R_16BF; }
+            else {
+                tc = scratch(DType.F32, (int) c.numel());
+                if (needC) copy(c, tc);
+                this.c = p(tc);
+                ct = cudart.CUDA_R_32F;
+            }
+        }
+
+        int aBytes() { return at == cudart.CUDA_R_16BF ? 2 : 4; }
+        int bBytes() { return bt == cudart.CUDA_R_16BF ? 2 : 4; }
+        int cBytes() { return ct == cudart.CUDA_R_16BF ? 2 : 4; }
+
+        void finish() { if (tc != null) copy(tc, cOut); }
+
+        @Override public void close() {
+            if (ta != null) ta.close();
+            if (tb != null) tb.close();
+            if (tc != null) tc.close();
+        }
+    }
+
+    /**
+     * Row-major C[m,n] = alpha op(A) op(B) + beta C, batched with element strides, through the usual swap:
+     * cuBLAS is column-major, so it computes C^T = op(B)^T op(A)^T on the same memory.
+     */
+    private void gemm(GemmOperands o, long aOff, long bOff, long cOff, boolean transA, boolean transB, int m, int n, int k,
+                      float alpha, float beta, int batch, long strideA, long strideB, long strideC) {
+        if (m == 0 || n == 0) return;
+        bind();
+        int lda = transA ? m : k, ldb = transB ? k : n, ldc = n;
+        int opA = transA ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N, opB = transB ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N;
+        scalars.put(0, alpha).put(1, beta);
+        Pointer pa = Cuda.ptr(o.a + aOff * o.aBytes()), pb = Cuda.ptr(o.b + bOff * o.bBytes()), pc = Cuda.ptr(o.c + cOff * o.cBytes());
+        Pointer al = scalars.getPointer(0), be = scalars.getPointer(1);
+        if (batch == 1) {
+            Cuda.checkBlas(cublas.cublasGemmEx(blas, opB, opA, n, m, k, al, pb, o.bt, ldb, pa, o.at, lda, be, pc, o.ct, ldc,
+                    cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT), "cublasGemmEx(m=" + m + ", n=" + n + ", k=" + k + ")");
+        } else {
+            Cuda.checkBlas(cublas.cublasGemmStridedBatchedEx(blas, opB, opA, n, m, k, al, pb, o.bt, ldb, strideB, pa, o.at, lda, strideA,
+                    be, pc, o.ct, ldc, strideC, batch, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT),
+                    "cublasGemmStridedBatchedEx(m=" + m + ", n=" + n + ", k=" + k + ", batch=" + batch + ")");
+        }
+    }
+
+    @Override
+    public void matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta) {
+        String op = "matmul";
+        floating(op, "a", a); floating(op, "b", b); floating(op, "c", c);
+        if (a.rank() != b.rank() || a.rank() != c.rank() || (a.rank() != 2 && a.rank() != 3)) {
+            throw new IllegalArgumentException(op + ": A, B and C must all be rank 2 or all rank 3, got " + a.shape() + ", " + b.shape() + ", " + c.shape());
+        }
+        int batch = a.rank() == 3 ? a.dim(0) : 1;
+        if (a.rank() == 3 && (b.dim(0) != batch || c.dim(0) != batch)) {
+            throw new IllegalArgumentException(op + ": batch sizes differ: " + a.shape() + ", " + b.shape() + ", " + c.shape());
+        }
+        int ar = a.dim(-2), ac = a.dim(-1), br = b.dim(-2), bc = b.dim(-1);
+        int m = transA ? ac : ar, k = transA ? ar : ac;
+        int kb = transB ? bc : br, n = transB ? br : bc;
+        if (k != kb) throw new IllegalArgumentException(op + ": inner dimensions differ: op(A) is [" + m + ", " + k + "], op(B) is [" + kb + ", " + n + "]");
+        if (c.dim(-2) != m || c.dim(-1) != n) throw new IllegalArgumentException(op + ": C is " + c.shape() + ", expected [" + m + ", " + n + "]");
+        if (batch == 0 || m == 0 || n == 0) return;
+        if (k == 0) { scale(c, beta, c); return; }
+        try (GemmOperands o = new GemmOperands(a, b, c, beta != 0f)) {
+            gemm(o, 0, 0, 0, transA, transB, m, n, k, alpha, beta, batch, (long) m * k, (long) k * n, (long) m * n);
+            o.finish();
+        }
+    }
+
+    /** offsets copied to the host once per call (a sync; a device-side grouped GEMM will remove it). */
+    private int[] hostOffsets(String op, Tensor offsets, int rows) {
+        int[] offs = toInts(offsets);
+        if (offs[0] != 0) throw new IllegalArgumentException(op + ": offsets[0] must be 0, got " + offs[0]);
+        for (int i = 1; i < offs.length; i++) {
+            if (offs[i] < offs[i - 1]) throw new IllegalArgumentException(op + ": offsets must be non-decreasing, offsets[" + i + "] = " + offs[i] + " < " + offs[i - 1]);
+        }
+        if (offs[offs.length - 1] > rows) throw new IllegalArgumentException(op + ": offsets end at " + offs[offs.length - 1] + " but a has " + rows + " rows");
+        return offs;
+    }
+
+    // Grouped GEMMs as a loop of cublasGemmEx per expert: GPU-HOST.md measured it as fast as the batched
+    // forms for few large experts, 2.5-3.5x slower than cublasGemmGroupedBatchedEx for 128 small ones.
+    // TODO(perf): dispatch to cublasGemmGroupedBatchedEx (device pointer arrays via new PointerPointer(devAddr)) for many experts.
+    @Override
+    public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
+        String op = "groupedMatmul";
+        floating(op, "a", a); floating(op, "w", w); floating(op, "c", c);
+        Checks.rank(op, "w", w, 3);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        int e = w.dim(0), k = transW ? w.dim(2) : w.dim(1), n = transW ? w.dim(1) : w.dim(2);
+        Checks.numel(op, "offsets", offsets, e + 1L);
+        Checks.cols(op, "a", a, k);
+        Checks.cols(op, "c", c, n);
+        int t = a.rows();
+        if (c.rows() != t) throw new IllegalArgumentException(op + ": c has " + c.rows() + " rows, a has " + t);
+        int[] offs = hostOffsets(op, offsets, t);
+        try (GemmOperands o = new GemmOperands(a, w, c, beta != 0f)) {
+            for (int g = 0; g < e; g++) {
+                int rows = offs[g + 1] - offs[g];
+                if (rows == 0) continue;
+                gemm(o, (long) offs[g] * k, (long) g * k * n, (long) offs[g] * n, false, transW, rows, n, k, 1f, beta, 1, 0, 0, 0);
+            }
+            o.finish();
+        }
+    }
+
+    @Override
+    public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
+        String op = "groupedMatmulWeightGrad";
+        floating(op, "a", a); floating(op, "dy", dy); floating(op, "dw", dw);
+        Checks.rank(op, "dw", dw, 3);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        int e = dw.dim(0), k = dw.dim(1), n = dw.dim(2);
+        Checks.numel(op, "offsets", offsets, e + 1L);
+        Checks.cols(op, "a", a, k);
+        Checks.cols(op, "dy", dy, n);
+        int t = a.rows();
+        if (dy.rows() != t) throw new IllegalArgumentException(op + ": dy has " + dy.rows() + " rows, a has " + t);
+        int[] offs = hostOffsets(op, offsets, t);
+        try (GemmOperands o = new GemmOperands(a, dy, dw, true)) {
+            for (int g = 0; g < e; g++) {
+                int rows = offs[g + 1] - offs[g];
+                if (rows == 0) {
+                    if (beta != 1f) {
+                        long cells = (long) k * n, start = g * cells;
+                        Tensor slice = dw.view(start, k, n);
+                        scale(slice, beta, slice);
+                        if (o.tc != null) { Tensor ts = o.tc.view(start, k, n); copy(slice, ts); }
+                    }
+                    continue;
+                }
+                // dW_g [K,N] = A_g^T [K,rows] * dY_g [rows,N]
+                gemm(o, (long) offs[g] * k, (long) offs[g] * n, (long) g * k * n, true, false, k, n, rows, 1f, beta, 1, 0, 0, 0);
+            }
+            o.finish();
+        }
+    }
+
+    // ------------------------------------------------------------------ elementwise
+
+    @Override
+    public void add(Tensor a, double alpha, Tensor b, double beta, Tensor out) {
+        floating("add", "a", a); floating("add", "b", b); floating("add", "out", out);
+        Checks.numel("add", "b", b, a.numel());
+        Checks.numel("add", "out", out, a.numel());
+        launchN("k_add", a.numel(), p(a), dt(a), alpha, p(b), dt(b), beta, p(out), dt(out), a.numel());
+    }
+
+    @Override
+    public void mul(Tensor a, Tensor b, Tensor out) {
+        floating("mul", "a", a); floating("mul", "b", b); floating("mul", "out", out);
+        Checks.numel("mul", "b", b, a.numel());
+        Checks.numel("mul", "out", out, a.numel());
+        launchN("k_mul", a.numel(), p(a), dt(a), p(b), dt(b), p(out), dt(out), a.numel());
+    }
+
+    @Override
+    public void scale(Tensor x, double alpha, Tensor out) {
+        floating("scale", "x", x); floating("scale", "out", out);
+        Checks.numel("scale", "out", out, x.numel());
+        launchN("k_scale", x.numel(), p(x), dt(x), alpha, p(out), dt(out), x.numel());
+    }
+
+    @Override
+    public void addBias(Tensor x, Tensor bias, Tensor out) {
+        floating("addBias", "x", x); floating("addBias", "bias", bias); floating("addBias", "out", out);
+        int c = x.cols();
+        Checks.numel("addBias", "bias", bias, c);
+        Checks.matrix("addBias", "out", out, x.rows(), c);
+        launchN("k_add_bias", x.numel(), p(x), dt(x), p(bias), dt(bias), p(out), dt(out), x.numel(), c);
+    }
+
+    @Override
+    public void sumRows(Tensor x, Tensor out, float beta) {
+        floating("sumRows", "x", x); floating("sumRows", "out", out);
+        int c = x.cols(), n = x.rows();
+        Checks.numel("sumRows", "out", out, c);
+        if (c == 0) return;
+        launch("k_sum_rows", (c + 127) / 128, 1, 128, 0, p(x), dt(x), p(out), dt(out), n, c, beta);
+    }
+
+    @Override
+    public void rowDot(Tensor a, Tensor b, Tensor out) {
+        floating("rowDot", "a", a); floating("rowDot", "b", b); floating("rowDot", "out", out);
+        int c = a.cols(), n = a.rows();
+        Checks.matrix("rowDot", "b", b, n, c);
+        Checks.numel("rowDot", "out", out, n);
+        if (n == 0) return;
+        launch("k_row_dot", n, 1, rowThreads(c), 0, p(a), dt(a), p(b), dt(b), p(out), dt(out), c);
+    }
+
+    private static int actCode(Activation act) {
+        return switch (act) { case RELU -> 0; case GELU -> 1; case GEGLU -> 2; case SWIGLU -> 3; };
+    }
+
+    @Override
+    public void activation(Activation act, Tensor x, Tensor out) {
+        floating("activation", "x", x); floating("activation", "out", out);
+        int f = out.cols(), n = out.rows();
+        Checks.matrix("activation", "x", x, n, act.inputWidth(f));
+        launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), p(out), dt(out), out.numel(), f);
+    }
+
+    @Override
+    public void activationBackward(Activation act, Tensor x, Tensor dout, Tensor dx) {
+        floating("activationBackward", "x", x); floating("activationBackward", "dout", dout); floating("activationBackward", "dx", dx);
+        int f = dout.cols(), n = dout.rows(), w = act.inputWidth(f);
+        Checks.matrix("activationBackward", "x", x, n, w);
+        Checks.matrix("activationBackward", "dx", dx, n, w);
+        launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
+    }
+
+    // ------------------------------------------------------------------ normalisation and softmax
+
+    @Override
+    public void layerNorm(Tensor x, Tensor gamma, Tensor beta, float eps, Tensor out, Tensor mean, Tensor rstd) {
+        String op = "layerNorm";
+        floating(op, "x", x); floating(op, "gamma", gamma); floating(op, "beta", beta); floating(op, "out", out);
+        floating(op, "mean", mean); floating(op, "rstd", rstd);
+        int c = x.cols(), n = x.rows();
+        Checks.numel(op, "gamma", gamma, c);
+        Checks.numel(op, "beta", beta, c);
+        Checks.matrix(op, "out", out, n, c);
+        Checks.numel(op, "mean", mean, n);
+        Checks.numel(op, "rstd", rstd, n);
+        if (n == 0) return;
+        launch("k_layernorm", n, 1, rowThreads(c), 0, p(x), dt(x), p(gamma), dt(gamma), p(beta), dt(beta), eps,
+                p(out), dt(out), p(mean), dt(mean), p(rstd), dt(rstd), c);
+    }
+
+    @Override
+    public void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd, Tensor dx, Tensor dgamma, Tensor dbeta) {
+        String op = "layerNormBackward";
+        floating(op, "dout", dout); floating(op, "x", x); floating(op, "gamma", gamma); floating(op, "mean", mean);
+        floating(op, "rstd", rstd); floating(op, "dx", dx); floating(op, "dgamma", dgamma); floating(op, "dbeta", dbeta);
+        int c = x.cols(), n = x.rows();
+        Checks.matrix(op, "dout", dout, n, c);
+        Checks.matrix(op, "dx", dx, n, c);
+        Checks.numel(op, "dgamma", dgamma, c);
+        Checks.numel(op, "dbeta", dbeta, c);
+        Checks.numel(op, "mean", mean, n);
+        Checks.numel(op, "rstd", rstd, n);
+        if (n == 0 || c == 0) return;
+        launch("k_layernorm_bwd_dx", n, 1, rowThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
+                p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
+        launch("k_layernorm_bwd_dgb", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
+                p(rstd), dt(rstd), p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), n, c);
+    }
+
+    @Override
+    public void softmax(Tensor x, Tensor out) {
+        floating("softmax", "x", x); floating("softmax", "out", out);
+        int c = x.cols(), n = x.rows();
+        Checks.matrix("softmax", "out", out, n, c);
+        if (n == 0) return;
+        launch("k_softmax", n, 1, rowThreads(c), 0, p(x), dt(x), p(out), dt(out), c);
+    }
+
+    @Override
+    public void softmaxBackward(Tensor y, Tensor dy, Tensor dx) {
+        floating("softmaxBackward", "y", y); floating("softmaxBackward", "dy", dy); floating("softmaxBackward", "dx", dx);
+        int c = y.cols(), n = y.rows();
+        Checks.matrix("softmaxBackward", "dy", dy, n, c);
+        Checks.matrix("softmaxBackward", "dx", dx, n, c);
+        if (n == 0) return;
+        launch("k_softmax_bwd", n, 1, rowThreads(c), 0, p(y), dt(y), p(dy), dt(dy), p(dx), dt(dx), c);
+    }
+
+    // ------------------------------------------------------------------ attention
+
+    private int[] attnDims(String op, Tensor qkv, int heads, Tensor out, Tensor lse) {
+        floating(op, "qkv", qkv); floating(op, "out", out); floating(op, "lse", lse);
+        Checks.rank(op, "qkv", qkv, 3);
+        int b = qkv.dim(0), t = qkv.dim(1), c3 = qkv.dim(2);
+        if (c3 % 3 != 0) throw new IllegalArgumentException(op + ": qkv last dimension " + c3 + " is not 3*C");
+        int c = c3 / 3;
+        Checks.positive(op, "heads", heads);
+        if (c % heads != 0) throw new IllegalArgumentException(op + ": channels " + c + " not divisible by heads " + heads);
+        Checks.matrix(op, "out", out, (long) b * t, c);
+        Checks.numel(op, "lse", lse, (long) b * heads * t);
+        long shared = (2L * t + 2L * (c / heads)) * 4;
+        if (shared > 48 * 1024) {
+            throw new IllegalArgumentException(op + ": sequence length " + t + " needs " + shared + " bytes of shared memory; this kernel supports up to 48 KiB (T <= about 6000)");
+        }
+        return new int[] {b, t, c, c / heads, (int) shared};
+    }
+
+    @Override
+    public void attention(Tensor qkv, int heads, Tensor out, Tensor lse) {
+        int[] d = attnDims("attention", qkv, heads, out, lse);
+        if (d[0] == 0 || d[1] == 0) return;
+        launch("k_attention", d[1], d[0] * heads, 128, d[4], p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), d[1], heads, d[3]);
+    }
+
+    @Override
+    public void attentionBackward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int heads, Tensor dqkv) {
+        String op = "attentionBackward";
+        int[] d = attnDims(op, qkv, heads, out, lse);
+        floating(op, "dout", dout); floating(op, "dqkv", dqkv);
+        Checks.matrix(op, "dout", dout, (long) d[0] * d[1], d[2]);
+        Checks.matrix(op, "dqkv", dqkv, (long) d[0] * d[1], 3L * d[2]);
+        if (d[0] == 0 || d[1] == 0) return;
+        Object[] args = {p(dout), dt(dout), p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), p(dqkv), dt(dqkv), d[1], heads, d[3]};
+        launch("k_attention_bwd_dq", d[1], d[0] * heads, 128, d[4], args);
+        launch("k_attention_bwd_dkv", d[1], d[0] * heads, 128, d[4], args);
+    }
+
+    // ------------------------------------------------------------------ embedding and losses
+
+    @Override
+    public void embedding(Tensor tokens, Tensor wte, Tensor wpe, Tensor out) {
+        String op = "embedding";
+        Checks.open(op, "tokens", tokens);
+        Checks.dtype(op, "tokens", tokens, DType.I32);
+        Checks.rank(op, "tokens", tokens, 2);
+        floating(op, "wte", wte); floating(op, "out", out);
+        int b = tokens.dim(0), t = tokens.dim(1), c = wte.cols(), v = wte.rows();
+        Checks.matrix(op, "out", out, (long) b * t, c);
+        if (wpe != null) {
+            floating(op, "wpe", wpe);
+            Checks.cols(op, "wpe", wpe, c);
+            if (wpe.rows() < t) throw new IllegalArgumentException(op + ": sequence length " + t + " exceeds the " + wpe.rows() + " positions of wpe");
+        }
+        launchN("k_embedding", out.numel(), p(tokens), p(wte), dt(wte), p(wpe), (int) dtOrZero(wpe), p(out), dt(out), out.numel(), t, c, v);
+    }
+
+    @Override
+    public void embeddingBackward(Tensor dout, Tensor tokens, Tensor dwte, Tensor dwpe) {
+        String op = "embeddingBackward";
+        floating(op, "dout", dout); floating(op, "dwte", dwte);
+        Checks.dtype(op, "tokens", tokens, DType.I32);
+        Checks.rank(op, "tokens", tokens, 2);
+        int b = tokens.dim(0), t = tokens.dim(1), c = dwte.cols();
+        Checks.matrix(op, "dout", dout, (long) b * t, c);
+        if (b * t == 0 || c == 0) return;
+        launch("k_embedding_bwd_wte", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(tokens), p(dwte), dt(dwte), b * t, c);
+        if (dwpe != null) {
+            floating(op, "dwpe", dwpe);
+            Checks.cols(op, "dwpe", dwpe, c);
+            launchN("k_embedding_bwd_wpe", (long) t * c, p(dout), dt(dout), p(dwpe), dt(dwpe), (long) t * c, b, t, c);
+        }
+    }
+
+    @Override
+    public void crossEntropy(Tensor logits, Tensor targets, Tensor losses) {
+        floating("crossEntropy", "logits", logits); floating("crossEntropy", "losses", losses);
+        int v = logits.cols(), n = logits.rows();
+        Checks.dtype("crossEntropy", "targets", targets, DType.I32);
+        Checks.numel("crossEntropy", "targets", targets, n);
+        Checks.numel("crossEntropy", "losses", losses, n);
+        if (n == 0) return;
+        launch("k_cross_entropy", n, 1, rowThreads(v), 0, p(logits), dt(logits), p(targets), p(losses), dt(losses), v);
+    }
+
+    @Override
+    public void crossEntropyBackward(Tensor logits, Tensor targets, float scale, Tensor dlogits) {
+        floating("crossEntropyBackward", "logits", logits); floating("crossEntropyBackward", "dlogits", dlogits);
+        int v = logits.cols(), n = logits.rows();
+        Checks.dtype("crossEntropyBackward", "targets", targets, DType.I32);
+        Checks.numel("crossEntropyBackward", "targets", targets, n);
+        Checks.matrix("crossEntropyBackward", "dlogits", dlogits, n, v);
+        if (n == 0) return;
+        launch("k_cross_entropy_bwd", n, 1, rowThreads(v), 0, p(logits), dt(logits), p(targets), scale, p(dlogits), dt(dlogits), v);
+    }
+
+    @Override
+    public void distillationLoss(Tensor student, Tensor teacher, float temperature, Tensor losses) {
+        floating("distillationLoss", "student", student); floating("distillationLoss", "teacher", teacher); floating("distillationLoss", "losses", losses);
+        int v = student.cols(), n = student.rows();
+        Checks.matrix("distillationLoss", "teacher", teacher, n, v);
+        Checks.numel("distillationLoss", "losses", losses, n);
+        if (!(temperature > 0)) throw new IllegalArgumentException("distillationLoss: temperature must be > 0, got " + temperature);
+        if (n == 0) return;
+        launch("k_distill", n, 1, rowThreads(v), 0, p(student), dt(student), p(teacher), dt(teacher), temperature, p(losses), dt(losses), v);
+    }
+
+    @Override
+    public void distillationLossBackward(Tensor student, Tensor teacher, float temperature, float scale, Tensor dstudent) {
+        floating("distillationLossBackward", "student", student); floating("distillationLossBackward", "teacher", teacher);
+        floating("distillationLossBackward", "dstudent", dstudent);
+        int v = student.cols(), n = student.rows();
+        Checks.matrix("distillationLossBackward", "teacher", teacher, n, v);
+        Checks.matrix("distillationLossBackward", "dstudent", dstudent, n, v);
+        if (!(temperature > 0)) throw new IllegalArgumentException("distillationLossBackward: temperature must be > 0, got " + temperature);
+        if (n == 0) return;
+        launch("k_distill_bwd", n, 1, rowThreads(v), 0, p(student), dt(student), p(teacher), dt(teacher), temperature, scale, p(dstudent), dt(dstudent), v);
+    }
+
+    // ------------------------------------------------------------------ rows by index
+
+    @Override
+    public void gatherRows(Tensor src, Tensor idx, Tensor out) {
+        floating("gatherRows", "src", src); floating("gatherRows", "out", out);
+        int c = src.cols(), m = Math.toIntExact(idx.numel());
+        Checks.dtype("gatherRows", "idx", idx, DType.I32);
+        Checks.matrix("gatherRows", "out", out, m, c);
+        launchN("k_gather_rows", out.numel(), p(src), dt(src), p(idx), p(out), dt(out), out.numel(), c);
+    }
+
+    @Override
+    public void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst) {
+        floating("scatterAddRows", "src", src); floating("scatterAddRows", "dst", dst);
+        int c = src.cols(), m = src.rows();
+        Checks.dtype("scatterAddRows", "idx", idx, DType.I32);
+        Checks.numel("scatterAddRows", "idx", idx, m);
+        Checks.cols("scatterAddRows", "dst", dst, c);
+        if (w != null) { floating("scatterAddRows", "w", w); Checks.numel("scatterAddRows", "w", w, m); }
+        if (c == 0 || m == 0) return;
+        launch("k_scatter_add_rows", (c + 127) / 128, 1, 128, 0, p(src), dt(src), p(idx), p(w), (int) dtOrZero(w), p(dst), dt(dst), m, c);
+    }
+
+    // ------------------------------------------------------------------ reductions
+
+    private static final int REDUCE_BLOCKS = 256;
+
+    private void reduce(Tensor x, Tensor out, boolean squares, float beta) {
+        try (Tensor partial = scratch(DType.F32, 2 * REDUCE_BLOCKS)) {  // REDUCE_BLOCKS doubles
+            launch("k_reduce_partial", REDUCE_BLOCKS, 1, THREADS, 0, p(x), dt(x), x.numel(), squares ? 1 : 0, p(partial));
+            launch("k_reduce_final", 1, 1, THREADS, 0, p(partial), REDUCE_BLOCKS, p(out), dt(out), beta);
+        }
+    }
+
+    @Override
+    public void sum(Tensor x, Tensor out) {
+        floating("sum", "x", x); floating("sum", "out", out);
+        Checks.numel("sum", "out", out, 1);
+        reduce(x, out, false, 0f);
+    }
+
+    @Override
+    public void sumSquares(Tensor x, Tensor out, float beta) {
+        floating("sumSquares", "x", x); floating("sumSquares", "out", out);
+        Checks.numel("sumSquares", "out", out, 1);
+        reduce(x, out, true, beta);
+    }
+
+    // ------------------------------------------------------------------ MoE routing
+
+    @Override
+    public void moeGate(GateSpec spec, Tensor logits, GateOutputs out) {
+        String op = "moeGate";
+        floating(op, "logits", logits);
+        Checks.rank(op, "logits", logits, 2);
+        int s = logits.dim(0), e = logits.dim(1), k = spec.k();
+        if (k > e) throw new IllegalArgumentException(op + ": k = " + k + " exceeds the " + e + " experts");
+        checkGateOutputs(op, out, s, e, k);
+        if (spec.rsample() || (k >= 2 && spec.secondSampling()) || (spec.useRts() && !spec.dropless())) {
+            throw new UnsupportedOperationException(op + " on CUDA: Gumbel sampling (rsample / secondSampling) and random token selection "
+                    + "(useRts with a capacity) are not implemented yet; use a GateSpec with them off, or the CPU backend");
+        }
+        if (s == 0) return;
+        try (Tensor lse = scratch(DType.F32, s)) {
+            launch("k_gate_topk", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()), p(out.experts()), p(lse), s, e, k);
+            int threads = Math.min(1024, Math.max(32, (e + 31) / 32 * 32));
+            launch("k_gate_assign", 1, 1, threads, 8 * e, p(out.experts()), p(out.gates()), dt(out.gates()), p(lse), s, e, k,
+                    spec.dropless() ? 0 : spec.capacity(), p(out.dest()), p(out.counts()), p(out.offsets()), p(out.losses()), dt(out.losses()));
+            launch("k_gate_weights", (s + 127) / 128, 1, 128, 0, p(out.gates()), dt(out.gates()), p(out.experts()), p(out.dest()),
+                    p(out.weights()), dt(out.weights()), s, e, k);
+        }
+    }
+
+    private void checkGateOutputs(String op, GateOutputs out, int s, int e, int k) {
+        floating(op, "gates", out.gates());
+        Checks.matrix(op, "gates", out.gates(), s, e);
+        Checks.open(op, "experts", out.experts());
+        Checks.dtype(op, "experts", out.experts(), DType.I32);
+        Checks.matrix(op, "experts", out.experts(), s, k);
+        Checks.open(op, "dest", out.dest());
+        Checks.dtype(op, "dest", out.dest(), DType.I32);
+        Checks.matrix(op, "dest", out.dest(), s, k);
+        floating(op, "weights", out.weights());
+        Checks.matrix(op, "weights", out.weights(), s, k);
+        Checks.open(op, "counts", out.counts());
+        Checks.dtype(op, "counts", out.counts(), DType.I32);
+        Checks.numel(op, "counts", out.counts(), e);
+        Checks.open(op, "offsets", out.offsets());
+        Checks.dtype(op, "offsets", out.offsets(), DType.I32);
+        Checks.numel(op, "offsets", out.offsets(), e + 1L);
+        floating(op, "losses", out.losses());
+        Checks.numel(op, "losses", out.losses(), 2);
+    }
+
+    @Override
+    public void moeGateBackward(GateSpec spec, Tensor logits, GateOutputs saved, Tensor dweights, float lauxCoeff, float zlossCoeff, Tensor dlogits) {
+        String op = "moeGateBackward";
+        floating(op, "logits", logits);
+        Checks.rank(op, "logits", logits, 2);
+        int s = logits.dim(0), e = logits.dim(1), k = spec.k();
+        checkGateOutputs(op, saved, s, e, k);
+        floating(op, "dweights", dweights);
+        Checks.matrix(op, "dweights", dweights, s, k);
+        floating(op, "dlogits", dlogits);
+        Checks.matrix(op, "dlogits", dlogits, s, e);
+        if (s == 0) return;
+        launch("k_gate_bwd", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
+                p(saved.dest()), p(dweights), dt(dweights), p(saved.counts()), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
+    }
+
+    @Override
+    public void moePermute(Tensor x, Tensor dest, Tensor buf) {
+        String op = "moePermute";
+        floating(op, "x", x); floating(op, "buf", buf);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = x.rows(), m = x.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, x has " + s);
+        Checks.cols(op, "buf", buf, m);
+        int k = dest.cols();
+        long n = (long) s * k * m;
+        launchN("k_moe_permute", n, p(x), dt(x), p(dest), p(buf), dt(buf), n, k, m);
+    }
+
+    @Override
+    public void moeUnpermute(Tensor buf, Tensor dest, Tensor w, Tensor out) {
+        String op = "moeUnpermute";
+        floating(op, "buf", buf); floating(op, "out", out);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = out.rows(), m = out.cols(), k = dest.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, out has " + s);
+        Checks.cols(op, "buf", buf, m);
+        if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
+        launchN("k_moe_unpermute", out.numel(), p(buf), dt(buf), p(dest), p(w), (int) dtOrZero(w), p(out), dt(out), out.numel(), k, m);
+    }
+
+    @Override
+    public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw) {
+        String op = "moeUnpermuteBackward";
+        floating(op, "dout", dout); floating(op, "buf", buf); floating(op, "dbuf", dbuf);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = dout.rows(), m = dout.cols(), k = dest.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, dout has " + s);
+        Checks.cols(op, "buf", buf, m);
+        Checks.cols(op, "dbuf", dbuf, m);
+        if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
+        long n = (long) s * k * m;
+        launchN("k_moe_unpermute_bwd_dbuf", n, p(dout), dt(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), dt(dbuf), n, k, m);
+        if (dw != null) {
+            floating(op, "dw", dw);
+            Checks.matrix(op, "dw", dw, s, k);
+            if ((long) s * k > 0) launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
+        }
+    }
+
+    // ------------------------------------------------------------------ optimizer
+
+    @Override
+    public void adamw(Tensor param, Tensor grad, Tensor m, Tensor v, AdamWParams h, Tensor normSq, Tensor modelCopy) {
+        floating("adamw", "param", param); floating("adamw", "grad", grad); floating("adamw", "m", m); floating("adamw", "v", v);
+        long n = param.numel();
+        Checks.numel("adamw", "grad", grad, n);
+        Checks.numel("adamw", "m", m, n);
+        Checks.numel("adamw", "v", v, n);
+        if (modelCopy != null) { floating("adamw", "modelCopy", modelCopy); Checks.numel("adamw", "modelCopy", modelCopy, n); }
+        if (normSq != null) { floating("adamw", "normSq", normSq); Checks.numel("adamw", "normSq", normSq, 1); }
+        double c1 = 1 - Math.pow(h.beta1(), h.step()), c2 = 1 - Math.pow(h.beta2(), h.step());
+        launchN("k_adamw", n, p(param), dt(param), p(grad), dt(grad), p(m), dt(m), p(v), dt(v), p(modelCopy), (int) dtOrZero(modelCopy), n,
+                h.lr(), h.beta1(), h.beta2(), h.eps(), h.weightDecay(), c1, c2, p(normSq), (int) dtOrZero(normSq), h.maxGradNorm());
+    }
+
+    // ------------------------------------------------------------------ lifecycle
+
+    @Override
+    public synchronized void close() {
+        if (closed) return;
+        bind();
+        cudart.cudaStreamSynchronize(stream);
+        closed = true;
+        kernels.close();
+        cublas.cublasDestroy_v2(blas);
+        allocator.emptyCache();
+        cudart.cudaStreamDestroy(stream);
+        scalars.close();
+    }
+}
