@@ -209,7 +209,12 @@ public interface Backend extends AutoCloseable {
      */
     void moeGate(GateSpec spec, Tensor logits, GateOutputs out);
 
-    /** Backward of {@link #moeGate}: dlogits [S,E] (assigned) from the combine-weight gradient and the loss coefficients. */
+    /**
+     * Backward of {@link #moeGate}: dlogits [S,E] (assigned) of loss = f(weights) + lauxCoeff * l_aux +
+     * zlossCoeff * z-loss, given dweights = df/dweights [S,k]. Flows through the softmax, the top-k
+     * renormalisation over kept choices (nothing through the discrete choices, slots or l_aux's mask) and the
+     * z-loss. Saved: gates, experts, dest, weights from the forward.
+     */
     void moeGateBackward(GateSpec spec, Tensor logits, GateOutputs saved, Tensor dweights,
                          float lauxCoeff, float zlossCoeff, Tensor dlogits);
 
@@ -224,7 +229,7 @@ public interface Backend extends AutoCloseable {
 
     /**
      * Backward of the weighted combine: dbuf[dest[s,j]] = w[s,j] * dout[s] (rows not addressed untouched),
-     * dw[s,j] = dot(dout[s], buf[dest[s,j]]) (0 where dest &lt; 0).
+     * dw[s,j] = dot(dout[s], buf[dest[s,j]]) (0 where dest &lt; 0). dw (and then buf) may be null: not computed.
      */
     void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw);
 

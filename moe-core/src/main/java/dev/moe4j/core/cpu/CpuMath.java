@@ -52,25 +52,26 @@ final class CpuMath {
      */
     static void gemm(double[] a, int ao, boolean transA, double[] b, int bo, boolean transB,
                      double[] c, int co, int m, int n, int k, double alpha, double beta) {
+        // Work in the "row of A times rows of B" form, whose inner loop (acc[j] += a * b[j]) the JIT vectorises;
+        // a transposed B is copied once into [k, n] order for that.
+        final double[] bk;
+        final int bko;
+        if (transB) {
+            bk = new double[k * n];
+            for (int j = 0; j < n; j++) for (int p = 0; p < k; p++) bk[p * n + j] = b[bo + j * k + p];
+            bko = 0;
+        } else {
+            bk = b;
+            bko = bo;
+        }
         Parallel.range(m, Math.max(1, 32768 / Math.max(1, n * k)), (s, e) -> {
-            double[] arow = new double[k];
             double[] acc = new double[n];
             for (int i = s; i < e; i++) {
-                for (int p = 0; p < k; p++) arow[p] = transA ? a[ao + p * m + i] : a[ao + i * k + p];
-                if (transB) {
-                    for (int j = 0; j < n; j++) {
-                        double d = 0;
-                        int bj = bo + j * k;
-                        for (int p = 0; p < k; p++) d += arow[p] * b[bj + p];
-                        acc[j] = d;
-                    }
-                } else {
-                    java.util.Arrays.fill(acc, 0.0);
-                    for (int p = 0; p < k; p++) {
-                        double av = arow[p];
-                        int bp = bo + p * n;
-                        for (int j = 0; j < n; j++) acc[j] += av * b[bp + j];
-                    }
+                java.util.Arrays.fill(acc, 0.0);
+                for (int p = 0; p < k; p++) {
+                    double av = transA ? a[ao + p * m + i] : a[ao + i * k + p];
+                    int bp = bko + p * n;
+                    for (int j = 0; j < n; j++) acc[j] += av * bk[bp + j];
                 }
                 int ci = co + i * n;
                 if (beta == 0) {

@@ -1,0 +1,157 @@
+package dev.moe4j.core.moe;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.nn.Init;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.nn.Parameter;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.util.ArrayList;
+import java.util.List;
+
+/**
+ * E expert FFNs {@code fc2(act(fc1(x)))} with all weights in one tensor each, so a backend runs them as
+ * grouped GEMMs over the expert-sorted row segments of the dispatch buffer:
+ * fc1 [E, M, F'] (F' = act.inputWidth(F): 2F for GEGLU/SwiGLU, laid out [a | b]), fc2 [E, F, M], optional
+ * biases [E, F'] and [E, M].
+ *
+ * <p>With {@code offsets == null} the bank must hold one expert and runs it on every row with plain GEMMs:
+ * the dense MLP of Residual-MoE and the always-on shared experts.
+ */
+public final class ExpertBank implements AutoCloseable {
+    private final ModelContext ctx;
+    private final Backend b;
+    private final int experts, hidden, ffn, ffnIn;
+    private final Activation act;
+    private final Parameter fc1, fc2, b1, b2;
+
+    // saved by forward
+    private final List<Tensor> saved = new ArrayList<>();
+    private Tensor x, h1, a, offsets, rowExpert;
+
+    /**
+     * Declares {@code name.fc1.weight} [E,M,F'], {@code name.fc2.weight} [E,F,M] (normal(initStd) and
+     * normal(outStd)) and, with {@code bias}, {@code name.fc1.bias} [E,F'] and {@code name.fc2.bias} [E,M] (zeros).
+     */
+    public ExpertBank(ModelContext ctx, String name, int experts, int hidden, int ffn, Activation act,
+                      boolean bias, double initStd, double outStd) {
+        if (experts < 1) throw new IllegalArgumentException("ExpertBank " + name + ": experts must be >= 1, got " + experts);
+        if (hidden < 1) throw new IllegalArgumentException("ExpertBank " + name + ": hidden must be >= 1, got " + hidden);
+        if (ffn < 1) throw new IllegalArgumentException("ExpertBank " + name + ": ffn must be >= 1, got " + ffn);
+        this.ctx = ctx;
+        this.b = ctx.backend();
+        this.experts = experts;
+        this.hidden = hidden;
+        this.ffn = ffn;
+        this.act = act;
+        this.ffnIn = act.inputWidth(ffn);
+        this.fc1 = ctx.params().add(name + ".fc1.weight", Init.normal(initStd), true, experts, hidden, ffnIn);
+        this.fc2 = ctx.params().add(name + ".fc2.weight", Init.normal(outStd), true, experts, ffn, hidden);
+        this.b1 = bias ? ctx.params().add(name + ".fc1.bias", Init.zeros(), false, experts, ffnIn) : null;
+        this.b2 = bias ? ctx.params().add(name + ".fc2.bias", Init.zeros(), false, experts, hidden) : null;
+    }
+
+    public int experts() { return experts; }
+
+    public boolean hasBias() { return b1 != null; }
+
+    public Parameter fc1() { return fc1; }
+
+    public Parameter fc2() { return fc2; }
+
+    public Parameter fc1Bias() { return b1; }
+
+    public Parameter fc2Bias() { return b2; }
+
+    /**
+     * x [R, M] -&gt; y [R, M]. offsets I32 [E+1]: expert e owns rows offsets[e] .. offsets[e+1] (rows past
+     * offsets[E] give unspecified output); null: one expert on all rows. rowExpert I32 [R] (the expert of each
+     * row, any valid expert for unused rows) is needed for the biases of a multi-expert bank, else null.
+     * x must stay unchanged until {@link #backward}.
+     */
+    public Tensor forward(Tensor x, Tensor offsets, Tensor rowExpert) {
+        release();
+        int R = x.rows();
+        if (x.cols() != hidden) throw new IllegalArgumentException("ExpertBank: x is " + x.shape() + ", expected last dimension " + hidden);
+        if (offsets == null && experts != 1) throw new IllegalArgumentException("ExpertBank: offsets are required for a bank of " + experts + " experts");
+        if (offsets != null && b1 != null && rowExpert == null) throw new IllegalArgumentException("ExpertBank: rowExpert is required for the biases of a multi-expert bank");
+        this.x = x;
+        this.offsets = offsets;
+        this.rowExpert = rowExpert;
+        // h1 [R,F'] = x [R,M] * fc1[e] [M,F'] (+ b1[e])
+        h1 = keep(b.empty(ctx.dtype(), R, ffnIn));
+        linear(x, fc1, false, b1, h1);
+        // a [R,F] = act(h1)
+        a = keep(b.empty(ctx.dtype(), R, ffn));
+        b.activation(act, h1, a);
+        // y [R,M] = a [R,F] * fc2[e] [F,M] (+ b2[e])
+        Tensor y = b.empty(ctx.dtype(), R, hidden);
+        linear(a, fc2, false, b2, y);
+        return y;
+    }
+
+    /** out = in * W[e] (+ bias[e]) per row segment; W [E,K,N] (or [E,N,K] transposed). */
+    private void linear(Tensor in, Parameter w, boolean transW, Parameter bias, Tensor out) {
+        if (offsets == null) {
+            Tensor w2 = w.value().reshape(w.shape().dim(1), w.shape().dim(2));
+            b.matmul(in, false, w2, transW, out, 1f, 0f);
+            if (bias != null) b.addBias(out, bias.value().reshape(out.cols()), out);
+        } else {
+            b.groupedMatmul(in, w.value(), transW, offsets, out, 0f);
+            if (bias != null) {
+                try (Tensor rows = b.empty(ctx.dtype(), out.rows(), out.cols())) {
+                    b.gatherRows(bias.value(), rowExpert, rows);
+                    b.add(out, 1, rows, 1, out);
+                }
+            }
+        }
+    }
+
+    /** dW += in^T * dout per segment; dbias += row sums per expert. */
+    private void linearWeightGrad(Tensor in, Tensor dout, Parameter w, Parameter bias) {
+        if (offsets == null) {
+            Tensor g = w.grad().reshape(w.shape().dim(1), w.shape().dim(2));
+            b.matmul(in, true, dout, false, g, 1f, 1f);
+            if (bias != null) b.sumRows(dout, bias.grad().reshape(dout.cols()), 1f);
+        } else {
+            b.groupedMatmulWeightGrad(in, dout, offsets, w.grad(), 1f);
+            if (bias != null) b.scatterAddRows(dout, rowExpert, null, bias.grad());
+        }
+    }
+
+    /** dy [R, M] -&gt; dx [R, M] (returned, assigned); accumulates the weight (and bias) gradients. */
+    public Tensor backward(Tensor dy) {
+        if (h1 == null) throw new IllegalStateException("ExpertBank.backward called before forward");
+        int R = x.rows();
+        // fc2: dW2[e] += a_e^T dy_e ; da [R,F] = dy [R,M] * fc2[e]^T
+        linearWeightGrad(a, dy, fc2, b2);
+        Tensor da = b.empty(ctx.dtype(), R, ffn);
+        linear(dy, fc2, true, null, da);
+        // act
+        Tensor dh1 = b.empty(ctx.dtype(), R, ffnIn);
+        b.activationBackward(act, h1, da, dh1);
+        da.close();
+        // fc1: dW1[e] += x_e^T dh1_e ; dx [R,M] = dh1 [R,F'] * fc1[e]^T
+        linearWeightGrad(x, dh1, fc1, b1);
+        Tensor dx = b.empty(ctx.dtype(), R, hidden);
+        linear(dh1, fc1, true, null, dx);
+        dh1.close();
+        return dx;
+    }
+
+    private Tensor keep(Tensor t) {
+        saved.add(t);
+        return t;
+    }
+
+    private void release() {
+        for (Tensor t : saved) t.close();
+        saved.clear();
+        h1 = null;
+        a = null;
+    }
+
+    @Override
+    public void close() { release(); }
+}

@@ -1,0 +1,130 @@
+package dev.moe4j.core.moe;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.backend.GateSpec;
+import dev.moe4j.core.nn.Init;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.nn.Parameter;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.util.ArrayList;
+import java.util.List;
+
+/**
+ * The MoE gate (DeepSpeed's TopKGate): a bias-free linear hidden -&gt; E computed in fp32 whatever the model
+ * dtype (F64 in the float64 reference mode), Jitter noise on its input in training, then the fused
+ * {@link Backend#moeGate} (softmax, top-k, capacity slots, drops, combine weights, counts, l_aux, z-loss).
+ *
+ * <p>It reads and accumulates into the fp32 master copy of its weight, so a bf16 model still gates in fp32.
+ */
+public final class Gate implements AutoCloseable {
+    /** DeepSpeed's multiplicative_jitter epsilon. */
+    public static final double JITTER_EPS = 1e-2;
+
+    private final ModelContext ctx;
+    private final Backend b;
+    private final int hidden, experts;
+    private final NoisyGatePolicy policy;
+    private final Parameter weight;   // [E, M]
+    private final DType gdt;
+
+    // saved by forward for backward
+    private final List<Tensor> saved = new ArrayList<>();
+    private Tensor xg, noise, logits;
+    private GateSpec spec;
+    private GateOutputs out;
+
+    public Gate(ModelContext ctx, String name, int hidden, int experts, NoisyGatePolicy policy, double initStd) {
+        this.ctx = ctx;
+        this.b = ctx.backend();
+        this.hidden = hidden;
+        this.experts = experts;
+        this.policy = policy;
+        this.gdt = ctx.dtype() == DType.F64 ? DType.F64 : DType.F32;
+        this.weight = ctx.params().add(name + ".weight", Init.normal(initStd), true, experts, hidden);
+    }
+
+    public Parameter weight() { return weight; }
+
+    /** The dtype the gate computes in: F32, or F64 in the float64 reference mode. */
+    public DType dtype() { return gdt; }
+
+    /**
+     * x [S, M] (model dtype) -&gt; routing for S tokens. {@code capacity <= 0}: dropless. The spec's RNG
+     * counters are reserved from the context's stream here.
+     */
+    public GateOutputs forward(Tensor x, int k, int capacity, boolean useRts, boolean rsample, boolean secondSampling) {
+        release();
+        int S = x.rows();
+        if (x.cols() != hidden) throw new IllegalArgumentException("Gate: x is " + x.shape() + ", expected last dimension hiddenSize = " + hidden);
+        // xg [S,M] fp32 copy of the input, jittered in training
+        xg = keep(b.empty(gdt, S, hidden));
+        b.copy(x, xg);
+        noise = null;
+        if (policy == NoisyGatePolicy.JITTER && ctx.training()) {
+            noise = keep(b.empty(gdt, S, hidden));
+            b.randomUniform(noise, 1 - JITTER_EPS, 1 + JITTER_EPS, ctx.seed(), ctx.nextRandomOffset((long) S * hidden));
+            b.mul(xg, noise, xg);
+        }
+        // logits [S,E] = xg [S,M] * W^T [M,E]
+        logits = keep(b.empty(gdt, S, experts));
+        b.matmul(xg, false, weight.master(), true, logits, 1f, 0f);
+        GateSpec probe = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(), 0);
+        spec = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(),
+                ctx.nextRandomOffset(probe.randomCount(S, experts)));
+        out = new GateOutputs(
+                keep(b.empty(gdt, S, experts)),
+                keep(b.empty(DType.I32, S, k)),
+                keep(b.empty(DType.I32, S, k)),
+                keep(b.empty(gdt, S, k)),
+                keep(b.empty(DType.I32, experts)),
+                keep(b.empty(DType.I32, experts + 1)),
+                keep(b.empty(gdt, 2)));
+        b.moeGate(spec, logits, out);
+        return out;
+    }
+
+    /** The last forward's outputs (valid until the next forward). */
+    public GateOutputs outputs() { return out; }
+
+    public GateSpec spec() { return spec; }
+
+    public Tensor logits() { return logits; }
+
+    /**
+     * dweights [S,k] (the gradient of the combine weights) -&gt; the gradient of the gate input, dx [S,M] in the
+     * gate dtype (returned; the caller adds it to its dx). Accumulates the weight gradient.
+     * The loss the gradient is of: f(weights) + lauxCoeff * l_aux + zlossCoeff * z-loss.
+     */
+    public Tensor backward(Tensor dweights, float lauxCoeff, float zlossCoeff) {
+        if (out == null) throw new IllegalStateException("Gate.backward called before forward");
+        int S = logits.rows();
+        // dlogits [S,E]
+        Tensor dlogits = b.empty(gdt, S, experts);
+        b.moeGateBackward(spec, logits, out, dweights, lauxCoeff, zlossCoeff, dlogits);
+        // dW [E,M] += dlogits^T [E,S] * xg [S,M]
+        b.matmul(dlogits, true, xg, false, weight.grad(), 1f, 1f);
+        // dxg [S,M] = dlogits [S,E] * W [E,M]; through the jitter: dx = dxg * noise
+        Tensor dx = b.empty(gdt, S, hidden);
+        b.matmul(dlogits, false, weight.master(), false, dx, 1f, 0f);
+        if (noise != null) b.mul(dx, noise, dx);
+        dlogits.close();
+        return dx;
+    }
+
+    private Tensor keep(Tensor t) {
+        saved.add(t);
+        return t;
+    }
+
+    private void release() {
+        for (Tensor t : saved) t.close();
+        saved.clear();
+        out = null;
+    }
+
+    @Override
+    public void close() { release(); }
+}

@@ -1,0 +1,450 @@
+package dev.moe4j.core.moe;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.nn.FeedForward;
+import dev.moe4j.core.nn.Init;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.nn.Parameter;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.util.ArrayList;
+import java.util.List;
+
+/**
+ * A Mixture-of-Experts FFN layer with DeepSpeed's semantics ({@code deepspeed.moe.layer.MoE}): an fp32 gate,
+ * index-based dispatch into an expert-sorted buffer, the experts as grouped GEMMs, a weighted index-based
+ * combine; optionally Residual-MoE (a dense MLP mixed in by a learned softmax coefficient), always-on shared
+ * experts (DeepSeekMoE) and a dropless mode that never pads to capacity.
+ *
+ * <p>Use: {@code forward(x [S, M])} with S = B*T tokens, then {@code backward(dout [S, M], auxLossCoeff)}.
+ * The forward saves what the backward needs (x must stay unchanged until then); one forward, one backward.
+ *
+ * <pre>
+ * MoE moe = MoE.builder().setContext(ctx).setHiddenSize(768).setFfnSize(3072)
+ *         .optNumExperts(16).optK(2).optName("h.1.moe").build();
+ * </pre>
+ *
+ * <p>Capacity per expert: C = max(ceil(S / E * cf * k), minCapacity), capped at S (no expert can get more),
+ * cf = capacityFactor in training and evalCapacityFactor otherwise. {@code dropTokens = false} and
+ * {@code dropless = true} both take the dropless path: every choice is kept and the buffer holds exactly
+ * S*k rows sorted by expert (DeepSpeed pads to the largest expert load instead; the output is the same).
+ *
+ * <p>Differences from DeepSpeed, all deliberate: noise (Jitter, RSample, second-expert sampling) is applied in
+ * training only (DeepSpeed samples the second expert in eval too); RSample applies to the first choice for any
+ * k (DeepSpeed: top-1 only); RTS is used for k = 1 only, as in DeepSpeed; l_aux is E * sum_e me_e * ce_e with
+ * ce from the first choices for every k (DeepSpeed's top-1 and top-2 formulas; its top-k &gt; 2 differs).
+ */
+public final class MoE implements AutoCloseable {
+    private final ModelContext ctx;
+    private final Backend b;
+    private final Config cfg;
+    private final Gate gate;
+    private final ExpertBank experts;
+    private final ExpertBank mlp;        // Residual-MoE's dense MLP, or null
+    private final Parameter coefW, coefB; // Residual-MoE's Linear(hidden, 2)
+    private final ExpertBank shared;     // always-on shared experts as one dense FFN, or null
+
+    // saved by forward
+    private final List<Tensor> saved = new ArrayList<>();
+    private Tensor x, buf, y, rowExpert, stack, coef, resDest;
+    private int capacity, tokens;
+    private MoEOutput last;
+
+    private MoE(ModelContext ctx, Config c) {
+        this.ctx = ctx;
+        this.b = ctx.backend();
+        this.cfg = c;
+        String n = c.name;
+        this.gate = new Gate(ctx, n + ".gate", c.hiddenSize, c.numExperts, c.noisyGatePolicy, c.initStd);
+        this.experts = new ExpertBank(ctx, n + ".experts", c.numExperts / c.epSize, c.hiddenSize, c.ffnSize,
+                c.activation, c.expertBias, c.initStd, c.outputInitStd);
+        if (c.useResidual) {
+            this.mlp = new ExpertBank(ctx, n + ".mlp", 1, c.hiddenSize, c.ffnSize, c.activation, c.expertBias, c.initStd, c.outputInitStd);
+            this.coefW = ctx.params().add(n + ".coefficient.weight", Init.normal(c.initStd), true, 2, c.hiddenSize);
+            this.coefB = ctx.params().add(n + ".coefficient.bias", Init.zeros(), false, 2);
+        } else {
+            this.mlp = null;
+            this.coefW = null;
+            this.coefB = null;
+        }
+        // n shared experts of FFN size F_s are one FFN of size n * F_s (each hidden unit is independent)
+        this.shared = c.sharedExperts > 0
+                ? new ExpertBank(ctx, n + ".shared", 1, c.hiddenSize, c.sharedExperts * c.sharedFfnSize, c.activation, c.expertBias, c.initStd, c.outputInitStd)
+                : null;
+    }
+
+    public static Builder builder() { return new Builder(); }
+
+    /** The configuration this layer was built with. */
+    public Config config() { return cfg; }
+
+    public Gate gate() { return gate; }
+
+    public ExpertBank experts() { return experts; }
+
+    /** Residual-MoE's dense MLP, or null. */
+    public ExpertBank mlp() { return mlp; }
+
+    /** The shared experts (one dense FFN of sharedExperts * sharedFfnSize), or null. */
+    public ExpertBank shared() { return shared; }
+
+    /** Capacity per expert for S tokens in the current mode (training or eval); 0 when dropless. */
+    public int capacity(int s) {
+        if (cfg.dropless()) return 0;
+        int e = cfg.numExperts, k = cfg.k;
+        double cf = ctx.training() ? cfg.capacityFactor : cfg.evalCapacityFactor;
+        long c = (long) Math.ceil(((double) s / e) * (cf * k));
+        c = Math.max(c, cfg.minCapacity);
+        return (int) Math.max(1, Math.min(c, s));
+    }
+
+    /**
+     * x [S, M] (model dtype) -&gt; output [S, M], l_aux, z-loss, expert counts.
+     */
+    public MoEOutput forward(Tensor x) {
+        release();
+        if (x.cols() != cfg.hiddenSize) throw new IllegalArgumentException("MoE " + cfg.name + ": x is " + x.shape() + ", expected last dimension hiddenSize = " + cfg.hiddenSize);
+        int S = x.rows(), M = cfg.hiddenSize, E = cfg.numExperts, k = cfg.k;
+        if (S == 0) throw new IllegalArgumentException("MoE " + cfg.name + ": x has no tokens");
+        this.x = x;
+        this.tokens = S;
+        boolean train = ctx.training();
+        capacity = capacity(S);
+        boolean dropless = capacity <= 0;
+
+        // gate: routing of S tokens (fp32)
+        GateOutputs g = gate.forward(x, k, capacity, cfg.useRts && k == 1 && !dropless,
+                train && cfg.noisyGatePolicy == NoisyGatePolicy.RSAMPLE,
+                train && k > 1 && cfg.top2SecondExpertSampling);
+
+        // dispatch: buf [R, M], R = E*C (slot e*C + c) or S*k (dropless, sorted by expert)
+        int R = dropless ? S * k : E * capacity;
+        buf = keep(b.zeros(ctx.dtype(), R, M));   // unused capacity rows stay 0
+        b.moePermute(x, g.dest(), buf);
+        if (experts.hasBias()) rowExpert = keep(rowExperts(g, S, k, R));
+
+        // experts: y [R, M]
+        y = keep(experts.forward(buf, g.offsets(), rowExpert));
+
+        // combine: moeOut [S, M] = sum_j weights[s,j] * y[dest[s,j]]
+        Tensor out;
+        if (cfg.useResidual) {
+            // stack [2S, M] = [moe(x); mlp(x)], out[s] = coef[s,0] * stack[s] + coef[s,1] * stack[S+s]
+            stack = keep(b.empty(ctx.dtype(), 2 * S, M));
+            b.moeUnpermute(y, g.dest(), g.weights(), stack.rowSlice(0, S));
+            try (Tensor m = mlp.forward(x, null, null)) {
+                b.copy(m, stack.rowSlice(S, S));
+            }
+            // coef [S, 2] = softmax(x [S,M] * Wc^T [M,2] + bc)
+            Tensor cl = keep(b.empty(ctx.dtype(), S, 2));
+            b.matmul(x, false, coefW.value(), true, cl, 1f, 0f);
+            b.addBias(cl, coefB.value(), cl);
+            coef = keep(b.empty(ctx.dtype(), S, 2));
+            b.softmax(cl, coef);
+            int[] rd = new int[2 * S];
+            for (int s = 0; s < S; s++) { rd[2 * s] = s; rd[2 * s + 1] = S + s; }
+            resDest = keep(b.fromInts(rd, S, 2));
+            out = b.empty(ctx.dtype(), S, M);
+            b.moeUnpermute(stack, resDest, coef, out);
+        } else {
+            out = b.empty(ctx.dtype(), S, M);
+            b.moeUnpermute(y, g.dest(), g.weights(), out);
+        }
+        if (shared != null) {
+            try (Tensor sh = shared.forward(x, null, null)) {
+                b.add(out, 1, sh, 1, out);
+            }
+        }
+        last = new MoEOutput(out, g.losses().view(0, 1), g.losses().view(1, 1), g.counts());
+        return last;
+    }
+
+    /** rowExpert [R] I32: the expert each buffer row belongs to (0 for unused rows), by dispatching the choices. */
+    private Tensor rowExperts(GateOutputs g, int S, int k, int R) {
+        try (Tensor ef = b.empty(DType.F32, S * k, 1); Tensor rf = b.zeros(DType.F32, R, 1)) {
+            b.copy(g.experts(), ef);
+            b.moePermute(ef, g.dest().reshape(S * k, 1), rf);
+            Tensor re = b.empty(DType.I32, R);
+            b.copy(rf, re);
+            return re;
+        }
+    }
+
+    /**
+     * dout [S, M] -&gt; dx [S, M] (returned, assigned); accumulates every parameter gradient.
+     *
+     * @param auxLossCoeff the coefficient of this layer's l_aux in the loss (the model's auxLossCoeff, times any
+     *                     loss scaling the caller applies to dout). The z-loss enters with the layer's zLossCoeff.
+     */
+    public Tensor backward(Tensor dout, float auxLossCoeff) {
+        return backward(dout, auxLossCoeff, (float) cfg.zLossCoeff);
+    }
+
+    /**
+     * dout [S, M] -&gt; dx [S, M] for loss = f(output) + auxLossCoeff * l_aux + zLossCoeff * z-loss, dout = df/doutput.
+     * Gradient accumulation scales all three by the same factor: pass it in both coefficients.
+     */
+    public Tensor backward(Tensor dout, float auxLossCoeff, float zLossCoeff) {
+        if (y == null) throw new IllegalStateException("MoE " + cfg.name + ": backward called before forward");
+        int S = tokens, M = cfg.hiddenSize, k = cfg.k;
+        if (dout.rows() != S || dout.cols() != M) throw new IllegalArgumentException("MoE " + cfg.name + ": dout is " + dout.shape() + ", expected [" + S + ", " + M + "]");
+        GateOutputs g = gate.outputs();
+        List<Tensor> tmp = new ArrayList<>();
+        Tensor dx = b.zeros(ctx.dtype(), S, M);
+        Tensor dmoe = dout;
+        if (cfg.useResidual) {
+            // out = coef0 * moe + coef1 * mlp: dstack rows and dcoef [S,2]
+            Tensor dstack = tmpAdd(tmp, b.zeros(ctx.dtype(), 2 * S, M));
+            Tensor dcoef = tmpAdd(tmp, b.empty(ctx.dtype(), S, 2));
+            b.moeUnpermuteBackward(dout, stack, resDest, coef, dstack, dcoef);
+            dmoe = dstack.rowSlice(0, S);
+            Tensor dxm = tmpAdd(tmp, mlp.backward(dstack.rowSlice(S, S)));
+            b.add(dx, 1, dxm, 1, dx);
+            // softmax, then Linear(hidden, 2): dWc += dl^T x, dbc += sum dl, dx += dl Wc
+            Tensor dl = tmpAdd(tmp, b.empty(ctx.dtype(), S, 2));
+            b.softmaxBackward(coef, dcoef, dl);
+            b.matmul(dl, true, x, false, coefW.grad(), 1f, 1f);
+            b.sumRows(dl, coefB.grad(), 1f);
+            b.matmul(dl, false, coefW.value(), false, dx, 1f, 1f);
+        }
+        if (shared != null) {
+            Tensor dxs = tmpAdd(tmp, shared.backward(dout));
+            b.add(dx, 1, dxs, 1, dx);
+        }
+        // combine backward: dy rows addressed by dest (others 0), dweights [S,k] in the gate dtype
+        Tensor dy = tmpAdd(tmp, b.zeros(ctx.dtype(), y.rows(), M));
+        Tensor dw = tmpAdd(tmp, b.empty(gate.dtype(), S, k));
+        b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
+        // experts backward, then the dispatch's backward (a gather-sum with weight 1)
+        Tensor dbuf = tmpAdd(tmp, experts.backward(dy));
+        Tensor dxp = tmpAdd(tmp, b.empty(ctx.dtype(), S, M));
+        b.moeUnpermute(dbuf, g.dest(), null, dxp);
+        b.add(dx, 1, dxp, 1, dx);
+        // gate backward (combine weights, l_aux, z-loss) into the input
+        Tensor dxg = tmpAdd(tmp, gate.backward(dw, auxLossCoeff, zLossCoeff));
+        b.add(dx, 1, dxg, 1, dx);
+        for (Tensor t : tmp) t.close();
+        return dx;
+    }
+
+    /**
+     * This layer as a transformer block's FFN ({@link FeedForward}): forward returns the output; auxLoss() is
+     * auxLossCoeff * l_aux + zLossCoeff * z-loss of the last forward; backward(dy, lossScale) scales both
+     * coefficients by lossScale. The MoE statistics stay readable through this layer ({@link #lastOutput()}).
+     */
+    public FeedForward asFeedForward(double auxLossCoeff) {
+        if (!(auxLossCoeff >= 0) || Double.isInfinite(auxLossCoeff)) throw new IllegalArgumentException("auxLossCoeff must be a finite number >= 0, got " + auxLossCoeff);
+        return new FeedForward() {
+            private Tensor aux;
+
+            @Override
+            public Tensor forward(Tensor x) {
+                MoEOutput o = MoE.this.forward(x);
+                aux = keep(b.empty(o.lAux().dtype(), 1));
+                b.add(o.lAux(), auxLossCoeff, o.zLoss(), cfg.zLossCoeff, aux);
+                return o.output();
+            }
+
+            @Override
+            public Tensor backward(Tensor dy, float lossScale) {
+                return MoE.this.backward(dy, (float) (auxLossCoeff * lossScale), (float) (cfg.zLossCoeff * lossScale));
+            }
+
+            @Override
+            public Tensor auxLoss() { return aux; }
+
+            @Override
+            public String toString() { return "MoE " + cfg.name + " (auxLossCoeff " + auxLossCoeff + ")"; }
+        };
+    }
+
+    /** The last forward's result (its tensors valid until the next forward), or null. */
+    public MoEOutput lastOutput() { return last; }
+
+    /** The capacity of the last forward (0: dropless). */
+    public int lastCapacity() { return capacity; }
+
+    /**
+     * Fraction of the last forward's S*k choices that were dropped. A host transfer: for logging, not for
+     * the training step.
+     */
+    public double droppedFraction() {
+        GateOutputs g = gate.outputs();
+        if (g == null) throw new IllegalStateException("MoE " + cfg.name + ": no forward yet");
+        int[] d = g.dest().toInts();
+        int dropped = 0;
+        for (int v : d) if (v < 0) dropped++;
+        return (double) dropped / d.length;
+    }
+
+    private static Tensor tmpAdd(List<Tensor> l, Tensor t) {
+        l.add(t);
+        return t;
+    }
+
+    private Tensor keep(Tensor t) {
+        saved.add(t);
+        return t;
+    }
+
+    private void release() {
+        for (Tensor t : saved) t.close();
+        saved.clear();
+        y = null;
+        rowExpert = null;
+        stack = null;
+        coef = null;
+        resDest = null;
+        last = null;
+    }
+
+    @Override
+    public void close() {
+        release();
+        gate.close();
+        experts.close();
+        if (mlp != null) mlp.close();
+        if (shared != null) shared.close();
+    }
+
+    // ------------------------------------------------------------------ configuration
+
+    /** The validated configuration of one MoE layer (see {@link Builder} for each parameter). */
+    public record Config(String name, int hiddenSize, int ffnSize, Activation activation, int numExperts, int epSize,
+                         int k, double capacityFactor, double evalCapacityFactor, int minCapacity,
+                         boolean useResidual, NoisyGatePolicy noisyGatePolicy, boolean dropTokens, boolean useRts,
+                         boolean top2SecondExpertSampling, double zLossCoeff, boolean droplessMode,
+                         int sharedExperts, int sharedFfnSize, boolean expertBias, double initStd, double outputInitStd) {
+        /** True when the layer routes without capacity (dropless mode, or dropTokens = false). */
+        public boolean dropless() { return droplessMode || !dropTokens; }
+    }
+
+    /**
+     * Builds an {@link MoE}: {@code set*} are required, {@code opt*} optional with DeepSpeed's defaults.
+     * {@link #build()} validates everything and names the offending parameter.
+     */
+    public static final class Builder {
+        private ModelContext ctx;
+        private int hiddenSize = -1, ffnSize = -1;
+        private Activation activation = Activation.GELU;
+        private int numExperts = 1, epSize = 1, k = 1, minCapacity = 4;
+        private double capacityFactor = 1.0, evalCapacityFactor = 1.0;
+        private boolean useResidual = false, dropTokens = true, useRts = true, top2SecondExpertSampling = true;
+        private NoisyGatePolicy noisyGatePolicy = null;
+        private String noisyGatePolicyText = null;
+        private double zLossCoeff = 0;
+        private boolean dropless = false;
+        private int sharedExperts = 0, sharedFfnSize = -1;
+        private boolean expertBias = true;
+        private double initStd = 0.02, outputInitStd = Double.NaN;
+        private String name = "moe";
+
+        private Builder() {}
+
+        /** Required: the model context (backend, dtype, parameters, training flag, RNG). */
+        public Builder setContext(ModelContext ctx) { this.ctx = ctx; return this; }
+
+        /** Required: the model width M (input and output width). */
+        public Builder setHiddenSize(int hiddenSize) { this.hiddenSize = hiddenSize; return this; }
+
+        /** Required: the expert FFN's inner width F. */
+        public Builder setFfnSize(int ffnSize) { this.ffnSize = ffnSize; return this; }
+
+        /** Expert activation (default GELU). GEGLU / SwiGLU make fc1 2F wide. */
+        public Builder optActivation(Activation activation) { this.activation = activation; return this; }
+
+        /** Total experts of the layer (default 1). */
+        public Builder optNumExperts(int numExperts) { this.numExperts = numExperts; return this; }
+
+        /** Expert-parallel degree (default 1; only 1 until the communication layer lands). */
+        public Builder optEpSize(int epSize) { this.epSize = epSize; return this; }
+
+        /** Experts per token (default 1). */
+        public Builder optK(int k) { this.k = k; return this; }
+
+        /** Training capacity factor (default 1.0). */
+        public Builder optCapacityFactor(double f) { this.capacityFactor = f; return this; }
+
+        /** Eval capacity factor (default 1.0). */
+        public Builder optEvalCapacityFactor(double f) { this.evalCapacityFactor = f; return this; }
+
+        /** Minimum capacity per expert (default 4). */
+        public Builder optMinCapacity(int c) { this.minCapacity = c; return this; }
+
+        /** Residual-MoE: output = moe(x) * c0 + mlp(x) * c1 (default false). */
+        public Builder optUseResidual(boolean r) { this.useResidual = r; return this; }
+
+        /** null (default), JITTER or RSAMPLE. */
+        public Builder optNoisyGatePolicy(NoisyGatePolicy p) { this.noisyGatePolicy = p; this.noisyGatePolicyText = null; return this; }
+
+        /** DeepSpeed's spelling: null, "None", "Jitter", "RSample"; anything else is rejected by build(). */
+        public Builder optNoisyGatePolicy(String p) { this.noisyGatePolicyText = p; this.noisyGatePolicy = null; return this; }
+
+        /** Drop tokens past capacity (default true); false routes dropless. */
+        public Builder optDropTokens(boolean d) { this.dropTokens = d; return this; }
+
+        /** Random token selection when dropping (default true; used for k = 1, as DeepSpeed). */
+        public Builder optUseRts(boolean r) { this.useRts = r; return this; }
+
+        /** Gumbel sampling of the second (and later) expert in training (default true). */
+        public Builder optTop2SecondExpertSampling(boolean s) { this.top2SecondExpertSampling = s; return this; }
+
+        /** ST-MoE router z-loss coefficient (default 0: off; ~1e-3 typical). */
+        public Builder optZLossCoeff(double c) { this.zLossCoeff = c; return this; }
+
+        /** Dropless routing: variable-size expert batches, never padded or dropped (default false). */
+        public Builder optDropless(boolean d) { this.dropless = d; return this; }
+
+        /** DeepSeekMoE shared experts: {@code count} always-on experts of FFN width {@code ffnSize} (default none). */
+        public Builder optSharedExperts(int count, int ffnSize) { this.sharedExperts = count; this.sharedFfnSize = ffnSize; return this; }
+
+        /** Biases in the expert (and MLP) linears (default true, as Megatron's MLP). */
+        public Builder optExpertBias(boolean bias) { this.expertBias = bias; return this; }
+
+        /** Std of the normal init of the gate, fc1 and the residual coefficient (default 0.02). */
+        public Builder optInitStd(double std) { this.initStd = std; return this; }
+
+        /** Std of fc2's init (default initStd; GPT-2 scales it by 1/sqrt(2 * layers)). */
+        public Builder optOutputInitStd(double std) { this.outputInitStd = std; return this; }
+
+        /** Parameter name prefix (default "moe"); must be unique in the model. */
+        public Builder optName(String name) { this.name = name; return this; }
+
+        /** Validates the configuration (no context needed). */
+        public Config config() {
+            if (hiddenSize <= 0) throw new IllegalArgumentException("hiddenSize must be set and > 0, got " + hiddenSize);
+            if (ffnSize <= 0) throw new IllegalArgumentException("ffnSize must be set and > 0, got " + ffnSize);
+            if (activation == null) throw new IllegalArgumentException("activation must not be null (RELU, GELU, GEGLU or SWIGLU)");
+            if (numExperts < 1) throw new IllegalArgumentException("numExperts must be >= 1, got " + numExperts);
+            if (epSize < 1) throw new IllegalArgumentException("epSize must be >= 1, got " + epSize);
+            if (numExperts % epSize != 0) throw new IllegalArgumentException("epSize (" + epSize + ") must divide numExperts (" + numExperts + ")");
+            if (epSize > 1) throw new IllegalArgumentException("epSize = " + epSize + " is not supported yet (expert parallelism needs the communication layer); use epSize = 1");
+            if (k < 1 || k > numExperts) throw new IllegalArgumentException("k must be in [1, numExperts = " + numExperts + "], got " + k);
+            if (!(capacityFactor > 0) || Double.isInfinite(capacityFactor)) throw new IllegalArgumentException("capacityFactor must be a finite number > 0, got " + capacityFactor);
+            if (!(evalCapacityFactor > 0) || Double.isInfinite(evalCapacityFactor)) throw new IllegalArgumentException("evalCapacityFactor must be a finite number > 0, got " + evalCapacityFactor);
+            if (minCapacity < 0) throw new IllegalArgumentException("minCapacity must be >= 0, got " + minCapacity);
+            NoisyGatePolicy policy = noisyGatePolicyText != null ? NoisyGatePolicy.parse(noisyGatePolicyText) : noisyGatePolicy;
+            if (!(zLossCoeff >= 0) || Double.isInfinite(zLossCoeff)) throw new IllegalArgumentException("zLossCoeff must be a finite number >= 0, got " + zLossCoeff);
+            if (sharedExperts < 0) throw new IllegalArgumentException("sharedExperts must be >= 0, got " + sharedExperts);
+            if (sharedExperts > 0 && sharedFfnSize <= 0) throw new IllegalArgumentException("sharedFfnSize must be > 0 when sharedExperts > 0, got " + sharedFfnSize);
+            if (!(initStd >= 0) || Double.isInfinite(initStd)) throw new IllegalArgumentException("initStd must be a finite number >= 0, got " + initStd);
+            double outStd = Double.isNaN(outputInitStd) ? initStd : outputInitStd;
+            if (!(outStd >= 0) || Double.isInfinite(outStd)) throw new IllegalArgumentException("outputInitStd must be a finite number >= 0, got " + outputInitStd);
+            if (name == null || name.isEmpty()) throw new IllegalArgumentException("name must be a non-empty string");
+            return new Config(name, hiddenSize, ffnSize, activation, numExperts, epSize, k, capacityFactor, evalCapacityFactor,
+                    minCapacity, useResidual, policy, dropTokens, useRts, top2SecondExpertSampling, zLossCoeff, dropless,
+                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd);
+        }
+
+        /** Validates and builds the layer, declaring its parameters in the context. */
+        public MoE build() {
+            if (ctx == null) throw new IllegalArgumentException("context must be set (setContext)");
+            Config c = config();
+            if (ctx.params().isAllocated()) throw new IllegalStateException("MoE " + c.name() + ": the context's parameters are already allocated; build layers before allocateParameters()");
+            return new MoE(ctx, c);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+package dev.moe4j.core.train;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.cpu.CpuBackend;
+import dev.moe4j.core.data.Batch;
+import dev.moe4j.core.nn.Gpt;
+import dev.moe4j.core.nn.GptConfig;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.optim.AdamW;
+import dev.moe4j.core.optim.CosineSchedule;
+import dev.moe4j.core.tensor.DType;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
+
+import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.StandardOpenOption;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+import java.util.SplittableRandom;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+class TrainerCheckpointTest {
+    static final GptConfig CFG = new GptConfig(20, 8, 2, 16, 2, 32, Activation.GELU);
+
+    /** Random token batches that are a pure function of (step, micro), as the BatchSource contract asks. */
+    static final class RandomBatches implements BatchSource {
+        private final int vocab, batch, seq;
+
+        RandomBatches(int vocab, int batch, int seq) { this.vocab = vocab; this.batch = batch; this.seq = seq; }
+
+        private Batch make(long seed) {
+            SplittableRandom r = new SplittableRandom(seed);
+            int[] seqTokens = new int[batch * (seq + 1)];
+            // A learnable pattern: each token is the previous plus one, from a random start.
+            for (int b = 0; b < batch; b++) {
+                int start = r.nextInt(vocab);
+                for (int t = 0; t <= seq; t++) seqTokens[b * (seq + 1) + t] = (start + t) % vocab;
+            }
+            int[] in = new int[batch * seq], tg = new int[batch * seq];
+            for (int b = 0; b < batch; b++) {
+                for (int t = 0; t < seq; t++) {
+                    in[b * seq + t] = seqTokens[b * (seq + 1) + t];
+                    tg[b * seq + t] = seqTokens[b * (seq + 1) + t + 1];
+                }
+            }
+            return new Batch(in, tg, batch, seq);
+        }
+
+        @Override public Batch train(int step, int micro) { return make(step * 31L + micro); }
+
+        @Override public List<Batch> validation(int maxBatches) {
+            List<Batch> l = new ArrayList<>();
+            for (int i = 0; i < maxBatches; i++) l.add(make(-1 - i));
+            return l;
+        }
+    }
+
+    static Trainer newTrainer(long seed) {
+        ModelContext ctx = new ModelContext(new CpuBackend(), DType.F32, seed);
+        Gpt gpt = new Gpt(ctx, CFG);
+        ctx.allocateParameters();
+        return new Trainer(gpt, AdamW.withDefaults(ctx.params()), new RandomBatches(20, 4, 8), new CosineSchedule(3e-3f, 3e-4f, 3, 12), 2);
+    }
+
+    @Test
+    void resumingFromACheckpointContinuesExactlyLikeAnUninterruptedRun(@TempDir Path dir) throws IOException {
+        Trainer straight = newTrainer(9);
+        List<Double> expected = new ArrayList<>();
+        for (int i = 0; i < 8; i++) expected.add(straight.trainStep().loss());
+
+        Trainer first = newTrainer(9);
+        for (int i = 0; i < 4; i++) assertEquals(expected.get(i), first.trainStep().loss(), 0.0);
+        Path file = dir.resolve("ckpt.safetensors");
+        Checkpoint.save(file, first, "{\"cfg\":1}", Map.of());
+
+        Trainer resumed = newTrainer(1234);  // different init: everything must come from the checkpoint
+        Checkpoint.load(file, resumed, "{\"cfg\":1}");
+        assertEquals(4, resumed.step());
+        for (int i = 4; i < 8; i++) assertEquals(expected.get(i), resumed.trainStep().loss(), 0.0, "loss at step " + i);
+    }
+
+    @Test
+    void aCheckpointForAnotherConfigOrACorruptOneIsRefused(@TempDir Path dir) throws IOException {
+        Trainer t = newTrainer(1);
+        t.trainStep();
+        Path file = dir.resolve("ckpt.safetensors");
+        Checkpoint.save(file, t, "{\"cfg\":1}", Map.of());
+        var e = assertThrows(IllegalArgumentException.class, () -> Checkpoint.load(file, newTrainer(1), "{\"cfg\":2}"));
+        assertTrue(e.getMessage().contains("another configuration"), e.getMessage());
+        // Flip one byte near the end (inside the data section): the checksum must catch it.
+        byte[] bytes = Files.readAllBytes(file);
+        bytes[bytes.length - 3] ^= 0x40;
+        Files.write(file, bytes, StandardOpenOption.TRUNCATE_EXISTING);
+        var c = assertThrows(IOException.class, () -> Checkpoint.load(file, newTrainer(1), "{\"cfg\":1}"));
+        assertTrue(c.getMessage().toLowerCase().contains("checksum"), c.getMessage());
+        assertThrows(IOException.class, () -> Checkpoint.load(dir.resolve("missing.safetensors"), newTrainer(1), "{}"));
+    }
+
+    @Test
+    void studentDistilsFromASavedTeacherAndKdStopsAtTheConfiguredStep(@TempDir Path dir) throws IOException {
+        Trainer teacherRun = newTrainer(3);
+        for (int i = 0; i < 12; i++) teacherRun.trainStep();
+        Path file = dir.resolve("teacher.safetensors");
+        Checkpoint.save(file, teacherRun, "{}", Map.of());
+
+        ModelContext tctx = new ModelContext(teacherRun.model().context().backend(), DType.F32, 77);
+        Gpt teacher = new Gpt(tctx, CFG);
+        tctx.allocateParameters();
+        Checkpoint.loadWeights(file, tctx.params());
+
+        // Student: one layer fewer, on the teacher's backend.
+        ModelContext sctx = new ModelContext(tctx.backend(), DType.F32, 5);
+        Gpt student = new Gpt(sctx, new GptConfig(20, 8, 1, 16, 2, 32, Activation.GELU));
+        sctx.allocateParameters();
+        Trainer s = new Trainer(student, AdamW.withDefaults(sctx.params()), new RandomBatches(20, 4, 8), new CosineSchedule(3e-3f, 3e-4f, 2, 12), 1);
+        s.setTeacher(new Teacher(teacher, 0.5f, 0.5f, 2f, 6));
+        double firstKd = 0, lastKd = 0;
+        for (int i = 0; i < 12; i++) {
+            StepMetrics m = s.trainStep();
+            if (i == 0) firstKd = m.kdLoss();
+            if (i == 5) lastKd = m.kdLoss();
+            if (i < 6) assertTrue(m.kdLoss() > 0, "KD term must be on before the stop step, step " + i);
+            else assertEquals(0.0, m.kdLoss(), "KD term must be off from the stop step on, step " + i);
+        }
+        assertTrue(lastKd < firstKd, "the student must move towards the teacher: KD " + firstKd + " -> " + lastKd);
+    }
+}
