@@ -9,9 +9,18 @@
 
 extern "C" {
 
-// Per token (one thread each): gates[s,:] = softmax(logits[s,:]); experts[s,j] = j-th largest logit
-// (ties: lowest index, like torch.argmax); lse[s] saved for the z-loss. logits, gates [S,E]; experts [S,k].
-__global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, int* experts, float* lse, int S, int E, int k) {
+// Gumbel(0,1) noise of logits[s,e] (GateSpec): u = ((w0 >> 8) + 0.5) * 2^-24 from Philox(seed, offset + s*E + e), fp64.
+__device__ __forceinline__ double gumbel(unsigned long long seed, unsigned long long counter) {
+    uint4 b = philox(seed, counter);
+    double u = ((double)(b.x >> 8) + 0.5) * 0x1.0p-24;
+    return -log(-log(u));
+}
+
+// Per token (one thread each): gates[s,:] = softmax(logits[s,:]); experts[s,j] = argmax over experts not yet
+// chosen of logits (+ Gumbel noise: choice 0 with rsample, later ones with secondSampling); ties: lowest index.
+// lse[s] saved for the z-loss. logits, gates [S,E]; experts [S,k].
+__global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, int* experts, float* lse, int S, int E, int k,
+                            int rsample, int secondSampling, unsigned long long seed, unsigned long long offset) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= S) return;
     i64 base = (i64)s * E;
@@ -23,63 +32,85 @@ __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, i
     lse[s] = l;
     for (int e = 0; e < E; e++) st(gates, gdt, base + e, expf(ld(logits, ldt, base + e) - l));
     for (int j = 0; j < k; j++) {
+        bool noisy = j == 0 ? rsample != 0 : secondSampling != 0;
         int best = -1;
-        float bv = -INFINITY;
+        double bv = 0.0;
         for (int e = 0; e < E; e++) {
             bool taken = false;
             for (int jj = 0; jj < j; jj++) taken |= experts[(i64)s * k + jj] == e;
-            float v = ld(logits, ldt, base + e);
-            if (!taken && (best < 0 || v > bv)) { best = e; bv = v; }
+            if (taken) continue;
+            double v = (double)ld(logits, ldt, base + e) + (noisy ? gumbel(seed, offset + (unsigned long long)base + e) : 0.0);
+            if (best < 0 || v > bv) { best = e; bv = v; }
         }
         experts[(i64)s * k + j] = best;
     }
 }
 
-// One block: per expert e (threads stride over E) counts its tokens, assigns slots in (choice, token) order
-// and writes dest, counts, offsets and the two losses. Fixed loop orders: deterministic.
-// shared: total[E], first[E] ints. capacity <= 0: dropless (buffer sorted by expert, offsets = cumsum).
-__global__ void k_gate_assign(const int* experts, const void* gates, int gdt, const float* lse, int S, int E, int k,
-                              int capacity, int* dest, int* counts, int* offsets, void* losses, int lodt) {
-    extern __shared__ int shi[];
-    int* total = shi;
-    int* first = shi + E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int t = 0, f = 0;
-        for (int j = 0; j < k; j++)
-            for (int s = 0; s < S; s++)
-                if (experts[(i64)s * k + j] == e) { t++; if (j == 0) f++; }
-        total[e] = t;
-        first[e] = f;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int acc = 0;
-        for (int e = 0; e < E; e++) {
-            offsets[e] = capacity > 0 ? e * capacity : acc;
-            acc += total[e];
-        }
-        offsets[E] = capacity > 0 ? E * capacity : acc;
-    }
-    __syncthreads();
+// One block, threads striding over experts: counts per choice rank (rankBase[j*E+e] = choices of ranks < j sent
+// to e, before dropping), counts (all ranks), offsets, l_aux (first-choice counts) and z-loss.
+// Fixed loop orders: deterministic.
+__global__ void k_gate_counts(const int* experts, const void* gates, int gdt, const float* lse, int S, int E, int k,
+                              int capacity, int* rankBase, int* counts, int* offsets, void* losses, int lodt) {
     float laux = 0.f;
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int cnt = 0, start = offsets[e];
-        for (int j = 0; j < k; j++)
-            for (int s = 0; s < S; s++)
-                if (experts[(i64)s * k + j] == e) {
-                    int loc = cnt++;
-                    dest[(i64)s * k + j] = capacity > 0 ? (loc < capacity ? e * capacity + loc : -1) : start + loc;
-                }
-        counts[e] = first[e];
+        int total = 0, first = 0;
+        for (int j = 0; j < k; j++) {
+            rankBase[j * E + e] = total;
+            int c = 0;
+            for (int s = 0; s < S; s++) c += experts[(i64)s * k + j] == e;
+            if (j == 0) first = c;
+            total += c;
+        }
+        counts[e] = total;
         float me = 0.f;
         for (int s = 0; s < S; s++) me += ld(gates, gdt, (i64)s * E + e);
-        laux += (me / S) * ((float)first[e] / S);
+        laux += (me / S) * ((float)first / S);
     }
     laux = blockSum(laux) * E;
     float z = 0.f;
     for (int s = threadIdx.x; s < S; s += blockDim.x) z += lse[s] * lse[s];
     z = blockSum(z) / S;
-    if (threadIdx.x == 0) { st(losses, lodt, 0, laux); st(losses, lodt, 1, z); }
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int e = 0; e < E; e++) {
+            offsets[e] = capacity > 0 ? e * capacity : acc;
+            acc += counts[e];
+        }
+        offsets[E] = capacity > 0 ? E * capacity : acc;
+        st(losses, lodt, 0, laux);
+        st(losses, lodt, 1, z);
+    }
+}
+
+// One thread per (s, j): slot = rankBase[j][e] + the rank of s among the rank-j tokens sent to e, ordered by
+// position, or with RTS by descending priority u[s,j] = uniform(seed, offset + S*E + s*k + j), ties by
+// position. Kept iff dropless or slot < capacity. O(S) per thread.
+__global__ void k_gate_slots(const int* experts, const int* rankBase, const int* offsets, int S, int E, int k, int capacity,
+                             int rts, unsigned long long seed, unsigned long long offset, int* dest) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)S * k) return;
+    int s = (int)(i / k), j = (int)(i % k), e = experts[i];
+    unsigned long long pbase = offset + (unsigned long long)S * E;
+    float ps = 0.f;
+    if (rts) ps = (float)(philox(seed, pbase + (unsigned long long)s * k + j).x >> 8) * 0x1.0p-24f;
+    int r = 0;
+    for (int t = 0; t < S; t++) {
+        if (t == s || experts[(i64)t * k + j] != e) continue;
+        if (!rts) { r += t < s; continue; }
+        float pt = (float)(philox(seed, pbase + (unsigned long long)t * k + j).x >> 8) * 0x1.0p-24f;
+        r += pt > ps || (pt == ps && t < s);
+    }
+    int slot = rankBase[j * E + e] + r;
+    dest[i] = capacity > 0 ? (slot < capacity ? e * capacity + slot : -1) : offsets[e] + slot;
+}
+
+// first[e] = number of tokens whose first choice is e (the l_aux statistic), one block
+__global__ void k_gate_first_counts(const int* experts, int S, int E, int k, int* first) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int c = 0;
+        for (int s = 0; s < S; s++) c += experts[(i64)s * k] == e;
+        first[e] = c;
+    }
 }
 
 // Combine weights per token: k = 1: the gate value if kept, else 0; k >= 2: renormalised over the kept
@@ -98,9 +129,9 @@ __global__ void k_gate_weights(const void* gates, int gdt, const int* experts, c
 }
 
 // Backward of the gate, one thread per token: dlogits [S,E] (assigned) from dweights [S,k], the l_aux term
-// (d l_aux / d gates[s,e] = E * counts[e] / S^2) and the z-loss term (2 * lse * softmax / S).
+// (d l_aux / d gates[s,e] = E * first[e] / S^2, first = first-choice counts) and the z-loss term (2 * lse * softmax / S).
 __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int gdt, const int* experts, const int* dest,
-                           const void* dweights, int dwdt, const int* counts, float lauxCoeff, float zlossCoeff,
+                           const void* dweights, int dwdt, const int* first, float lauxCoeff, float zlossCoeff,
                            void* dlogits, int dldt, int S, int E, int k) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= S) return;
@@ -114,7 +145,7 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
             wsum += ld(dweights, dwdt, kb + j) * g;
         }
     float denom = fmaxf(denomRaw, FLT_EPSILON);
-    bool clamped = !(denomRaw > FLT_EPSILON);
+    bool clamped = denomRaw < FLT_EPSILON;
     float m = -INFINITY;
     for (int e = 0; e < E; e++) m = fmaxf(m, ld(logits, ldt, base + e));
     float sum = 0.f;
@@ -125,7 +156,7 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
     float dot = 0.f;
     for (int pass = 0; pass < 2; pass++) {
         for (int e = 0; e < E; e++) {
-            float dg = lauxScale * (float)counts[e];
+            float dg = lauxScale * (float)first[e];
             for (int j = 0; j < k; j++) {
                 if (experts[kb + j] != e || dest[kb + j] < 0) continue;
                 float dw = ld(dweights, dwdt, kb + j);

@@ -770,16 +770,16 @@ public final class CudaBackend implements Backend {
         int s = logits.dim(0), e = logits.dim(1), k = spec.k();
         if (k > e) throw new IllegalArgumentException(op + ": k = " + k + " exceeds the " + e + " experts");
         checkGateOutputs(op, out, s, e, k);
-        if (spec.rsample() || (k >= 2 && spec.secondSampling()) || (spec.useRts() && !spec.dropless())) {
-            throw new UnsupportedOperationException(op + " on CUDA: Gumbel sampling (rsample / secondSampling) and random token selection "
-                    + "(useRts with a capacity) are not implemented yet; use a GateSpec with them off, or the CPU backend");
-        }
-        if (s == 0) return;
-        try (Tensor lse = scratch(DType.F32, s)) {
-            launch("k_gate_topk", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()), p(out.experts()), p(lse), s, e, k);
+        if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
+        int cap = spec.dropless() ? 0 : spec.capacity();
+        try (Tensor lse = scratch(DType.F32, s); Tensor rankBase = scratch(DType.I32, k * e)) {
+            launch("k_gate_topk", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()), p(out.experts()), p(lse),
+                    s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
             int threads = Math.min(1024, Math.max(32, (e + 31) / 32 * 32));
-            launch("k_gate_assign", 1, 1, threads, 8 * e, p(out.experts()), p(out.gates()), dt(out.gates()), p(lse), s, e, k,
-                    spec.dropless() ? 0 : spec.capacity(), p(out.dest()), p(out.counts()), p(out.offsets()), p(out.losses()), dt(out.losses()));
+            launch("k_gate_counts", 1, 1, threads, 0, p(out.experts()), p(out.gates()), dt(out.gates()), p(lse), s, e, k, cap,
+                    p(rankBase), p(out.counts()), p(out.offsets()), p(out.losses()), dt(out.losses()));
+            launch("k_gate_slots", (int) (((long) s * k + 127) / 128), 1, 128, 0, p(out.experts()), p(rankBase), p(out.offsets()),
+                    s, e, k, cap, spec.useRts() ? 1 : 0, spec.seed(), spec.offset(), p(out.dest()));
             launch("k_gate_weights", (s + 127) / 128, 1, 128, 0, p(out.gates()), dt(out.gates()), p(out.experts()), p(out.dest()),
                     p(out.weights()), dt(out.weights()), s, e, k);
         }
@@ -817,9 +817,12 @@ public final class CudaBackend implements Backend {
         Checks.matrix(op, "dweights", dweights, s, k);
         floating(op, "dlogits", dlogits);
         Checks.matrix(op, "dlogits", dlogits, s, e);
-        if (s == 0) return;
-        launch("k_gate_bwd", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
-                p(saved.dest()), p(dweights), dt(dweights), p(saved.counts()), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
+        if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
+        try (Tensor first = scratch(DType.I32, e)) {
+            launch("k_gate_first_counts", 1, 1, Math.min(1024, Math.max(32, (e + 31) / 32 * 32)), 0, p(saved.experts()), s, e, k, p(first));
+            launch("k_gate_bwd", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
+                    p(saved.dest()), p(dweights), dt(dweights), p(first), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
+        }
     }
 
     @Override
@@ -852,12 +855,12 @@ public final class CudaBackend implements Backend {
     @Override
     public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw) {
         String op = "moeUnpermuteBackward";
-        floating(op, "dout", dout); floating(op, "buf", buf); floating(op, "dbuf", dbuf);
+        floating(op, "dout", dout); floating(op, "dbuf", dbuf);
         Checks.open(op, "dest", dest);
         Checks.dtype(op, "dest", dest, DType.I32);
         int s = dout.rows(), m = dout.cols(), k = dest.cols();
         if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, dout has " + s);
-        Checks.cols(op, "buf", buf, m);
+        if (dw != null) { floating(op, "buf", buf); Checks.matrix(op, "buf", buf, dbuf.rows(), m); }
         Checks.cols(op, "dbuf", dbuf, m);
         if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
         long n = (long) s * k * m;

@@ -10,10 +10,8 @@ import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.CsvSource;
 
 /**
- * The MoE routing ops of the GPU against CpuBackend's (CpuMoE).
- *
- * <p>EXPECTED TO FAIL with UnsupportedOperationException from the CPU side until CpuMoE is implemented
- * (another helper is writing it); they then become the cross-backend check of the gate and permute ops.
+ * The MoE routing ops of the GPU against CpuBackend's (CpuMoE, the reference), including Gumbel sampling and
+ * random token selection, which must pick the same experts and slots on both (same Philox counters).
  */
 @Tag("gpu")
 class CudaMoeVsCpuTest extends GpuTestBase {
@@ -24,12 +22,15 @@ class CudaMoeVsCpuTest extends GpuTestBase {
     }
 
     @ParameterizedTest
-    @CsvSource({"1, 6, 37, 9", "2, 6, 37, 9", "2, 5, 41, 0"})
-    void gateForwardBackwardAndPermuteMatchTheCpu(int k, int e, int s, int capacity) {
-        GateSpec spec = new GateSpec(k, capacity, false, false, false, 7, 0);
+    @CsvSource({"1, 6, 37, 9, false, false, false", "2, 6, 37, 9, false, false, false", "2, 5, 41, 0, false, false, false",
+                "1, 8, 64, 5, true, true, false", "2, 8, 64, 9, true, true, true", "3, 7, 50, 0, true, false, true",
+                "2, 16, 300, 30, true, false, false"})
+    void gateForwardBackwardAndPermuteMatchTheCpu(int k, int e, int s, int capacity, boolean rts, boolean rsample, boolean second) {
+        GateSpec spec = new GateSpec(k, capacity, rts, rsample, second, 0x5eedL, 1L << 34);
         Tensor[] logits = rand(DType.F32, 2, s, e);
         GateOutputs[] out = {outputs(cpu, s, e, k), outputs(gpu, s, e, k)};
         for (int i = 0; i < 2; i++) on(i).moeGate(spec, logits[i], out[i]);
+        System.out.printf("moeGate vs CPU k=%d E=%d S=%d C=%d rts=%b rsample=%b second=%b%n", k, e, s, capacity, rts, rsample, second);
         check("moeGate gates", new Tensor[] {out[0].gates(), out[1].gates()}, F32_TOL);
         checkInts("moeGate experts", new Tensor[] {out[0].experts(), out[1].experts()});
         checkInts("moeGate dest", new Tensor[] {out[0].dest(), out[1].dest()});

@@ -32,8 +32,8 @@ final class MoeReference {
                 experts[t * k + j] = best;
             }
         }
-        int[] total = new int[e];
-        for (int j = 0; j < k; j++) for (int t = 0; t < s; t++) { total[experts[t * k + j]]++; if (j == 0) counts[experts[t * k + j]]++; }
+        int[] total = counts, first = new int[e];  // counts: every choice before dropping; l_aux uses first choices
+        for (int j = 0; j < k; j++) for (int t = 0; t < s; t++) { total[experts[t * k + j]]++; if (j == 0) first[experts[t * k + j]]++; }
         int acc = 0;
         for (int x = 0; x < e; x++) { offsets[x] = capacity > 0 ? x * capacity : acc; acc += total[x]; }
         offsets[e] = capacity > 0 ? e * capacity : acc;
@@ -57,7 +57,7 @@ final class MoeReference {
         for (int x = 0; x < e; x++) {
             double me = 0;
             for (int t = 0; t < s; t++) me += gates[t * e + x];
-            laux += (me / s) * ((double) counts[x] / s);
+            laux += (me / s) * ((double) first[x] / s);
         }
         for (int t = 0; t < s; t++) z += lse[t] * lse[t];
         losses[0] = laux * e;
