@@ -1,0 +1,79 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.moe.MoE;
+import dev.moe4j.core.moe.MoEOutput;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Scope;
+import dev.moe4j.core.tensor.Tensor;
+
+/**
+ * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
+ * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...].
+ * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs).
+ */
+public final class MoeLayerBench {
+    record Config(String name, int s, int m, int f, int e, int k) {}
+
+    static final Config[] CONFIGS = {
+        new Config("350M+MoE-128", 8192, 1024, 4096, 128, 1),
+        new Config("1.3B+MoE-128", 8192, 2048, 8192, 128, 1),
+        new Config("1.3B+MoE-64-top2", 8192, 2048, 8192, 64, 2),
+        new Config("mixtral-8e-top2", 8192, 4096, 14336, 8, 2),
+        new Config("1.3B+MoE-128-EP8-share", 8192, 2048, 8192, 16, 1),
+    };
+
+    public static void main(String[] args) {
+        int iters = args.length > 0 ? Integer.parseInt(args[0]) : 10;
+        boolean dropless = args.length > 1 && args[1].equals("dropless");
+        java.util.Set<String> only = new java.util.HashSet<>();
+        for (int i = 2; i < args.length; i++) only.add(args[i]);
+        try (CudaBackend gpu = new CudaBackend(0)) {
+            for (Config c : CONFIGS) {
+                if (!only.isEmpty() && !only.contains(c.name)) continue;
+                try {
+                    run(gpu, c, iters, dropless);
+                } catch (RuntimeException | OutOfMemoryError ex) {
+                    System.out.printf("%-24s FAILED: %s%n", c.name, ex);
+                }
+                gpu.allocator().emptyCache();
+            }
+        }
+    }
+
+    static void run(CudaBackend gpu, Config c, int iters, boolean dropless) {
+        ModelContext ctx = new ModelContext(gpu, DType.BF16, 1);
+        ctx.setTraining(true);
+        MoE.Builder b = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f).optNumExperts(c.e).optK(c.k)
+                .optActivation(Activation.GELU).optCapacityFactor(1.0).optUseRts(false).optInitStd(0.02);
+        if (dropless) b.optDropless(true);
+        MoE moe = b.build();
+        ctx.allocateParameters();
+        Tensor x = gpu.empty(DType.BF16, c.s, c.m), dy = gpu.empty(DType.BF16, c.s, c.m);
+        gpu.randomNormal(x, 0, 1, 3, 0);
+        gpu.randomNormal(dy, 0, 1e-3, 4, 0);
+        for (int i = 0; i < 3; i++) step(moe, ctx, x, dy);
+        gpu.synchronize();
+        long t0 = System.nanoTime();
+        for (int i = 0; i < iters; i++) step(moe, ctx, x, dy);
+        gpu.synchronize();
+        double ms = (System.nanoTime() - t0) / 1e6 / iters;
+        double flops = 12.0 * c.s * c.k * c.m * c.f;
+        System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
+                c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : "capacity 1.0", ms, flops / ms / 1e9, moe.droppedFraction(),
+                gpu.allocatedBytes() / (double) (1L << 30));
+        x.close();
+        dy.close();
+        moe.close();
+        ctx.params().close();
+    }
+
+    static void step(MoE moe, ModelContext ctx, Tensor x, Tensor dy) {
+        try (Scope s = Scope.open()) {
+            MoEOutput o = moe.forward(x);
+            moe.backward(dy, 0.01f);
+            o.output().close();
+        }
+    }
+}
