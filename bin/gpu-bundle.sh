@@ -5,6 +5,7 @@
 #                          cudart + cuBLAS) and the JUnit console launcher
 #   OUT/test-classes/      moe-cuda's compiled tests
 #   OUT/run-gpu-tests.sh   runs the @Tag("gpu") tests (extra arguments go to the JUnit console launcher)
+#   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -67,5 +68,13 @@ mkdir -p "$reports"
   --class-path "$cp" --scan-class-path "$here/test-classes" --include-tag gpu --details=tree \
   --reports-dir "$reports" "$@"
 RUN
-chmod +x "$out/run-gpu-tests.sh"
+cat > "$out/run-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# The MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench): run-bench.sh [iterations] [capped|dropless] [config...]
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
+RUN
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"
