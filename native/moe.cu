@@ -46,26 +46,36 @@ __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, i
     }
 }
 
-// One block, threads striding over experts: counts per choice rank (rankBase[j*E+e] = choices of ranks < j sent
-// to e, before dropping), counts (all ranks), offsets, l_aux (first-choice counts) and z-loss.
-// Fixed loop orders: deterministic.
-__global__ void k_gate_counts(const int* experts, const void* gates, int gdt, const float* lse, int S, int E, int k,
-                              int capacity, int* rankBase, int* counts, int* offsets, void* losses, int lodt) {
-    float laux = 0.f;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int total = 0, first = 0;
-        for (int j = 0; j < k; j++) {
-            rankBase[j * E + e] = total;
-            int c = 0;
-            for (int s = 0; s < S; s++) c += experts[(i64)s * k + j] == e;
-            if (j == 0) first = c;
-            total += c;
-        }
-        counts[e] = total;
-        float me = 0.f;
-        for (int s = 0; s < S; s++) me += ld(gates, gdt, (i64)s * E + e);
-        laux += (me / S) * ((float)first / S);
+// One block per expert e (grid E): per choice rank j, cnt[j*E+e] = tokens whose choice j is e, and
+// rankBase[j*E+e] = choices of ranks < j sent to e (before dropping); counts[e] over all ranks;
+// lauxPart[e] = mean_s(gates[s,e]) * first-choice count / S. Block reductions in a fixed order: deterministic.
+__global__ void k_gate_counts(const int* experts, const void* gates, int gdt, int S, int E, int k,
+                              int* rankBase, int* counts, float* lauxPart) {
+    int e = blockIdx.x;
+    int total = 0, first = 0;
+    for (int j = 0; j < k; j++) {
+        float c = 0.f;
+        for (int s = threadIdx.x; s < S; s += blockDim.x) c += experts[(i64)s * k + j] == e ? 1.f : 0.f;
+        int cj = (int)(blockSum(c) + 0.5f);
+        if (threadIdx.x == 0) rankBase[j * E + e] = total;
+        if (j == 0) first = cj;
+        total += cj;
     }
+    float me = 0.f;
+    for (int s = threadIdx.x; s < S; s += blockDim.x) me += ld(gates, gdt, (i64)s * E + e);
+    me = blockSum(me);
+    if (threadIdx.x == 0) {
+        counts[e] = total;
+        lauxPart[e] = (me / S) * ((float)first / S);
+    }
+}
+
+// One block: offsets (capacity: e*C; dropless: exclusive cumsum of counts), l_aux = E * sum_e lauxPart[e],
+// z-loss = mean_s lse[s]^2.
+__global__ void k_gate_finish(const int* counts, const float* lauxPart, const float* lse, int S, int E, int capacity,
+                              int* offsets, void* losses, int lodt) {
+    float laux = 0.f;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) laux += lauxPart[e];
     laux = blockSum(laux) * E;
     float z = 0.f;
     for (int s = threadIdx.x; s < S; s += blockDim.x) z += lse[s] * lse[s];
@@ -82,7 +92,36 @@ __global__ void k_gate_counts(const int* experts, const void* gates, int gdt, co
     }
 }
 
-// One thread per (s, j): slot = rankBase[j][e] + the rank of s among the rank-j tokens sent to e, ordered by
+// Position-order slots (no RTS), grid (E, k), 1024 threads: block (e, j) walks the tokens in order in chunks
+// of blockDim and gives each rank-j token sent to e the next slot (a block-wide exclusive scan of the flags).
+__global__ void k_gate_slots_scan(const int* experts, const int* rankBase, const int* offsets, int S, int E, int k,
+                                  int capacity, int* dest) {
+    __shared__ int warpCount[32];
+    __shared__ int running;
+    int e = blockIdx.x, j = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (threadIdx.x == 0) running = rankBase[j * E + e];
+    __syncthreads();
+    for (int base = 0; base < S; base += blockDim.x) {
+        int s = base + threadIdx.x;
+        bool flag = s < S && experts[(i64)s * k + j] == e;
+        unsigned ballot = __ballot_sync(0xffffffffu, flag);
+        if (lane == 0) warpCount[warp] = __popc(ballot);
+        __syncthreads();
+        int before = running;
+        for (int w = 0; w < warp; w++) before += warpCount[w];
+        before += __popc(ballot & ((1u << lane) - 1u));
+        if (flag) {
+            int slot = before;
+            dest[(i64)s * k + j] = capacity > 0 ? (slot < capacity ? e * capacity + slot : -1) : offsets[e] + slot;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) { int t = 0; for (int w = 0; w < nw; w++) t += warpCount[w]; running += t; }
+        __syncthreads();
+    }
+}
+
+// RTS slots. One thread per (s, j): slot = rankBase[j][e] + the rank of s among the rank-j tokens sent to e, ordered by
 // position, or with RTS by descending priority u[s,j] = uniform(seed, offset + S*E + s*k + j), ties by
 // position. Kept iff dropless or slot < capacity. O(S) per thread.
 __global__ void k_gate_slots(const int* experts, const int* rankBase, const int* offsets, int S, int E, int k, int capacity,
@@ -104,13 +143,13 @@ __global__ void k_gate_slots(const int* experts, const int* rankBase, const int*
     dest[i] = capacity > 0 ? (slot < capacity ? e * capacity + slot : -1) : offsets[e] + slot;
 }
 
-// first[e] = number of tokens whose first choice is e (the l_aux statistic), one block
+// first[e] = number of tokens whose first choice is e (the l_aux statistic); one block per expert
 __global__ void k_gate_first_counts(const int* experts, int S, int E, int k, int* first) {
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int c = 0;
-        for (int s = 0; s < S; s++) c += experts[(i64)s * k] == e;
-        first[e] = c;
-    }
+    int e = blockIdx.x;
+    float c = 0.f;
+    for (int s = threadIdx.x; s < S; s += blockDim.x) c += experts[(i64)s * k] == e ? 1.f : 0.f;
+    c = blockSum(c);
+    if (threadIdx.x == 0) first[e] = (int)(c + 0.5f);
 }
 
 // Combine weights per token: k = 1: the gate value if kept, else 0; k >= 2: renormalised over the kept

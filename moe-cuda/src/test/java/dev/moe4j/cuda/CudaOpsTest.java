@@ -93,6 +93,27 @@ class CudaOpsTest extends GpuTestBase {
         }
     }
 
+    /** 40 experts: the cublasGemmGroupedBatchedEx path (32 or more non-empty groups), with empty experts too. */
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void groupedMatmulManyExperts(DType dt) {
+        int e = 40, k = 24, n = 20;
+        int[] offs = new int[e + 1];
+        for (int g = 0; g < e; g++) offs[g + 1] = offs[g] + (g % 9 == 4 ? 0 : 1 + rnd.nextInt(7));
+        int t = offs[e] + 3;
+        Tensor[] o = of(offs, e + 1);
+        for (boolean tw : new boolean[] {false, true}) {
+            Tensor[] a = rand(dt, 1, t, k), w = tw ? rand(dt, 1, e, n, k) : rand(dt, 1, e, k, n), c = rand(dt, 1, t, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], 0.5f);
+            check("groupedMatmul 40 experts transW=" + tw, c, tol(dt));
+        }
+        for (DType gd : new DType[] {dt, DType.F32}) {
+            Tensor[] a = rand(dt, 1, t, k), dy = rand(dt, 1, t, n), dw = rand(gd, 1, e, k, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], 1f);
+            check("groupedMatmulWeightGrad 40 experts -> " + gd, dw, tol(dt));
+        }
+    }
+
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void elementwise(DType dt) {

@@ -37,6 +37,7 @@ public final class MoeLayerBench {
                     System.out.printf("%-24s FAILED: %s%n", c.name, ex);
                 }
                 gpu.allocator().emptyCache();
+                if (System.getenv("MOE4J_CUDA_PROFILE") != null) System.out.print(gpu.profileReport(true));
             }
         }
     }
@@ -54,6 +55,7 @@ public final class MoeLayerBench {
         gpu.randomNormal(dy, 0, 1e-3, 4, 0);
         double dropped = 0;
         for (int i = 0; i < 3; i++) dropped = step(moe, x, dy, true);
+        gpu.profileReport(true);  // profile the timed steps only
         gpu.synchronize();
         long t0 = System.nanoTime();
         for (int i = 0; i < iters; i++) step(moe, x, dy, false);
