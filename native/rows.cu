@@ -58,4 +58,16 @@ __global__ void k_scatter_add_rows(const void* src, int sdt, const int* idx, con
     }
 }
 
+// F32 dst: dst[idx[m], c] += w[m] * src[m, c] with one thread per element and fp32 atomics (fast when many
+// rows share a destination, e.g. expert-bias gradients; the summation order, so the last bits, may vary).
+__global__ void k_scatter_add_rows_atomic(const void* src, int sdt, const int* idx, const void* w, int wdt, float* dst, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 m = i / C; int c = (int)(i % C);
+        int to = idx[m];
+        if (to < 0) continue;
+        float wm = w == nullptr ? 1.f : ld(w, wdt, m);
+        atomicAdd(dst + (i64)to * C + c, wm * ld(src, sdt, i));
+    }
+}
+
 }  // extern "C"

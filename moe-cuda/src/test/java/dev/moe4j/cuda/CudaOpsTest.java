@@ -93,6 +93,24 @@ class CudaOpsTest extends GpuTestBase {
         }
     }
 
+    /** Equal-size experts back to back (the capacity-padded buffer): the strided-batched path. */
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void groupedMatmulEqualExperts(DType dt) {
+        int e = 6, cap = 7, k = 24, n = 20, t = e * cap;
+        int[] offs = new int[e + 1];
+        for (int g = 0; g <= e; g++) offs[g] = g * cap;
+        Tensor[] o = of(offs, e + 1);
+        for (boolean tw : new boolean[] {false, true}) {
+            Tensor[] a = rand(dt, 1, t, k), w = tw ? rand(dt, 1, e, n, k) : rand(dt, 1, e, k, n), c = rand(dt, 1, t, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], 0.5f);
+            check("groupedMatmul equal experts transW=" + tw, c, tol(dt));
+        }
+        Tensor[] a = rand(dt, 1, t, k), dy = rand(dt, 1, t, n), dw = rand(DType.F32, 1, e, k, n);
+        for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], 1f);
+        check("groupedMatmulWeightGrad equal experts -> F32", dw, tol(dt));
+    }
+
     /** 40 experts: the cublasGemmGroupedBatchedEx path (32 or more non-empty groups), with empty experts too. */
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
