@@ -57,6 +57,28 @@ __global__ void k_sum_rows(const void* x, int xdt, void* out, int odt, int N, in
     st(out, odt, c, prev + acc);
 }
 
+// Column sums in two deterministic passes (enough parallelism for tall matrices): grid (ceil(C/128), P),
+// block y sums rows [y*chunk, (y+1)*chunk) of its columns into partial [P, C]; k_sum_rows_final adds the P
+// partials in order.
+__global__ void k_sum_rows_partial(const void* x, int xdt, float* partial, int N, int C, int chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
+    float acc = 0.f;
+    for (int r = r0; r < r1; r++) acc += ld(x, xdt, (i64)r * C + c);
+    partial[(i64)blockIdx.y * C + c] = acc;
+}
+
+// out[c] = beta * out[c] + sum_p partial[p, c]
+__global__ void k_sum_rows_final(const float* partial, int P, void* out, int odt, int C, float beta) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = 0.f;
+    for (int p = 0; p < P; p++) acc += partial[(i64)p * C + c];
+    float prev = beta == 0.f ? 0.f : beta * ld(out, odt, c);
+    st(out, odt, c, prev + acc);
+}
+
 // out[r] = sum_c a[r, c] * b[r, c];  one block per row
 __global__ void k_row_dot(const void* a, int adt, const void* b, int bdt, void* out, int odt, int C) {
     i64 r = blockIdx.x;

@@ -59,4 +59,31 @@ __global__ void k_layernorm_bwd_dgb(const void* dout, int ddt, const void* x, in
     st(dbeta, dbdt, c, ld(dbeta, dbdt, c) + db);
 }
 
+// The same sums in two deterministic passes for tall inputs: grid (ceil(C/128), P), rows [y*chunk, ..) into
+// partial [2, P, C] (dgamma parts, then dbeta parts); k_layernorm_bwd_dgb_final adds them in order.
+__global__ void k_layernorm_bwd_dgb_partial(const void* dout, int ddt, const void* x, int xdt, const void* mean, int mdt,
+                                            const void* rstd, int rdt, float* partial, int N, int C, int chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
+    float dg = 0.f, db = 0.f;
+    for (int r = r0; r < r1; r++) {
+        float g = ld(dout, ddt, (i64)r * C + c);
+        float xh = (ld(x, xdt, (i64)r * C + c) - ld(mean, mdt, r)) * ld(rstd, rdt, r);
+        dg += g * xh; db += g;
+    }
+    i64 P = gridDim.y;
+    partial[(i64)blockIdx.y * C + c] = dg;
+    partial[(P + blockIdx.y) * C + c] = db;
+}
+
+__global__ void k_layernorm_bwd_dgb_final(const float* partial, int P, void* dgamma, int dgdt, void* dbeta, int dbdt, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float dg = 0.f, db = 0.f;
+    for (int p = 0; p < P; p++) { dg += partial[(i64)p * C + c]; db += partial[((i64)P + p) * C + c]; }
+    st(dgamma, dgdt, c, ld(dgamma, dgdt, c) + dg);
+    st(dbeta, dbdt, c, ld(dbeta, dbdt, c) + db);
+}
+
 }  // extern "C"

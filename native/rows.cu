@@ -27,6 +27,15 @@ __global__ void k_embedding_bwd_wte(const void* dout, int gdt, const int* tokens
     }
 }
 
+// F32 dwte: dwte[tokens[r], c] += dout[r, c], one thread per element with fp32 atomics (fast; the order of
+// the additions into a repeated token's row, so its last bits, may vary between runs).
+__global__ void k_embedding_bwd_wte_atomic(const void* dout, int gdt, const int* tokens, float* dwte, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 r = i / C; int c = (int)(i % C);
+        atomicAdd(dwte + (i64)tokens[r] * C + c, ld(dout, gdt, i));
+    }
+}
+
 // dwpe[t, c] += sum_b dout[b, t, c]; n = T * C
 __global__ void k_embedding_bwd_wpe(const void* dout, int gdt, void* dwpe, int dt, i64 n, int B, int T, int C) {
     FOR_N(i, n) {

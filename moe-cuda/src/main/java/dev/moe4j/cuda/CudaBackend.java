@@ -145,6 +145,13 @@ public final class CudaBackend implements Backend {
         launch(kernel, blocks(n), 1, THREADS, 0, args);
     }
 
+    /** How many row chunks a column reduction over n rows of c columns is split into (about 2048+ threads). */
+    private static int rowParts(int n, int c) {
+        if (n < 256) return 1;
+        int want = Math.max(1, 8192 / Math.max(1, c));
+        return Math.max(1, Math.min(want, Math.min(256, n / 64)));
+    }
+
     private static int rowThreads(int cols) { return cols >= 1024 ? 1024 : cols >= 256 ? 256 : 128; }
 
     // ------------------------------------------------------------------ memory and host transfer
@@ -617,7 +624,16 @@ public final class CudaBackend implements Backend {
         int c = x.cols(), n = x.rows();
         Checks.numel("sumRows", "out", out, c);
         if (c == 0) return;
-        launch("k_sum_rows", (c + 127) / 128, 1, 128, 0, p(x), dt(x), p(out), dt(out), n, c, beta);
+        int parts = rowParts(n, c);
+        if (parts == 1) {
+            launch("k_sum_rows", (c + 127) / 128, 1, 128, 0, p(x), dt(x), p(out), dt(out), n, c, beta);
+            return;
+        }
+        int chunk = (n + parts - 1) / parts;
+        try (Tensor partial = scratch(DType.F32, parts * c)) {
+            launch("k_sum_rows_partial", (c + 127) / 128, parts, 128, 0, p(x), dt(x), p(partial), n, c, chunk);
+            launch("k_sum_rows_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(out), dt(out), c, beta);
+        }
     }
 
     @Override
@@ -684,8 +700,18 @@ public final class CudaBackend implements Backend {
         if (n == 0 || c == 0) return;
         launch("k_layernorm_bwd_dx", n, 1, rowThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
                 p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
-        launch("k_layernorm_bwd_dgb", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
-                p(rstd), dt(rstd), p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), n, c);
+        int parts = rowParts(n, c);
+        if (parts == 1) {
+            launch("k_layernorm_bwd_dgb", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
+                    p(rstd), dt(rstd), p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), n, c);
+        } else {
+            int chunk = (n + parts - 1) / parts;
+            try (Tensor partial = scratch(DType.F32, 2 * parts * c)) {
+                launch("k_layernorm_bwd_dgb_partial", (c + 127) / 128, parts, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
+                        p(rstd), dt(rstd), p(partial), n, c, chunk);
+                launch("k_layernorm_bwd_dgb_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), c);
+            }
+        }
     }
 
     @Override
@@ -774,7 +800,11 @@ public final class CudaBackend implements Backend {
         int b = tokens.dim(0), t = tokens.dim(1), c = dwte.cols();
         Checks.matrix(op, "dout", dout, (long) b * t, c);
         if (b * t == 0 || c == 0) return;
-        launch("k_embedding_bwd_wte", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(tokens), p(dwte), dt(dwte), b * t, c);
+        if (dwte.dtype() == DType.F32) {
+            launchN("k_embedding_bwd_wte_atomic", dout.numel(), p(dout), dt(dout), p(tokens), p(dwte), dout.numel(), c);
+        } else {  // BF16 accumulation: one thread per column walking the tokens in order (deterministic)
+            launch("k_embedding_bwd_wte", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(tokens), p(dwte), dt(dwte), b * t, c);
+        }
         if (dwpe != null) {
             floating(op, "dwpe", dwpe);
             Checks.cols(op, "dwpe", dwpe, c);

@@ -150,6 +150,9 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] sr = rand(DType.F32, 1, 17);
         for (int i = 0; i < 2; i++) on(i).sumRows(a[i], sr[i], 1f);
         check("sumRows (accumulate)", sr, tol(dt));
+        Tensor[] tall = rand(dt, 1, 3001, 45), srt = rand(DType.F32, 1, 45);
+        for (int i = 0; i < 2; i++) on(i).sumRows(tall[i], srt[i], 0.5f);
+        check("sumRows tall (two-pass)", srt, tol(dt) * 10);
         Tensor[] rd = rand(DType.F32, 1, 33);
         for (int i = 0; i < 2; i++) on(i).rowDot(a[i], b[i], rd[i]);
         check("rowDot", rd, tol(dt));
@@ -172,8 +175,8 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void layerNormForwardBackward(DType dt) {
-        for (int c : new int[] {7, 129, 1030}) {
-            int n = 11;
+        for (int[] nc : new int[][] {{11, 7}, {11, 129}, {11, 1030}, {2003, 96}}) {
+            int n = nc[0], c = nc[1];
             Tensor[] x = rand(dt, 2, n, c), g = rand(dt, 1, c), b = rand(dt, 1, c), out = rand(dt, 1, n, c);
             Tensor[] mean = rand(DType.F32, 1, n), rstd = rand(DType.F32, 1, n);
             for (int i = 0; i < 2; i++) on(i).layerNorm(x[i], g[i], b[i], 1e-5f, out[i], mean[i], rstd[i]);
@@ -221,10 +224,12 @@ class CudaOpsTest extends GpuTestBase {
         check("embedding", out, tol(dt));
         for (int i = 0; i < 2; i++) on(i).embedding(tok[i], wte[i], null, out[i]);
         check("embedding without wpe", out, tol(dt));
-        Tensor[] dout = rand(dt, 1, b, t, c), dwte = rand(DType.F32, 1, v, c), dwpe = rand(DType.F32, 1, t + 2, c);
-        for (int i = 0; i < 2; i++) on(i).embeddingBackward(dout[i], tok[i], dwte[i], dwpe[i]);
-        check("embeddingBackward dwte", dwte, tol(dt));
-        check("embeddingBackward dwpe", dwpe, tol(dt));
+        for (DType gd : new DType[] {DType.F32, DType.BF16}) {
+            Tensor[] dout = rand(dt, 1, b, t, c), dwte = rand(gd, 1, v, c), dwpe = rand(gd, 1, t + 2, c);
+            for (int i = 0; i < 2; i++) on(i).embeddingBackward(dout[i], tok[i], dwte[i], dwpe[i]);
+            check("embeddingBackward dwte -> " + gd, dwte, tol(dt, gd));
+            check("embeddingBackward dwpe -> " + gd, dwpe, tol(dt, gd));
+        }
     }
 
     @ParameterizedTest
