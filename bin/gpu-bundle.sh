@@ -70,11 +70,11 @@ mkdir -p "$reports"
 RUN
 cat > "$out/run-bench.sh" <<'RUN'
 #!/usr/bin/env bash
-# The MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench): run-bench.sh [iterations] [capped|dropless] [config...]
+# The MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench): run-bench.sh [iterations] [capped|dropless|attention] [config...]
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
+/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
 RUN
 chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"

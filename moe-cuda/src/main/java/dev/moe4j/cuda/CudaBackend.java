@@ -745,18 +745,34 @@ public final class CudaBackend implements Backend {
         if (c % heads != 0) throw new IllegalArgumentException(op + ": channels " + c + " not divisible by heads " + heads);
         Checks.matrix(op, "out", out, (long) b * t, c);
         Checks.numel(op, "lse", lse, (long) b * heads * t);
-        long shared = (2L * t + 2L * (c / heads)) * 4;
+        return new int[] {b, t, c, c / heads};
+    }
+
+    /** Head sizes up to this use the tiled (flash-style) kernels; larger ones the row kernels. */
+    static final int FLASH_MAX_D = 128;
+    /** -Dmoe4j.cuda.rowAttention=true: the row kernels for every head size (for comparisons). */
+    private static final boolean ROW_ATTENTION = Boolean.getBoolean("moe4j.cuda.rowAttention");
+
+    private static int rowKernelShared(String op, int t, int d) {
+        long shared = (2L * t + 2L * d) * 4;
         if (shared > 48 * 1024) {
-            throw new IllegalArgumentException(op + ": sequence length " + t + " needs " + shared + " bytes of shared memory; this kernel supports up to 48 KiB (T <= about 6000)");
+            throw new IllegalArgumentException(op + ": head size " + d + " > " + FLASH_MAX_D + " uses the row kernel, whose shared memory limits "
+                    + "the sequence length to about 6000; got T = " + t);
         }
-        return new int[] {b, t, c, c / heads, (int) shared};
+        return (int) shared;
     }
 
     @Override
     public void attention(Tensor qkv, int heads, Tensor out, Tensor lse) {
         int[] d = attnDims("attention", qkv, heads, out, lse);
-        if (d[0] == 0 || d[1] == 0) return;
-        launch("k_attention", d[1], d[0] * heads, 128, d[4], p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), d[1], heads, d[3]);
+        int b = d[0], t = d[1], hd = d[3];
+        if (b == 0 || t == 0) return;
+        if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
+            int shared = (16 * hd + 32 * (hd + 1) + 32 * hd) * 4;
+            launch("k_flash_fwd", (t + 15) / 16, b * heads, 128, shared, p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), t, heads, hd);
+        } else {
+            launch("k_attention", t, b * heads, 128, rowKernelShared("attention", t, hd), p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), t, heads, hd);
+        }
     }
 
     @Override
@@ -766,10 +782,23 @@ public final class CudaBackend implements Backend {
         floating(op, "dout", dout); floating(op, "dqkv", dqkv);
         Checks.matrix(op, "dout", dout, (long) d[0] * d[1], d[2]);
         Checks.matrix(op, "dqkv", dqkv, (long) d[0] * d[1], 3L * d[2]);
-        if (d[0] == 0 || d[1] == 0) return;
-        Object[] args = {p(dout), dt(dout), p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), p(dqkv), dt(dqkv), d[1], heads, d[3]};
-        launch("k_attention_bwd_dq", d[1], d[0] * heads, 128, d[4], args);
-        launch("k_attention_bwd_dkv", d[1], d[0] * heads, 128, d[4], args);
+        int b = d[0], t = d[1], hd = d[3];
+        if (b == 0 || t == 0) return;
+        if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
+            try (Tensor delta = scratch(DType.F32, b * heads * t)) {
+                launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
+                int sharedKv = (16 * hd + 64 * (hd + 1) + 64) * 4, sharedQ = (16 * hd + 64 * (hd + 1)) * 4;
+                launch("k_flash_bwd_dkv", (t + 7) / 8, b * heads, 128, sharedKv, p(dout), dt(dout), p(qkv), dt(qkv), p(lse), dt(lse), p(delta),
+                        p(dqkv), dt(dqkv), t, heads, hd);
+                launch("k_flash_bwd_dq", (t + 7) / 8, b * heads, 128, sharedQ, p(dout), dt(dout), p(qkv), dt(qkv), p(lse), dt(lse), p(delta),
+                        p(dqkv), dt(dqkv), t, heads, hd);
+            }
+        } else {
+            int shared = rowKernelShared(op, t, hd);
+            Object[] args = {p(dout), dt(dout), p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), p(dqkv), dt(dqkv), t, heads, hd};
+            launch("k_attention_bwd_dq", t, b * heads, 128, shared, args);
+            launch("k_attention_bwd_dkv", t, b * heads, 128, shared, args);
+        }
     }
 
     // ------------------------------------------------------------------ embedding and losses

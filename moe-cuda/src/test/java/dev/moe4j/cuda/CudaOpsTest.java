@@ -205,14 +205,18 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void attentionForwardBackward(DType dt) {
-        int b = 2, t = 37, h = 3, d = 16, c = h * d;
-        Tensor[] qkv = rand(dt, 1, b, t, 3 * c), out = rand(dt, 1, b, t, c), lse = rand(DType.F32, 1, b, h, t);
-        for (int i = 0; i < 2; i++) on(i).attention(qkv[i], h, out[i], lse[i]);
-        check("attention out", out, tol(dt));
-        check("attention lse", lse, F32_TOL);
-        Tensor[] dout = rand(dt, 1, b, t, c), dqkv = rand(dt, 1, b, t, 3 * c);
-        for (int i = 0; i < 2; i++) on(i).attentionBackward(dout[i], qkv[i], out[i], lse[i], h, dqkv[i]);
-        check("attentionBackward dqkv", dqkv, tol(dt) * (dt == DType.F32 ? 10 : 2));
+        // {B, T, H, D}: several key tiles, D = 128 (the tiled kernels' largest), D = 160 (the row kernels)
+        for (int[] cfg : new int[][] {{2, 37, 3, 16}, {1, 100, 2, 64}, {1, 45, 1, 128}, {2, 21, 1, 160}}) {
+            int b = cfg[0], t = cfg[1], h = cfg[2], d = cfg[3], c = h * d;
+            String name = "attention B=" + b + " T=" + t + " H=" + h + " D=" + d;
+            Tensor[] qkv = rand(dt, 1, b, t, 3 * c), out = rand(dt, 1, b, t, c), lse = rand(DType.F32, 1, b, h, t);
+            for (int i = 0; i < 2; i++) on(i).attention(qkv[i], h, out[i], lse[i]);
+            check(name + " out", out, tol(dt));
+            check(name + " lse", lse, F32_TOL);
+            Tensor[] dout = rand(dt, 1, b, t, c), dqkv = rand(dt, 1, b, t, 3 * c);
+            for (int i = 0; i < 2; i++) on(i).attentionBackward(dout[i], qkv[i], out[i], lse[i], h, dqkv[i]);
+            check(name + " dqkv", dqkv, tol(dt) * (dt == DType.F32 ? 10 : 2));
+        }
     }
 
     @ParameterizedTest

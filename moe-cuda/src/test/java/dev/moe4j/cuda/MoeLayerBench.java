@@ -29,6 +29,10 @@ public final class MoeLayerBench {
         java.util.Set<String> only = new java.util.HashSet<>();
         for (int i = 2; i < args.length; i++) only.add(args[i]);
         try (CudaBackend gpu = new CudaBackend(0)) {
+            if (args.length > 1 && args[1].equals("attention")) {
+                attention(gpu, iters);
+                return;
+            }
             for (Config c : CONFIGS) {
                 if (!only.isEmpty() && !only.contains(c.name)) continue;
                 try {
@@ -69,6 +73,30 @@ public final class MoeLayerBench {
         dy.close();
         moe.close();
         ctx.params().close();
+    }
+
+    /** Causal attention forward + backward, bf16, GPT-2 350M shapes (B=8, T=1024, H=16, D=64). */
+    static void attention(CudaBackend gpu, int iters) {
+        int b = 8, t = 1024, h = 16, d = 64, c = h * d;
+        try (Scope s = Scope.open()) {
+            Tensor qkv = gpu.empty(DType.BF16, b, t, 3 * c), out = gpu.empty(DType.BF16, b, t, c), lse = gpu.empty(DType.F32, b, h, t);
+            Tensor dout = gpu.empty(DType.BF16, b, t, c), dqkv = gpu.empty(DType.BF16, b, t, 3 * c);
+            gpu.randomNormal(qkv, 0, 1, 1, 0);
+            gpu.randomNormal(dout, 0, 1, 2, 0);
+            for (int i = 0; i < 2; i++) { gpu.attention(qkv, h, out, lse); gpu.attentionBackward(dout, qkv, out, lse, h, dqkv); }
+            gpu.synchronize();
+            long t0 = System.nanoTime();
+            for (int i = 0; i < iters; i++) gpu.attention(qkv, h, out, lse);
+            gpu.synchronize();
+            long t1 = System.nanoTime();
+            for (int i = 0; i < iters; i++) gpu.attentionBackward(dout, qkv, out, lse, h, dqkv);
+            gpu.synchronize();
+            long t2 = System.nanoTime();
+            double flops = 4.0 * b * h * (double) t * t * d / 2;  // causal: half of QK^T and PV
+            double fwd = (t1 - t0) / 1e6 / iters, bwd = (t2 - t1) / 1e6 / iters;
+            System.out.printf("attention B=%d T=%d H=%d D=%d bf16 (%s kernels): forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)%n",
+                    b, t, h, d, Boolean.getBoolean("moe4j.cuda.rowAttention") ? "row" : "tiled", fwd, flops / fwd / 1e9, bwd, 2.5 * flops / bwd / 1e9);
+        }
     }
 
     /** One forward + backward inside a step scope; returns the fraction of dropped choices (a host read). */
