@@ -6,6 +6,7 @@
 #   OUT/test-classes/      moe-cuda's compiled tests
 #   OUT/run-gpu-tests.sh   runs the @Tag("gpu") tests (extra arguments go to the JUnit console launcher)
 #   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
+#   OUT/moe_layer_reference.py  its PyTorch peers (python3 there has PyTorch)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +27,7 @@ mkdir -p "$out/lib"
 cp moe-cuda/target/moe-cuda-*.jar "$out/lib/"
 [[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
 cp -r moe-cuda/target/test-classes "$out/test-classes"
+cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmark
 rm -f "$out"/lib/moe-comm-*.jar "$out"/lib/moe-examples-*.jar
 
 # The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart and cuBLAS.
