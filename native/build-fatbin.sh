@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Compiles the kernels of native/ into one fatbin (sm_80, sm_90 and compute_90 PTX) for moe-cuda's jar.
 # Usage: build-fatbin.sh OUT_FILE. Where nvcc is absent it prints why and exits 0: the build passes and the
-# CUDA backend reports at run time that its kernels are missing. NVCC=/path/to/nvcc picks another compiler.
+# CUDA backend reports at run time that its kernels are missing. NVCC=/path/to/nvcc picks another compiler;
+# NVCC=none builds without kernels (to check that path).
 set -euo pipefail
 out=${1:?usage: build-fatbin.sh OUT_FILE}
 here=$(cd "$(dirname "$0")" && pwd)
 nvcc=${NVCC:-$(command -v nvcc || true)}
 [[ -z $nvcc && -x /usr/local/cuda/bin/nvcc ]] && nvcc=/usr/local/cuda/bin/nvcc
-if [[ -z $nvcc ]]; then
+if [[ -z $nvcc || $nvcc == none ]]; then
+  rm -f "$out"
   echo "[moe4j] nvcc not found: building moe-cuda WITHOUT its CUDA kernels (the backend will say they are missing)"
   exit 0
 fi
