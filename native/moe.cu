@@ -121,22 +121,26 @@ __global__ void k_gate_slots_scan(const int* experts, const int* rankBase, const
     }
 }
 
-// RTS slots. One thread per (s, j): slot = rankBase[j][e] + the rank of s among the rank-j tokens sent to e, ordered by
-// position, or with RTS by descending priority u[s,j] = uniform(seed, offset + S*E + s*k + j), ties by
-// position. Kept iff dropless or slot < capacity. O(S) per thread.
-__global__ void k_gate_slots(const int* experts, const int* rankBase, const int* offsets, int S, int E, int k, int capacity,
-                             int rts, unsigned long long seed, unsigned long long offset, int* dest) {
+// RTS priorities, one thread per (s, j): prio[s*k + j] = uniform(seed, offset + S*E + s*k + j) (GateSpec's counters)
+__global__ void k_gate_priorities(int S, int E, int k, unsigned long long seed, unsigned long long offset, float* prio) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)S * k) return;
+    prio[i] = (float)(philox(seed, offset + (unsigned long long)S * E + (unsigned long long)i).x >> 8) * 0x1.0p-24f;
+}
+
+// RTS slots. One thread per (s, j): slot = rankBase[j][e] + the rank of s among the rank-j tokens sent to e in
+// descending priority, ties by position. Kept iff dropless or slot < capacity. O(S) per thread; the warp's
+// threads read the same token at each step (broadcast loads).
+__global__ void k_gate_slots(const int* experts, const int* rankBase, const int* offsets, const float* prio, int S, int E, int k,
+                             int capacity, int* dest) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (i64)S * k) return;
     int s = (int)(i / k), j = (int)(i % k), e = experts[i];
-    unsigned long long pbase = offset + (unsigned long long)S * E;
-    float ps = 0.f;
-    if (rts) ps = (float)(philox(seed, pbase + (unsigned long long)s * k + j).x >> 8) * 0x1.0p-24f;
+    float ps = prio[i];
     int r = 0;
     for (int t = 0; t < S; t++) {
-        if (t == s || experts[(i64)t * k + j] != e) continue;
-        if (!rts) { r += t < s; continue; }
-        float pt = (float)(philox(seed, pbase + (unsigned long long)t * k + j).x >> 8) * 0x1.0p-24f;
+        if (experts[(i64)t * k + j] != e || t == s) continue;
+        float pt = prio[(i64)t * k + j];
         r += pt > ps || (pt == ps && t < s);
     }
     int slot = rankBase[j * E + e] + r;

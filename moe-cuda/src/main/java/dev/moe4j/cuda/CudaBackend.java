@@ -957,8 +957,11 @@ public final class CudaBackend implements Backend {
                     p(rankBase), p(out.counts()), p(lauxPart));
             launch("k_gate_finish", 1, 1, 256, 0, p(out.counts()), p(lauxPart), p(lse), s, e, cap, p(out.offsets()), p(out.losses()), dt(out.losses()));
             if (spec.useRts()) {
-                launch("k_gate_slots", (int) (((long) s * k + 127) / 128), 1, 128, 0, p(out.experts()), p(rankBase), p(out.offsets()),
-                        s, e, k, cap, 1, spec.seed(), spec.offset(), p(out.dest()));
+                int blocksSk = (int) (((long) s * k + 127) / 128);
+                try (Tensor prio = scratch(DType.F32, s * k)) {
+                    launch("k_gate_priorities", blocksSk, 1, 128, 0, s, e, k, spec.seed(), spec.offset(), p(prio));
+                    launch("k_gate_slots", blocksSk, 1, 128, 0, p(out.experts()), p(rankBase), p(out.offsets()), p(prio), s, e, k, cap, p(out.dest()));
+                }
             } else {
                 launch("k_gate_slots_scan", e, k, 1024, 0, p(out.experts()), p(rankBase), p(out.offsets()), s, e, k, cap, p(out.dest()));
             }

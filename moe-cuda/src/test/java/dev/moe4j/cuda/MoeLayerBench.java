@@ -50,7 +50,7 @@ public final class MoeLayerBench {
         ModelContext ctx = new ModelContext(gpu, DType.BF16, 1);
         ctx.setTraining(true);
         MoE.Builder b = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f).optNumExperts(c.e).optK(c.k)
-                .optActivation(Activation.GELU).optCapacityFactor(1.0).optUseRts(false).optInitStd(0.02);
+                .optActivation(Activation.GELU).optCapacityFactor(1.0).optUseRts(Boolean.getBoolean("moe4j.bench.rts")).optInitStd(0.02);
         if (dropless) b.optDropless(true);
         MoE moe = b.build();
         ctx.allocateParameters();
@@ -67,7 +67,7 @@ public final class MoeLayerBench {
         double ms = (System.nanoTime() - t0) / 1e6 / iters;
         double flops = 12.0 * c.s * c.k * c.m * c.f;
         System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
-                c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : "capacity 1.0", ms, flops / ms / 1e9, dropped,
+                c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0", ms, flops / ms / 1e9, dropped,
                 gpu.allocatedBytes() / (double) (1L << 30));
         x.close();
         dy.close();
