@@ -5,3 +5,4 @@
 #include "attention.cu"
 #include "rows.cu"
 #include "moe.cu"
+#include "attention_tc.cu"

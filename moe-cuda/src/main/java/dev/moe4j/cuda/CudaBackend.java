@@ -752,6 +752,8 @@ public final class CudaBackend implements Backend {
     static final int FLASH_MAX_D = 128;
     /** -Dmoe4j.cuda.rowAttention=true: the row kernels for every head size (for comparisons). */
     private static final boolean ROW_ATTENTION = Boolean.getBoolean("moe4j.cuda.rowAttention");
+    /** -Dmoe4j.cuda.noTensorCoreAttention=true: the CUDA-core tiled forward even for bf16 heads of 64 / 128. */
+    private static final boolean NO_TC_ATTENTION = Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention");
 
     private static int rowKernelShared(String op, int t, int d) {
         long shared = (2L * t + 2L * d) * 4;
@@ -767,7 +769,11 @@ public final class CudaBackend implements Backend {
         int[] d = attnDims("attention", qkv, heads, out, lse);
         int b = d[0], t = d[1], hd = d[3];
         if (b == 0 || t == 0) return;
-        if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
+        if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !ROW_ATTENTION && !NO_TC_ATTENTION) {
+            // tensor cores (WMMA bf16): attention_tc.cu
+            int shared = 64 * (hd + 8) * 2 + 4 * 16 * 36 * 4 + 4 * 16 * 40 * 2;
+            launch("k_flash_fwd_tc" + hd, (t + 63) / 64, b * heads, 128, shared, p(qkv), p(out), dt(out), p(lse), dt(lse), t, heads);
+        } else if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
             int shared = (16 * hd + 32 * (hd + 1) + 32 * hd) * 4;
             launch("k_flash_fwd", (t + 15) / 16, b * heads, 128, shared, p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), t, heads, hd);
         } else {

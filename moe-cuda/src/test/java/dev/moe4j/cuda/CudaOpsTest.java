@@ -205,8 +205,8 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void attentionForwardBackward(DType dt) {
-        // {B, T, H, D}: several key tiles, D = 128 (the tiled kernels' largest), D = 160 (the row kernels)
-        for (int[] cfg : new int[][] {{2, 37, 3, 16}, {1, 100, 2, 64}, {1, 45, 1, 128}, {2, 21, 1, 160}}) {
+        // {B, T, H, D}: several key tiles; bf16 with D = 64 / 128 runs the tensor-core forward; D = 160 the row kernels
+        for (int[] cfg : new int[][] {{2, 37, 3, 16}, {1, 100, 2, 64}, {2, 130, 2, 64}, {1, 45, 1, 128}, {1, 77, 2, 128}, {2, 21, 1, 160}}) {
             int b = cfg[0], t = cfg[1], h = cfg[2], d = cfg[3], c = h * d;
             String name = "attention B=" + b + " T=" + t + " H=" + h + " D=" + d;
             Tensor[] qkv = rand(dt, 1, b, t, 3 * c), out = rand(dt, 1, b, t, c), lse = rand(DType.F32, 1, b, h, t);
