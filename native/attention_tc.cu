@@ -3,7 +3,7 @@
 // Block = 4 warps x 16 query rows (64 queries), key tiles of 32. Two passes over the keys: the first finds
 // each row's maximum scaled score, the second accumulates P V with that fixed maximum, so the output
 // accumulators stay in WMMA fragments (their element layout is opaque: no per-row rescaling needed).
-// P is rounded to bf16 for the P V product (as FlashAttention does) and the row sums use the rounded values.
+// P is rounded to bf16 for the P V product (as FlashAttention does); the row sums and lse use fp32 P.
 #include "common.cuh"
 #include <mma.h>
 
@@ -80,8 +80,9 @@ __device__ void flash_fwd_tc(const __nv_bfloat16* qkv, void* out, int odt, void*
                     int j = j0 + c;
                     __nv_bfloat16 pb = zero;
                     if (j <= i && j < T) {
-                        pb = __float2bfloat16(expf(S[row * SLD + c] * scale - m));
-                        l += __bfloat162float(pb);
+                        float p = expf(S[row * SLD + c] * scale - m);
+                        pb = __float2bfloat16(p);
+                        l += p;  // fp32 row sums (as FlashAttention): lse stays exact for the backward
                     }
                     P[row * PLD + c] = pb;
                 }
