@@ -121,6 +121,206 @@ __device__ void flash_fwd_tc(const __nv_bfloat16* qkv, void* out, int odt, void*
     if (i < T && half == 0) st(lse, ldt, ((i64)b * H + h) * T + i, m + logf(l));
 }
 
+// ------------------------------------------------------------------ backward on tensor cores, head size 64
+// Recomputes P = exp(S * scale - lse) and dS = P (dP - delta) * scale from the forward's lse and
+// delta = rowsum(dO * O) (k_flash_delta). Two kernels, no atomics: dK/dV per key block, dQ per query block.
+// Each warp works on 16 x 16 tiles; lane l owns row l/2, columns (l%2)*8 .. +8 of a tile for the elementwise part.
+#define BD 64
+#define BLD (BD + 8)
+
+extern "C" {
+
+// dK, dV: grid (ceil(T/64), B*H), 128 threads; warp w owns keys k0 + 16w .. +16; query tiles of 16.
+// shared: K, V [64][BLD] bf16; Q, dO [16][BLD] bf16; lse, delta [16]; per warp S, dP [16][20] f32, P, dS [16][24] bf16
+__global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                     const float* delta, void* dqkv, int dxdt, int T, int H) {
+    extern __shared__ __align__(16) char smem[];
+    const int D = BD;
+    int C = H * D;
+    __nv_bfloat16* Ks = (__nv_bfloat16*)smem;
+    __nv_bfloat16* Vs = Ks + 64 * BLD;
+    __nv_bfloat16* Qs = Vs + 64 * BLD;
+    __nv_bfloat16* Gs = Qs + 16 * BLD;
+    float* Ls = (float*)(Gs + 16 * BLD);
+    float* Dl = Ls + 16;
+    float* Sw = Dl + 16;                              // [4][2][16][20]
+    __nv_bfloat16* Pw = (__nv_bfloat16*)(Sw + 4 * 2 * 16 * 20);  // [4][2][16][24]
+    int bh = blockIdx.y, b = bh / H, h = bh % H, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int k0 = blockIdx.x * 64, wk = k0 + warp * 16;
+    const float scale = rsqrtf((float)D);
+    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+    for (int x = threadIdx.x; x < 64 * D; x += blockDim.x) {
+        int r = x / D, d = x % D, j = k0 + r;
+        Ks[r * BLD + d] = j < T ? qkv[TC_QKV(b, j, 1, h) + d] : zero;
+        Vs[r * BLD + d] = j < T ? qkv[TC_QKV(b, j, 2, h) + d] : zero;
+    }
+    float* S = Sw + warp * 2 * 16 * 20;
+    float* dP = S + 16 * 20;
+    __nv_bfloat16* P = Pw + warp * 2 * 16 * 24;
+    __nv_bfloat16* dS = P + 16 * 24;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[4], dv[4];
+#pragma unroll
+    for (int f = 0; f < 4; f++) { wmma::fill_fragment(dk[f], 0.f); wmma::fill_fragment(dv[f], 0.f); }
+    int row = lane >> 1, c0 = (lane & 1) * 8, j = wk + row;   // this lane: key j, queries i0 + c0 .. +8
+    for (int i0 = (k0 / 16) * 16; i0 < T; i0 += 16) {
+        __syncthreads();
+        for (int x = threadIdx.x; x < 16 * D; x += blockDim.x) {
+            int r = x / D, d = x % D, i = i0 + r;
+            Qs[r * BLD + d] = i < T ? qkv[TC_QKV(b, i, 0, h) + d] : zero;
+            Gs[r * BLD + d] = i < T ? __float2bfloat16(ld(dout, gdt, TC_OUT(b, i, h) + d)) : zero;
+        }
+        if (threadIdx.x < 16) {
+            int i = i0 + threadIdx.x;
+            Ls[threadIdx.x] = i < T ? ld(lse, ldt, (i64)bh * T + i) : 0.f;
+            Dl[threadIdx.x] = i < T ? delta[(i64)bh * T + i] : 0.f;
+        }
+        __syncthreads();
+        if (i0 + 15 < wk || wk >= T) continue;  // all queries before this warp's keys (warp-uniform)
+        // S^T = K Q^T and dP^T = V dO^T: [16 keys][16 queries]
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf, pf;
+        wmma::fill_fragment(sf, 0.f);
+        wmma::fill_fragment(pf, 0.f);
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> ka, va;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> qb, gb;
+            wmma::load_matrix_sync(ka, Ks + warp * 16 * BLD + f * 16, BLD);
+            wmma::load_matrix_sync(va, Vs + warp * 16 * BLD + f * 16, BLD);
+            wmma::load_matrix_sync(qb, Qs + f * 16, BLD);
+            wmma::load_matrix_sync(gb, Gs + f * 16, BLD);
+            wmma::mma_sync(sf, ka, qb, sf);
+            wmma::mma_sync(pf, va, gb, pf);
+        }
+        wmma::store_matrix_sync(S, sf, 20, wmma::mem_row_major);
+        wmma::store_matrix_sync(dP, pf, 20, wmma::mem_row_major);
+        __syncwarp();
+        for (int c = c0; c < c0 + 8; c++) {
+            int i = i0 + c;
+            float p = 0.f, ds = 0.f;
+            if (i < T && j < T && i >= j) {
+                p = expf(S[row * 20 + c] * scale - Ls[c]);
+                ds = p * (dP[row * 20 + c] - Dl[c]) * scale;
+            }
+            P[row * 24 + c] = __float2bfloat16(p);
+            dS[row * 24 + c] = __float2bfloat16(ds);
+        }
+        __syncwarp();
+        // dV += P^T dO, dK += dS^T Q: [16 keys][D]
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pa, dsa;
+        wmma::load_matrix_sync(pa, P, 24);
+        wmma::load_matrix_sync(dsa, dS, 24);
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> gb, qb;
+            wmma::load_matrix_sync(gb, Gs + f * 16, BLD);
+            wmma::load_matrix_sync(qb, Qs + f * 16, BLD);
+            wmma::mma_sync(dv[f], pa, gb, dv[f]);
+            wmma::mma_sync(dk[f], dsa, qb, dk[f]);
+        }
+    }
+    // write dK, dV through the warp's f32 scratch (16 x 16 per fragment)
+#pragma unroll
+    for (int f = 0; f < 4; f++) {
+        __syncwarp();
+        wmma::store_matrix_sync(S, dk[f], 20, wmma::mem_row_major);
+        wmma::store_matrix_sync(dP, dv[f], 20, wmma::mem_row_major);
+        __syncwarp();
+        if (j < T) {
+            for (int c = c0; c < c0 + 8; c++) {
+                st(dqkv, dxdt, TC_QKV(b, j, 1, h) + f * 16 + c, S[row * 20 + c]);
+                st(dqkv, dxdt, TC_QKV(b, j, 2, h) + f * 16 + c, dP[row * 20 + c]);
+            }
+        }
+    }
+}
+
+// dQ: grid (ceil(T/64), B*H), 128 threads; warp w owns queries q0 + 16w .. +16; key tiles of 16.
+// shared: Q, dO [64][BLD] bf16; K, V [16][BLD] bf16; per warp S, dP [16][20] f32, dS [16][24] bf16
+__global__ void k_flash_bwd_dq_tc64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                    const float* delta, void* dqkv, int dxdt, int T, int H) {
+    extern __shared__ __align__(16) char smem[];
+    const int D = BD;
+    int C = H * D;
+    __nv_bfloat16* Qs = (__nv_bfloat16*)smem;
+    __nv_bfloat16* Gs = Qs + 64 * BLD;
+    __nv_bfloat16* Ks = Gs + 64 * BLD;
+    __nv_bfloat16* Vs = Ks + 16 * BLD;
+    float* Sw = (float*)(Vs + 16 * BLD);               // [4][2][16][20]
+    __nv_bfloat16* Pw = (__nv_bfloat16*)(Sw + 4 * 2 * 16 * 20);  // [4][16][24]
+    int bh = blockIdx.y, b = bh / H, h = bh % H, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int q0 = blockIdx.x * 64, wq = q0 + warp * 16;
+    const float scale = rsqrtf((float)D);
+    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+    for (int x = threadIdx.x; x < 64 * D; x += blockDim.x) {
+        int r = x / D, d = x % D, i = q0 + r;
+        Qs[r * BLD + d] = i < T ? qkv[TC_QKV(b, i, 0, h) + d] : zero;
+        Gs[r * BLD + d] = i < T ? __float2bfloat16(ld(dout, gdt, TC_OUT(b, i, h) + d)) : zero;
+    }
+    float* S = Sw + warp * 2 * 16 * 20;
+    float* dP = S + 16 * 20;
+    __nv_bfloat16* dS = Pw + warp * 16 * 24;
+    int row = lane >> 1, c0 = (lane & 1) * 8, i = wq + row;   // this lane: query i, keys j0 + c0 .. +8
+    float lsei = i < T ? ld(lse, ldt, (i64)bh * T + i) : 0.f, deli = i < T ? delta[(i64)bh * T + i] : 0.f;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[4];
+#pragma unroll
+    for (int f = 0; f < 4; f++) wmma::fill_fragment(dq[f], 0.f);
+    int kmax = min(T - 1, q0 + 63);
+    for (int j0 = 0; j0 <= kmax; j0 += 16) {
+        __syncthreads();
+        for (int x = threadIdx.x; x < 16 * D; x += blockDim.x) {
+            int r = x / D, d = x % D, j = j0 + r;
+            Ks[r * BLD + d] = j < T ? qkv[TC_QKV(b, j, 1, h) + d] : zero;
+            Vs[r * BLD + d] = j < T ? qkv[TC_QKV(b, j, 2, h) + d] : zero;
+        }
+        __syncthreads();
+        if (j0 > wq + 15 || wq >= T) continue;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf, pf;
+        wmma::fill_fragment(sf, 0.f);
+        wmma::fill_fragment(pf, 0.f);
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qa, ga;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kb, vb;
+            wmma::load_matrix_sync(qa, Qs + warp * 16 * BLD + f * 16, BLD);
+            wmma::load_matrix_sync(ga, Gs + warp * 16 * BLD + f * 16, BLD);
+            wmma::load_matrix_sync(kb, Ks + f * 16, BLD);
+            wmma::load_matrix_sync(vb, Vs + f * 16, BLD);
+            wmma::mma_sync(sf, qa, kb, sf);
+            wmma::mma_sync(pf, ga, vb, pf);
+        }
+        wmma::store_matrix_sync(S, sf, 20, wmma::mem_row_major);
+        wmma::store_matrix_sync(dP, pf, 20, wmma::mem_row_major);
+        __syncwarp();
+        for (int c = c0; c < c0 + 8; c++) {
+            int j = j0 + c;
+            float ds = 0.f;
+            if (i < T && j <= i) {
+                float p = expf(S[row * 20 + c] * scale - lsei);
+                ds = p * (dP[row * 20 + c] - deli) * scale;
+            }
+            dS[row * 24 + c] = __float2bfloat16(ds);
+        }
+        __syncwarp();
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> dsa;
+        wmma::load_matrix_sync(dsa, dS, 24);
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> kb;
+            wmma::load_matrix_sync(kb, Ks + f * 16, BLD);
+            wmma::mma_sync(dq[f], dsa, kb, dq[f]);
+        }
+    }
+#pragma unroll
+    for (int f = 0; f < 4; f++) {
+        __syncwarp();
+        wmma::store_matrix_sync(S, dq[f], 20, wmma::mem_row_major);
+        __syncwarp();
+        if (i < T) for (int c = c0; c < c0 + 8; c++) st(dqkv, dxdt, TC_QKV(b, i, 0, h) + f * 16 + c, S[row * 20 + c]);
+    }
+}
+
+}  // extern "C"
+
 extern "C" {
 
 // grid (ceil(T/64), B*H), 128 threads, dynamic shared (64*(D+8)*2 + 4*16*36*4 + 4*16*40*2) bytes

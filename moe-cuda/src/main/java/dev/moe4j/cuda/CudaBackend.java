@@ -752,7 +752,7 @@ public final class CudaBackend implements Backend {
     static final int FLASH_MAX_D = 128;
     /** -Dmoe4j.cuda.rowAttention=true: the row kernels for every head size (for comparisons). */
     private static final boolean ROW_ATTENTION = Boolean.getBoolean("moe4j.cuda.rowAttention");
-    /** -Dmoe4j.cuda.noTensorCoreAttention=true: the CUDA-core tiled forward even for bf16 heads of 64 / 128. */
+    /** -Dmoe4j.cuda.noTensorCoreAttention=true: the CUDA-core tiled kernels even for bf16 heads of 64 / 128. */
     private static final boolean NO_TC_ATTENTION = Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention");
 
     private static int rowKernelShared(String op, int t, int d) {
@@ -793,6 +793,14 @@ public final class CudaBackend implements Backend {
         if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
             try (Tensor delta = scratch(DType.F32, b * heads * t)) {
                 launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
+                if (qkv.dtype() == DType.BF16 && hd == 64 && !NO_TC_ATTENTION) {
+                    // tensor cores (WMMA bf16): attention_tc.cu
+                    launch("k_flash_bwd_dkv_tc64", (t + 63) / 64, b * heads, 128, 39552, p(dout), dt(dout), p(qkv), p(lse), dt(lse), p(delta),
+                            p(dqkv), dt(dqkv), t, heads);
+                    launch("k_flash_bwd_dq_tc64", (t + 63) / 64, b * heads, 128, 36352, p(dout), dt(dout), p(qkv), p(lse), dt(lse), p(delta),
+                            p(dqkv), dt(dqkv), t, heads);
+                    return;
+                }
                 int sharedKv = (16 * hd + 64 * (hd + 1) + 64) * 4, sharedQ = (16 * hd + 64 * (hd + 1)) * 4;
                 launch("k_flash_bwd_dkv", (t + 7) / 8, b * heads, 128, sharedKv, p(dout), dt(dout), p(qkv), dt(qkv), p(lse), dt(lse), p(delta),
                         p(dqkv), dt(dqkv), t, heads, hd);

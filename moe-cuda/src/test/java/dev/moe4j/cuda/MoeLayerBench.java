@@ -95,7 +95,7 @@ public final class MoeLayerBench {
             double flops = 4.0 * b * h * (double) t * t * d / 2;  // causal: half of QK^T and PV
             double fwd = (t1 - t0) / 1e6 / iters, bwd = (t2 - t1) / 1e6 / iters;
             System.out.printf("attention B=%d T=%d H=%d D=%d bf16 (%s kernels): forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)%n",
-                    b, t, h, d, Boolean.getBoolean("moe4j.cuda.rowAttention") ? "row" : Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention") ? "tiled CUDA-core" : "tiled, tensor-core forward", fwd, flops / fwd / 1e9, bwd, 2.5 * flops / bwd / 1e9);
+                    b, t, h, d, Boolean.getBoolean("moe4j.cuda.rowAttention") ? "row" : Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention") ? "tiled CUDA-core" : "tiled, tensor cores", fwd, flops / fwd / 1e9, bwd, 2.5 * flops / bwd / 1e9);
         }
     }
 
