@@ -121,21 +121,16 @@ __device__ void flash_fwd_tc(const __nv_bfloat16* qkv, void* out, int odt, void*
     if (i < T && half == 0) st(lse, ldt, ((i64)b * H + h) * T + i, m + logf(l));
 }
 
-// ------------------------------------------------------------------ backward on tensor cores, head size 64
+// ------------------------------------------------------------------ backward on tensor cores, head size 64 / 128
 // Recomputes P = exp(S * scale - lse) and dS = P (dP - delta) * scale from the forward's lse and
 // delta = rowsum(dO * O) (k_flash_delta). Two kernels, no atomics: dK/dV per key block, dQ per query block.
 // Each warp works on 16 x 16 tiles; lane l owns row l/2, columns (l%2)*8 .. +8 of a tile for the elementwise part.
-#define BD 64
-#define BLD (BD + 8)
-
-extern "C" {
-
 // dK, dV: grid (ceil(T/64), B*H), 128 threads; warp w owns keys k0 + 16w .. +16; query tiles of 16.
 // shared: K, V [64][BLD] bf16; Q, dO [16][BLD] bf16; lse, delta [16]; per warp S, dP [16][20] f32, P, dS [16][24] bf16
-__global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
-                                     const float* delta, void* dqkv, int dxdt, int T, int H) {
-    extern __shared__ __align__(16) char smem[];
-    const int D = BD;
+template <int D>
+__device__ void flash_bwd_dkv_tc(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                 const float* delta, void* dqkv, int dxdt, int T, int H, char* smem) {
+    constexpr int BLD = D + 8, NF = D / 16;
     int C = H * D;
     __nv_bfloat16* Ks = (__nv_bfloat16*)smem;
     __nv_bfloat16* Vs = Ks + 64 * BLD;
@@ -158,9 +153,9 @@ __global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloa
     float* dP = S + 16 * 20;
     __nv_bfloat16* P = Pw + warp * 2 * 16 * 24;
     __nv_bfloat16* dS = P + 16 * 24;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[4], dv[4];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[NF], dv[NF];
 #pragma unroll
-    for (int f = 0; f < 4; f++) { wmma::fill_fragment(dk[f], 0.f); wmma::fill_fragment(dv[f], 0.f); }
+    for (int f = 0; f < NF; f++) { wmma::fill_fragment(dk[f], 0.f); wmma::fill_fragment(dv[f], 0.f); }
     int row = lane >> 1, c0 = (lane & 1) * 8, j = wk + row;   // this lane: key j, queries i0 + c0 .. +8
     for (int i0 = (k0 / 16) * 16; i0 < T; i0 += 16) {
         __syncthreads();
@@ -181,7 +176,7 @@ __global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloa
         wmma::fill_fragment(sf, 0.f);
         wmma::fill_fragment(pf, 0.f);
 #pragma unroll
-        for (int f = 0; f < 4; f++) {
+        for (int f = 0; f < NF; f++) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> ka, va;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> qb, gb;
             wmma::load_matrix_sync(ka, Ks + warp * 16 * BLD + f * 16, BLD);
@@ -210,7 +205,7 @@ __global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloa
         wmma::load_matrix_sync(pa, P, 24);
         wmma::load_matrix_sync(dsa, dS, 24);
 #pragma unroll
-        for (int f = 0; f < 4; f++) {
+        for (int f = 0; f < NF; f++) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> gb, qb;
             wmma::load_matrix_sync(gb, Gs + f * 16, BLD);
             wmma::load_matrix_sync(qb, Qs + f * 16, BLD);
@@ -220,7 +215,7 @@ __global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloa
     }
     // write dK, dV through the warp's f32 scratch (16 x 16 per fragment)
 #pragma unroll
-    for (int f = 0; f < 4; f++) {
+    for (int f = 0; f < NF; f++) {
         __syncwarp();
         wmma::store_matrix_sync(S, dk[f], 20, wmma::mem_row_major);
         wmma::store_matrix_sync(dP, dv[f], 20, wmma::mem_row_major);
@@ -236,10 +231,10 @@ __global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloa
 
 // dQ: grid (ceil(T/64), B*H), 128 threads; warp w owns queries q0 + 16w .. +16; key tiles of 16.
 // shared: Q, dO [64][BLD] bf16; K, V [16][BLD] bf16; per warp S, dP [16][20] f32, dS [16][24] bf16
-__global__ void k_flash_bwd_dq_tc64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
-                                    const float* delta, void* dqkv, int dxdt, int T, int H) {
-    extern __shared__ __align__(16) char smem[];
-    const int D = BD;
+template <int D>
+__device__ void flash_bwd_dq_tc(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                const float* delta, void* dqkv, int dxdt, int T, int H, char* smem) {
+    constexpr int BLD = D + 8, NF = D / 16;
     int C = H * D;
     __nv_bfloat16* Qs = (__nv_bfloat16*)smem;
     __nv_bfloat16* Gs = Qs + 64 * BLD;
@@ -261,9 +256,9 @@ __global__ void k_flash_bwd_dq_tc64(const void* dout, int gdt, const __nv_bfloat
     __nv_bfloat16* dS = Pw + warp * 16 * 24;
     int row = lane >> 1, c0 = (lane & 1) * 8, i = wq + row;   // this lane: query i, keys j0 + c0 .. +8
     float lsei = i < T ? ld(lse, ldt, (i64)bh * T + i) : 0.f, deli = i < T ? delta[(i64)bh * T + i] : 0.f;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[4];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[NF];
 #pragma unroll
-    for (int f = 0; f < 4; f++) wmma::fill_fragment(dq[f], 0.f);
+    for (int f = 0; f < NF; f++) wmma::fill_fragment(dq[f], 0.f);
     int kmax = min(T - 1, q0 + 63);
     for (int j0 = 0; j0 <= kmax; j0 += 16) {
         __syncthreads();
@@ -278,7 +273,7 @@ __global__ void k_flash_bwd_dq_tc64(const void* dout, int gdt, const __nv_bfloat
         wmma::fill_fragment(sf, 0.f);
         wmma::fill_fragment(pf, 0.f);
 #pragma unroll
-        for (int f = 0; f < 4; f++) {
+        for (int f = 0; f < NF; f++) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qa, ga;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kb, vb;
             wmma::load_matrix_sync(qa, Qs + warp * 16 * BLD + f * 16, BLD);
@@ -304,19 +299,46 @@ __global__ void k_flash_bwd_dq_tc64(const void* dout, int gdt, const __nv_bfloat
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> dsa;
         wmma::load_matrix_sync(dsa, dS, 24);
 #pragma unroll
-        for (int f = 0; f < 4; f++) {
+        for (int f = 0; f < NF; f++) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> kb;
             wmma::load_matrix_sync(kb, Ks + f * 16, BLD);
             wmma::mma_sync(dq[f], dsa, kb, dq[f]);
         }
     }
 #pragma unroll
-    for (int f = 0; f < 4; f++) {
+    for (int f = 0; f < NF; f++) {
         __syncwarp();
         wmma::store_matrix_sync(S, dq[f], 20, wmma::mem_row_major);
         __syncwarp();
         if (i < T) for (int c = c0; c < c0 + 8; c++) st(dqkv, dxdt, TC_QKV(b, i, 0, h) + f * 16 + c, S[row * 20 + c]);
     }
+}
+
+extern "C" {
+
+// dynamic shared: dkv (2*64 + 2*16)*(D+8)*2 + 128 + 10240 + 6144 bytes; dq (2*64 + 2*16)*(D+8)*2 + 10240 + 3072
+__global__ void k_flash_bwd_dkv_tc64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                     const float* delta, void* dqkv, int dxdt, int T, int H) {
+    extern __shared__ __align__(16) char smem[];
+    flash_bwd_dkv_tc<64>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H, smem);
+}
+
+__global__ void k_flash_bwd_dkv_tc128(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                      const float* delta, void* dqkv, int dxdt, int T, int H) {
+    extern __shared__ __align__(16) char smem[];
+    flash_bwd_dkv_tc<128>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H, smem);
+}
+
+__global__ void k_flash_bwd_dq_tc64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                    const float* delta, void* dqkv, int dxdt, int T, int H) {
+    extern __shared__ __align__(16) char smem[];
+    flash_bwd_dq_tc<64>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H, smem);
+}
+
+__global__ void k_flash_bwd_dq_tc128(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                     const float* delta, void* dqkv, int dxdt, int T, int H) {
+    extern __shared__ __align__(16) char smem[];
+    flash_bwd_dq_tc<128>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H, smem);
 }
 
 }  // extern "C"

@@ -793,12 +793,13 @@ public final class CudaBackend implements Backend {
         if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
             try (Tensor delta = scratch(DType.F32, b * heads * t)) {
                 launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
-                if (qkv.dtype() == DType.BF16 && hd == 64 && !NO_TC_ATTENTION) {
-                    // tensor cores (WMMA bf16): attention_tc.cu
-                    launch("k_flash_bwd_dkv_tc64", (t + 63) / 64, b * heads, 128, 39552, p(dout), dt(dout), p(qkv), p(lse), dt(lse), p(delta),
-                            p(dqkv), dt(dqkv), t, heads);
-                    launch("k_flash_bwd_dq_tc64", (t + 63) / 64, b * heads, 128, 36352, p(dout), dt(dout), p(qkv), p(lse), dt(lse), p(delta),
-                            p(dqkv), dt(dqkv), t, heads);
+                if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !NO_TC_ATTENTION) {
+                    // tensor cores (WMMA bf16): attention_tc.cu; D = 128 needs more than 48 KiB of shared memory
+                    int tiles = (2 * 64 + 2 * 16) * (hd + 8) * 2;
+                    launch("k_flash_bwd_dkv_tc" + hd, (t + 63) / 64, b * heads, 128, tiles + 128 + 10240 + 6144, p(dout), dt(dout), p(qkv), p(lse),
+                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
+                    launch("k_flash_bwd_dq_tc" + hd, (t + 63) / 64, b * heads, 128, tiles + 10240 + 3072, p(dout), dt(dout), p(qkv), p(lse),
+                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
                     return;
                 }
                 int sharedKv = (16 * hd + 64 * (hd + 1) + 64) * 4, sharedQ = (16 * hd + 64 * (hd + 1)) * 4;

@@ -25,6 +25,7 @@ final class Kernels implements AutoCloseable {
 
     private final CUmod_st module = new CUmod_st();
     private final Map<String, CUfunc_st> functions = new HashMap<>();
+    private final Map<String, Integer> sharedOptIn = new HashMap<>();  // dynamic shared bytes allowed above 48 KiB
     private final BytePointer args = new BytePointer(MAX_ARGS * 8L);
     private final PointerPointer<?> argPtrs = new PointerPointer<>(MAX_ARGS);
     private boolean closed;
@@ -77,7 +78,13 @@ final class Kernels implements AutoCloseable {
                 default -> throw new IllegalArgumentException(name + ": unsupported kernel argument " + a[i]);
             }
         }
-        Cuda.checkDriver(cudart.cuLaunchKernel(function(name), gx, gy, 1, block, 1, 1, sharedBytes, stream, argPtrs, null),
+        CUfunc_st f = function(name);
+        if (sharedBytes > 48 * 1024 && sharedOptIn.getOrDefault(name, 0) < sharedBytes) {
+            Cuda.checkDriver(cudart.cuFuncSetAttribute(f, cudart.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, sharedBytes),
+                    "cuFuncSetAttribute(" + name + ", MAX_DYNAMIC_SHARED_SIZE_BYTES, " + sharedBytes + ")");
+            sharedOptIn.put(name, sharedBytes);
+        }
+        Cuda.checkDriver(cudart.cuLaunchKernel(f, gx, gy, 1, block, 1, 1, sharedBytes, stream, argPtrs, null),
                 "cuLaunchKernel(" + name + ", grid " + gx + "x" + gy + ", block " + block + ", shared " + sharedBytes + ")");
     }
 

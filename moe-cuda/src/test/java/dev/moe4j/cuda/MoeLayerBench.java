@@ -75,9 +75,14 @@ public final class MoeLayerBench {
         ctx.params().close();
     }
 
-    /** Causal attention forward + backward, bf16, GPT-2 350M shapes (B=8, T=1024, H=16, D=64). */
+    /** Causal attention forward + backward, bf16: GPT-2 350M shapes (B=8, T=1024, H=16, D=64) and D=128. */
     static void attention(CudaBackend gpu, int iters) {
-        int b = 8, t = 1024, h = 16, d = 64, c = h * d;
+        attention(gpu, iters, 8, 1024, 16, 64);
+        attention(gpu, iters, 8, 1024, 16, 128);
+    }
+
+    static void attention(CudaBackend gpu, int iters, int b, int t, int h, int d) {
+        int c = h * d;
         try (Scope s = Scope.open()) {
             Tensor qkv = gpu.empty(DType.BF16, b, t, 3 * c), out = gpu.empty(DType.BF16, b, t, c), lse = gpu.empty(DType.F32, b, h, t);
             Tensor dout = gpu.empty(DType.BF16, b, t, c), dqkv = gpu.empty(DType.BF16, b, t, 3 * c);
