@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Packages everything the GPU tests need on a GPU host that has no JDK and no Maven:
+#   OUT/jre.tgz            a jlink'd Java runtime (unpacked to /tmp/jre by run-gpu-tests.sh)
+#   OUT/lib/*.jar          the module jars, their dependencies (the bytedeco CUDA natives cut down to
+#                          cudart + cuBLAS) and the JUnit console launcher
+#   OUT/test-classes/      moe-cuda's compiled tests
+#   OUT/run-gpu-tests.sh   runs the @Tag("gpu") tests (extra arguments go to the JUnit console launcher)
+#   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
+#   OUT/moe_layer_reference.py  its PyTorch peers (python3 there has PyTorch)
+# Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root/.gpu}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+junit_console=1.11.4
+
+cd "$root"
+echo "[bundle] building moe-cuda and its dependencies (tests compiled, not run)"
+rm -rf "$out/lib" "$out/test-classes"
+mkdir -p "$out/lib"
+./mvnw -q ${MVN_FLAGS:-} -pl moe-cuda -am -DskipTests package dependency:copy-dependencies \
+  -DincludeScope=test -DoutputDirectory="$out/lib" \
+  -DexcludeGroupIds=org.junit.jupiter,org.junit.platform,org.opentest4j,org.apiguardian
+./mvnw -q ${MVN_FLAGS:-} -N dependency:copy -Dartifact=org.junit.platform:junit-platform-console-standalone:$junit_console \
+  -DoutputDirectory="$out/lib"
+cp moe-cuda/target/moe-cuda-*.jar "$out/lib/"
+[[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
+cp -r moe-cuda/target/test-classes "$out/test-classes"
+cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmark
+rm -f "$out"/lib/moe-comm-*.jar "$out"/lib/moe-examples-*.jar
+
+# The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart and cuBLAS.
+for j in "$out"/lib/cuda-*-linux-x86_64.jar; do
+  [[ -f $j ]] || continue
+  zip -q -d "$j" $(unzip -Z1 "$j" | grep -E '^org/bytedeco/cuda/linux-x86_64/libjni' | grep -vE '/libjni(cudart|cublas)\.so$') >/dev/null || true
+done
+
+# The Java runtime (the logic of shared/gpu/make-jre.sh): jlink of the newest JDK 21+ found here.
+if [[ ! -f $out/jre.tgz ]]; then
+  jdk=""
+  for cand in "${JAVA_HOME:-}" /usr/lib/jvm/*; do
+    [[ -n $cand && -x $cand/bin/jlink ]] || continue
+    v=$("$cand/bin/java" -XshowSettings:properties -version 2>&1 | sed -n 's/.*java.specification.version = //p')
+    if [[ ${v%%.*} -ge 21 ]]; then jdk=$cand; fi
+  done
+  [[ -n $jdk ]] || { echo "[bundle] no JDK 21+ with jlink found (set JAVA_HOME)" >&2; exit 1; }
+  tmp=$(mktemp -d)
+  "$jdk/bin/jlink" --add-modules java.base,java.logging,java.management,jdk.unsupported,jdk.incubator.vector,java.xml,java.naming,jdk.zipfs \
+    --strip-debug --no-header-files --no-man-pages --compress=zip-9 --output "$tmp/jre" 2>&1 | grep -v 'incubator modules' || true
+  tar czf "$out/jre.tgz" -C "$tmp" jre
+  rm -rf "$tmp"
+  echo "[bundle] runtime from $jdk"
+fi
+
+cat > "$out/run-gpu-tests.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the @Tag("gpu") tests of moe-cuda with the bundled runtime. Reports go to $OUT (or ./reports).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+export NCCL_NVLS_ENABLE=0
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+cp=$here/test-classes
+for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* ]] || cp=$cp:$j; done
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+  -jar "$here"/lib/junit-platform-console-standalone-*.jar execute --disable-banner --disable-ansi-colors \
+  --class-path "$cp" --scan-class-path "$here/test-classes" --include-tag gpu --details=tree \
+  --reports-dir "$reports" "$@"
+RUN
+cat > "$out/run-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# The MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench): run-bench.sh [iterations] [capped|dropless|attention] [config...]
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
+RUN
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh"
+echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"

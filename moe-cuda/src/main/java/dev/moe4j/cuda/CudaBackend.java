@@ -1,0 +1,1105 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.AdamWParams;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.Checks;
+import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.backend.GateSpec;
+import dev.moe4j.core.tensor.BFloat16;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Shape;
+import dev.moe4j.core.tensor.Tensor;
+import org.bytedeco.cuda.cublas.cublasContext;
+import org.bytedeco.cuda.cudart.CUstream_st;
+import org.bytedeco.cuda.global.cublas;
+import org.bytedeco.cuda.global.cudart;
+import org.bytedeco.javacpp.FloatPointer;
+import org.bytedeco.javacpp.IntPointer;
+import org.bytedeco.javacpp.Pointer;
+import org.bytedeco.javacpp.ShortPointer;
+
+/**
+ * The Backend SPI on one NVIDIA GPU: cuBLAS for the matrix products, the kernels of native/ for the rest.
+ *
+ * <p>Everything is queued on one stream ({@link #nativeStream()}); memory comes from a caching allocator
+ * ({@link CudaAllocator}), so a training step does no cudaMalloc after warm-up. F32, BF16 and I32 tensors;
+ * F64 is CPU-only. Every CUDA, driver and cuBLAS return code is checked ({@link CudaException} names the call).
+ * Ops are meant to be called from one thread at a time (the backend binds its device to the calling thread).
+ */
+public final class CudaBackend implements Backend {
+    private static final int THREADS = 256;
+
+    private final int device;
+    private final CUstream_st stream = new CUstream_st();
+    private final cublasContext blas = new cublasContext();
+    private final CudaAllocator allocator;
+    private final Kernels kernels;
+    private final FloatPointer scalars = new FloatPointer(2);  // alpha, beta for cuBLAS (host pointer mode)
+    private volatile Thread boundThread;
+    private boolean closed;
+    /** MOE4J_CUDA_PROFILE=1: every kernel and cuBLAS call is synchronised and timed by name (slows the run). */
+    private final java.util.Map<String, long[]> profile = System.getenv("MOE4J_CUDA_PROFILE") != null ? new java.util.TreeMap<>() : null;
+
+    public CudaBackend(int device) {
+        this.device = device;
+        Cuda.check(cudart.cudaSetDevice(device), "cudaSetDevice(" + device + ")");
+        Cuda.check(cudart.cudaFree(new Pointer()), "cudaFree(0) (context creation)");
+        boundThread = Thread.currentThread();
+        Cuda.check(cudart.cudaStreamCreate(stream), "cudaStreamCreate");
+        this.allocator = new CudaAllocator(this::synchronize);
+        Cuda.checkBlas(cublas.cublasCreate_v2(blas), "cublasCreate");
+        Cuda.checkBlas(cublas.cublasSetStream_v2(blas, stream), "cublasSetStream");
+        this.kernels = new Kernels();
+    }
+
+    CudaAllocator allocator() { return allocator; }
+
+    /** Number of cudaMalloc calls so far (tests check that it stops growing after warm-up). */
+    public long mallocCalls() { return allocator.mallocCalls(); }
+
+    /** Bytes of tensors currently alive (excluding cached free blocks). */
+    public long inUseBytes() { return allocator.inUseBytes(); }
+
+    /** Makes this backend's device current on the calling thread (the driver API needs its context there). */
+    private void bind() {
+        if (closed) throw new IllegalStateException("the CUDA backend was closed");
+        Thread t = Thread.currentThread();
+        if (t != boundThread) {
+            Cuda.check(cudart.cudaSetDevice(device), "cudaSetDevice(" + device + ")");
+            boundThread = t;
+        }
+    }
+
+    @Override public String name() { return "cuda:" + device; }
+
+    @Override public int deviceIndex() { return device; }
+
+    @Override public long nativeStream() { return stream.address(); }
+
+    @Override public boolean supports(DType dtype) { return dtype != DType.F64; }
+
+    // ------------------------------------------------------------------ helpers
+
+    /** The dtype code of native/common.cuh. */
+    private static int dt(Tensor t) {
+        return switch (t.dtype()) {
+            case F32 -> 0;
+            case BF16 -> 1;
+            case I32 -> 2;
+            case F64 -> throw new IllegalArgumentException("the CUDA backend does not support F64 tensors (" + t + "); F64 is the CPU reference mode");
+        };
+    }
+
+    /** Device address of the first element of t (checked: open, on this backend). */
+    private long p(Tensor t) {
+        if (t == null) return 0L;
+        if (t.isClosed()) throw new IllegalStateException(t + " was closed");
+        if (!(t.storage() instanceof CudaStorage s) || s.owner != this) throw new IllegalArgumentException(t + " is not a tensor of " + name());
+        return s.deviceAddress() + t.byteOffset();
+    }
+
+    private static long dtOrZero(Tensor t) { return t == null ? 0 : dt(t); }
+
+    private static void floating(String op, String name, Tensor t) {
+        Checks.open(op, name, t);
+        if (!t.dtype().isFloating() || t.dtype() == DType.F64) throw new IllegalArgumentException(op + ": " + name + " must be F32 or BF16, got " + t.dtype());
+    }
+
+    private static int blocks(long n) { return (int) Math.max(1, Math.min((n + THREADS - 1) / THREADS, 65536)); }
+
+    private void launch(String kernel, int gx, int gy, int block, int shared, Object... args) {
+        bind();
+        long t0 = profileStart();
+        kernels.launch(kernel, gx, gy, block, shared, stream, args);
+        profileEnd(kernel, t0);
+    }
+
+    private long profileStart() {
+        if (profile == null) return 0;
+        synchronize();
+        return System.nanoTime();
+    }
+
+    private void profileEnd(String what, long t0) {
+        if (profile == null) return;
+        synchronize();
+        long[] v = profile.computeIfAbsent(what, x -> new long[2]);
+        v[0]++;
+        v[1] += System.nanoTime() - t0;
+    }
+
+    /** With MOE4J_CUDA_PROFILE set: calls and total ms per kernel / cuBLAS entry point since the last reset. */
+    public String profileReport(boolean reset) {
+        if (profile == null) return "(set MOE4J_CUDA_PROFILE=1 to profile)";
+        StringBuilder sb = new StringBuilder();
+        profile.entrySet().stream().sorted((a, b) -> Long.compare(b.getValue()[1], a.getValue()[1])).forEach(en ->
+                sb.append(String.format("  %-32s %7d calls %10.3f ms%n", en.getKey(), en.getValue()[0], en.getValue()[1] / 1e6)));
+        if (reset) profile.clear();
+        return sb.toString();
+    }
+
+    /** Elementwise launch over n elements (grid-stride kernels). */
+    private void launchN(String kernel, long n, Object... args) {
+        if (n == 0) return;
+        launch(kernel, blocks(n), 1, THREADS, 0, args);
+    }
+
+    /** How many row chunks a column reduction over n rows of c columns is split into (about 2048+ threads). */
+    private static int rowParts(int n, int c) {
+        if (n < 256) return 1;
+        int want = Math.max(1, 8192 / Math.max(1, c));
+        return Math.max(1, Math.min(want, Math.min(256, n / 64)));
+    }
+
+    private static int rowThreads(int cols) { return cols >= 1024 ? 1024 : cols >= 256 ? 256 : 128; }
+
+    // ------------------------------------------------------------------ memory and host transfer
+
+    @Override
+    public Tensor zeros(DType dtype, int... shape) {
+        Tensor t = empty(dtype, shape);
+        bind();
+        Cuda.check(cudart.cudaMemsetAsync(Cuda.ptr(p(t)), 0, t.numel() * dtype.bytes(), stream), "cudaMemsetAsync");
+        return t;
+    }
+
+    @Override
+    public Tensor empty(DType dtype, int... shape) {
+        if (dtype == DType.F64) throw new IllegalArgumentException("the CUDA backend does not support F64 tensors; F64 is the CPU reference mode");
+        Shape s = Shape.of(shape);
+        long bytes = s.numel() * dtype.bytes();
+        bind();
+        long a = allocator.alloc(bytes);
+        return Tensor.owning(this, new CudaStorage(this, a, CudaAllocator.roundUp(bytes)), dtype, s);
+    }
+
+    private void upload(Tensor t, Pointer host, long bytes) {
+        bind();
+        Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(p(t)), host, bytes, cudart.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(host to device)");
+        synchronize();  // the host buffer is freed when this returns
+    }
+
+    private void download(Tensor t, Pointer host, long bytes) {
+        bind();
+        Cuda.check(cudart.cudaMemcpyAsync(host, Cuda.ptr(p(t)), bytes, cudart.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(device to host)");
+        synchronize();
+    }
+
+    @Override
+    public Tensor fromFloats(DType dtype, float[] data, int... shape) {
+        Tensor t = empty(dtype, shape);
+        Checks.numel("fromFloats", "data", t, data.length);
+        writeHost(t, i -> data[i], data.length);
+        return t;
+    }
+
+    @Override
+    public Tensor fromDoubles(DType dtype, double[] data, int... shape) {
+        Tensor t = empty(dtype, shape);
+        Checks.numel("fromDoubles", "data", t, data.length);
+        writeHost(t, i -> data[i], data.length);
+        return t;
+    }
+
+    @Override
+    public Tensor fromInts(int[] data, int... shape) {
+        Tensor t = empty(DType.I32, shape);
+        Checks.numel("fromInts", "data", t, data.length);
+        if (data.length > 0) try (IntPointer h = new IntPointer(data)) { upload(t, h, 4L * data.length); }
+        return t;
+    }
+
+    private interface Values { double get(int i); }
+
+    private void writeHost(Tensor t, Values v, int n) {
+        if (n == 0) return;
+        switch (t.dtype()) {
+            case F32 -> {
+                float[] f = new float[n];
+                for (int i = 0; i < n; i++) f[i] = (float) v.get(i);
+                try (FloatPointer h = new FloatPointer(f)) { upload(t, h, 4L * n); }
+            }
+            case BF16 -> {
+                short[] s = new short[n];
+                for (int i = 0; i < n; i++) s[i] = BFloat16.fromFloat((float) v.get(i));
+                try (ShortPointer h = new ShortPointer(s)) { upload(t, h, 2L * n); }
+            }
+            case I32 -> {
+                int[] a = new int[n];
+                for (int i = 0; i < n; i++) a[i] = (int) v.get(i);
+                try (IntPointer h = new IntPointer(a)) { upload(t, h, 4L * n); }
+            }
+            case F64 -> throw new IllegalArgumentException("F64 is not supported by " + name());
+        }
+    }
+
+    @Override
+    public float[] toFloats(Tensor t) {
+        int n = Math.toIntExact(t.numel());
+        float[] r = new float[n];
+        if (n == 0) return r;
+        switch (t.dtype()) {
+            case F32 -> { try (FloatPointer h = new FloatPointer(n)) { download(t, h, 4L * n); h.get(r); } }
+            case BF16 -> {
+                short[] s = new short[n];
+                try (ShortPointer h = new ShortPointer(n)) { download(t, h, 2L * n); h.get(s); }
+                for (int i = 0; i < n; i++) r[i] = BFloat16.toFloat(s[i]);
+            }
+            case I32 -> { int[] a = toInts(t); for (int i = 0; i < n; i++) r[i] = a[i]; }
+            case F64 -> throw new IllegalArgumentException("F64 is not supported by " + name());
+        }
+        return r;
+    }
+
+    @Override
+    public double[] toDoubles(Tensor t) {
+        int n = Math.toIntExact(t.numel());
+        double[] r = new double[n];
+        if (t.dtype() == DType.I32) {
+            int[] a = toInts(t);
+            for (int i = 0; i < n; i++) r[i] = a[i];
+        } else {
+            float[] f = toFloats(t);
+            for (int i = 0; i < n; i++) r[i] = f[i];
+        }
+        return r;
+    }
+
+    @Override
+    public int[] toInts(Tensor t) {
+        int n = Math.toIntExact(t.numel());
+        if (t.dtype() != DType.I32) {
+            float[] f = toFloats(t);
+            int[] r = new int[n];
+            for (int i = 0; i < n; i++) r[i] = (int) f[i];
+            return r;
+        }
+        int[] r = new int[n];
+        if (n == 0) return r;
+        try (IntPointer h = new IntPointer(n)) { download(t, h, 4L * n); h.get(r); }
+        return r;
+    }
+
+    @Override
+    public void copy(Tensor src, Tensor dst) {
+        Checks.open("copy", "src", src);
+        Checks.open("copy", "dst", dst);
+        Checks.numel("copy", "dst", dst, src.numel());
+        if (src.numel() == 0) return;
+        if (src.dtype() == dst.dtype()) {
+            bind();
+            Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(p(dst)), Cuda.ptr(p(src)), src.numel() * src.dtype().bytes(),
+                    cudart.cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync(device to device)");
+        } else {
+            launchN("k_convert", src.numel(), p(src), dt(src), p(dst), dt(dst), src.numel());
+        }
+    }
+
+    @Override
+    public void fill(Tensor t, double value) {
+        Checks.open("fill", "t", t);
+        launchN("k_fill", t.numel(), p(t), dt(t), t.numel(), value);
+    }
+
+    @Override
+    public void synchronize() {
+        bind();
+        Cuda.check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+
+    @Override public long allocatedBytes() { return allocator.heldBytes(); }
+
+    /** A scratch tensor outside any scope (closed by the caller). */
+    private Tensor scratch(DType dtype, int... shape) {
+        Tensor t;
+        try (var s = dev.moe4j.core.tensor.Scope.open()) {
+            t = empty(dtype, shape);
+            dev.moe4j.core.tensor.Scope.keep(t);
+        }
+        return t;
+    }
+
+    // ------------------------------------------------------------------ random
+
+    @Override
+    public void randomUniform(Tensor out, double lo, double hi, long seed, long offset) {
+        floating("randomUniform", "out", out);
+        launchN("k_random_uniform", out.numel(), p(out), dt(out), out.numel(), lo, hi, seed, offset);
+    }
+
+    @Override
+    public void randomNormal(Tensor out, double mean, double std, long seed, long offset) {
+        floating("randomNormal", "out", out);
+        launchN("k_random_normal", out.numel(), p(out), dt(out), out.numel(), mean, std, seed, offset);
+    }
+
+    // ------------------------------------------------------------------ matrix products
+
+    /**
+     * Operands cuBLAS accepts: bf16 x bf16 -> bf16 | f32, or f32 x f32 -> f32 (fp32 compute in both). Other
+     * mixes are promoted to f32 scratch copies; C is copied back at {@link #finish}.
+     */
+    private final class GemmOperands implements AutoCloseable {
+        long a, b, c;
+        int at, bt, ct;
+        private Tensor ta, tb, tc;
+        private final Tensor cOut;
+
+        GemmOperands(Tensor a, Tensor b, Tensor c, boolean needC) {
+            this.cOut = c;
+            boolean bf = a.dtype() == DType.BF16 && b.dtype() == DType.BF16;
+            if (bf) {
+                this.a = p(a); this.b = p(b); at = bt = cudart.CUDA_R_16BF;
+            } else {
+                if (a.dtype() == DType.F32) this.a = p(a);
+                else { ta = scratch(DType.F32, (int) a.numel()); copy(a, ta); this.a = p(ta); }
+                if (b.dtype() == DType.F32) this.b = p(b);
+                else { tb = scratch(DType.F32, (int) b.numel()); copy(b, tb); this.b = p(tb); }
+                at = bt = cudart.CUDA_R_32F;
+            }
+            if (c.dtype() == DType.F32) { this.c = p(c); ct = cudart.CUDA_R_32F; }
+            else if (bf) { this.c = p(c); ct = cudart.CUDA_R_16BF; }
+            else {
+                tc = scratch(DType.F32, (int) c.numel());
+                if (needC) copy(c, tc);
+                this.c = p(tc);
+                ct = cudart.CUDA_R_32F;
+            }
+        }
+
+        int aBytes() { return at == cudart.CUDA_R_16BF ? 2 : 4; }
+        int bBytes() { return bt == cudart.CUDA_R_16BF ? 2 : 4; }
+        int cBytes() { return ct == cudart.CUDA_R_16BF ? 2 : 4; }
+
+        void finish() { if (tc != null) copy(tc, cOut); }
+
+        @Override public void close() {
+            if (ta != null) ta.close();
+            if (tb != null) tb.close();
+            if (tc != null) tc.close();
+        }
+    }
+
+    /**
+     * Row-major C[m,n] = alpha op(A) op(B) + beta C, batched with element strides, through the usual swap:
+     * cuBLAS is column-major, so it computes C^T = op(B)^T op(A)^T on the same memory.
+     */
+    private void gemm(GemmOperands o, long aOff, long bOff, long cOff, boolean transA, boolean transB, int m, int n, int k,
+                      float alpha, float beta, int batch, long strideA, long strideB, long strideC) {
+        if (m == 0 || n == 0) return;
+        bind();
+        int lda = transA ? m : k, ldb = transB ? k : n, ldc = n;
+        int opA = transA ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N, opB = transB ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N;
+        scalars.put(0, alpha).put(1, beta);
+        Pointer pa = Cuda.ptr(o.a + aOff * o.aBytes()), pb = Cuda.ptr(o.b + bOff * o.bBytes()), pc = Cuda.ptr(o.c + cOff * o.cBytes());
+        Pointer al = scalars.getPointer(0), be = scalars.getPointer(1);
+        long t0 = profileStart();
+        if (batch == 1) {
+            Cuda.checkBlas(cublas.cublasGemmEx(blas, opB, opA, n, m, k, al, pb, o.bt, ldb, pa, o.at, lda, be, pc, o.ct, ldc,
+                    cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT), "cublasGemmEx(m=" + m + ", n=" + n + ", k=" + k + ")");
+        } else {
+            Cuda.checkBlas(cublas.cublasGemmStridedBatchedEx(blas, opB, opA, n, m, k, al, pb, o.bt, ldb, strideB, pa, o.at, lda, strideA,
+                    be, pc, o.ct, ldc, strideC, batch, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT),
+                    "cublasGemmStridedBatchedEx(m=" + m + ", n=" + n + ", k=" + k + ", batch=" + batch + ")");
+        }
+        profileEnd(batch == 1 ? "cublasGemmEx" : "cublasGemmStridedBatchedEx", t0);
+    }
+
+    /** One GEMM of a grouped product, in the arguments of {@link #gemm} (element offsets into the operands). */
+    private record Group(long aOff, long bOff, long cOff, boolean transA, boolean transB, int m, int n, int k, float beta) {}
+
+    /** All groups the same GEMM at equally spaced offsets (so one strided-batched call computes them). */
+    private static boolean uniformGroups(java.util.List<Group> groups) {
+        Group g0 = groups.get(0), g1 = groups.get(1);
+        long da = g1.aOff - g0.aOff, db = g1.bOff - g0.bOff, dc = g1.cOff - g0.cOff;
+        if (da < 0 || db < 0 || dc < 0) return false;
+        for (int i = 1; i < groups.size(); i++) {
+            Group g = groups.get(i), p = groups.get(i - 1);
+            if (g.m != g0.m || g.n != g0.n || g.k != g0.k || g.beta != g0.beta || g.transA != g0.transA || g.transB != g0.transB) return false;
+            if (g.aOff - p.aOff != da || g.bOff - p.bOff != db || g.cOff - p.cOff != dc) return false;
+        }
+        return true;
+    }
+
+    private final java.util.Set<Integer> groupedUnsupported = new java.util.HashSet<>();  // (input type, output type) cuBLAS refused
+
+    /**
+     * Runs the groups as one cublasGemmGroupedBatchedEx (GPU-HOST.md: 2.4x faster than a loop of GemmEx for 128
+     * small experts, 2x slower for few large ones, hence the threshold) or as a loop of cublasGemmEx.
+     * The device pointer arrays go through new PointerPointer(deviceAddress) (the binding detail of GPU-HOST.md).
+     */
+    private void groupedGemm(GemmOperands o, java.util.List<Group> groups) {
+        if (groups.size() > 1 && uniformGroups(groups)) {
+            // equal-size experts laid out back to back (the capacity-padded buffer): one strided-batched GEMM,
+            // the fastest form in GPU-HOST.md's measurements, and it takes bf16 inputs with an fp32 output
+            Group g0 = groups.get(0), g1 = groups.get(1);
+            gemm(o, g0.aOff, g0.bOff, g0.cOff, g0.transA, g0.transB, g0.m, g0.n, g0.k, 1f, g0.beta, groups.size(),
+                    g1.aOff - g0.aOff, g1.bOff - g0.bOff, g1.cOff - g0.cOff);
+            return;
+        }
+        int combo = o.at * 1000 + o.ct;
+        if (groups.size() < 32 || o.at != o.bt || groupedUnsupported.contains(combo)) {
+            for (Group g : groups) gemm(o, g.aOff, g.bOff, g.cOff, g.transA, g.transB, g.m, g.n, g.k, 1f, g.beta, 1, 0, 0, 0);
+            return;
+        }
+        bind();
+        int gc = groups.size();
+        int[] ta = new int[gc], tb = new int[gc], mm = new int[gc], nn = new int[gc], kk = new int[gc];
+        int[] lda = new int[gc], ldb = new int[gc], ldc = new int[gc], size = new int[gc];
+        float[] al = new float[gc], be = new float[gc];
+        long[] ptrs = new long[3 * gc];
+        for (int i = 0; i < gc; i++) {
+            Group g = groups.get(i);
+            // column-major swap, as in gemm(): C^T = op(B)^T op(A)^T
+            ta[i] = g.transB ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N;
+            tb[i] = g.transA ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N;
+            mm[i] = g.n; nn[i] = g.m; kk[i] = g.k;
+            lda[i] = g.transB ? g.k : g.n;
+            ldb[i] = g.transA ? g.m : g.k;
+            ldc[i] = g.n;
+            size[i] = 1;
+            al[i] = 1f; be[i] = g.beta;
+            ptrs[i] = o.b + g.bOff * o.bBytes();
+            ptrs[gc + i] = o.a + g.aOff * o.aBytes();
+            ptrs[2 * gc + i] = o.c + g.cOff * o.cBytes();
+        }
+        try (Tensor dev = scratch(DType.I32, 6 * gc);
+             org.bytedeco.javacpp.LongPointer hp = new org.bytedeco.javacpp.LongPointer(ptrs);
+             IntPointer pta = new IntPointer(ta); IntPointer ptb = new IntPointer(tb); IntPointer pm = new IntPointer(mm);
+             IntPointer pn = new IntPointer(nn); IntPointer pk = new IntPointer(kk); IntPointer plda = new IntPointer(lda);
+             IntPointer pldb = new IntPointer(ldb); IntPointer pldc = new IntPointer(ldc); IntPointer psize = new IntPointer(size);
+             FloatPointer pal = new FloatPointer(al); FloatPointer pbe = new FloatPointer(be)) {
+            long d = p(dev);
+            Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(d), hp, 24L * gc, cudart.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(grouped GEMM pointers)");
+            long t0 = profileStart();
+            int rc = cublas.cublasGemmGroupedBatchedEx(blas, pta, ptb, pm, pn, pk, pal,
+                    new org.bytedeco.javacpp.PointerPointer<>(Cuda.ptr(d)), o.bt, plda,
+                    new org.bytedeco.javacpp.PointerPointer<>(Cuda.ptr(d + 8L * gc)), o.at, pldb, pbe,
+                    new org.bytedeco.javacpp.PointerPointer<>(Cuda.ptr(d + 16L * gc)), o.ct, pldc, gc, psize, cublas.CUBLAS_COMPUTE_32F);
+            if (rc == cublas.CUBLAS_STATUS_NOT_SUPPORTED) {
+                groupedUnsupported.add(combo);  // this cuBLAS lacks the grouped API for these types: loop from now on
+                for (Group g : groups) gemm(o, g.aOff, g.bOff, g.cOff, g.transA, g.transB, g.m, g.n, g.k, 1f, g.beta, 1, 0, 0, 0);
+                return;
+            }
+            Cuda.checkBlas(rc, "cublasGemmGroupedBatchedEx(" + gc + " groups)");
+            profileEnd("cublasGemmGroupedBatchedEx", t0);
+            synchronize();  // the host pointer / size arrays are freed when this block ends
+        }
+    }
+
+    @Override
+    public void matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta) {
+        String op = "matmul";
+        floating(op, "a", a); floating(op, "b", b); floating(op, "c", c);
+        if (a.rank() != b.rank() || a.rank() != c.rank() || (a.rank() != 2 && a.rank() != 3)) {
+            throw new IllegalArgumentException(op + ": A, B and C must all be rank 2 or all rank 3, got " + a.shape() + ", " + b.shape() + ", " + c.shape());
+        }
+        int batch = a.rank() == 3 ? a.dim(0) : 1;
+        if (a.rank() == 3 && (b.dim(0) != batch || c.dim(0) != batch)) {
+            throw new IllegalArgumentException(op + ": batch sizes differ: " + a.shape() + ", " + b.shape() + ", " + c.shape());
+        }
+        int ar = a.dim(-2), ac = a.dim(-1), br = b.dim(-2), bc = b.dim(-1);
+        int m = transA ? ac : ar, k = transA ? ar : ac;
+        int kb = transB ? bc : br, n = transB ? br : bc;
+        if (k != kb) throw new IllegalArgumentException(op + ": inner dimensions differ: op(A) is [" + m + ", " + k + "], op(B) is [" + kb + ", " + n + "]");
+        if (c.dim(-2) != m || c.dim(-1) != n) throw new IllegalArgumentException(op + ": C is " + c.shape() + ", expected [" + m + ", " + n + "]");
+        if (batch == 0 || m == 0 || n == 0) return;
+        if (k == 0) { scale(c, beta, c); return; }
+        try (GemmOperands o = new GemmOperands(a, b, c, beta != 0f)) {
+            gemm(o, 0, 0, 0, transA, transB, m, n, k, alpha, beta, batch, (long) m * k, (long) k * n, (long) m * n);
+            o.finish();
+        }
+    }
+
+    /** offsets copied to the host once per call (a sync; a device-side grouped GEMM will remove it). */
+    private int[] hostOffsets(String op, Tensor offsets, int rows) {
+        int[] offs = toInts(offsets);
+        if (offs[0] != 0) throw new IllegalArgumentException(op + ": offsets[0] must be 0, got " + offs[0]);
+        for (int i = 1; i < offs.length; i++) {
+            if (offs[i] < offs[i - 1]) throw new IllegalArgumentException(op + ": offsets must be non-decreasing, offsets[" + i + "] = " + offs[i] + " < " + offs[i - 1]);
+        }
+        if (offs[offs.length - 1] > rows) throw new IllegalArgumentException(op + ": offsets end at " + offs[offs.length - 1] + " but a has " + rows + " rows");
+        return offs;
+    }
+
+    // Grouped GEMMs as a loop of cublasGemmEx per expert: GPU-HOST.md measured it as fast as the batched
+    // forms for few large experts, 2.5-3.5x slower than cublasGemmGroupedBatchedEx for 128 small ones.
+    // TODO(perf): dispatch to cublasGemmGroupedBatchedEx (device pointer arrays via new PointerPointer(devAddr)) for many experts.
+    @Override
+    public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
+        String op = "groupedMatmul";
+        floating(op, "a", a); floating(op, "w", w); floating(op, "c", c);
+        Checks.rank(op, "w", w, 3);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        int e = w.dim(0), k = transW ? w.dim(2) : w.dim(1), n = transW ? w.dim(1) : w.dim(2);
+        Checks.numel(op, "offsets", offsets, e + 1L);
+        Checks.cols(op, "a", a, k);
+        Checks.cols(op, "c", c, n);
+        int t = a.rows();
+        if (c.rows() != t) throw new IllegalArgumentException(op + ": c has " + c.rows() + " rows, a has " + t);
+        int[] offs = hostOffsets(op, offsets, t);
+        try (GemmOperands o = new GemmOperands(a, w, c, beta != 0f)) {
+            java.util.List<Group> groups = new java.util.ArrayList<>();
+            for (int g = 0; g < e; g++) {
+                int rows = offs[g + 1] - offs[g];
+                if (rows > 0) groups.add(new Group((long) offs[g] * k, (long) g * k * n, (long) offs[g] * n, false, transW, rows, n, k, beta));
+            }
+            groupedGemm(o, groups);
+            o.finish();
+        }
+    }
+
+    @Override
+    public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
+        String op = "groupedMatmulWeightGrad";
+        floating(op, "a", a); floating(op, "dy", dy); floating(op, "dw", dw);
+        Checks.rank(op, "dw", dw, 3);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        int e = dw.dim(0), k = dw.dim(1), n = dw.dim(2);
+        Checks.numel(op, "offsets", offsets, e + 1L);
+        Checks.cols(op, "a", a, k);
+        Checks.cols(op, "dy", dy, n);
+        int t = a.rows();
+        if (dy.rows() != t) throw new IllegalArgumentException(op + ": dy has " + dy.rows() + " rows, a has " + t);
+        int[] offs = hostOffsets(op, offsets, t);
+        try (GemmOperands o = new GemmOperands(a, dy, dw, true)) {
+            java.util.List<Group> groups = new java.util.ArrayList<>();
+            for (int g = 0; g < e; g++) {
+                int rows = offs[g + 1] - offs[g];
+                if (rows == 0) {
+                    if (beta != 1f) {
+                        long cells = (long) k * n, start = g * cells;
+                        Tensor slice = dw.view(start, k, n);
+                        scale(slice, beta, slice);
+                        if (o.tc != null) { Tensor ts = o.tc.view(start, k, n); copy(slice, ts); }
+                    }
+                    continue;
+                }
+                // dW_g [K,N] = A_g^T [K,rows] * dY_g [rows,N]
+                groups.add(new Group((long) offs[g] * k, (long) offs[g] * n, (long) g * k * n, true, false, k, n, rows, beta));
+            }
+            groupedGemm(o, groups);
+            o.finish();
+        }
+    }
+
+    // ------------------------------------------------------------------ elementwise
+
+    @Override
+    public void add(Tensor a, double alpha, Tensor b, double beta, Tensor out) {
+        floating("add", "a", a); floating("add", "b", b); floating("add", "out", out);
+        Checks.numel("add", "b", b, a.numel());
+        Checks.numel("add", "out", out, a.numel());
+        launchN("k_add", a.numel(), p(a), dt(a), alpha, p(b), dt(b), beta, p(out), dt(out), a.numel());
+    }
+
+    @Override
+    public void mul(Tensor a, Tensor b, Tensor out) {
+        floating("mul", "a", a); floating("mul", "b", b); floating("mul", "out", out);
+        Checks.numel("mul", "b", b, a.numel());
+        Checks.numel("mul", "out", out, a.numel());
+        launchN("k_mul", a.numel(), p(a), dt(a), p(b), dt(b), p(out), dt(out), a.numel());
+    }
+
+    @Override
+    public void scale(Tensor x, double alpha, Tensor out) {
+        floating("scale", "x", x); floating("scale", "out", out);
+        Checks.numel("scale", "out", out, x.numel());
+        launchN("k_scale", x.numel(), p(x), dt(x), alpha, p(out), dt(out), x.numel());
+    }
+
+    @Override
+    public void addBias(Tensor x, Tensor bias, Tensor out) {
+        floating("addBias", "x", x); floating("addBias", "bias", bias); floating("addBias", "out", out);
+        int c = x.cols();
+        Checks.numel("addBias", "bias", bias, c);
+        Checks.matrix("addBias", "out", out, x.rows(), c);
+        launchN("k_add_bias", x.numel(), p(x), dt(x), p(bias), dt(bias), p(out), dt(out), x.numel(), c);
+    }
+
+    @Override
+    public void sumRows(Tensor x, Tensor out, float beta) {
+        floating("sumRows", "x", x); floating("sumRows", "out", out);
+        int c = x.cols(), n = x.rows();
+        Checks.numel("sumRows", "out", out, c);
+        if (c == 0) return;
+        int parts = rowParts(n, c);
+        if (parts == 1) {
+            launch("k_sum_rows", (c + 127) / 128, 1, 128, 0, p(x), dt(x), p(out), dt(out), n, c, beta);
+            return;
+        }
+        int chunk = (n + parts - 1) / parts;
+        try (Tensor partial = scratch(DType.F32, parts * c)) {
+            launch("k_sum_rows_partial", (c + 127) / 128, parts, 128, 0, p(x), dt(x), p(partial), n, c, chunk);
+            launch("k_sum_rows_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(out), dt(out), c, beta);
+        }
+    }
+
+    @Override
+    public void rowDot(Tensor a, Tensor b, Tensor out) {
+        floating("rowDot", "a", a); floating("rowDot", "b", b); floating("rowDot", "out", out);
+        int c = a.cols(), n = a.rows();
+        Checks.matrix("rowDot", "b", b, n, c);
+        Checks.numel("rowDot", "out", out, n);
+        if (n == 0) return;
+        launch("k_row_dot", n, 1, rowThreads(c), 0, p(a), dt(a), p(b), dt(b), p(out), dt(out), c);
+    }
+
+    private static int actCode(Activation act) {
+        return switch (act) { case RELU -> 0; case GELU -> 1; case GEGLU -> 2; case SWIGLU -> 3; };
+    }
+
+    @Override
+    public void activation(Activation act, Tensor x, Tensor out) {
+        floating("activation", "x", x); floating("activation", "out", out);
+        int f = out.cols(), n = out.rows();
+        Checks.matrix("activation", "x", x, n, act.inputWidth(f));
+        launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), p(out), dt(out), out.numel(), f);
+    }
+
+    @Override
+    public void activationBackward(Activation act, Tensor x, Tensor dout, Tensor dx) {
+        floating("activationBackward", "x", x); floating("activationBackward", "dout", dout); floating("activationBackward", "dx", dx);
+        int f = dout.cols(), n = dout.rows(), w = act.inputWidth(f);
+        Checks.matrix("activationBackward", "x", x, n, w);
+        Checks.matrix("activationBackward", "dx", dx, n, w);
+        launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
+    }
+
+    // ------------------------------------------------------------------ normalisation and softmax
+
+    @Override
+    public void layerNorm(Tensor x, Tensor gamma, Tensor beta, float eps, Tensor out, Tensor mean, Tensor rstd) {
+        String op = "layerNorm";
+        floating(op, "x", x); floating(op, "gamma", gamma); floating(op, "beta", beta); floating(op, "out", out);
+        floating(op, "mean", mean); floating(op, "rstd", rstd);
+        int c = x.cols(), n = x.rows();
+        Checks.numel(op, "gamma", gamma, c);
+        Checks.numel(op, "beta", beta, c);
+        Checks.matrix(op, "out", out, n, c);
+        Checks.numel(op, "mean", mean, n);
+        Checks.numel(op, "rstd", rstd, n);
+        if (n == 0) return;
+        launch("k_layernorm", n, 1, rowThreads(c), 0, p(x), dt(x), p(gamma), dt(gamma), p(beta), dt(beta), eps,
+                p(out), dt(out), p(mean), dt(mean), p(rstd), dt(rstd), c);
+    }
+
+    @Override
+    public void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd, Tensor dx, Tensor dgamma, Tensor dbeta) {
+        String op = "layerNormBackward";
+        floating(op, "dout", dout); floating(op, "x", x); floating(op, "gamma", gamma); floating(op, "mean", mean);
+        floating(op, "rstd", rstd); floating(op, "dx", dx); floating(op, "dgamma", dgamma); floating(op, "dbeta", dbeta);
+        int c = x.cols(), n = x.rows();
+        Checks.matrix(op, "dout", dout, n, c);
+        Checks.matrix(op, "dx", dx, n, c);
+        Checks.numel(op, "dgamma", dgamma, c);
+        Checks.numel(op, "dbeta", dbeta, c);
+        Checks.numel(op, "mean", mean, n);
+        Checks.numel(op, "rstd", rstd, n);
+        if (n == 0 || c == 0) return;
+        launch("k_layernorm_bwd_dx", n, 1, rowThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
+                p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
+        int parts = rowParts(n, c);
+        if (parts == 1) {
+            launch("k_layernorm_bwd_dgb", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
+                    p(rstd), dt(rstd), p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), n, c);
+        } else {
+            int chunk = (n + parts - 1) / parts;
+            try (Tensor partial = scratch(DType.F32, 2 * parts * c)) {
+                launch("k_layernorm_bwd_dgb_partial", (c + 127) / 128, parts, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
+                        p(rstd), dt(rstd), p(partial), n, c, chunk);
+                launch("k_layernorm_bwd_dgb_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), c);
+            }
+        }
+    }
+
+    @Override
+    public void softmax(Tensor x, Tensor out) {
+        floating("softmax", "x", x); floating("softmax", "out", out);
+        int c = x.cols(), n = x.rows();
+        Checks.matrix("softmax", "out", out, n, c);
+        if (n == 0) return;
+        launch("k_softmax", n, 1, rowThreads(c), 0, p(x), dt(x), p(out), dt(out), c);
+    }
+
+    @Override
+    public void softmaxBackward(Tensor y, Tensor dy, Tensor dx) {
+        floating("softmaxBackward", "y", y); floating("softmaxBackward", "dy", dy); floating("softmaxBackward", "dx", dx);
+        int c = y.cols(), n = y.rows();
+        Checks.matrix("softmaxBackward", "dy", dy, n, c);
+        Checks.matrix("softmaxBackward", "dx", dx, n, c);
+        if (n == 0) return;
+        launch("k_softmax_bwd", n, 1, rowThreads(c), 0, p(y), dt(y), p(dy), dt(dy), p(dx), dt(dx), c);
+    }
+
+    // ------------------------------------------------------------------ attention
+
+    private int[] attnDims(String op, Tensor qkv, int heads, Tensor out, Tensor lse) {
+        floating(op, "qkv", qkv); floating(op, "out", out); floating(op, "lse", lse);
+        Checks.rank(op, "qkv", qkv, 3);
+        int b = qkv.dim(0), t = qkv.dim(1), c3 = qkv.dim(2);
+        if (c3 % 3 != 0) throw new IllegalArgumentException(op + ": qkv last dimension " + c3 + " is not 3*C");
+        int c = c3 / 3;
+        Checks.positive(op, "heads", heads);
+        if (c % heads != 0) throw new IllegalArgumentException(op + ": channels " + c + " not divisible by heads " + heads);
+        Checks.matrix(op, "out", out, (long) b * t, c);
+        Checks.numel(op, "lse", lse, (long) b * heads * t);
+        return new int[] {b, t, c, c / heads};
+    }
+
+    /** Head sizes up to this use the tiled (flash-style) kernels; larger ones the row kernels. */
+    static final int FLASH_MAX_D = 128;
+    /** -Dmoe4j.cuda.rowAttention=true: the row kernels for every head size (for comparisons). */
+    private static final boolean ROW_ATTENTION = Boolean.getBoolean("moe4j.cuda.rowAttention");
+    /** -Dmoe4j.cuda.noTensorCoreAttention=true: the CUDA-core tiled kernels even for bf16 heads of 64 / 128. */
+    private static final boolean NO_TC_ATTENTION = Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention");
+
+    private static int rowKernelShared(String op, int t, int d) {
+        long shared = (2L * t + 2L * d) * 4;
+        if (shared > 48 * 1024) {
+            throw new IllegalArgumentException(op + ": head size " + d + " > " + FLASH_MAX_D + " uses the row kernel, whose shared memory limits "
+                    + "the sequence length to about 6000; got T = " + t);
+        }
+        return (int) shared;
+    }
+
+    @Override
+    public void attention(Tensor qkv, int heads, Tensor out, Tensor lse) {
+        int[] d = attnDims("attention", qkv, heads, out, lse);
+        int b = d[0], t = d[1], hd = d[3];
+        if (b == 0 || t == 0) return;
+        if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !ROW_ATTENTION && !NO_TC_ATTENTION) {
+            // tensor cores (WMMA bf16): attention_tc.cu
+            int shared = 64 * (hd + 8) * 2 + 4 * 16 * 36 * 4 + 4 * 16 * 40 * 2;
+            launch("k_flash_fwd_tc" + hd, (t + 63) / 64, b * heads, 128, shared, p(qkv), p(out), dt(out), p(lse), dt(lse), t, heads);
+        } else if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
+            int shared = (16 * hd + 32 * (hd + 1) + 32 * hd) * 4;
+            launch("k_flash_fwd", (t + 15) / 16, b * heads, 128, shared, p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), t, heads, hd);
+        } else {
+            launch("k_attention", t, b * heads, 128, rowKernelShared("attention", t, hd), p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), t, heads, hd);
+        }
+    }
+
+    @Override
+    public void attentionBackward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int heads, Tensor dqkv) {
+        String op = "attentionBackward";
+        int[] d = attnDims(op, qkv, heads, out, lse);
+        floating(op, "dout", dout); floating(op, "dqkv", dqkv);
+        Checks.matrix(op, "dout", dout, (long) d[0] * d[1], d[2]);
+        Checks.matrix(op, "dqkv", dqkv, (long) d[0] * d[1], 3L * d[2]);
+        int b = d[0], t = d[1], hd = d[3];
+        if (b == 0 || t == 0) return;
+        if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
+            try (Tensor delta = scratch(DType.F32, b * heads * t)) {
+                launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
+                if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !NO_TC_ATTENTION) {
+                    // tensor cores (WMMA bf16): attention_tc.cu; D = 128 needs more than 48 KiB of shared memory
+                    int tiles = (2 * 64 + 2 * 16) * (hd + 8) * 2;
+                    launch("k_flash_bwd_dkv_tc" + hd, (t + 63) / 64, b * heads, 128, tiles + 128 + 10240 + 6144, p(dout), dt(dout), p(qkv), p(lse),
+                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
+                    launch("k_flash_bwd_dq_tc" + hd, (t + 63) / 64, b * heads, 128, tiles + 10240 + 3072, p(dout), dt(dout), p(qkv), p(lse),
+                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
+                    return;
+                }
+                int sharedKv = (16 * hd + 64 * (hd + 1) + 64) * 4, sharedQ = (16 * hd + 64 * (hd + 1)) * 4;
+                launch("k_flash_bwd_dkv", (t + 7) / 8, b * heads, 128, sharedKv, p(dout), dt(dout), p(qkv), dt(qkv), p(lse), dt(lse), p(delta),
+                        p(dqkv), dt(dqkv), t, heads, hd);
+                launch("k_flash_bwd_dq", (t + 7) / 8, b * heads, 128, sharedQ, p(dout), dt(dout), p(qkv), dt(qkv), p(lse), dt(lse), p(delta),
+                        p(dqkv), dt(dqkv), t, heads, hd);
+            }
+        } else {
+            int shared = rowKernelShared(op, t, hd);
+            Object[] args = {p(dout), dt(dout), p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), p(dqkv), dt(dqkv), t, heads, hd};
+            launch("k_attention_bwd_dq", t, b * heads, 128, shared, args);
+            launch("k_attention_bwd_dkv", t, b * heads, 128, shared, args);
+        }
+    }
+
+    // ------------------------------------------------------------------ embedding and losses
+
+    @Override
+    public void embedding(Tensor tokens, Tensor wte, Tensor wpe, Tensor out) {
+        String op = "embedding";
+        Checks.open(op, "tokens", tokens);
+        Checks.dtype(op, "tokens", tokens, DType.I32);
+        Checks.rank(op, "tokens", tokens, 2);
+        floating(op, "wte", wte); floating(op, "out", out);
+        int b = tokens.dim(0), t = tokens.dim(1), c = wte.cols(), v = wte.rows();
+        Checks.matrix(op, "out", out, (long) b * t, c);
+        if (wpe != null) {
+            floating(op, "wpe", wpe);
+            Checks.cols(op, "wpe", wpe, c);
+            if (wpe.rows() < t) throw new IllegalArgumentException(op + ": sequence length " + t + " exceeds the " + wpe.rows() + " positions of wpe");
+        }
+        launchN("k_embedding", out.numel(), p(tokens), p(wte), dt(wte), p(wpe), (int) dtOrZero(wpe), p(out), dt(out), out.numel(), t, c, v);
+    }
+
+    @Override
+    public void embeddingBackward(Tensor dout, Tensor tokens, Tensor dwte, Tensor dwpe) {
+        String op = "embeddingBackward";
+        floating(op, "dout", dout); floating(op, "dwte", dwte);
+        Checks.dtype(op, "tokens", tokens, DType.I32);
+        Checks.rank(op, "tokens", tokens, 2);
+        int b = tokens.dim(0), t = tokens.dim(1), c = dwte.cols();
+        Checks.matrix(op, "dout", dout, (long) b * t, c);
+        if (b * t == 0 || c == 0) return;
+        if (dwte.dtype() == DType.F32) {
+            launchN("k_embedding_bwd_wte_atomic", dout.numel(), p(dout), dt(dout), p(tokens), p(dwte), dout.numel(), c);
+        } else {  // BF16 accumulation: one thread per column walking the tokens in order (deterministic)
+            launch("k_embedding_bwd_wte", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(tokens), p(dwte), dt(dwte), b * t, c);
+        }
+        if (dwpe != null) {
+            floating(op, "dwpe", dwpe);
+            Checks.cols(op, "dwpe", dwpe, c);
+            launchN("k_embedding_bwd_wpe", (long) t * c, p(dout), dt(dout), p(dwpe), dt(dwpe), (long) t * c, b, t, c);
+        }
+    }
+
+    @Override
+    public void crossEntropy(Tensor logits, Tensor targets, Tensor losses) {
+        floating("crossEntropy", "logits", logits); floating("crossEntropy", "losses", losses);
+        int v = logits.cols(), n = logits.rows();
+        Checks.dtype("crossEntropy", "targets", targets, DType.I32);
+        Checks.numel("crossEntropy", "targets", targets, n);
+        Checks.numel("crossEntropy", "losses", losses, n);
+        if (n == 0) return;
+        launch("k_cross_entropy", n, 1, rowThreads(v), 0, p(logits), dt(logits), p(targets), p(losses), dt(losses), v);
+    }
+
+    @Override
+    public void crossEntropyBackward(Tensor logits, Tensor targets, float scale, Tensor dlogits) {
+        floating("crossEntropyBackward", "logits", logits); floating("crossEntropyBackward", "dlogits", dlogits);
+        int v = logits.cols(), n = logits.rows();
+        Checks.dtype("crossEntropyBackward", "targets", targets, DType.I32);
+        Checks.numel("crossEntropyBackward", "targets", targets, n);
+        Checks.matrix("crossEntropyBackward", "dlogits", dlogits, n, v);
+        if (n == 0) return;
+        launch("k_cross_entropy_bwd", n, 1, rowThreads(v), 0, p(logits), dt(logits), p(targets), scale, p(dlogits), dt(dlogits), v);
+    }
+
+    @Override
+    public void distillationLoss(Tensor student, Tensor teacher, float temperature, Tensor losses) {
+        floating("distillationLoss", "student", student); floating("distillationLoss", "teacher", teacher); floating("distillationLoss", "losses", losses);
+        int v = student.cols(), n = student.rows();
+        Checks.matrix("distillationLoss", "teacher", teacher, n, v);
+        Checks.numel("distillationLoss", "losses", losses, n);
+        if (!(temperature > 0)) throw new IllegalArgumentException("distillationLoss: temperature must be > 0, got " + temperature);
+        if (n == 0) return;
+        launch("k_distill", n, 1, rowThreads(v), 0, p(student), dt(student), p(teacher), dt(teacher), temperature, p(losses), dt(losses), v);
+    }
+
+    @Override
+    public void distillationLossBackward(Tensor student, Tensor teacher, float temperature, float scale, Tensor dstudent) {
+        floating("distillationLossBackward", "student", student); floating("distillationLossBackward", "teacher", teacher);
+        floating("distillationLossBackward", "dstudent", dstudent);
+        int v = student.cols(), n = student.rows();
+        Checks.matrix("distillationLossBackward", "teacher", teacher, n, v);
+        Checks.matrix("distillationLossBackward", "dstudent", dstudent, n, v);
+        if (!(temperature > 0)) throw new IllegalArgumentException("distillationLossBackward: temperature must be > 0, got " + temperature);
+        if (n == 0) return;
+        launch("k_distill_bwd", n, 1, rowThreads(v), 0, p(student), dt(student), p(teacher), dt(teacher), temperature, scale, p(dstudent), dt(dstudent), v);
+    }
+
+    // ------------------------------------------------------------------ rows by index
+
+    @Override
+    public void gatherRows(Tensor src, Tensor idx, Tensor out) {
+        floating("gatherRows", "src", src); floating("gatherRows", "out", out);
+        int c = src.cols(), m = Math.toIntExact(idx.numel());
+        Checks.dtype("gatherRows", "idx", idx, DType.I32);
+        Checks.matrix("gatherRows", "out", out, m, c);
+        launchN("k_gather_rows", out.numel(), p(src), dt(src), p(idx), p(out), dt(out), out.numel(), c);
+    }
+
+    @Override
+    public void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst) {
+        floating("scatterAddRows", "src", src); floating("scatterAddRows", "dst", dst);
+        int c = src.cols(), m = src.rows();
+        Checks.dtype("scatterAddRows", "idx", idx, DType.I32);
+        Checks.numel("scatterAddRows", "idx", idx, m);
+        Checks.cols("scatterAddRows", "dst", dst, c);
+        if (w != null) { floating("scatterAddRows", "w", w); Checks.numel("scatterAddRows", "w", w, m); }
+        if (c == 0 || m == 0) return;
+        if (dst.dtype() == DType.F32) {
+            launchN("k_scatter_add_rows_atomic", src.numel(), p(src), dt(src), p(idx), p(w), (int) dtOrZero(w), p(dst), src.numel(), c);
+        } else {  // BF16 accumulation: one thread per column, rows in order (no bf16 atomics, deterministic)
+            launch("k_scatter_add_rows", (c + 127) / 128, 1, 128, 0, p(src), dt(src), p(idx), p(w), (int) dtOrZero(w), p(dst), dt(dst), m, c);
+        }
+    }
+
+    // ------------------------------------------------------------------ reductions
+
+    private static final int REDUCE_BLOCKS = 256;
+
+    private void reduce(Tensor x, Tensor out, boolean squares, float beta) {
+        try (Tensor partial = scratch(DType.F32, 2 * REDUCE_BLOCKS)) {  // REDUCE_BLOCKS doubles
+            launch("k_reduce_partial", REDUCE_BLOCKS, 1, THREADS, 0, p(x), dt(x), x.numel(), squares ? 1 : 0, p(partial));
+            launch("k_reduce_final", 1, 1, THREADS, 0, p(partial), REDUCE_BLOCKS, p(out), dt(out), beta);
+        }
+    }
+
+    @Override
+    public void sum(Tensor x, Tensor out) {
+        floating("sum", "x", x); floating("sum", "out", out);
+        Checks.numel("sum", "out", out, 1);
+        reduce(x, out, false, 0f);
+    }
+
+    @Override
+    public void sumSquares(Tensor x, Tensor out, float beta) {
+        floating("sumSquares", "x", x); floating("sumSquares", "out", out);
+        Checks.numel("sumSquares", "out", out, 1);
+        reduce(x, out, true, beta);
+    }
+
+    // ------------------------------------------------------------------ MoE routing
+
+    @Override
+    public void moeGate(GateSpec spec, Tensor logits, GateOutputs out) {
+        String op = "moeGate";
+        floating(op, "logits", logits);
+        Checks.rank(op, "logits", logits, 2);
+        int s = logits.dim(0), e = logits.dim(1), k = spec.k();
+        if (k > e) throw new IllegalArgumentException(op + ": k = " + k + " exceeds the " + e + " experts");
+        checkGateOutputs(op, out, s, e, k);
+        if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
+        int cap = spec.dropless() ? 0 : spec.capacity();
+        try (Tensor lse = scratch(DType.F32, s); Tensor rankBase = scratch(DType.I32, k * e); Tensor lauxPart = scratch(DType.F32, e)) {
+            launch("k_gate_topk", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()), p(out.experts()), p(lse),
+                    s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
+            launch("k_gate_counts", e, 1, 256, 0, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k,
+                    p(rankBase), p(out.counts()), p(lauxPart));
+            launch("k_gate_finish", 1, 1, 256, 0, p(out.counts()), p(lauxPart), p(lse), s, e, cap, p(out.offsets()), p(out.losses()), dt(out.losses()));
+            if (spec.useRts()) {
+                int blocksSk = (int) (((long) s * k + 127) / 128);
+                try (Tensor prio = scratch(DType.F32, s * k)) {
+                    launch("k_gate_priorities", blocksSk, 1, 128, 0, s, e, k, spec.seed(), spec.offset(), p(prio));
+                    launch("k_gate_slots", blocksSk, 1, 128, 0, p(out.experts()), p(rankBase), p(out.offsets()), p(prio), s, e, k, cap, p(out.dest()));
+                }
+            } else {
+                launch("k_gate_slots_scan", e, k, 1024, 0, p(out.experts()), p(rankBase), p(out.offsets()), s, e, k, cap, p(out.dest()));
+            }
+            launch("k_gate_weights", (s + 127) / 128, 1, 128, 0, p(out.gates()), dt(out.gates()), p(out.experts()), p(out.dest()),
+                    p(out.weights()), dt(out.weights()), s, e, k);
+        }
+    }
+
+    private void checkGateOutputs(String op, GateOutputs out, int s, int e, int k) {
+        floating(op, "gates", out.gates());
+        Checks.matrix(op, "gates", out.gates(), s, e);
+        Checks.open(op, "experts", out.experts());
+        Checks.dtype(op, "experts", out.experts(), DType.I32);
+        Checks.matrix(op, "experts", out.experts(), s, k);
+        Checks.open(op, "dest", out.dest());
+        Checks.dtype(op, "dest", out.dest(), DType.I32);
+        Checks.matrix(op, "dest", out.dest(), s, k);
+        floating(op, "weights", out.weights());
+        Checks.matrix(op, "weights", out.weights(), s, k);
+        Checks.open(op, "counts", out.counts());
+        Checks.dtype(op, "counts", out.counts(), DType.I32);
+        Checks.numel(op, "counts", out.counts(), e);
+        Checks.open(op, "offsets", out.offsets());
+        Checks.dtype(op, "offsets", out.offsets(), DType.I32);
+        Checks.numel(op, "offsets", out.offsets(), e + 1L);
+        floating(op, "losses", out.losses());
+        Checks.numel(op, "losses", out.losses(), 2);
+    }
+
+    @Override
+    public void moeGateBackward(GateSpec spec, Tensor logits, GateOutputs saved, Tensor dweights, float lauxCoeff, float zlossCoeff, Tensor dlogits) {
+        String op = "moeGateBackward";
+        floating(op, "logits", logits);
+        Checks.rank(op, "logits", logits, 2);
+        int s = logits.dim(0), e = logits.dim(1), k = spec.k();
+        checkGateOutputs(op, saved, s, e, k);
+        floating(op, "dweights", dweights);
+        Checks.matrix(op, "dweights", dweights, s, k);
+        floating(op, "dlogits", dlogits);
+        Checks.matrix(op, "dlogits", dlogits, s, e);
+        if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
+        try (Tensor first = scratch(DType.I32, e)) {
+            launch("k_gate_first_counts", e, 1, 256, 0, p(saved.experts()), s, e, k, p(first));
+            launch("k_gate_bwd", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
+                    p(saved.dest()), p(dweights), dt(dweights), p(first), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
+        }
+    }
+
+    @Override
+    public void moePermute(Tensor x, Tensor dest, Tensor buf) {
+        String op = "moePermute";
+        floating(op, "x", x); floating(op, "buf", buf);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = x.rows(), m = x.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, x has " + s);
+        Checks.cols(op, "buf", buf, m);
+        int k = dest.cols();
+        long n = (long) s * k * m;
+        launchN("k_moe_permute", n, p(x), dt(x), p(dest), p(buf), dt(buf), n, k, m);
+    }
+
+    @Override
+    public void moeUnpermute(Tensor buf, Tensor dest, Tensor w, Tensor out) {
+        String op = "moeUnpermute";
+        floating(op, "buf", buf); floating(op, "out", out);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = out.rows(), m = out.cols(), k = dest.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, out has " + s);
+        Checks.cols(op, "buf", buf, m);
+        if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
+        launchN("k_moe_unpermute", out.numel(), p(buf), dt(buf), p(dest), p(w), (int) dtOrZero(w), p(out), dt(out), out.numel(), k, m);
+    }
+
+    @Override
+    public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw) {
+        String op = "moeUnpermuteBackward";
+        floating(op, "dout", dout); floating(op, "dbuf", dbuf);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = dout.rows(), m = dout.cols(), k = dest.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, dout has " + s);
+        if (dw != null) { floating(op, "buf", buf); Checks.matrix(op, "buf", buf, dbuf.rows(), m); }
+        Checks.cols(op, "dbuf", dbuf, m);
+        if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
+        long n = (long) s * k * m;
+        launchN("k_moe_unpermute_bwd_dbuf", n, p(dout), dt(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), dt(dbuf), n, k, m);
+        if (dw != null) {
+            floating(op, "dw", dw);
+            Checks.matrix(op, "dw", dw, s, k);
+            if ((long) s * k > 0) launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
+        }
+    }
+
+    // ------------------------------------------------------------------ optimizer
+
+    @Override
+    public void adamw(Tensor param, Tensor grad, Tensor m, Tensor v, AdamWParams h, Tensor normSq, Tensor modelCopy) {
+        floating("adamw", "param", param); floating("adamw", "grad", grad); floating("adamw", "m", m); floating("adamw", "v", v);
+        long n = param.numel();
+        Checks.numel("adamw", "grad", grad, n);
+        Checks.numel("adamw", "m", m, n);
+        Checks.numel("adamw", "v", v, n);
+        if (modelCopy != null) { floating("adamw", "modelCopy", modelCopy); Checks.numel("adamw", "modelCopy", modelCopy, n); }
+        if (normSq != null) { floating("adamw", "normSq", normSq); Checks.numel("adamw", "normSq", normSq, 1); }
+        double c1 = 1 - Math.pow(h.beta1(), h.step()), c2 = 1 - Math.pow(h.beta2(), h.step());
+        launchN("k_adamw", n, p(param), dt(param), p(grad), dt(grad), p(m), dt(m), p(v), dt(v), p(modelCopy), (int) dtOrZero(modelCopy), n,
+                h.lr(), h.beta1(), h.beta2(), h.eps(), h.weightDecay(), c1, c2, p(normSq), (int) dtOrZero(normSq), h.maxGradNorm());
+    }
+
+    // ------------------------------------------------------------------ lifecycle
+
+    @Override
+    public synchronized void close() {
+        if (closed) return;
+        bind();
+        cudart.cudaStreamSynchronize(stream);
+        closed = true;
+        kernels.close();
+        cublas.cublasDestroy_v2(blas);
+        allocator.emptyCache();
+        cudart.cudaStreamDestroy(stream);
+        scalars.close();
+    }
+}

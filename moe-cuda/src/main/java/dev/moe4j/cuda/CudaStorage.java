@@ -1,0 +1,30 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.tensor.Storage;
+
+/** A block of device memory from the backend's caching allocator. */
+final class CudaStorage implements Storage {
+    final CudaBackend owner;
+    private final long address;
+    private final long bytes;
+    private boolean released;
+
+    CudaStorage(CudaBackend owner, long address, long bytes) {
+        this.owner = owner;
+        this.address = address;
+        this.bytes = bytes;
+    }
+
+    @Override public long byteSize() { return bytes; }
+
+    @Override public long deviceAddress() {
+        if (released) throw new IllegalStateException("device storage was released");
+        return address;
+    }
+
+    @Override public void release() {
+        if (released) return;
+        released = true;
+        owner.allocator().free(address, bytes);
+    }
+}

@@ -1,0 +1,57 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.backend.GateSpec;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import org.junit.jupiter.api.Tag;
+import org.junit.jupiter.params.ParameterizedTest;
+import org.junit.jupiter.params.provider.CsvSource;
+
+/**
+ * The MoE routing ops of the GPU against CpuBackend's (CpuMoE, the reference), including Gumbel sampling and
+ * random token selection, which must pick the same experts and slots on both (same Philox counters).
+ */
+@Tag("gpu")
+class CudaMoeVsCpuTest extends GpuTestBase {
+
+    static GateOutputs outputs(Backend b, int s, int e, int k) {
+        return new GateOutputs(b.zeros(DType.F32, s, e), b.zeros(DType.I32, s, k), b.zeros(DType.I32, s, k),
+                b.zeros(DType.F32, s, k), b.zeros(DType.I32, e), b.zeros(DType.I32, e + 1), b.zeros(DType.F32, 2));
+    }
+
+    @ParameterizedTest
+    @CsvSource({"1, 6, 37, 9, false, false, false", "2, 6, 37, 9, false, false, false", "2, 5, 41, 0, false, false, false",
+                "1, 8, 64, 5, true, true, false", "2, 8, 64, 9, true, true, true", "3, 7, 50, 0, true, false, true",
+                "2, 16, 300, 30, true, false, false"})
+    void gateForwardBackwardAndPermuteMatchTheCpu(int k, int e, int s, int capacity, boolean rts, boolean rsample, boolean second) {
+        GateSpec spec = new GateSpec(k, capacity, rts, rsample, second, 0x5eedL, 1L << 34);
+        Tensor[] logits = rand(DType.F32, 2, s, e);
+        GateOutputs[] out = {outputs(cpu, s, e, k), outputs(gpu, s, e, k)};
+        for (int i = 0; i < 2; i++) on(i).moeGate(spec, logits[i], out[i]);
+        System.out.printf("moeGate vs CPU k=%d E=%d S=%d C=%d rts=%b rsample=%b second=%b%n", k, e, s, capacity, rts, rsample, second);
+        check("moeGate gates", new Tensor[] {out[0].gates(), out[1].gates()}, F32_TOL);
+        checkInts("moeGate experts", new Tensor[] {out[0].experts(), out[1].experts()});
+        checkInts("moeGate dest", new Tensor[] {out[0].dest(), out[1].dest()});
+        checkInts("moeGate counts", new Tensor[] {out[0].counts(), out[1].counts()});
+        checkInts("moeGate offsets", new Tensor[] {out[0].offsets(), out[1].offsets()});
+        check("moeGate weights", new Tensor[] {out[0].weights(), out[1].weights()}, F32_TOL);
+        check("moeGate losses", new Tensor[] {out[0].losses(), out[1].losses()}, F32_TOL);
+        Tensor[] dw = rand(DType.F32, 1, s, k), dl = rand(DType.F32, 1, s, e);
+        for (int i = 0; i < 2; i++) on(i).moeGateBackward(spec, logits[i], out[i], dw[i], 0.5f, 0.1f, dl[i]);
+        check("moeGateBackward", dl, 1e-5);
+
+        int m = 33, rows = capacity > 0 ? e * capacity : s * k;
+        Tensor[] x = rand(DType.BF16, 1, s, m), buf = rand(DType.BF16, 1, rows, m), y = rand(DType.BF16, 1, s, m);
+        Tensor[] dest = {out[0].dest(), out[1].dest()}, w = {out[0].weights(), out[1].weights()};
+        for (int i = 0; i < 2; i++) on(i).moePermute(x[i], dest[i], buf[i]);
+        check("moePermute", buf, 0);
+        for (int i = 0; i < 2; i++) on(i).moeUnpermute(buf[i], dest[i], w[i], y[i]);
+        check("moeUnpermute", y, BF16_TOL);
+        Tensor[] dout = rand(DType.BF16, 1, s, m), dbuf = rand(DType.BF16, 1, rows, m), dwt = rand(DType.F32, 1, s, k);
+        for (int i = 0; i < 2; i++) on(i).moeUnpermuteBackward(dout[i], buf[i], dest[i], w[i], dbuf[i], dwt[i]);
+        check("moeUnpermuteBackward dbuf", dbuf, BF16_TOL);
+        check("moeUnpermuteBackward dw", dwt, 1e-5);
+    }
+}

@@ -1,0 +1,316 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.AdamWParams;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import org.junit.jupiter.api.Tag;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.params.ParameterizedTest;
+import org.junit.jupiter.params.provider.EnumSource;
+
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+/** Every dense op of the CUDA backend against the CPU reference, on fresh random inputs and odd sizes. */
+@Tag("gpu")
+class CudaOpsTest extends GpuTestBase {
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void transfersCopyFill(DType dt) {
+        Tensor[] x = rand(dt, 3, 7, 13);
+        check("fromDoubles/toDoubles", x, 0);
+        DType other = dt == DType.F32 ? DType.BF16 : DType.F32;
+        Tensor[] y = {cpu.zeros(other, 7, 13), gpu.zeros(other, 7, 13)};
+        for (int i = 0; i < 2; i++) on(i).copy(x[i], y[i]);
+        check("copy " + dt + " -> " + other, y, 0);
+        for (int i = 0; i < 2; i++) on(i).fill(y[i], 1.2345);
+        check("fill", y, 0);
+        Tensor[] n = ints(-5, 100, 11);
+        checkInts("fromInts/toInts", n);
+        assertEquals(0.0, gpu.zeros(dt, 5).toDoubles()[3]);
+    }
+
+    @Test
+    void randomIsTheSameFunctionAsTheCpu() {
+        Tensor[] u = {cpu.zeros(DType.F32, 1001), gpu.zeros(DType.F32, 1001)};
+        for (int i = 0; i < 2; i++) on(i).randomUniform(u[i], -2, 3, 0x1234_5678_9abcL, (1L << 33) + 5);
+        assertArrayEquals(u[0].toFloats(), u[1].toFloats(), "uniform must be bit-identical");
+        Tensor[] nrm = {cpu.zeros(DType.F32, 1001), gpu.zeros(DType.F32, 1001)};
+        for (int i = 0; i < 2; i++) on(i).randomNormal(nrm[i], 0.5, 2, 77, 123456789L);
+        check("randomNormal", nrm, 1e-6);
+    }
+
+    static int[][] gemmShapes() { return new int[][] {{37, 53, 29}, {1, 17, 64}, {128, 96, 200}}; }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void matmulRank2AllTransposes(DType dt) {
+        for (int[] s : gemmShapes()) {
+            int m = s[0], n = s[1], k = s[2];
+            for (int t = 0; t < 4; t++) {
+                boolean ta = (t & 1) != 0, tb = (t & 2) != 0;
+                Tensor[] a = ta ? rand(dt, 1, k, m) : rand(dt, 1, m, k);
+                Tensor[] b = tb ? rand(dt, 1, n, k) : rand(dt, 1, k, n);
+                Tensor[] c = rand(dt, 1, m, n);
+                for (int i = 0; i < 2; i++) on(i).matmul(a[i], ta, b[i], tb, c[i], 0.75f, 0.5f);
+                check("matmul " + m + "x" + n + "x" + k + " tA=" + ta + " tB=" + tb, c, tol(dt));
+            }
+        }
+    }
+
+    @Test
+    void matmulMixedDtypesAndBatched() {
+        Tensor[] a = rand(DType.F32, 1, 19, 33), b = rand(DType.BF16, 1, 33, 21), c = rand(DType.BF16, 1, 19, 21);
+        for (int i = 0; i < 2; i++) on(i).matmul(a[i], false, b[i], false, c[i], 1f, 1f);
+        check("matmul f32 x bf16 -> bf16", c, BF16_TOL);
+        Tensor[] a3 = rand(DType.F32, 1, 3, 17, 9), b3 = rand(DType.F32, 1, 3, 11, 9), c3 = rand(DType.F32, 1, 3, 17, 11);
+        for (int i = 0; i < 2; i++) on(i).matmul(a3[i], false, b3[i], true, c3[i], 1f, 0f);
+        check("matmul batched [3] 17x11x9 tB", c3, F32_TOL);
+        Tensor[] bb = rand(DType.BF16, 1, 4, 23, 31), cb = rand(DType.BF16, 1, 4, 31, 15), ob = rand(DType.F32, 1, 4, 23, 15);
+        for (int i = 0; i < 2; i++) on(i).matmul(bb[i], false, cb[i], false, ob[i], 1f, 0f);
+        check("matmul batched bf16 -> f32", ob, BF16_TOL);
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void groupedMatmulAndWeightGrad(DType dt) {
+        int e = 5, k = 24, n = 40, t = 61;
+        int[] offs = {0, 13, 13, 30, 52, 58};  // an empty expert, rows 58..61 untouched
+        Tensor[] o = of(offs, e + 1);
+        for (boolean tw : new boolean[] {false, true}) {
+            Tensor[] a = rand(dt, 1, t, k), w = tw ? rand(dt, 1, e, n, k) : rand(dt, 1, e, k, n), c = rand(dt, 1, t, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], 0.5f);
+            check("groupedMatmul transW=" + tw, c, tol(dt));
+        }
+        for (float beta : new float[] {0f, 1f, 0.25f}) {
+            Tensor[] a = rand(dt, 1, t, k), dy = rand(dt, 1, t, n), dw = rand(dt, 1, e, k, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], beta);
+            check("groupedMatmulWeightGrad beta=" + beta, dw, tol(dt));
+        }
+    }
+
+    /** Equal-size experts back to back (the capacity-padded buffer): the strided-batched path. */
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void groupedMatmulEqualExperts(DType dt) {
+        int e = 6, cap = 7, k = 24, n = 20, t = e * cap;
+        int[] offs = new int[e + 1];
+        for (int g = 0; g <= e; g++) offs[g] = g * cap;
+        Tensor[] o = of(offs, e + 1);
+        for (boolean tw : new boolean[] {false, true}) {
+            Tensor[] a = rand(dt, 1, t, k), w = tw ? rand(dt, 1, e, n, k) : rand(dt, 1, e, k, n), c = rand(dt, 1, t, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], 0.5f);
+            check("groupedMatmul equal experts transW=" + tw, c, tol(dt));
+        }
+        Tensor[] a = rand(dt, 1, t, k), dy = rand(dt, 1, t, n), dw = rand(DType.F32, 1, e, k, n);
+        for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], 1f);
+        check("groupedMatmulWeightGrad equal experts -> F32", dw, tol(dt));
+    }
+
+    /** 40 experts: the cublasGemmGroupedBatchedEx path (32 or more non-empty groups), with empty experts too. */
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void groupedMatmulManyExperts(DType dt) {
+        int e = 40, k = 24, n = 20;
+        int[] offs = new int[e + 1];
+        for (int g = 0; g < e; g++) offs[g + 1] = offs[g] + (g % 9 == 4 ? 0 : 1 + rnd.nextInt(7));
+        int t = offs[e] + 3;
+        Tensor[] o = of(offs, e + 1);
+        for (boolean tw : new boolean[] {false, true}) {
+            Tensor[] a = rand(dt, 1, t, k), w = tw ? rand(dt, 1, e, n, k) : rand(dt, 1, e, k, n), c = rand(dt, 1, t, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], 0.5f);
+            check("groupedMatmul 40 experts transW=" + tw, c, tol(dt));
+        }
+        for (DType gd : new DType[] {dt, DType.F32}) {
+            Tensor[] a = rand(dt, 1, t, k), dy = rand(dt, 1, t, n), dw = rand(gd, 1, e, k, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], 1f);
+            check("groupedMatmulWeightGrad 40 experts -> " + gd, dw, tol(dt));
+        }
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void elementwise(DType dt) {
+        Tensor[] a = rand(dt, 2, 33, 17), b = rand(DType.F32, 2, 33, 17), out = rand(dt, 1, 33, 17);
+        for (int i = 0; i < 2; i++) on(i).add(a[i], 0.5, b[i], -1.5, out[i]);
+        check("add", out, tol(dt));
+        for (int i = 0; i < 2; i++) on(i).add(out[i], 1.0, b[i], 2.0, out[i]);
+        check("add (aliased out)", out, tol(dt));
+        for (int i = 0; i < 2; i++) on(i).mul(a[i], b[i], out[i]);
+        check("mul", out, tol(dt));
+        for (int i = 0; i < 2; i++) on(i).scale(a[i], -3.25, out[i]);
+        check("scale", out, tol(dt));
+        Tensor[] bias = rand(dt, 1, 17);
+        for (int i = 0; i < 2; i++) on(i).addBias(a[i], bias[i], out[i]);
+        check("addBias", out, tol(dt));
+        Tensor[] sr = rand(DType.F32, 1, 17);
+        for (int i = 0; i < 2; i++) on(i).sumRows(a[i], sr[i], 1f);
+        check("sumRows (accumulate)", sr, tol(dt));
+        Tensor[] tall = rand(dt, 1, 3001, 45), srt = rand(DType.F32, 1, 45);
+        for (int i = 0; i < 2; i++) on(i).sumRows(tall[i], srt[i], 0.5f);
+        check("sumRows tall (two-pass)", srt, tol(dt) * 10);
+        Tensor[] rd = rand(DType.F32, 1, 33);
+        for (int i = 0; i < 2; i++) on(i).rowDot(a[i], b[i], rd[i]);
+        check("rowDot", rd, tol(dt));
+    }
+
+    @ParameterizedTest
+    @EnumSource(Activation.class)
+    void activations(Activation act) {
+        for (DType dt : new DType[] {DType.F32, DType.BF16}) {
+            int f = 45;
+            Tensor[] x = rand(dt, 3, 7, act.inputWidth(f)), out = rand(dt, 1, 7, f);
+            for (int i = 0; i < 2; i++) on(i).activation(act, x[i], out[i]);
+            check("activation " + act, out, tol(dt));
+            Tensor[] dout = rand(dt, 1, 7, f), dx = rand(dt, 1, 7, act.inputWidth(f));
+            for (int i = 0; i < 2; i++) on(i).activationBackward(act, x[i], dout[i], dx[i]);
+            check("activationBackward " + act, dx, tol(dt) * (dt == DType.F32 ? 10 : 1));
+        }
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void layerNormForwardBackward(DType dt) {
+        for (int[] nc : new int[][] {{11, 7}, {11, 129}, {11, 1030}, {2003, 96}}) {
+            int n = nc[0], c = nc[1];
+            Tensor[] x = rand(dt, 2, n, c), g = rand(dt, 1, c), b = rand(dt, 1, c), out = rand(dt, 1, n, c);
+            Tensor[] mean = rand(DType.F32, 1, n), rstd = rand(DType.F32, 1, n);
+            for (int i = 0; i < 2; i++) on(i).layerNorm(x[i], g[i], b[i], 1e-5f, out[i], mean[i], rstd[i]);
+            check("layerNorm C=" + c, out, tol(dt) * 2);
+            check("layerNorm mean", mean, 1e-5);
+            check("layerNorm rstd", rstd, 1e-5);
+            Tensor[] dout = rand(dt, 1, n, c), dx = rand(dt, 1, n, c), dg = rand(dt, 1, c), db = rand(dt, 1, c);
+            for (int i = 0; i < 2; i++) on(i).layerNormBackward(dout[i], x[i], g[i], mean[i], rstd[i], dx[i], dg[i], db[i]);
+            check("layerNormBackward dx C=" + c, dx, tol(dt) * 5);
+            check("layerNormBackward dgamma", dg, tol(dt) * 2);
+            check("layerNormBackward dbeta", db, tol(dt));
+        }
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void softmaxForwardBackward(DType dt) {
+        Tensor[] x = rand(dt, 4, 9, 301), y = rand(dt, 1, 9, 301);
+        for (int i = 0; i < 2; i++) on(i).softmax(x[i], y[i]);
+        check("softmax", y, tol(dt));
+        Tensor[] dy = rand(dt, 1, 9, 301), dx = rand(dt, 1, 9, 301);
+        for (int i = 0; i < 2; i++) on(i).softmaxBackward(y[i], dy[i], dx[i]);
+        check("softmaxBackward", dx, tol(dt) * 2);
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void attentionForwardBackward(DType dt) {
+        // {B, T, H, D}: several key tiles; bf16 with D = 64 / 128 runs the tensor-core forward; D = 160 the row kernels
+        for (int[] cfg : new int[][] {{2, 37, 3, 16}, {1, 100, 2, 64}, {2, 130, 2, 64}, {1, 45, 1, 128}, {1, 77, 2, 128}, {2, 21, 1, 160}}) {
+            int b = cfg[0], t = cfg[1], h = cfg[2], d = cfg[3], c = h * d;
+            String name = "attention B=" + b + " T=" + t + " H=" + h + " D=" + d;
+            Tensor[] qkv = rand(dt, 1, b, t, 3 * c), out = rand(dt, 1, b, t, c), lse = rand(DType.F32, 1, b, h, t);
+            for (int i = 0; i < 2; i++) on(i).attention(qkv[i], h, out[i], lse[i]);
+            check(name + " out", out, tol(dt));
+            check(name + " lse", lse, F32_TOL);
+            Tensor[] dout = rand(dt, 1, b, t, c), dqkv = rand(dt, 1, b, t, 3 * c);
+            for (int i = 0; i < 2; i++) on(i).attentionBackward(dout[i], qkv[i], out[i], lse[i], h, dqkv[i]);
+            check(name + " dqkv", dqkv, tol(dt) * (dt == DType.F32 ? 10 : 2));
+        }
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void embeddingForwardBackward(DType dt) {
+        int b = 3, t = 9, c = 35, v = 6;  // a small vocabulary: repeated tokens
+        Tensor[] tok = ints(0, v, b, t), wte = rand(dt, 1, v, c), wpe = rand(dt, 1, t + 2, c), out = rand(dt, 1, b, t, c);
+        for (int i = 0; i < 2; i++) on(i).embedding(tok[i], wte[i], wpe[i], out[i]);
+        check("embedding", out, tol(dt));
+        for (int i = 0; i < 2; i++) on(i).embedding(tok[i], wte[i], null, out[i]);
+        check("embedding without wpe", out, tol(dt));
+        for (DType gd : new DType[] {DType.F32, DType.BF16}) {
+            Tensor[] dout = rand(dt, 1, b, t, c), dwte = rand(gd, 1, v, c), dwpe = rand(gd, 1, t + 2, c);
+            for (int i = 0; i < 2; i++) on(i).embeddingBackward(dout[i], tok[i], dwte[i], dwpe[i]);
+            check("embeddingBackward dwte -> " + gd, dwte, tol(dt, gd));
+            check("embeddingBackward dwpe -> " + gd, dwpe, tol(dt, gd));
+        }
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void lossesForwardBackward(DType dt) {
+        int n = 13, v = 517;
+        Tensor[] logits = rand(dt, 5, n, v);
+        int[] tg = new int[n];
+        for (int r = 0; r < n; r++) tg[r] = r == 4 ? -1 : rnd.nextInt(v);
+        Tensor[] tgt = of(tg, n), losses = rand(DType.F32, 1, n);
+        for (int i = 0; i < 2; i++) on(i).crossEntropy(logits[i], tgt[i], losses[i]);
+        check("crossEntropy", losses, F32_TOL);
+        Tensor[] dl = rand(dt, 1, n, v);
+        for (int i = 0; i < 2; i++) on(i).crossEntropyBackward(logits[i], tgt[i], 1f / n, dl[i]);
+        check("crossEntropyBackward", dl, tol(dt));
+        Tensor[] teacher = rand(dt, 5, n, v);
+        for (int i = 0; i < 2; i++) on(i).distillationLoss(logits[i], teacher[i], 2.5f, losses[i]);
+        check("distillationLoss", losses, 1e-4);  // KL of near-equal distributions: cancellation
+        for (int i = 0; i < 2; i++) on(i).distillationLossBackward(logits[i], teacher[i], 2.5f, 0.3f, dl[i]);
+        check("distillationLossBackward", dl, tol(dt));
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void gatherScatterRows(DType dt) {
+        int n = 10, m = 23, c = 37;
+        int[] ix = new int[m];
+        for (int r = 0; r < m; r++) ix[r] = r % 7 == 3 ? -1 : rnd.nextInt(n);
+        Tensor[] idx = of(ix, m), src = rand(dt, 1, n, c), out = rand(dt, 1, m, c);
+        for (int i = 0; i < 2; i++) on(i).gatherRows(src[i], idx[i], out[i]);
+        check("gatherRows", out, 0);
+        Tensor[] w = rand(DType.F32, 1, m), dst = rand(DType.F32, 1, n, c);
+        for (int i = 0; i < 2; i++) on(i).scatterAddRows(out[i], idx[i], w[i], dst[i]);
+        check("scatterAddRows (weighted, duplicates)", dst, tol(dt));
+        for (int i = 0; i < 2; i++) on(i).scatterAddRows(out[i], idx[i], null, dst[i]);
+        check("scatterAddRows (unweighted)", dst, tol(dt));
+    }
+
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void reductions(DType dt) {
+        Tensor[] x = rand(dt, 1, 100_003), s = rand(DType.F32, 1, 1);
+        for (int i = 0; i < 2; i++) on(i).sum(x[i], s[i]);
+        check("sum", s, 1e-5);
+        for (int i = 0; i < 2; i++) on(i).sumSquares(x[i], s[i], 1f);
+        check("sumSquares (accumulate)", s, 1e-6);
+    }
+
+    @Test
+    void adamwWithClipSkipAndModelCopy() {
+        int n = 4099;
+        Tensor[] p = rand(DType.F32, 1, n), g = rand(DType.BF16, 1, n), m = rand(DType.F32, 0.1, n), v = rand(DType.F32, 0.1, n);
+        for (int i = 0; i < 2; i++) { on(i).mul(v[i], v[i], v[i]); }  // v >= 0
+        Tensor[] norm = rand(DType.F32, 1, 1), copy = rand(DType.BF16, 1, n);
+        for (int i = 0; i < 2; i++) on(i).sumSquares(g[i], norm[i], 0f);
+        AdamWParams h = new AdamWParams(1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 1.0f);  // the clip is active (norm >> 1)
+        for (int i = 0; i < 2; i++) on(i).adamw(p[i], g[i], m[i], v[i], h, norm[i], copy[i]);
+        check("adamw param", p, 1e-5);
+        check("adamw m", m, 1e-5);
+        check("adamw v", v, 1e-5);
+        check("adamw bf16 model copy", copy, BF16_TOL);
+        double[] before = p[1].toDoubles();
+        gpu.fill(norm[1], Double.NaN);
+        gpu.adamw(p[1], g[1], m[1], v[1], h, norm[1], null);
+        assertArrayEquals(before, p[1].toDoubles(), "a NaN norm must skip the update");
+        for (int i = 0; i < 2; i++) on(i).adamw(p[i], g[i], m[i], v[i], h, null, null);
+        check("adamw without clipping", p, 1e-5);
+    }
+
+    @Test
+    void rejectsF64AndBadShapesBeforeWork() {
+        assertTrue(!gpu.supports(DType.F64) && gpu.supports(DType.BF16));
+        assertThrows(IllegalArgumentException.class, () -> gpu.zeros(DType.F64, 3));
+        Tensor a = gpu.zeros(DType.F32, 3, 4), b = gpu.zeros(DType.F32, 5, 6), c = gpu.zeros(DType.F32, 3, 6);
+        var e = assertThrows(IllegalArgumentException.class, () -> gpu.matmul(a, false, b, false, c, 1f, 0f));
+        assertTrue(e.getMessage().contains("inner dimensions"), e.getMessage());
+        Tensor cpuT = cpu.zeros(DType.F32, 3, 4);
+        assertThrows(IllegalArgumentException.class, () -> gpu.add(cpuT, 1, a, 1, a));
+    }
+}

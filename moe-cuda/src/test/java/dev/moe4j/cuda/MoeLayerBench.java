@@ -1,0 +1,116 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.moe.MoE;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Scope;
+import dev.moe4j.core.tensor.Tensor;
+
+/**
+ * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
+ * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...].
+ * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs).
+ */
+public final class MoeLayerBench {
+    record Config(String name, int s, int m, int f, int e, int k) {}
+
+    static final Config[] CONFIGS = {
+        new Config("350M+MoE-128", 8192, 1024, 4096, 128, 1),
+        new Config("1.3B+MoE-128", 8192, 2048, 8192, 128, 1),
+        new Config("1.3B+MoE-64-top2", 8192, 2048, 8192, 64, 2),
+        new Config("mixtral-8e-top2", 8192, 4096, 14336, 8, 2),
+        new Config("1.3B+MoE-128-EP8-share", 8192, 2048, 8192, 16, 1),
+    };
+
+    public static void main(String[] args) {
+        int iters = args.length > 0 ? Integer.parseInt(args[0]) : 10;
+        boolean dropless = args.length > 1 && args[1].equals("dropless");
+        java.util.Set<String> only = new java.util.HashSet<>();
+        for (int i = 2; i < args.length; i++) only.add(args[i]);
+        try (CudaBackend gpu = new CudaBackend(0)) {
+            if (args.length > 1 && args[1].equals("attention")) {
+                attention(gpu, iters);
+                return;
+            }
+            for (Config c : CONFIGS) {
+                if (!only.isEmpty() && !only.contains(c.name)) continue;
+                try {
+                    run(gpu, c, iters, dropless);
+                } catch (RuntimeException | OutOfMemoryError ex) {
+                    System.out.printf("%-24s FAILED: %s%n", c.name, ex);
+                }
+                gpu.allocator().emptyCache();
+                if (System.getenv("MOE4J_CUDA_PROFILE") != null) System.out.print(gpu.profileReport(true));
+            }
+        }
+    }
+
+    static void run(CudaBackend gpu, Config c, int iters, boolean dropless) {
+        ModelContext ctx = new ModelContext(gpu, DType.BF16, 1);
+        ctx.setTraining(true);
+        MoE.Builder b = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f).optNumExperts(c.e).optK(c.k)
+                .optActivation(Activation.GELU).optCapacityFactor(1.0).optUseRts(Boolean.getBoolean("moe4j.bench.rts")).optInitStd(0.02);
+        if (dropless) b.optDropless(true);
+        MoE moe = b.build();
+        ctx.allocateParameters();
+        Tensor x = gpu.empty(DType.BF16, c.s, c.m), dy = gpu.empty(DType.BF16, c.s, c.m);
+        gpu.randomNormal(x, 0, 1, 3, 0);
+        gpu.randomNormal(dy, 0, 1e-3, 4, 0);
+        double dropped = 0;
+        for (int i = 0; i < 3; i++) dropped = step(moe, x, dy, true);
+        gpu.profileReport(true);  // profile the timed steps only
+        gpu.synchronize();
+        long t0 = System.nanoTime();
+        for (int i = 0; i < iters; i++) step(moe, x, dy, false);
+        gpu.synchronize();
+        double ms = (System.nanoTime() - t0) / 1e6 / iters;
+        double flops = 12.0 * c.s * c.k * c.m * c.f;
+        System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
+                c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0", ms, flops / ms / 1e9, dropped,
+                gpu.allocatedBytes() / (double) (1L << 30));
+        x.close();
+        dy.close();
+        moe.close();
+        ctx.params().close();
+    }
+
+    /** Causal attention forward + backward, bf16: GPT-2 350M shapes (B=8, T=1024, H=16, D=64) and D=128. */
+    static void attention(CudaBackend gpu, int iters) {
+        attention(gpu, iters, 8, 1024, 16, 64);
+        attention(gpu, iters, 8, 1024, 16, 128);
+    }
+
+    static void attention(CudaBackend gpu, int iters, int b, int t, int h, int d) {
+        int c = h * d;
+        try (Scope s = Scope.open()) {
+            Tensor qkv = gpu.empty(DType.BF16, b, t, 3 * c), out = gpu.empty(DType.BF16, b, t, c), lse = gpu.empty(DType.F32, b, h, t);
+            Tensor dout = gpu.empty(DType.BF16, b, t, c), dqkv = gpu.empty(DType.BF16, b, t, 3 * c);
+            gpu.randomNormal(qkv, 0, 1, 1, 0);
+            gpu.randomNormal(dout, 0, 1, 2, 0);
+            for (int i = 0; i < 2; i++) { gpu.attention(qkv, h, out, lse); gpu.attentionBackward(dout, qkv, out, lse, h, dqkv); }
+            gpu.synchronize();
+            long t0 = System.nanoTime();
+            for (int i = 0; i < iters; i++) gpu.attention(qkv, h, out, lse);
+            gpu.synchronize();
+            long t1 = System.nanoTime();
+            for (int i = 0; i < iters; i++) gpu.attentionBackward(dout, qkv, out, lse, h, dqkv);
+            gpu.synchronize();
+            long t2 = System.nanoTime();
+            double flops = 4.0 * b * h * (double) t * t * d / 2;  // causal: half of QK^T and PV
+            double fwd = (t1 - t0) / 1e6 / iters, bwd = (t2 - t1) / 1e6 / iters;
+            System.out.printf("attention B=%d T=%d H=%d D=%d bf16 (%s kernels): forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)%n",
+                    b, t, h, d, Boolean.getBoolean("moe4j.cuda.rowAttention") ? "row" : Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention") ? "tiled CUDA-core" : "tiled, tensor cores", fwd, flops / fwd / 1e9, bwd, 2.5 * flops / bwd / 1e9);
+        }
+    }
+
+    /** One forward + backward inside a step scope; returns the fraction of dropped choices (a host read). */
+    static double step(MoE moe, Tensor x, Tensor dy, boolean measure) {
+        try (Scope s = Scope.open()) {
+            moe.forward(x);
+            double dropped = measure ? moe.droppedFraction() : 0;  // the gate's outputs die with the step scope
+            moe.backward(dy, 0.01f);
+            return dropped;
+        }
+    }
+}

@@ -1,0 +1,8 @@
+// The single translation unit nvcc compiles into moe4j.fatbin: every kernel family of native/.
+#include "elementwise.cu"
+#include "layernorm.cu"
+#include "softmax.cu"
+#include "attention.cu"
+#include "rows.cu"
+#include "moe.cu"
+#include "attention_tc.cu"

@@ -1,0 +1,135 @@
+// Shared device helpers of the MoE4J kernels: dtype-generic loads/stores, reductions, Philox.
+//
+// Every floating tensor argument travels as (pointer, dtype code) so that one kernel serves every mix of
+// F32 and BF16 tensors the Backend SPI allows; the code is uniform across a launch, so the branch costs
+// little next to the memory traffic. Arithmetic is fp32 (fp64 for the global reductions).
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_I32 2
+
+typedef long long i64;
+
+__device__ __forceinline__ float ld(const void* p, int dt, i64 i) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    if (dt == DT_BF16) return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+    return (float)((const int*)p)[i];
+}
+
+__device__ __forceinline__ void st(void* p, int dt, i64 i, float v) {
+    if (dt == DT_F32) ((float*)p)[i] = v;
+    else if (dt == DT_BF16) ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(v);
+    else ((int*)p)[i] = (int)v;
+}
+
+// v rounded to what a tensor of dtype dt stores (the CPU reference keeps saved statistics rounded so).
+__device__ __forceinline__ float roundTo(int dt, float v) {
+    return dt == DT_BF16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
+}
+
+// Grid-stride loop over n elements.
+#define FOR_N(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+// Stores a double with one rounding to the target type (fp32), or via fp32 to bf16 as the CPU reference does.
+__device__ __forceinline__ void stD(void* p, int dt, i64 i, double v) { st(p, dt, i, (float)v); }
+
+__device__ __forceinline__ float warpSum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warpMax(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ double warpSumD(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Block-wide sum (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float blockSum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warpSum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < nw ? part[lane] : 0.f;
+        s = warpSum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ float blockMax(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warpMax(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < nw ? part[lane] : -INFINITY;
+        s = warpMax(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ double blockSumD(double v) {
+    __shared__ double part[32];
+    __shared__ double total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warpSumD(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double s = lane < nw ? part[lane] : 0.0;
+        s = warpSumD(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// Philox4x32-10, the same function as dev.moe4j.core.backend.Philox: counter (lo, hi, 0, 0), key = seed.
+__device__ __forceinline__ uint4 philox(unsigned long long seed, unsigned long long counter) {
+    uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#pragma unroll
+    for (int r = 0; r < 10; r++) {
+        uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        uint32_t n0 = hi1 ^ c1 ^ k0, n1 = lo1, n2 = hi0 ^ c3 ^ k1, n3 = lo0;
+        c0 = n0; c1 = n1; c2 = n2; c3 = n3;
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    return make_uint4(c0, c1, c2, c3);
+}
+
+__device__ __forceinline__ float gelu_f(float x) {
+    const float s = 0.7978845608028654f;  // sqrt(2/pi)
+    float u = s * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.f + tanhf(u));
+}
+
+__device__ __forceinline__ float gelu_grad(float x) {
+    const float s = 0.7978845608028654f;
+    float u = s * (x + 0.044715f * x * x * x);
+    float t = tanhf(u);
+    float du = s * (1.f + 3.f * 0.044715f * x * x);
+    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du;
+}
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }

@@ -1,0 +1,204 @@
+// Elementwise ops, bias, row sums and activations (forward and backward side by side).
+// Shapes: x/out seen as [N, C] matrices, leading dims flattened; n = element count.
+#include "common.cuh"
+
+#define ACT_RELU 0
+#define ACT_GELU 1
+#define ACT_GEGLU 2
+#define ACT_SWIGLU 3
+
+extern "C" {
+
+// p[0..n) = v (floating or I32 through the same store helper).
+__global__ void k_fill(void* p, int dt, i64 n, double v) {
+    FOR_N(i, n) {
+        if (dt == DT_I32) ((int*)p)[i] = (int)v; else st(p, dt, i, (float)v);
+    }
+}
+
+// dst[i] = src[i] with dtype conversion (same-dtype copies use cudaMemcpyAsync instead).
+__global__ void k_convert(const void* src, int sdt, void* dst, int ddt, i64 n) {
+    FOR_N(i, n) {
+        if (sdt == DT_I32 && ddt == DT_I32) ((int*)dst)[i] = ((const int*)src)[i];
+        else st(dst, ddt, i, ld(src, sdt, i));
+    }
+}
+
+// out = alpha * a + beta * b   (out may alias a or b: each element is read before it is written)
+__global__ void k_add(const void* a, int adt, double alpha, const void* b, int bdt, double beta, void* out, int odt, i64 n) {
+    float fa = (float)alpha, fb = (float)beta;
+    FOR_N(i, n) st(out, odt, i, fa * ld(a, adt, i) + fb * ld(b, bdt, i));
+}
+
+// out = a * b
+__global__ void k_mul(const void* a, int adt, const void* b, int bdt, void* out, int odt, i64 n) {
+    FOR_N(i, n) st(out, odt, i, ld(a, adt, i) * ld(b, bdt, i));
+}
+
+// out = alpha * x
+__global__ void k_scale(const void* x, int xdt, double alpha, void* out, int odt, i64 n) {
+    float fa = (float)alpha;
+    FOR_N(i, n) st(out, odt, i, fa * ld(x, xdt, i));
+}
+
+// out[r, c] = x[r, c] + bias[c];  x, out [N, C], bias [C]
+__global__ void k_add_bias(const void* x, int xdt, const void* bias, int bdt, void* out, int odt, i64 n, int C) {
+    FOR_N(i, n) st(out, odt, i, ld(x, xdt, i) + ld(bias, bdt, i % C));
+}
+
+// out[c] = beta * out[c] + sum_r x[r, c];  x [N, C], out [C]. One thread per column: reads are coalesced
+// across the warp and the sum order is fixed (deterministic).
+__global__ void k_sum_rows(const void* x, int xdt, void* out, int odt, int N, int C, float beta) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = 0.f;
+    for (int r = 0; r < N; r++) acc += ld(x, xdt, (i64)r * C + c);
+    float prev = beta == 0.f ? 0.f : beta * ld(out, odt, c);
+    st(out, odt, c, prev + acc);
+}
+
+// Column sums in two deterministic passes (enough parallelism for tall matrices): grid (ceil(C/128), P),
+// block y sums rows [y*chunk, (y+1)*chunk) of its columns into partial [P, C]; k_sum_rows_final adds the P
+// partials in order.
+__global__ void k_sum_rows_partial(const void* x, int xdt, float* partial, int N, int C, int chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
+    float acc = 0.f;
+    for (int r = r0; r < r1; r++) acc += ld(x, xdt, (i64)r * C + c);
+    partial[(i64)blockIdx.y * C + c] = acc;
+}
+
+// out[c] = beta * out[c] + sum_p partial[p, c]
+__global__ void k_sum_rows_final(const float* partial, int P, void* out, int odt, int C, float beta) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = 0.f;
+    for (int p = 0; p < P; p++) acc += partial[(i64)p * C + c];
+    float prev = beta == 0.f ? 0.f : beta * ld(out, odt, c);
+    st(out, odt, c, prev + acc);
+}
+
+// out[r] = sum_c a[r, c] * b[r, c];  one block per row
+__global__ void k_row_dot(const void* a, int adt, const void* b, int bdt, void* out, int odt, int C) {
+    i64 r = blockIdx.x;
+    float acc = 0.f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) acc += ld(a, adt, r * C + c) * ld(b, bdt, r * C + c);
+    acc = blockSum(acc);
+    if (threadIdx.x == 0) st(out, odt, r, acc);
+}
+
+// out [N, F] = act(x), x [N, W] with W = 2F for the gated activations (laid out [a | b] per row), else F.
+__global__ void k_activation(int act, const void* x, int xdt, void* out, int odt, i64 n, int F) {
+    int W = (act == ACT_GEGLU || act == ACT_SWIGLU) ? 2 * F : F;
+    FOR_N(i, n) {
+        i64 r = i / F; int j = (int)(i % F);
+        float v = ld(x, xdt, r * W + j), y;
+        switch (act) {
+            case ACT_RELU: y = v > 0.f ? v : 0.f; break;
+            case ACT_GELU: y = gelu_f(v); break;
+            case ACT_GEGLU: y = gelu_f(v) * ld(x, xdt, r * W + F + j); break;
+            default: y = v * sigmoid_f(v) * ld(x, xdt, r * W + F + j); break;
+        }
+        st(out, odt, i, y);
+    }
+}
+
+// dx [N, W] from dout [N, F] (assigned); n = N * F
+__global__ void k_activation_bwd(int act, const void* x, int xdt, const void* dout, int gdt, void* dx, int dxdt, i64 n, int F) {
+    int W = (act == ACT_GEGLU || act == ACT_SWIGLU) ? 2 * F : F;
+    FOR_N(i, n) {
+        i64 r = i / F; int j = (int)(i % F);
+        float v = ld(x, xdt, r * W + j), g = ld(dout, gdt, i);
+        switch (act) {
+            case ACT_RELU: st(dx, dxdt, r * W + j, v > 0.f ? g : 0.f); break;
+            case ACT_GELU: st(dx, dxdt, r * W + j, g * gelu_grad(v)); break;
+            case ACT_GEGLU: {
+                float b = ld(x, xdt, r * W + F + j);
+                st(dx, dxdt, r * W + j, g * b * gelu_grad(v));
+                st(dx, dxdt, r * W + F + j, g * gelu_f(v));
+                break;
+            }
+            default: {
+                float b = ld(x, xdt, r * W + F + j), s = sigmoid_f(v);
+                st(dx, dxdt, r * W + j, g * b * s * (1.f + v * (1.f - s)));
+                st(dx, dxdt, r * W + F + j, g * v * s);
+                break;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ random (Philox, see common.cuh)
+
+// out[i] = lo + (hi - lo) * uniform(seed, offset + i), computed in fp64 like the CPU reference
+__global__ void k_random_uniform(void* out, int dt, i64 n, double lo, double hi, unsigned long long seed, unsigned long long offset) {
+    FOR_N(i, n) {
+        uint4 b = philox(seed, offset + (unsigned long long)i);
+        double u = (double)((b.x >> 8) * 0x1.0p-24f);
+        stD(out, dt, i, lo + (hi - lo) * u);
+    }
+}
+
+// out[i] = mean + std * normal(seed, offset + i)  (Box-Muller on the first two words, fp64)
+__global__ void k_random_normal(void* out, int dt, i64 n, double mean, double stdv, unsigned long long seed, unsigned long long offset) {
+    FOR_N(i, n) {
+        uint4 b = philox(seed, offset + (unsigned long long)i);
+        double u1 = ((double)(b.x >> 8) + 1.0) * 0x1.0p-24;
+        double u2 = (double)(b.y >> 8) * 0x1.0p-24;
+        double z = sqrt(-2.0 * log(u1)) * cos(2.0 * 3.141592653589793 * u2);
+        stD(out, dt, i, mean + stdv * z);
+    }
+}
+
+// ------------------------------------------------------------------ global reductions (fp64, two stages)
+
+// partial[blockIdx.x] = sum (or sum of squares) of this block's grid-stride share of x
+__global__ void k_reduce_partial(const void* x, int xdt, i64 n, int squares, double* partial) {
+    double acc = 0.0;
+    FOR_N(i, n) { double v = ld(x, xdt, i); acc += squares ? v * v : v; }
+    acc = blockSumD(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// out[0] = beta * out[0] + sum of the P partials (one block; fixed order, so deterministic)
+__global__ void k_reduce_final(const double* partial, int P, void* out, int odt, float beta) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < P; i += blockDim.x) acc += partial[i];
+    acc = blockSumD(acc);
+    if (threadIdx.x == 0) {
+        double prev = beta == 0.f ? 0.0 : (double)beta * ld(out, odt, 0);
+        stD(out, odt, 0, prev + acc);
+    }
+}
+
+// ------------------------------------------------------------------ optimizer
+
+// Fused AdamW over a flat range. normSq (nullable) is the global squared gradient norm on the device:
+// clip = min(1, maxNorm / sqrt(normSq)); a non-finite normSq skips the whole update (no host sync needed).
+__global__ void k_adamw(void* param, int pdt, const void* grad, int gdt, void* m, int mdt, void* v, int vdt,
+                        void* copy, int cdt, i64 n, float lr, float b1, float b2, float eps, float wd,
+                        double c1, double c2, const void* normSq, int nsdt, float maxNorm) {
+    float clip = 1.f;
+    if (normSq != nullptr) {
+        float sq = ld(normSq, nsdt, 0);
+        if (!isfinite(sq)) return;
+        float norm = sqrtf(sq);
+        if (maxNorm > 0.f && norm > maxNorm) clip = maxNorm / norm;
+    }
+    float ic1 = (float)(1.0 / c1), ic2 = (float)(1.0 / c2);
+    FOR_N(i, n) {
+        float g = ld(grad, gdt, i) * clip;
+        float mi = roundTo(mdt, b1 * ld(m, mdt, i) + (1.f - b1) * g);
+        float vi = roundTo(vdt, b2 * ld(v, vdt, i) + (1.f - b2) * g * g);
+        st(m, mdt, i, mi);
+        st(v, vdt, i, vi);
+        float p = ld(param, pdt, i);
+        p -= lr * ((mi * ic1) / (sqrtf(vi * ic2) + eps) + wd * p);
+        p = roundTo(pdt, p);
+        st(param, pdt, i, p);
+        if (copy != nullptr) st(copy, cdt, i, p);
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,82 @@
+// Row indexing ops: token + position embedding (and its backward), gather rows, scatter-add rows.
+#include "common.cuh"
+
+extern "C" {
+
+// out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:] (wpe nullable); tokens I32 [B,T], wte [V,C], out [B*T, C], n = B*T*C.
+// A token outside [0, V) writes NaN (the host checks nothing on the device; the NaN makes it visible).
+__global__ void k_embedding(const int* tokens, const void* wte, int edt, const void* wpe, int pdt, void* out, int odt,
+                            i64 n, int T, int C, int V) {
+    FOR_N(i, n) {
+        i64 r = i / C; int c = (int)(i % C);
+        int tok = tokens[r];
+        float v = (tok < 0 || tok >= V) ? NAN : ld(wte, edt, (i64)tok * C + c);
+        if (wpe != nullptr) v += ld(wpe, pdt, (i64)(r % T) * C + c);
+        st(out, odt, i, v);
+    }
+}
+
+// dwte[tokens[r], c] += dout[r, c] for r in 0..BT: one thread per column walks the rows in order, so
+// repeated tokens never race and the sum order is fixed (deterministic, no atomics).
+__global__ void k_embedding_bwd_wte(const void* dout, int gdt, const int* tokens, void* dwte, int dt, int BT, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int r = 0; r < BT; r++) {
+        i64 o = (i64)tokens[r] * C + c;
+        st(dwte, dt, o, ld(dwte, dt, o) + ld(dout, gdt, (i64)r * C + c));
+    }
+}
+
+// F32 dwte: dwte[tokens[r], c] += dout[r, c], one thread per element with fp32 atomics (fast; the order of
+// the additions into a repeated token's row, so its last bits, may vary between runs).
+__global__ void k_embedding_bwd_wte_atomic(const void* dout, int gdt, const int* tokens, float* dwte, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 r = i / C; int c = (int)(i % C);
+        atomicAdd(dwte + (i64)tokens[r] * C + c, ld(dout, gdt, i));
+    }
+}
+
+// dwpe[t, c] += sum_b dout[b, t, c]; n = T * C
+__global__ void k_embedding_bwd_wpe(const void* dout, int gdt, void* dwpe, int dt, i64 n, int B, int T, int C) {
+    FOR_N(i, n) {
+        float acc = 0.f;
+        for (int b = 0; b < B; b++) acc += ld(dout, gdt, (i64)b * T * C + i);
+        st(dwpe, dt, i, ld(dwpe, dt, i) + acc);
+    }
+}
+
+// out[m, c] = src[idx[m], c], zero where idx[m] < 0; n = M * C
+__global__ void k_gather_rows(const void* src, int sdt, const int* idx, void* out, int odt, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 m = i / C; int c = (int)(i % C);
+        int from = idx[m];
+        st(out, odt, i, from < 0 ? 0.f : ld(src, sdt, (i64)from * C + c));
+    }
+}
+
+// dst[idx[m], c] += w[m] * src[m, c] for idx[m] >= 0 (w nullable: 1). One thread per column, rows in order.
+__global__ void k_scatter_add_rows(const void* src, int sdt, const int* idx, const void* w, int wdt, void* dst, int ddt, int M, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int m = 0; m < M; m++) {
+        int to = idx[m];
+        if (to < 0) continue;
+        float wm = w == nullptr ? 1.f : ld(w, wdt, m);
+        i64 o = (i64)to * C + c;
+        st(dst, ddt, o, ld(dst, ddt, o) + wm * ld(src, sdt, (i64)m * C + c));
+    }
+}
+
+// F32 dst: dst[idx[m], c] += w[m] * src[m, c] with one thread per element and fp32 atomics (fast when many
+// rows share a destination, e.g. expert-bias gradients; the summation order, so the last bits, may vary).
+__global__ void k_scatter_add_rows_atomic(const void* src, int sdt, const int* idx, const void* w, int wdt, float* dst, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 m = i / C; int c = (int)(i % C);
+        int to = idx[m];
+        if (to < 0) continue;
+        float wm = w == nullptr ? 1.f : ld(w, wdt, m);
+        atomicAdd(dst + (i64)to * C + c, wm * ld(src, sdt, i));
+    }
+}
+
+}  // extern "C"
