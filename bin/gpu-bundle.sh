@@ -4,8 +4,10 @@
 #   OUT/lib/*.jar          the module jars, their dependencies (the bytedeco CUDA natives cut down to
 #                          cudart + cuBLAS) and the JUnit console launcher
 #   OUT/test-classes/      moe-cuda's compiled tests
+#   OUT/comm-test-classes/ moe-comm's compiled tests (the NCCL checks, dev.moe4j.comm.nccl.NcclGpuCheck)
 #   OUT/run-gpu-tests.sh   runs the @Tag("gpu") tests (extra arguments go to the JUnit console launcher)
 #   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
+#   OUT/run-nccl-checks.sh the NCCL checks, one process per GPU under torchrun (see moe-comm/GPU-TESTS.md)
 #   OUT/moe_layer_reference.py  its PyTorch peers (python3 there has PyTorch)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
 set -euo pipefail
@@ -16,24 +18,25 @@ out=$(cd "$out" && pwd)
 junit_console=1.11.4
 
 cd "$root"
-echo "[bundle] building moe-cuda and its dependencies (tests compiled, not run)"
-rm -rf "$out/lib" "$out/test-classes"
+echo "[bundle] building moe-cuda, moe-comm and their dependencies (tests compiled, not run)"
+rm -rf "$out/lib" "$out/test-classes" "$out/comm-test-classes"
 mkdir -p "$out/lib"
-./mvnw -q ${MVN_FLAGS:-} -pl moe-cuda -am -DskipTests package dependency:copy-dependencies \
+./mvnw -q ${MVN_FLAGS:-} -pl moe-cuda,moe-comm -am -DskipTests package dependency:copy-dependencies \
   -DincludeScope=test -DoutputDirectory="$out/lib" \
   -DexcludeGroupIds=org.junit.jupiter,org.junit.platform,org.opentest4j,org.apiguardian
 ./mvnw -q ${MVN_FLAGS:-} -N dependency:copy -Dartifact=org.junit.platform:junit-platform-console-standalone:$junit_console \
   -DoutputDirectory="$out/lib"
-cp moe-cuda/target/moe-cuda-*.jar "$out/lib/"
+cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar "$out/lib/"
 [[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
 cp -r moe-cuda/target/test-classes "$out/test-classes"
+cp -r moe-comm/target/test-classes "$out/comm-test-classes"
 cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmark
-rm -f "$out"/lib/moe-comm-*.jar "$out"/lib/moe-examples-*.jar
+rm -f "$out"/lib/moe-examples-*.jar
 
-# The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart and cuBLAS.
+# The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart, cuBLAS and NCCL.
 for j in "$out"/lib/cuda-*-linux-x86_64.jar; do
   [[ -f $j ]] || continue
-  zip -q -d "$j" $(unzip -Z1 "$j" | grep -E '^org/bytedeco/cuda/linux-x86_64/libjni' | grep -vE '/libjni(cudart|cublas)\.so$') >/dev/null || true
+  zip -q -d "$j" $(unzip -Z1 "$j" | grep -E '^org/bytedeco/cuda/linux-x86_64/libjni' | grep -vE '/libjni(cudart|cublas|nccl)\.so$') >/dev/null || true
 done
 
 # The Java runtime (the logic of shared/gpu/make-jre.sh): jlink of the newest JDK 21+ found here.
@@ -78,5 +81,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 [[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
 /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
 RUN
-chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh"
+cat > "$out/run-nccl-checks.sh" <<'RUN'
+#!/usr/bin/env bash
+# The NCCL checks on the real CUDA backend, one process per GPU: run-nccl-checks.sh MODE [NPROC]
+# MODE: collectives | hang | die (moe-comm/GPU-TESTS.md says what each proves).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+export NCCL_NVLS_ENABLE=0
+python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+  -Dmoe4j.backend=cuda ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.NcclGpuCheck "$1"
+RUN
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-nccl-checks.sh"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"

@@ -63,10 +63,11 @@ public final class NcclGpuCheck {
         NcclLibrary.load();     // a clear message where NCCL or the GPU driver is missing
         // -Dmoe4j.backend=cuda with moe-cuda on the class path: the real CUDA backend (gatherRows as a kernel);
         // otherwise the test-only device backend.
-        Backend backend = "cuda".equals(System.getProperty("moe4j.backend"))
+        // try-with-resources: a failure inside keeps its own stack trace (a failing close is added as suppressed).
+        try (Backend backend = "cuda".equals(System.getProperty("moe4j.backend"))
                 ? dev.moe4j.core.backend.Backends.select("cuda").create(env.localRank())
                 : CudaTestBackend.create(env.localRank());
-        try (NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(timeout))) {
+             NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(timeout))) {
             log(comm, "NCCL " + NcclLibrary.versionString(NcclLibrary.load()) + ", " + comm.describe());
             NcclGpuCheck c = new NcclGpuCheck(comm);
             switch (mode) {
@@ -78,8 +79,6 @@ public final class NcclGpuCheck {
             for (String f : c.failures) log(comm, "FAIL " + f);
             log(comm, c.failures.isEmpty() ? "ALL PASSED (" + mode + ")" : c.failures.size() + " FAILED (" + mode + ")");
             return c.failures.isEmpty();
-        } finally {
-            backend.close();
         }
     }
 
