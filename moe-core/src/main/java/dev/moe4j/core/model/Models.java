@@ -1,5 +1,6 @@
 package dev.moe4j.core.model;
 
+import dev.moe4j.core.comm.ProcessGroups;
 import dev.moe4j.core.moe.MoE;
 import dev.moe4j.core.nn.Gpt;
 import dev.moe4j.core.nn.GptConfig;
@@ -9,6 +10,7 @@ import dev.moe4j.core.nn.ModelContext;
 import java.util.ArrayList;
 import java.util.Collections;
 import java.util.List;
+import java.util.function.IntUnaryOperator;
 
 /** Builds a (GPT or GPT-MoE) model from a {@link ModelSpec}. */
 public final class Models {
@@ -25,6 +27,25 @@ public final class Models {
      * Dense blocks get GPT-2's MLP; MoE blocks a DeepSpeed-style MoE layer with the spec's routing.
      */
     public static Built build(ModelContext ctx, ModelSpec spec) {
+        return build(ctx, spec, null, experts -> 1);
+    }
+
+    /**
+     * A GPT-MoE with expert parallelism: every MoE layer of E experts gets expert-parallel degree
+     * {@code min(epSize, E)} and its group from {@code groups} (collective: every rank builds the same model).
+     * Data parallelism over the rest of the world comes from the trainer's gradient synchronisation.
+     */
+    public static Built build(ModelContext ctx, ModelSpec spec, ProcessGroups groups, int epSize) {
+        if (epSize < 1) throw new IllegalArgumentException("epSize must be >= 1, got " + epSize);
+        return build(ctx, spec, groups, experts -> Math.min(epSize, experts));
+    }
+
+    /**
+     * As {@link #build(ModelContext, ModelSpec)}, each MoE layer of E experts with expert-parallel degree
+     * {@code epSizeOfLayer.applyAsInt(E)} (PR-MoE layers may differ; it must divide E and the world size), its
+     * expert-parallel group taken from {@code groups} (may be null when every degree is 1).
+     */
+    public static Built build(ModelContext ctx, ModelSpec spec, ProcessGroups groups, IntUnaryOperator epSizeOfLayer) {
         GptConfig cfg = spec.gpt();
         MoESettings m = spec.moe();
         double std = 0.02, residualStd = 0.02 / Math.sqrt(2.0 * cfg.layers());
@@ -38,6 +59,12 @@ public final class Models {
                     .optMinCapacity(m.minCapacity()).optUseResidual(m.useResidual()).optDropTokens(m.dropTokens())
                     .optUseRts(m.useRts()).optDropless(m.dropless()).optZLossCoeff(m.zLossCoeff())
                     .optInitStd(std).optOutputInitStd(residualStd);
+            int ep = epSizeOfLayer.applyAsInt(experts);
+            if (ep > 1) {
+                if (groups == null) throw new IllegalArgumentException("MoE layer " + layer + ": epSize " + ep + " needs process groups");
+                ProcessGroups.validate(groups.dataParallel().size(), ep);
+                b.optEpSize(ep).optExpertParallelGroup(groups.expertParallel(ep));
+            }
             if (m.noisyGatePolicy() != null) b.optNoisyGatePolicy(m.noisyGatePolicy());
             if (m.sharedExperts() > 0) b.optSharedExperts(m.sharedExperts(), cfg.ffnHidden());
             MoE moe = b.build();
