@@ -78,6 +78,11 @@ final class EpFixtures {
 
     /** One rank's trainer: world {@code groups} (null: single process), {@code micro} micro-batches of the global ones. */
     static Trainer trainer(ModelContext ctx, ModelSpec spec, ProcessGroups groups, int epSize, int micro) {
+        return trainer(ctx, spec, groups, e -> Math.min(epSize, e), micro);
+    }
+
+    /** As above with a per-layer degree (PR-MoE: a function of the layer's expert count). */
+    static Trainer trainer(ModelContext ctx, ModelSpec spec, ProcessGroups groups, java.util.function.IntUnaryOperator epSize, int micro) {
         Models.Built built = groups == null ? Models.build(ctx, spec) : Models.build(ctx, spec, groups, epSize);
         ctx.allocateParameters();
         int rank = groups == null ? 0 : groups.dataParallel().rank(), world = groups == null ? 1 : groups.dataParallel().size();
@@ -145,6 +150,10 @@ final class EpFixtures {
 
     /** A world of {@code world} ranks at expert-parallel degree ep, {@code micro} micro-batches each, run for steps. */
     static List<RankState> distributed(ModelSpec spec, int world, int ep, int micro, int steps) {
+        return distributed(spec, world, e -> Math.min(ep, e), micro, steps);
+    }
+
+    static List<RankState> distributed(ModelSpec spec, int world, java.util.function.IntUnaryOperator ep, int micro, int steps) {
         return InProcessWorld.run(world, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, SEED);

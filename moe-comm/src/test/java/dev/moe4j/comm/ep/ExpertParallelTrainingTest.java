@@ -100,4 +100,20 @@ class ExpertParallelTrainingTest {
             for (int i = 0; i < 3; i++) assertEquals(expected.get(i), r.losses().get(i), CURVE_TOL * expected.get(i), "loss at step " + i);
         }
     }
+
+    @Test
+    void prMoEWithADifferentEpSizePerLayerEqualsTheSingleRankRun() {
+        // two MoE blocks, 4 then 8 experts (a pyramid) with Residual-MoE; degrees 2 and 4 in a world of 4
+        var g = new dev.moe4j.core.nn.GptConfig(VOCAB, SEQ, 2, 8, 2, 12, dev.moe4j.core.backend.Activation.GELU);
+        var m = new dev.moe4j.core.model.MoESettings(dev.moe4j.core.model.MoESettings.pyramid(2, 1, "4x1,8x1"), 1, 1.0, 1.0, 0, true,
+                "Jitter", true, true, false, 0.1, 0.0, 0);
+        ModelSpec spec = new ModelSpec("pr-moe", g, m);
+        List<Double> expected = run(reference(spec, 4), 5);
+        List<RankState> ranks = distributed(spec, 4, e -> e == 4 ? 2 : 4, 1, 5);
+        for (RankState r : ranks) {
+            for (int i = 0; i < 5; i++) assertEquals(expected.get(i), r.losses().get(i), CURVE_TOL * expected.get(i), "PR-MoE loss at step " + i);
+        }
+        assertEquals(2, ranks.get(1).shards().get("h.0.ffn.experts.fc1.weight").rows(), "4 experts over 2 ranks");
+        assertEquals(2, ranks.get(1).shards().get("h.1.ffn.experts.fc1.weight").rows(), "8 experts over 4 ranks");
+    }
 }
