@@ -83,7 +83,13 @@ final class EpFixtures {
 
     /** As above with a per-layer degree (PR-MoE: a function of the layer's expert count). */
     static Trainer trainer(ModelContext ctx, ModelSpec spec, ProcessGroups groups, java.util.function.IntUnaryOperator epSize, int micro) {
-        Models.Built built = groups == null ? Models.build(ctx, spec) : Models.build(ctx, spec, groups, epSize);
+        return trainer(ctx, spec, groups, epSize, groups == null ? null : groups::expertParallel, micro);
+    }
+
+    /** As above, the layers dispatching through {@code dispatch.apply(epSize)} (e.g. a hierarchical all-to-all). */
+    static Trainer trainer(ModelContext ctx, ModelSpec spec, ProcessGroups groups, java.util.function.IntUnaryOperator epSize,
+                           java.util.function.IntFunction<dev.moe4j.core.comm.Communicator> dispatch, int micro) {
+        Models.Built built = groups == null ? Models.build(ctx, spec) : Models.build(ctx, spec, epSize, dispatch);
         ctx.allocateParameters();
         int rank = groups == null ? 0 : groups.dataParallel().rank(), world = groups == null ? 1 : groups.dataParallel().size();
         Trainer t = new Trainer(built.gpt(), AdamW.withDefaults(ctx.params()), BatchSource.rankShare(new Batches(), rank, world), schedule(), micro);

@@ -116,4 +116,23 @@ class ExpertParallelTrainingTest {
         assertEquals(2, ranks.get(1).shards().get("h.0.ffn.experts.fc1.weight").rows(), "4 experts over 2 ranks");
         assertEquals(2, ranks.get(1).shards().get("h.1.ffn.experts.fc1.weight").rows(), "8 experts over 4 ranks");
     }
+
+    @Test
+    void theHierarchicalAllToAllGivesTheSameRunAsTheFlatOne() {
+        ModelSpec spec = spec(true, 2, false, true);
+        List<Double> expected = run(reference(spec, 4), 5);
+        for (int nodeSize : new int[] {1, 2}) {
+            List<List<Double>> got = dev.moe4j.comm.InProcessWorld.run(4, comm -> {
+                try (dev.moe4j.core.comm.ProcessGroups groups = new dev.moe4j.core.comm.ProcessGroups(comm);
+                     dev.moe4j.comm.HierarchicalCommunicator hier = new dev.moe4j.comm.HierarchicalCommunicator(groups.expertParallel(4), nodeSize)) {
+                    var ctx = new dev.moe4j.core.nn.ModelContext(comm.backend(), dev.moe4j.core.tensor.DType.F64, SEED);
+                    Trainer t = trainer(ctx, spec, groups, e -> 4, e -> hier, 1);
+                    return run(t, 5);
+                }
+            });
+            for (List<Double> l : got) {
+                for (int i = 0; i < 5; i++) assertEquals(expected.get(i), l.get(i), CURVE_TOL * expected.get(i), "node size " + nodeSize + ": loss at step " + i);
+            }
+        }
+    }
 }

@@ -1,5 +1,6 @@
 package dev.moe4j.core.model;
 
+import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ProcessGroups;
 import dev.moe4j.core.moe.MoE;
 import dev.moe4j.core.nn.Gpt;
@@ -10,6 +11,7 @@ import dev.moe4j.core.nn.ModelContext;
 import java.util.ArrayList;
 import java.util.Collections;
 import java.util.List;
+import java.util.function.IntFunction;
 import java.util.function.IntUnaryOperator;
 
 /** Builds a (GPT or GPT-MoE) model from a {@link ModelSpec}. */
@@ -27,7 +29,7 @@ public final class Models {
      * Dense blocks get GPT-2's MLP; MoE blocks a DeepSpeed-style MoE layer with the spec's routing.
      */
     public static Built build(ModelContext ctx, ModelSpec spec) {
-        return build(ctx, spec, null, experts -> 1);
+        return build(ctx, spec, (IntUnaryOperator) experts -> 1, (IntFunction<Communicator>) null);
     }
 
     /**
@@ -46,6 +48,16 @@ public final class Models {
      * expert-parallel group taken from {@code groups} (may be null when every degree is 1).
      */
     public static Built build(ModelContext ctx, ModelSpec spec, ProcessGroups groups, IntUnaryOperator epSizeOfLayer) {
+        return build(ctx, spec, epSizeOfLayer, groups == null ? null : groups::expertParallel);
+    }
+
+    /**
+     * The general form: {@code expertGroup.apply(epSize)} gives the communicator a layer of that degree dispatches
+     * through, e.g. {@code ep -> new HierarchicalCommunicator(groups.expertParallel(ep), nodeSize)} for the
+     * hierarchical all-to-all (the caller owns and closes what it creates; the function is called once per MoE
+     * layer, in layer order, on every rank, so it may create groups collectively and should cache them per degree).
+     */
+    public static Built build(ModelContext ctx, ModelSpec spec, IntUnaryOperator epSizeOfLayer, IntFunction<Communicator> expertGroup) {
         GptConfig cfg = spec.gpt();
         MoESettings m = spec.moe();
         double std = 0.02, residualStd = 0.02 / Math.sqrt(2.0 * cfg.layers());
@@ -61,9 +73,8 @@ public final class Models {
                     .optInitStd(std).optOutputInitStd(residualStd);
             int ep = epSizeOfLayer.applyAsInt(experts);
             if (ep > 1) {
-                if (groups == null) throw new IllegalArgumentException("MoE layer " + layer + ": epSize " + ep + " needs process groups");
-                ProcessGroups.validate(groups.dataParallel().size(), ep);
-                b.optEpSize(ep).optExpertParallelGroup(groups.expertParallel(ep));
+                if (expertGroup == null) throw new IllegalArgumentException("MoE layer " + layer + ": epSize " + ep + " needs process groups");
+                b.optEpSize(ep).optExpertParallelGroup(expertGroup.apply(ep));
             }
             if (m.noisyGatePolicy() != null) b.optNoisyGatePolicy(m.noisyGatePolicy());
             if (m.sharedExperts() > 0) b.optSharedExperts(m.sharedExperts(), cfg.ffnHidden());
