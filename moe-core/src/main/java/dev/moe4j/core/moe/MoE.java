@@ -38,6 +38,16 @@ import java.util.List;
  * training only (DeepSpeed samples the second expert in eval too); RSample applies to the first choice for any
  * k (DeepSpeed: top-1 only); RTS is used for k = 1 only, as in DeepSpeed; l_aux is E * sum_e me_e * ce_e with
  * ce from the first choices for every k (DeepSpeed's top-1 and top-2 formulas; its top-k &gt; 2 differs).
+ *
+ * <p>Expert parallelism ({@code epSize > 1}, with {@link Builder#optExpertParallelGroup}): rank q of the group holds
+ * experts [q*E/epSize, (q+1)*E/epSize) (parameters {@code NAME.experts.*} of E/epSize rows, initialised as those
+ * rows of the whole tensor). The gate runs on the rank's own S tokens over all E experts, with the capacity of S
+ * tokens (DeepSpeed: capacity is per rank) and a local l_aux; the expert-sorted buffer travels to the experts'
+ * owners by all-to-all, the local experts run as one grouped GEMM over what they received from every rank, and the
+ * results come back by the reverse all-to-all ({@link ExpertParallel}). Capacity mode exchanges equal splits and
+ * needs no count; dropless mode (and {@code dropTokens = false}, which routes dropless: the output equals
+ * DeepSpeed's padding to the group's largest load, without the padding or its max-reduce) all-gathers the
+ * per-expert counts once per layer. The communicator decides flat or hierarchical all-to-all.
  */
 public final class MoE implements AutoCloseable {
     private final ModelContext ctx;
