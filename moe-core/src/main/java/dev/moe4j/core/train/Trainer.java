@@ -46,7 +46,10 @@ public final class Trainer {
      * Data (+ expert) parallel training: this trainer is one rank of {@code sync}'s world, its {@link BatchSource}
      * gives this rank's share of each global batch, and every step scales the gradients by 1/W, all-reduces them
      * in their groups, clips by the global norm and reports the world's mean losses (so every rank logs the same
-     * numbers, those of the single-rank run on the global batch). null: single process (the default).
+     * numbers, those of the single-rank run on the global batch). Micro-batch j of rank r is global micro-batch
+     * j*W + r (as {@link BatchSource#rankShare} hands them out) and draws that micro-batch's random numbers; the
+     * first step runs one extra forward to measure how many a micro-batch draws. Every rank must call every
+     * step (and {@link #validationLoss}, whose MoE layers exchange tokens too). null: single process (the default).
      */
     public void setGradientSync(GradientSync sync) {
         if (sync != null && sync.groups().dataParallel().backend() != model.context().backend()) {
