@@ -135,4 +135,20 @@ class ExpertParallelTrainingTest {
             }
         }
     }
+
+    @Test
+    void aLongRunDoesNotGrowMemoryOnAnyRank() {
+        ModelSpec spec = spec(true, 2, true, true);
+        List<long[]> bytes = dev.moe4j.comm.InProcessWorld.run(4, comm -> {
+            try (dev.moe4j.core.comm.ProcessGroups groups = new dev.moe4j.core.comm.ProcessGroups(comm)) {
+                var ctx = new dev.moe4j.core.nn.ModelContext(comm.backend(), dev.moe4j.core.tensor.DType.F64, SEED);
+                Trainer t = trainer(ctx, spec, groups, 2, 1);
+                run(t, 2);
+                long after2 = comm.backend().allocatedBytes();
+                run(t, 10);
+                return new long[] {after2, comm.backend().allocatedBytes()};
+            }
+        });
+        for (int r = 0; r < bytes.size(); r++) assertEquals(bytes.get(r)[0], bytes.get(r)[1], "allocated bytes on rank " + r + " after 2 and 12 steps");
+    }
 }

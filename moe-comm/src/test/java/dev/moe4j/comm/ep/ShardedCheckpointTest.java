@@ -35,10 +35,14 @@ class ShardedCheckpointTest {
 
     /** world ranks at degree ep with GLOBAL_MICRO / world micro-batches: optionally load, train, optionally save. */
     private static List<List<Double>> world(ModelSpec spec, int world, int ep, Path load, int steps, Path save) {
+        return world(spec, world, ep, GLOBAL_MICRO, load, steps, save);
+    }
+
+    private static List<List<Double>> world(ModelSpec spec, int world, int ep, int globalMicro, Path load, int steps, Path save) {
         return InProcessWorld.run(world, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, SEED);
-                Trainer t = trainer(ctx, spec, groups, ep, GLOBAL_MICRO / world);
+                Trainer t = trainer(ctx, spec, groups, ep, globalMicro / world);
                 if (load != null) ShardedCheckpoint.load(load, t, CONFIG);
                 List<Double> l = run(t, steps);
                 if (save != null) ShardedCheckpoint.save(save, t, CONFIG, Map.of(), groups);
@@ -90,7 +94,7 @@ class ShardedCheckpointTest {
     }
 
     @Test
-    void aSavedExpertParallelRunAlsoLoadsIntoTheSingleFileFormatsReader(@TempDir Path dir) throws IOException {
+    void theSingleFileCheckpointRefusesShardsAndLoadsAWholeModelIntoExpertParallelRanks(@TempDir Path dir) throws IOException {
         // the single-file Checkpoint refuses to save a shard (it would look like a whole model), and names the fix
         ModelSpec spec = spec(true, 1, false, false);
         var e = assertThrows(CommunicationException.class, () -> InProcessWorld.run(2, comm -> {
@@ -142,5 +146,15 @@ class ShardedCheckpointTest {
             List<String> names = files.map(p -> p.getFileName().toString()).filter(n -> n.startsWith("experts-")).sorted().toList();
             assertEquals(List.of("experts-s3-r0.safetensors"), names);
         }
+    }
+
+    @Test
+    void savedByAWorldOf8AtEp8LoadsIntoAWorldOf2AtEp2(@TempDir Path dir) {
+        ModelSpec spec = spec(false, 1, false, true);
+        List<Double> expected = run(reference(spec, 8), STEPS);
+        Path ckpt = dir.resolve("w8");
+        List<List<Double>> first = world(spec, 8, 8, 8, null, FIRST, ckpt);
+        for (int i = 0; i < FIRST; i++) assertEquals(expected.get(i), first.get(3).get(i), 1e-9 * expected.get(i));
+        for (List<Double> l : world(spec, 2, 2, 8, ckpt, STEPS - FIRST, null)) assertContinues(expected, l, "world 2 ep 2 from world 8 ep 8");
     }
 }
