@@ -2,6 +2,7 @@ package dev.moe4j.core.moe;
 
 import dev.moe4j.core.backend.Activation;
 import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.nn.ExpertShard;
 import dev.moe4j.core.nn.Init;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Parameter;
@@ -36,6 +37,15 @@ public final class ExpertBank implements AutoCloseable {
      */
     public ExpertBank(ModelContext ctx, String name, int experts, int hidden, int ffn, Activation act,
                       boolean bias, double initStd, double outStd) {
+        this(ctx, name, experts, hidden, ffn, act, bias, initStd, outStd, null);
+    }
+
+    /**
+     * As above; with {@code shard} non-null the bank holds experts [shard.firstRow, + experts) of an MoE layer's
+     * routed experts (expert parameters, see {@link ExpertShard}); null for the dense MLP and shared experts.
+     */
+    public ExpertBank(ModelContext ctx, String name, int experts, int hidden, int ffn, Activation act,
+                      boolean bias, double initStd, double outStd, ExpertShard shard) {
         if (experts < 1) throw new IllegalArgumentException("ExpertBank " + name + ": experts must be >= 1, got " + experts);
         if (hidden < 1) throw new IllegalArgumentException("ExpertBank " + name + ": hidden must be >= 1, got " + hidden);
         if (ffn < 1) throw new IllegalArgumentException("ExpertBank " + name + ": ffn must be >= 1, got " + ffn);
@@ -46,10 +56,10 @@ public final class ExpertBank implements AutoCloseable {
         this.ffn = ffn;
         this.act = act;
         this.ffnIn = act.inputWidth(ffn);
-        this.fc1 = ctx.params().add(name + ".fc1.weight", Init.normal(initStd), true, experts, hidden, ffnIn);
-        this.fc2 = ctx.params().add(name + ".fc2.weight", Init.normal(outStd), true, experts, ffn, hidden);
-        this.b1 = bias ? ctx.params().add(name + ".fc1.bias", Init.zeros(), false, experts, ffnIn) : null;
-        this.b2 = bias ? ctx.params().add(name + ".fc2.bias", Init.zeros(), false, experts, hidden) : null;
+        this.fc1 = ctx.params().add(name + ".fc1.weight", Init.normal(initStd), true, shard, experts, hidden, ffnIn);
+        this.fc2 = ctx.params().add(name + ".fc2.weight", Init.normal(outStd), true, shard, experts, ffn, hidden);
+        this.b1 = bias ? ctx.params().add(name + ".fc1.bias", Init.zeros(), false, shard, experts, ffnIn) : null;
+        this.b2 = bias ? ctx.params().add(name + ".fc2.bias", Init.zeros(), false, shard, experts, hidden) : null;
     }
 
     public int experts() { return experts; }

@@ -3,6 +3,8 @@ package dev.moe4j.core.moe;
 import dev.moe4j.core.backend.Activation;
 import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.nn.ExpertShard;
 import dev.moe4j.core.nn.FeedForward;
 import dev.moe4j.core.nn.Init;
 import dev.moe4j.core.nn.ModelContext;
@@ -36,6 +38,16 @@ import java.util.List;
  * training only (DeepSpeed samples the second expert in eval too); RSample applies to the first choice for any
  * k (DeepSpeed: top-1 only); RTS is used for k = 1 only, as in DeepSpeed; l_aux is E * sum_e me_e * ce_e with
  * ce from the first choices for every k (DeepSpeed's top-1 and top-2 formulas; its top-k &gt; 2 differs).
+ *
+ * <p>Expert parallelism ({@code epSize > 1}, with {@link Builder#optExpertParallelGroup}): rank q of the group holds
+ * experts [q*E/epSize, (q+1)*E/epSize) (parameters {@code NAME.experts.*} of E/epSize rows, initialised as those
+ * rows of the whole tensor). The gate runs on the rank's own S tokens over all E experts, with the capacity of S
+ * tokens (DeepSpeed: capacity is per rank) and a local l_aux; the expert-sorted buffer travels to the experts'
+ * owners by all-to-all, the local experts run as one grouped GEMM over what they received from every rank, and the
+ * results come back by the reverse all-to-all ({@link ExpertParallel}). Capacity mode exchanges equal splits and
+ * needs no count; dropless mode (and {@code dropTokens = false}, which routes dropless: the output equals
+ * DeepSpeed's padding to the group's largest load, without the padding or its max-reduce) all-gathers the
+ * per-expert counts once per layer. The communicator decides flat or hierarchical all-to-all.
  */
 public final class MoE implements AutoCloseable {
     private final ModelContext ctx;
@@ -46,6 +58,8 @@ public final class MoE implements AutoCloseable {
     private final ExpertBank mlp;        // Residual-MoE's dense MLP, or null
     private final Parameter coefW, coefB; // Residual-MoE's Linear(hidden, 2)
     private final ExpertBank shared;     // always-on shared experts as one dense FFN, or null
+    private final Communicator ep;       // the expert-parallel group (epSize > 1), or null
+    private ExpertParallel.Route route;  // the last forward's expert-parallel routing (epSize > 1)
 
     // saved by forward
     private final List<Tensor> saved = new ArrayList<>();
@@ -53,14 +67,16 @@ public final class MoE implements AutoCloseable {
     private int capacity, tokens;
     private MoEOutput last;
 
-    private MoE(ModelContext ctx, Config c) {
+    private MoE(ModelContext ctx, Config c, Communicator ep) {
         this.ctx = ctx;
         this.b = ctx.backend();
         this.cfg = c;
+        this.ep = c.epSize > 1 ? ep : null;
         String n = c.name;
         this.gate = new Gate(ctx, n + ".gate", c.hiddenSize, c.numExperts, c.noisyGatePolicy, c.initStd);
-        this.experts = new ExpertBank(ctx, n + ".experts", c.numExperts / c.epSize, c.hiddenSize, c.ffnSize,
-                c.activation, c.expertBias, c.initStd, c.outputInitStd);
+        int local = c.numExperts / c.epSize, first = this.ep == null ? 0 : this.ep.rank() * local;
+        this.experts = new ExpertBank(ctx, n + ".experts", local, c.hiddenSize, c.ffnSize,
+                c.activation, c.expertBias, c.initStd, c.outputInitStd, new ExpertShard(c.epSize, first, local, c.numExperts));
         if (c.useResidual) {
             this.mlp = new ExpertBank(ctx, n + ".mlp", 1, c.hiddenSize, c.ffnSize, c.activation, c.expertBias, c.initStd, c.outputInitStd);
             this.coefW = ctx.params().add(n + ".coefficient.weight", Init.normal(c.initStd), true, 2, c.hiddenSize);
@@ -83,7 +99,11 @@ public final class MoE implements AutoCloseable {
 
     public Gate gate() { return gate; }
 
+    /** The routed experts held by this rank: experts [rank * E/epSize, (rank + 1) * E/epSize) of the layer. */
     public ExpertBank experts() { return experts; }
+
+    /** The expert-parallel group (null when epSize = 1). */
+    public Communicator expertParallelGroup() { return ep; }
 
     /** Residual-MoE's dense MLP, or null. */
     public ExpertBank mlp() { return mlp; }
@@ -124,10 +144,15 @@ public final class MoE implements AutoCloseable {
         int R = dropless ? S * k : E * capacity;
         buf = keep(b.zeros(ctx.dtype(), R, M));   // unused capacity rows stay 0
         b.moePermute(x, g.dest(), buf);
-        if (experts.hasBias()) rowExpert = keep(rowExperts(g, S, k, R));
-
-        // experts: y [R, M]
-        y = keep(experts.forward(buf, g.offsets(), rowExpert));
+        if (ep == null) {
+            if (experts.hasBias()) rowExpert = keep(rowExperts(g, S, k, R));
+            // experts: y [R, M]
+            y = keep(experts.forward(buf, g.offsets(), rowExpert));
+        } else {
+            // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
+            route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity);
+            y = keep(ExpertParallel.forward(ep, route, experts, buf));
+        }
 
         // combine: moeOut [S, M] = sum_j weights[s,j] * y[dest[s,j]]
         Tensor out;
@@ -219,7 +244,7 @@ public final class MoE implements AutoCloseable {
         Tensor dw = tmpAdd(tmp, b.empty(gate.dtype(), S, k));
         b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
         // experts backward, then the dispatch's backward (a gather-sum with weight 1)
-        Tensor dbuf = tmpAdd(tmp, experts.backward(dy));
+        Tensor dbuf = tmpAdd(tmp, ep == null ? experts.backward(dy) : ExpertParallel.backward(ep, route, experts, dy));
         Tensor dxp = tmpAdd(tmp, b.empty(ctx.dtype(), S, M));
         b.moeUnpermute(dbuf, g.dest(), null, dxp);
         b.add(dx, 1, dxp, 1, dx);
@@ -294,6 +319,8 @@ public final class MoE implements AutoCloseable {
         for (Tensor t : saved) t.close();
         saved.clear();
         y = null;
+        if (route != null) route.close();
+        route = null;
         rowExpert = null;
         stack = null;
         coef = null;
@@ -341,6 +368,7 @@ public final class MoE implements AutoCloseable {
         private boolean expertBias = true;
         private double initStd = 0.02, outputInitStd = Double.NaN;
         private String name = "moe";
+        private Communicator epGroup;
 
         private Builder() {}
 
@@ -359,8 +387,17 @@ public final class MoE implements AutoCloseable {
         /** Total experts of the layer (default 1). */
         public Builder optNumExperts(int numExperts) { this.numExperts = numExperts; return this; }
 
-        /** Expert-parallel degree (default 1; only 1 until the communication layer lands). */
+        /**
+         * Expert-parallel degree (default 1). With epSize &gt; 1 the layer holds numExperts / epSize experts and
+         * needs its expert-parallel group ({@link #optExpertParallelGroup}).
+         */
         public Builder optEpSize(int epSize) { this.epSize = epSize; return this; }
+
+        /**
+         * The expert-parallel group of epSize ranks (e.g. {@code ProcessGroups.expertParallel(epSize)}): the ranks
+         * that exchange tokens by all-to-all; rank q of it holds experts [q * E/epSize, (q+1) * E/epSize).
+         */
+        public Builder optExpertParallelGroup(Communicator group) { this.epGroup = group; return this; }
 
         /** Experts per token (default 1). */
         public Builder optK(int k) { this.k = k; return this; }
@@ -421,7 +458,6 @@ public final class MoE implements AutoCloseable {
             if (numExperts < 1) throw new IllegalArgumentException("numExperts must be >= 1, got " + numExperts);
             if (epSize < 1) throw new IllegalArgumentException("epSize must be >= 1, got " + epSize);
             if (numExperts % epSize != 0) throw new IllegalArgumentException("epSize (" + epSize + ") must divide numExperts (" + numExperts + ")");
-            if (epSize > 1) throw new IllegalArgumentException("epSize = " + epSize + " is not supported yet (expert parallelism needs the communication layer); use epSize = 1");
             if (k < 1 || k > numExperts) throw new IllegalArgumentException("k must be in [1, numExperts = " + numExperts + "], got " + k);
             if (!(capacityFactor > 0) || Double.isInfinite(capacityFactor)) throw new IllegalArgumentException("capacityFactor must be a finite number > 0, got " + capacityFactor);
             if (!(evalCapacityFactor > 0) || Double.isInfinite(evalCapacityFactor)) throw new IllegalArgumentException("evalCapacityFactor must be a finite number > 0, got " + evalCapacityFactor);
@@ -444,7 +480,14 @@ public final class MoE implements AutoCloseable {
             if (ctx == null) throw new IllegalArgumentException("context must be set (setContext)");
             Config c = config();
             if (ctx.params().isAllocated()) throw new IllegalStateException("MoE " + c.name() + ": the context's parameters are already allocated; build layers before allocateParameters()");
-            return new MoE(ctx, c);
+            if (c.epSize() > 1) {
+                if (epGroup == null) throw new IllegalArgumentException("MoE " + c.name() + ": epSize = " + c.epSize() + " needs its expert-parallel group (optExpertParallelGroup)");
+                if (epGroup.size() != c.epSize()) throw new IllegalArgumentException("MoE " + c.name() + ": the expert-parallel group has " + epGroup.size() + " ranks but epSize = " + c.epSize());
+                if (epGroup.backend() != ctx.backend()) throw new IllegalArgumentException("MoE " + c.name() + ": the expert-parallel group moves tensors of backend " + epGroup.backend().name() + ", not the context's " + ctx.backend().name());
+            } else if (epGroup != null && epGroup.size() != 1) {
+                throw new IllegalArgumentException("MoE " + c.name() + ": an expert-parallel group of " + epGroup.size() + " ranks was given but epSize = 1 (set optEpSize)");
+            }
+            return new MoE(ctx, c, epGroup);
         }
     }
 }

@@ -13,15 +13,17 @@ public final class Parameter {
     private final Shape shape;
     private final Init init;
     private final boolean decay;
+    private final ExpertShard shard;
     final long index;
     Tensor value, master, grad;
 
-    Parameter(String name, Shape shape, Init init, boolean decay, long index) {
+    Parameter(String name, Shape shape, Init init, boolean decay, long index, ExpertShard shard) {
         this.name = name;
         this.shape = shape;
         this.init = init;
         this.decay = decay;
         this.index = index;
+        this.shard = shard;
     }
 
     public String name() { return name; }
@@ -32,6 +34,15 @@ public final class Parameter {
 
     /** Whether AdamW's weight decay applies (matrices yes; biases, norms and embeddings by GPT-2 convention no). */
     public boolean decay() { return decay; }
+
+    /**
+     * For the routed experts of an MoE layer: which rows of the layer's whole [E, ...] expert tensor this rank
+     * holds and the layer's expert-parallel degree; null for every other parameter (replicated on all ranks).
+     */
+    public ExpertShard expertShard() { return shard; }
+
+    /** True for expert parameters (gradients all-reduced in the expert-data-parallel group). */
+    public boolean isExpert() { return shard != null; }
 
     public Tensor value() { return check(value); }
 

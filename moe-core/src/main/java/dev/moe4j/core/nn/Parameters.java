@@ -25,9 +25,22 @@ public final class Parameters implements AutoCloseable {
 
     /** Declares a parameter; names must be unique. Call before {@link #allocate}. */
     public Parameter add(String name, Init init, boolean decay, int... shape) {
+        return add(name, init, decay, null, shape);
+    }
+
+    /**
+     * Declares a parameter that holds rows [shard.firstRow, + shape[0]) of an expert tensor of shard.globalRows
+     * rows (shard null: an ordinary parameter). A shard is initialised with exactly the values those rows get in
+     * the whole tensor, so a model has the same initial weights at every expert-parallel degree.
+     */
+    public Parameter add(String name, Init init, boolean decay, ExpertShard shard, int... shape) {
         if (master != null) throw new IllegalStateException("parameters already allocated; cannot add " + name);
         if (byName.containsKey(name)) throw new IllegalArgumentException("duplicate parameter name " + name);
-        Parameter p = new Parameter(name, Shape.of(shape), init, decay, byName.size());
+        if (shard != null && (shape.length == 0 || shape[0] != shard.rows())) {
+            throw new IllegalArgumentException("parameter " + name + ": shape " + java.util.Arrays.toString(shape) + " must have "
+                    + shard.rows() + " rows in its first dimension (the expert shard " + shard + ")");
+        }
+        Parameter p = new Parameter(name, Shape.of(shape), init, decay, byName.size(), shard);
         byName.put(name, p);
         return p;
     }
@@ -63,7 +76,7 @@ public final class Parameters implements AutoCloseable {
             switch (p.init().kind()) {
                 case ZEROS -> backend.fill(p.master, 0);
                 case ONES -> backend.fill(p.master, 1);
-                case NORMAL -> backend.randomNormal(p.master, 0, p.init().std(), seed, p.index << 40);
+                case NORMAL -> backend.randomNormal(p.master, 0, p.init().std(), seed, (p.index << 40) + initOffset(p));
             }
             at += p.shape().numel();
         }
@@ -80,12 +93,37 @@ public final class Parameters implements AutoCloseable {
         return new int[] {Math.toIntExact((n + cols - 1) / cols), cols};
     }
 
-    /** Declaration order, decayed parameters first. */
+    /** A shard's first element in the whole expert tensor: its counters continue the whole tensor's. */
+    private static long initOffset(Parameter p) {
+        ExpertShard s = p.expertShard();
+        if (s == null || p.shape().dims()[0] == 0) return 0;
+        return (long) s.firstRow() * (p.shape().numel() / p.shape().dims()[0]);
+    }
+
+    /**
+     * Decayed parameters first; within each of the two, the replicated parameters in declaration order, then the
+     * expert parameters grouped by expert-parallel degree (ascending), so each gradient group (data-parallel, or
+     * expert-data-parallel of one degree) is a few contiguous ranges of the flat buffer.
+     */
     private List<Parameter> ordered() {
         List<Parameter> order = new ArrayList<>();
-        for (Parameter p : byName.values()) if (p.decay()) order.add(p);
-        for (Parameter p : byName.values()) if (!p.decay()) order.add(p);
+        for (boolean decay : new boolean[] {true, false}) {
+            List<Parameter> experts = new ArrayList<>();
+            for (Parameter p : byName.values()) {
+                if (p.decay() != decay) continue;
+                if (p.isExpert()) experts.add(p);
+                else order.add(p);
+            }
+            experts.sort(java.util.Comparator.comparingInt(p -> p.expertShard().epSize()));  // stable: declaration order within a degree
+            order.addAll(experts);
+        }
         return order;
+    }
+
+    /** Parameters in the order of the flat buffers (see {@link #allocate}). */
+    public List<Parameter> layoutOrder() {
+        if (master == null) throw new IllegalStateException("parameters are not allocated yet");
+        return Collections.unmodifiableList(ordered());
     }
 
     public Parameter get(String name) {

@@ -50,9 +50,17 @@ public final class AdamW implements AutoCloseable {
      * {@code lr}. Returns the device scalar holding the squared norm (read it to log the norm; a non-finite
      * value means the update was skipped, and the caller should call {@link #undoStepCount()}).
      */
-    public Tensor step(float lr) {
+    public Tensor step(float lr) { return step(lr, null); }
+
+    /**
+     * As {@link #step(float)}, with the squared global gradient norm written into the given device scalar by
+     * {@code squaredNorm} instead of summed over this process's flat gradient (null: that local sum). Data/expert
+     * parallel training passes one that adds the other ranks' expert gradients, so every rank clips alike.
+     */
+    public Tensor step(float lr, java.util.function.Consumer<Tensor> squaredNorm) {
         step++;
-        backend.sumSquares(params.grad(), normSq, 0f);
+        if (squaredNorm == null) backend.sumSquares(params.grad(), normSq, 0f);
+        else squaredNorm.accept(normSq);
         long nd = params.decayCount(), n = params.count();
         if (nd > 0) update(0, nd, weightDecay, lr);
         if (n > nd) update(nd, n - nd, 0f, lr);

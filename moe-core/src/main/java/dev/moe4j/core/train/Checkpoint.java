@@ -28,6 +28,8 @@ public final class Checkpoint {
     public static final String RNG_OFFSET = "moe4j.rng_offset";
     public static final String SEED = "moe4j.seed";
     public static final String CONFIG = "moe4j.config";
+    /** Name prefixes of the AdamW moments of a parameter. */
+    public static final String MOMENT1 = "optim.exp_avg.", MOMENT2 = "optim.exp_avg_sq.";
 
     private Checkpoint() {}
 
@@ -36,6 +38,13 @@ public final class Checkpoint {
         ModelContext ctx = trainer.model().context();
         Parameters params = ctx.params();
         AdamW opt = trainer.optimizer();
+        for (Parameter p : params.all()) {
+            if (p.isExpert() && p.expertShard().rows() != p.expertShard().globalRows()) {
+                throw new IllegalArgumentException("parameter " + p.name() + " holds only experts [" + p.expertShard().firstRow() + ", "
+                        + (p.expertShard().firstRow() + p.expertShard().rows()) + ") of " + p.expertShard().globalRows()
+                        + " (expert parallelism): save with ShardedCheckpoint");
+            }
+        }
         SafeTensorsWriter w = new SafeTensorsWriter();
         Map<String, String> meta = new LinkedHashMap<>(extraMetadata);
         meta.put(FORMAT, "1");
@@ -78,9 +87,9 @@ public final class Checkpoint {
             }
             for (Parameter p : params.all()) {
                 if (!f.contains(p.name())) throw new IOException(file + ": parameter '" + p.name() + "' is missing");
-                f.loadInto(p.name(), p.master());
-                f.loadInto("optim.exp_avg." + p.name(), moment(opt.firstMoment(), params, p));
-                f.loadInto("optim.exp_avg_sq." + p.name(), moment(opt.secondMoment(), params, p));
+                loadParam(f, p.name(), p, p.master());
+                loadParam(f, "optim.exp_avg." + p.name(), p, moment(opt.firstMoment(), params, p));
+                loadParam(f, "optim.exp_avg_sq." + p.name(), p, moment(opt.secondMoment(), params, p));
             }
             if (params.value() != params.master()) ctx.backend().copy(params.master(), params.value());
             trainer.setStep(Integer.parseInt(meta.get(STEP)));
@@ -88,6 +97,12 @@ public final class Checkpoint {
             ctx.setRngOffset(Long.parseLong(meta.get(RNG_OFFSET)));
             return meta;
         }
+    }
+
+    /** A whole tensor, or this rank's rows of a whole [E, ...] expert tensor (an expert-parallel model). */
+    private static void loadParam(SafeTensorsFile f, String name, Parameter p, Tensor dst) throws IOException {
+        if (p.isExpert() && p.expertShard().rows() != p.expertShard().globalRows()) f.loadRowsInto(name, p.expertShard().firstRow(), dst);
+        else f.loadInto(name, dst);
     }
 
     /** The configuration JSON stored in a checkpoint (to rebuild its model, e.g. a distillation teacher). */
@@ -106,7 +121,7 @@ public final class Checkpoint {
         try (SafeTensorsFile f = SafeTensorsFile.open(file)) {
             for (Parameter p : params.all()) {
                 if (!f.contains(p.name())) throw new IOException(file + ": parameter '" + p.name() + "' is missing");
-                f.loadInto(p.name(), p.master());
+                loadParam(f, p.name(), p, p.master());
             }
             if (params.value() != params.master()) params.master().backend().copy(params.master(), params.value());
         }

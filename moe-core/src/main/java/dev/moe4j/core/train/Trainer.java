@@ -26,6 +26,8 @@ public final class Trainer {
     private final int microBatches;
     private Teacher teacher;
     private List<Models.MoELayer> moeLayers = List.of();
+    private GradientSync sync;
+    private long rngPerMicro = -1;   // distributed: random counters one micro-batch draws (measured once)
     private int step;
 
     public Trainer(Gpt model, AdamW optimizer, BatchSource data, CosineSchedule schedule, int microBatches) {
@@ -39,6 +41,24 @@ public final class Trainer {
 
     /** The model's MoE layers, whose routing {@link #trainStep(boolean)} can report. */
     public void setMoELayers(List<Models.MoELayer> layers) { this.moeLayers = List.copyOf(layers); }
+
+    /**
+     * Data (+ expert) parallel training: this trainer is one rank of {@code sync}'s world, its {@link BatchSource}
+     * gives this rank's share of each global batch, and every step scales the gradients by 1/W, all-reduces them
+     * in their groups, clips by the global norm and reports the world's mean losses (so every rank logs the same
+     * numbers, those of the single-rank run on the global batch). Micro-batch j of rank r is global micro-batch
+     * j*W + r (as {@link BatchSource#rankShare} hands them out) and draws that micro-batch's random numbers; the
+     * first step runs one extra forward to measure how many a micro-batch draws. Every rank must call every
+     * step (and {@link #validationLoss}, whose MoE layers exchange tokens too). null: single process (the default).
+     */
+    public void setGradientSync(GradientSync sync) {
+        if (sync != null && sync.groups().dataParallel().backend() != model.context().backend()) {
+            throw new IllegalArgumentException("the gradient synchronisation's communicator and the model must share a backend");
+        }
+        this.sync = sync;
+    }
+
+    public GradientSync gradientSync() { return sync; }
 
     /** Distil from {@code teacher} (null: plain language-model training). */
     public void setTeacher(Teacher teacher) {
@@ -74,12 +94,19 @@ public final class Trainer {
         double loss, auxLoss, kdLoss, normSq;
         List<RoutingStats> routing = new ArrayList<>();
         long tokens = 0;
+        int world = sync == null ? 1 : sync.dataParallelSize();
+        float gradScale = 1f / ((float) microBatches * world);
         model.context().setTraining(true);
         model.context().params().zeroGrad();
+        long rngBase = model.context().rngOffset();
+        if (world > 1 && rngPerMicro < 0) rngPerMicro = probeRandomCount();
         try (Scope s = Scope.open()) {
             Tensor lossSum = b.zeros(model.context().params().master().dtype(), 3);
             for (int micro = 0; micro < microBatches; micro++) {
                 Batch batch = data.train(step, micro);
+                // distributed: micro-batch j of rank r is global micro-batch j*W + r; it draws the random numbers
+                // (noise, RTS) the single-process run draws for that micro-batch
+                if (world > 1) model.context().setRngOffset(rngBase + ((long) micro * world + sync.rank()) * rngPerMicro);
                 Tensor in = b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen());
                 Tensor tg = b.fromInts(batch.targets(), batch.batchSize(), batch.seqLen());
                 int valid = validTargets(batch);
@@ -90,16 +117,29 @@ public final class Trainer {
                 }
                 Tensor l = model.forwardLoss(in, tg, valid, kd);
                 b.add(lossSum, 1, l, 1.0 / microBatches, lossSum);
-                model.backwardLoss(valid, 1f / microBatches);
-                tokens += (long) batch.batchSize() * batch.seqLen();
+                if (world > 1) {
+                    long used = model.context().rngOffset() - (rngBase + ((long) micro * world + sync.rank()) * rngPerMicro);
+                    if (used != rngPerMicro) throw new IllegalStateException("micro-batch " + micro + " drew " + used + " random counters, the first step's drew "
+                            + rngPerMicro + ": data-parallel micro-batches must all have the same shape");
+                }
+                model.backwardLoss(valid, world == 1 ? 1f / microBatches : gradScale);
+                tokens += (long) batch.batchSize() * batch.seqLen() * world;
             }
+            if (world > 1) model.context().setRngOffset(rngBase + (long) microBatches * world * rngPerMicro);
             if (routingStats) {
                 for (Models.MoELayer l : moeLayers) {
                     var out = l.moe().lastOutput();
                     routing.add(new RoutingStats(l.block(), out.counts().toInts(), l.moe().droppedFraction(), out.lAux().toDoubles()[0]));
                 }
             }
-            Tensor nsq = optimizer.step(lr);
+            Tensor nsq;
+            if (sync == null) {
+                nsq = optimizer.step(lr);
+            } else {
+                sync.allReduceGradients();
+                sync.averageOverWorld(lossSum);
+                nsq = optimizer.step(lr, sync::globalNormSq);
+            }
             double[] losses = lossSum.toDoubles();   // the step's host reads, after the update is queued
             loss = losses[0];
             auxLoss = losses[1];
@@ -112,6 +152,22 @@ public final class Trainer {
         StepMetrics m = new StepMetrics(step, loss, auxLoss, kdLoss, Math.sqrt(normSq), lr, tokens, (System.nanoTime() - t0) / 1e9, skipped, routing);
         step++;
         return m;
+    }
+
+    /**
+     * The random counters one training forward draws, measured by running the first micro-batch's forward once
+     * (collective under expert parallelism: every rank probes in its first step). The RNG position is restored.
+     */
+    private long probeRandomCount() {
+        Backend b = model.context().backend();
+        long at = model.context().rngOffset();
+        try (Scope s = Scope.open()) {
+            Batch batch = data.train(step, 0);
+            model.forward(b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen()));
+        }
+        long n = model.context().rngOffset() - at;
+        model.context().setRngOffset(at);
+        return n;
     }
 
     /** Mean cross-entropy over up to {@code maxBatches} held-out batches, with the model in evaluation mode. */

@@ -35,4 +35,27 @@ class ParametersTest {
         assertEquals(2, s.length);
         assertTrue((long) s[0] * s[1] >= n && (long) (s[0] - 1) * s[1] < n, "the padding is less than one row");
     }
+
+    @Test
+    void expertShardsInitialiseAsTheirRowsOfTheWholeTensorAndGroupAfterTheReplicatedParameters() {
+        ModelContext whole = new ModelContext(new CpuBackend(), DType.F64, 3);
+        whole.params().add("w", Init.normal(1), true, 2, 2);
+        Parameter all = whole.params().add("experts", Init.normal(1), true, new ExpertShard(1, 0, 4, 4), 4, 3);
+        whole.allocateParameters();
+        ModelContext part = new ModelContext(new CpuBackend(), DType.F64, 3);
+        Parameter bias = part.params().add("b", Init.zeros(), false, 2);
+        Parameter shard = part.params().add("experts", Init.normal(1), true, new ExpertShard(2, 2, 2, 4), 2, 3);
+        Parameter w = part.params().add("w", Init.normal(1), true, 2, 2);
+        part.allocateParameters();
+        assertArrayEquals(java.util.Arrays.copyOfRange(all.master().toDoubles(), 6, 12), shard.master().toDoubles(), "rows 2..3 of the whole tensor");
+        assertTrue(shard.isExpert() && !w.isExpert());
+        assertEquals(0, w.master().offset(), "replicated decayed parameters first");
+        assertEquals(4, shard.master().offset(), "then the decayed experts");
+        assertEquals(10, bias.master().offset(), "then the no-decay ones");
+        assertEquals(10, part.params().decayCount());
+        assertEquals(java.util.List.of(w, shard, bias), part.params().layoutOrder());
+        var e = assertThrows(IllegalArgumentException.class, () -> new ModelContext(new CpuBackend(), DType.F64, 1).params()
+                .add("x", Init.zeros(), false, new ExpertShard(2, 0, 2, 4), 3, 1));
+        assertTrue(e.getMessage().contains("must have 2 rows"), e.getMessage());
+    }
 }

@@ -1,0 +1,142 @@
+package dev.moe4j.comm.ep;
+
+import dev.moe4j.comm.InProcessWorld;
+import dev.moe4j.core.comm.ProcessGroups;
+import dev.moe4j.core.cpu.CpuBackend;
+import dev.moe4j.core.moe.MoE;
+import dev.moe4j.core.moe.MoEOutput;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.nn.Parameter;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import dev.moe4j.core.testing.Tensors;
+import org.junit.jupiter.api.Test;
+
+import java.util.ArrayList;
+import java.util.List;
+import java.util.SplittableRandom;
+
+import static dev.moe4j.comm.ep.EpFixtures.assertClose;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+/**
+ * One MoE layer at epSize = world = 4 against the single-rank layer (same initial weights: shards initialise as
+ * the rows of the whole tensor): each rank's output, l_aux and input gradient equal the single-rank layer's on
+ * that rank's tokens, and each rank's expert gradients equal the single-rank gradients accumulated over all
+ * ranks' tokens (the experts see every rank's tokens through the all-to-all). Float64, 1e-12 relative. No random
+ * routing here (each bare layer draws from its own RNG position; the trainer aligns them, see ExpertParallelTrainingTest).
+ */
+class MoELayerExpertParallelTest {
+    static final int W = 4, S = 5, M = 4, F = 6, E = 8;
+
+    private static MoE.Builder builder(boolean dropless, int k) {
+        return MoE.builder().setHiddenSize(M).setFfnSize(F).optNumExperts(E).optK(k).optMinCapacity(0)
+                .optCapacityFactor(1.0).optDropless(dropless).optUseRts(false).optTop2SecondExpertSampling(false).optName("moe");
+    }
+
+    /** Tokens with positive entries and a gate that prefers expert 0 (and 1) for all of them: ranks owning the others receive nothing. */
+    private static Tensor tokens(ModelContext ctx, int rank, boolean skewed) {
+        SplittableRandom r = new SplittableRandom(100 + rank);
+        double[] v = new double[S * M];
+        for (int i = 0; i < v.length; i++) v[i] = skewed ? 0.5 + r.nextDouble() : r.nextDouble() * 2 - 1;
+        return ctx.backend().fromDoubles(DType.F64, v, S, M);
+    }
+
+    private static void skewGate(ModelContext ctx, MoE moe) {
+        Tensor w = moe.gate().weight().master();
+        double[] g = new double[E * M];
+        for (int j = 0; j < M; j++) { g[j] = 1.0; g[M + j] = 0.5; }
+        try (Tensor t = ctx.backend().fromDoubles(DType.F64, g, E, M)) { ctx.backend().copy(t, w); }
+    }
+
+    private static Tensor dout(ModelContext ctx, int rank) {
+        return Tensors.random(ctx.backend(), DType.F64, new SplittableRandom(200 + rank), 1.0, S, M);
+    }
+
+    record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow) {}
+
+    private static void check(boolean dropless, int k, boolean skewed) {
+        // reference: one layer, each rank's batch in turn; expert gradients accumulate over all batches
+        ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
+        MoE ref = builder(dropless, k).setContext(rc).build();
+        rc.allocateParameters();
+        if (skewed) skewGate(rc, ref);
+        rc.params().zeroGrad();
+        List<double[]> outs = new ArrayList<>(), dxs = new ArrayList<>();
+        List<Double> laux = new ArrayList<>();
+        for (int r = 0; r < W; r++) {
+            MoEOutput o = ref.forward(tokens(rc, r, skewed));
+            outs.add(o.output().toDoubles());
+            laux.add(o.lAux().toDoubles()[0]);
+            dxs.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
+        }
+        List<Result> got = InProcessWorld.run(W, comm -> {
+            try (ProcessGroups groups = new ProcessGroups(comm)) {
+                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                MoE moe = builder(dropless, k).optEpSize(W).optExpertParallelGroup(groups.expertParallel(W)).setContext(ctx).build();
+                ctx.allocateParameters();
+                if (skewed) skewGate(ctx, moe);
+                ctx.params().zeroGrad();
+                MoEOutput o = moe.forward(tokens(ctx, comm.rank(), skewed));
+                double[] out = o.output().toDoubles();
+                double l = o.lAux().toDoubles()[0];
+                double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
+                List<double[]> g = new ArrayList<>();
+                List<Integer> first = new ArrayList<>();
+                for (Parameter p : ctx.params().all()) {
+                    if (!p.isExpert()) continue;
+                    g.add(p.grad().toDoubles());
+                    first.add(p.expertShard().firstRow());
+                }
+                return new Result(out, dx, l, g, first);
+            }
+        });
+        List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
+        for (int r = 0; r < W; r++) {
+            String what = (dropless ? "dropless" : "capacity") + " k=" + k + (skewed ? " skewed" : "") + " rank " + r;
+            assertClose(outs.get(r), got.get(r).out(), 1e-12, what + ": output");
+            assertClose(dxs.get(r), got.get(r).dx(), 1e-12, what + ": dx");
+            assertEquals(laux.get(r), got.get(r).lAux(), 1e-12, what + ": l_aux stays local");
+            for (int i = 0; i < refExperts.size(); i++) {
+                double[] all = refExperts.get(i).grad().toDoubles();
+                int n = got.get(r).expertGrads().get(i).length, from = got.get(r).firstRow().get(i) * (all.length / E);
+                assertEquals(r * (E / W), got.get(r).firstRow().get(i), "rank r holds experts [r*E/W, (r+1)*E/W)");
+                assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.get(r).expertGrads().get(i), 1e-12, what + ": " + refExperts.get(i).name());
+            }
+        }
+    }
+
+    @Test
+    void capacityAndDroplessLayersEqualTheSingleRankLayer() {
+        check(false, 1, false);
+        check(false, 2, false);
+        check(true, 1, false);
+        check(true, 2, false);
+    }
+
+    @Test
+    void ranksWhoseExpertsReceiveNoTokensStillTakePartInTheExchanges() {
+        check(true, 1, true);    // every token to expert 0: ranks 1..3 receive no rows
+        check(true, 2, true);
+        check(false, 2, true);   // capacity: most tokens dropped, empty slots exchanged
+    }
+
+    @Test
+    void anExpertParallelLayerNeedsAMatchingGroup() {
+        InProcessWorld.run(2, comm -> {
+            try (ProcessGroups groups = new ProcessGroups(comm)) {
+                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                var none = assertThrows(IllegalArgumentException.class, () -> builder(true, 1).optEpSize(2).setContext(ctx).build());
+                assertTrue(none.getMessage().contains("optExpertParallelGroup"), none.getMessage());
+                var size = assertThrows(IllegalArgumentException.class,
+                        () -> builder(true, 1).optEpSize(2).optExpertParallelGroup(groups.expertParallel(1)).setContext(ctx).build());
+                assertTrue(size.getMessage().contains("1 ranks but epSize = 2"), size.getMessage());
+                var div = assertThrows(IllegalArgumentException.class, () -> MoE.builder().setHiddenSize(M).setFfnSize(F).optNumExperts(6).optEpSize(4).setContext(ctx).build());
+                assertTrue(div.getMessage().contains("epSize (4) must divide numExperts (6)"), div.getMessage());
+                return null;
+            }
+        });
+    }
+}

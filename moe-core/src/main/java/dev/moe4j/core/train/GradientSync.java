@@ -1,0 +1,116 @@
+package dev.moe4j.core.train;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.ProcessGroups;
+import dev.moe4j.core.comm.ReduceOp;
+import dev.moe4j.core.nn.Parameter;
+import dev.moe4j.core.nn.Parameters;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+import java.util.TreeMap;
+
+/**
+ * Gradient synchronisation for data + expert parallel training, as DeepSpeed builds it: the gradients of expert
+ * parameters are all-reduced only in their expert-data-parallel group (the ranks holding the same experts), every
+ * other gradient in the whole data-parallel group. {@link Parameters} lays the flat buffer out so each group is a
+ * few contiguous ranges (replicated parameters, then experts by degree, within each decay class): one all-reduce
+ * per range.
+ *
+ * <p>Scaling: the objective is the mean of the W data-parallel ranks' losses, so the trainer scales each rank's
+ * gradients by 1/W before the backward and the all-reduces sum; an expert's gradient already holds the tokens of
+ * its whole expert-parallel group (they came by all-to-all), and the sum over its expert-data-parallel group adds
+ * the rest of the world. Every rank then holds exactly the gradient of the single-rank run on the global batch.
+ */
+public final class GradientSync {
+    /** A contiguous range of the flat gradient and its group: 0 = replicated (the world), else the experts' epSize. */
+    record Range(long start, int count, int epSize) {}
+
+    private final Parameters params;
+    private final ProcessGroups groups;
+    private final List<Range> ranges = new ArrayList<>();
+
+    /** Collective (creates the expert groups the parameters name): every rank passes the same model. */
+    public GradientSync(Parameters params, ProcessGroups groups) {
+        if (params == null || !params.isAllocated()) throw new IllegalArgumentException("GradientSync: parameters must be allocated");
+        if (groups == null) throw new IllegalArgumentException("GradientSync: groups is null");
+        if (groups.dataParallel().backend() != params.grad().backend()) {
+            throw new IllegalArgumentException("GradientSync: the communicator moves tensors of " + groups.dataParallel().backend().name()
+                    + ", not the parameters' backend " + params.grad().backend().name());
+        }
+        this.params = params;
+        this.groups = groups;
+        long base = params.grad().offset();
+        Range cur = null;
+        for (Parameter p : params.layoutOrder()) {
+            int ep = p.isExpert() ? p.expertShard().epSize() : 0;
+            long start = p.grad().offset() - base;
+            int n = Math.toIntExact(p.shape().numel());
+            if (n == 0) continue;
+            if (cur != null && cur.epSize() == ep && cur.start() + cur.count() == start && (long) cur.count() + n <= Integer.MAX_VALUE - 8) {
+                cur = new Range(cur.start(), cur.count() + n, ep);
+                ranges.set(ranges.size() - 1, cur);
+            } else {
+                cur = new Range(start, n, ep);
+                ranges.add(cur);
+            }
+        }
+        for (Range r : ranges) if (r.epSize() > 1) ProcessGroups.validate(groups.dataParallel().size(), r.epSize());
+        for (Range r : ranges) if (r.epSize() > 0) groups.expertDataParallel(r.epSize());   // create in the same order everywhere
+    }
+
+    /** W, the data-parallel world size. */
+    public int dataParallelSize() { return groups.dataParallel().size(); }
+
+    /** This rank in the data-parallel world. */
+    public int rank() { return groups.dataParallel().rank(); }
+
+    public ProcessGroups groups() { return groups; }
+
+    /** The contiguous ranges and their groups (for tests and logs). */
+    List<Range> ranges() { return List.copyOf(ranges); }
+
+    /** Sums every gradient over its group (gradients must already carry the 1/W factor). */
+    public void allReduceGradients() {
+        Tensor g = params.grad();
+        for (Range r : ranges) {
+            Communicator c = r.epSize() == 0 ? groups.dataParallel() : groups.expertDataParallel(r.epSize());
+            if (c.size() > 1) c.allReduce(g.view(r.start(), r.count()), ReduceOp.SUM);
+        }
+    }
+
+    /**
+     * out [1] = the squared norm of the whole model's gradient (after {@link #allReduceGradients}): the replicated
+     * part (equal on every rank) plus each expert degree's part summed over its expert-parallel group (whose ranks
+     * hold different experts). The same value on every rank.
+     */
+    public void globalNormSq(Tensor out) {
+        Backend b = out.backend();
+        Tensor g = params.grad();
+        Map<Integer, Tensor> parts = new TreeMap<>();
+        try {
+            b.fill(out, 0);
+            for (Range r : ranges) {
+                Tensor acc = r.epSize() <= 1 ? out : parts.computeIfAbsent(r.epSize(), e -> b.zeros(out.dtype(), 1));
+                b.sumSquares(g.view(r.start(), r.count()), acc, 1f);
+            }
+            for (Map.Entry<Integer, Tensor> e : parts.entrySet()) {
+                groups.expertParallel(e.getKey()).allReduce(e.getValue(), ReduceOp.SUM);
+                b.add(out, 1, e.getValue(), 1, out);
+            }
+        } finally {
+            for (Tensor t : parts.values()) t.close();
+        }
+    }
+
+    /** In place: t = the mean of t over the data-parallel world (the step's losses, for logging). */
+    public void averageOverWorld(Tensor t) {
+        Communicator w = groups.dataParallel();
+        if (w.size() == 1) return;
+        w.allReduce(t, ReduceOp.SUM);
+        t.backend().scale(t, 1.0 / w.size(), t);
+    }
+}
