@@ -7,6 +7,7 @@
 #   OUT/comm-test-classes/ moe-comm's compiled tests (the NCCL checks, dev.moe4j.comm.nccl.NcclGpuCheck)
 #   OUT/run-gpu-tests.sh   runs the @Tag("gpu") tests (extra arguments go to the JUnit console launcher)
 #   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
+#   OUT/moe4j              the moe4j command line (train, doctor) on the bundled runtime
 #   OUT/run-nccl-checks.sh the NCCL checks, one process per GPU under torchrun (see moe-comm/GPU-TESTS.md)
 #   OUT/moe_layer_reference.py  its PyTorch peers (python3 there has PyTorch)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
@@ -18,20 +19,19 @@ out=$(cd "$out" && pwd)
 junit_console=1.11.4
 
 cd "$root"
-echo "[bundle] building moe-cuda, moe-comm and their dependencies (tests compiled, not run)"
+echo "[bundle] building moe-cuda, moe-comm, moe-examples and their dependencies (tests compiled, not run)"
 rm -rf "$out/lib" "$out/test-classes" "$out/comm-test-classes"
 mkdir -p "$out/lib"
-./mvnw -q ${MVN_FLAGS:-} -pl moe-cuda,moe-comm -am -DskipTests package dependency:copy-dependencies \
+./mvnw -q ${MVN_FLAGS:-} -pl moe-cuda,moe-comm,moe-examples -am -DskipTests package dependency:copy-dependencies \
   -DincludeScope=test -DoutputDirectory="$out/lib" \
   -DexcludeGroupIds=org.junit.jupiter,org.junit.platform,org.opentest4j,org.apiguardian
 ./mvnw -q ${MVN_FLAGS:-} -N dependency:copy -Dartifact=org.junit.platform:junit-platform-console-standalone:$junit_console \
   -DoutputDirectory="$out/lib"
-cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar "$out/lib/"
+cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar moe-examples/target/moe-examples-*.jar "$out/lib/"
 [[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
 cp -r moe-cuda/target/test-classes "$out/test-classes"
 cp -r moe-comm/target/test-classes "$out/comm-test-classes"
 cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmark
-rm -f "$out"/lib/moe-examples-*.jar
 
 # The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart, cuBLAS and NCCL.
 for j in "$out"/lib/cuda-*-linux-x86_64.jar; do
@@ -92,5 +92,15 @@ export NCCL_NVLS_ENABLE=0
 python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
   -Dmoe4j.backend=cuda ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.NcclGpuCheck "$1"
 RUN
-chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-nccl-checks.sh"
+cat > "$out/moe4j" <<'RUN'
+#!/usr/bin/env bash
+# The moe4j command line on the bundled runtime: moe4j train [options] (see moe4j train --help).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+cp=""
+for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* || $j == *-tests.jar ]] || cp=$cp:$j; done
+exec /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED ${JAVA_OPTS:-} -cp "${cp#:}" dev.moe4j.examples.Main "$@"
+RUN
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-nccl-checks.sh" "$out/moe4j"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"
