@@ -12,7 +12,15 @@ import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.optim.AdamW;
 import dev.moe4j.core.optim.CosineSchedule;
 import dev.moe4j.core.tensor.DType;
+import dev.moe4j.comm.HierarchicalCommunicator;
+import dev.moe4j.comm.InProcessWorld;
+import dev.moe4j.core.comm.CommOptions;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.ProcessGroups;
+import dev.moe4j.core.train.BatchSource;
 import dev.moe4j.core.train.Checkpoint;
+import dev.moe4j.core.train.GradientSync;
+import dev.moe4j.core.train.ShardedCheckpoint;
 import dev.moe4j.core.train.RoutingStats;
 import dev.moe4j.core.train.StepMetrics;
 import dev.moe4j.core.train.Teacher;
@@ -152,6 +160,15 @@ final class TrainCommand implements Callable<Integer> {
     @Option(names = "--resume", description = "Continue from the run folder's checkpoint.")
     boolean resume;
 
+    @Option(names = "--ranks", defaultValue = "1", description = "Train with N in-process ranks (threads, one backend each) in expert + data parallelism (default ${DEFAULT-VALUE}).")
+    int ranks;
+
+    @Option(names = "--ep", defaultValue = "1", description = "Expert-parallel degree with --ranks: experts of each MoE layer spread over groups of this many ranks (default ${DEFAULT-VALUE}).")
+    int ep;
+
+    @Option(names = "--node-size", defaultValue = "0", description = "With --ranks: hierarchical all-to-all with this many ranks per node (default 0: flat).")
+    int nodeSize;
+
     @Option(names = "--backend", defaultValue = "auto", description = "cpu, cuda or auto (default ${DEFAULT-VALUE}).")
     String backendName;
 
@@ -173,45 +190,81 @@ final class TrainCommand implements Callable<Integer> {
     @Override
     public Integer call() throws IOException {
         validate();
-        DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum, seed);
+        DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum * ranks, seed);
         ModelSpec spec = modelSpec(data.vocabSize());
+        if (ranks == 1) {
+            try (Backend backend = Backends.create(backendName)) {
+                return run(backend, null, data, spec);
+            }
+        }
+        // In-process ranks: one thread and one backend each, tokens and gradients exchanged by the in-process
+        // communicator; each rank trains on its share of the same global batch.
+        List<Integer> codes = InProcessWorld.run(ranks, CommOptions.defaults(), r -> Backends.create(backendName),
+                world -> run(world.backend(), world, data, spec));
+        return codes.get(0);
+    }
+
+    /** One rank's run ({@code world} null: a single process). Only rank 0 prints, logs and shows progress. */
+    private int run(Backend backend, Communicator world, DataSetup.Prepared data, ModelSpec spec) throws IOException {
+        boolean lead = world == null || world.rank() == 0;
         GptConfig cfg = spec.gpt();
-        try (Backend backend = Backends.create(backendName)) {
-            DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);
+        DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);
+        try (ProcessGroups groups = world == null ? null : new ProcessGroups(world)) {
             ModelContext ctx = new ModelContext(backend, dtype, seed);
-            Models.Built built = Models.build(ctx, spec);
+            Models.Built built;
+            if (groups == null) built = Models.build(ctx, spec);
+            else if (nodeSize > 0) built = Models.build(ctx, spec, e -> Math.min(ep, e), g -> new HierarchicalCommunicator(groups.expertParallel(g), nodeSize));
+            else built = Models.build(ctx, spec, groups, e -> Math.min(ep, e));
             ctx.allocateParameters();
             AdamW opt = new AdamW(ctx.params(), 0.9f, 0.95f, 1e-8f, weightDecay, clip);
-            Trainer trainer = new Trainer(built.gpt(), opt, data.source(), new CosineSchedule(lr, minLr, warmup, steps), gradAccum);
+            BatchSource source = world == null ? data.source() : BatchSource.rankShare(data.source(), world.rank(), world.size());
+            Trainer trainer = new Trainer(built.gpt(), opt, source, new CosineSchedule(lr, minLr, warmup, steps), gradAccum);
             trainer.setMoELayers(built.moeLayers());
+            if (groups != null) trainer.setGradientSync(new GradientSync(ctx.params(), groups));
             String configJson = JSON.writeValueAsString(new RunConfig(spec, dtype.name(), data.description()));
-            if (teacher != null) trainer.setTeacher(loadTeacher(backend, dtype, data));
-            Path ckpt = out.resolve("checkpoint.safetensors");
+            if (teacher != null) trainer.setTeacher(loadTeacher(backend, dtype, data, lead));
+            Checkpointer ckpt = groups == null ? new Checkpointer(out.resolve("checkpoint.safetensors"), null) : new Checkpointer(out.resolve("checkpoint"), groups);
             if (resume) {
-                Checkpoint.load(ckpt, trainer, configJson);
-                System.out.printf("resumed from %s at step %d%n", ckpt, trainer.step());
-            } else if (Files.exists(ckpt)) {
-                throw new IllegalArgumentException(ckpt + " exists: pass --resume to continue it, or choose another --out");
+                ckpt.load(trainer, configJson);
+                if (lead) System.out.printf("resumed from %s at step %d%n", ckpt.path(), trainer.step());
+            } else if (Files.exists(ckpt.path())) {
+                throw new IllegalArgumentException(ckpt.path() + " exists: pass --resume to continue it, or choose another --out");
             }
-            System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters, %s on %s%n", spec.name(),
-                    cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), dtype, backend.name());
-            if (spec.hasMoELayers()) {
-                MoESettings m = spec.moe();
-                System.out.printf("moe   experts per layer %s, top-%d, capacity factor %.2f%s%s, aux coefficient %.3g%n", m.expertsPerLayer(), m.k(),
-                        m.capacityFactor(), m.dropless() ? ", dropless" : "", m.useResidual() ? ", residual" : "", m.auxLossCoeff());
+            if (lead) {
+                System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters%s, %s on %s%n", spec.name(),
+                        cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), world == null ? "" : " on rank 0", dtype, backend.name());
+                if (world != null) System.out.printf("ranks %d in-process, expert parallel %d, %s all-to-all%n", ranks, ep, nodeSize > 0 ? "hierarchical (node size " + nodeSize + ")" : "flat");
+                if (spec.hasMoELayers()) {
+                    MoESettings m = spec.moe();
+                    System.out.printf("moe   experts per layer %s, top-%d, capacity factor %.2f%s%s, aux coefficient %.3g%n", m.expertsPerLayer(), m.k(),
+                            m.capacityFactor(), m.dropless() ? ", dropless" : "", m.useResidual() ? ", residual" : "", m.auxLossCoeff());
+                }
+                System.out.printf("data  %s: %,d training and %,d validation tokens; unigram entropy %.3f nats%n",
+                        data.description(), data.trainTokens(), data.validationTokens(), data.unigramEntropy());
             }
-            System.out.printf("data  %s: %,d training and %,d validation tokens; unigram entropy %.3f nats%n",
-                    data.description(), data.trainTokens(), data.validationTokens(), data.unigramEntropy());
-            return train(trainer, ckpt, configJson, data.unigramEntropy());
+            return train(trainer, ckpt, configJson, data.unigramEntropy(), lead);
         }
     }
 
-    private int train(Trainer trainer, Path ckpt, String configJson, double unigram) throws IOException {
+    /** Where checkpoints go: one safetensors file for a single process, an expert-sharded folder for ranks. */
+    private record Checkpointer(Path path, ProcessGroups groups) {
+        void save(Trainer t, String configJson) throws IOException {
+            if (groups == null) Checkpoint.save(path, t, configJson, Map.of());
+            else ShardedCheckpoint.save(path, t, configJson, Map.of(), groups);
+        }
+
+        void load(Trainer t, String configJson) throws IOException {
+            if (groups == null) Checkpoint.load(path, t, configJson);
+            else ShardedCheckpoint.load(path, t, configJson);
+        }
+    }
+
+    private int train(Trainer trainer, Checkpointer ckpt, String configJson, double unigram, boolean lead) throws IOException {
         double lastVal = Double.NaN;
         long tokens = 0;
         double seconds = 0;
-        try (MetricsLog log = new MetricsLog(out.resolve("metrics.jsonl"), resume);
-             ProgressBar bar = noProgress ? null : new ProgressBarBuilder().setTaskName("train").setInitialMax(steps)
+        try (MetricsLog log = lead ? new MetricsLog(out.resolve("metrics.jsonl"), resume) : null;
+             ProgressBar bar = noProgress || !lead ? null : new ProgressBarBuilder().setTaskName("train").setInitialMax(steps)
                      .setStyle(ProgressBarStyle.ASCII).continuousUpdate().build()) {
             if (bar != null) bar.stepTo(trainer.step());
             while (trainer.step() < steps) {
@@ -229,23 +282,23 @@ final class TrainCommand implements Callable<Integer> {
                 rec.put("skipped", m.skipped());
                 if (m.kdLoss() != 0) rec.put("kd_loss", m.kdLoss());
                 if (!m.routing().isEmpty()) rec.put("moe", routingRecords(m.routing()));
-                if (m.skipped()) System.err.printf("step %d: loss %s / gradient norm %s is not finite; update skipped%n", m.step(), m.loss(), m.gradNorm());
+                if (m.skipped() && lead) System.err.printf("step %d: loss %s / gradient norm %s is not finite; update skipped%n", m.step(), m.loss(), m.gradNorm());
                 int done = trainer.step();
                 if (done % evalEvery == 0 || done == steps) {
-                    lastVal = trainer.validationLoss(evalBatches);
+                    lastVal = trainer.validationLoss(evalBatches);   // on every rank: the MoE layers exchange tokens
                     rec.put("val_loss", lastVal);
-                    if (bar == null) System.out.printf("step %5d  loss %.4f  val %.4f  %.0f tok/s%n", done, m.loss(), lastVal, m.tokensPerSecond());
+                    if (bar == null && lead) System.out.printf("step %5d  loss %.4f  val %.4f  %.0f tok/s%n", done, m.loss(), lastVal, m.tokensPerSecond());
                 }
-                log.write(rec);
+                if (log != null) log.write(rec);
                 if (bar != null) {
                     bar.stepTo(done);
                     bar.setExtraMessage(String.format(Locale.ROOT, "loss %.3f val %.3f %.0f tok/s", m.loss(), lastVal, m.tokensPerSecond()));
                 }
-                if (done % checkpointEvery == 0 || done == steps) Checkpoint.save(ckpt, trainer, configJson, Map.of());
+                if (done % checkpointEvery == 0 || done == steps) ckpt.save(trainer, configJson);
             }
         }
-        System.out.printf(Locale.ROOT, "done: step %d, validation loss %.4f nats (unigram entropy %.4f), %.0f tokens/s, checkpoint %s%n",
-                trainer.step(), lastVal, unigram, seconds > 0 ? tokens / seconds : 0, ckpt);
+        if (lead) System.out.printf(Locale.ROOT, "done: step %d, validation loss %.4f nats (unigram entropy %.4f), %.0f tokens/s, checkpoint %s%n",
+                trainer.step(), lastVal, unigram, seconds > 0 ? tokens / seconds : 0, ckpt.path());
         return 0;
     }
 
@@ -286,7 +339,7 @@ final class TrainCommand implements Callable<Integer> {
     }
 
     /** Rebuilds the teacher from its checkpoint's stored configuration and loads its weights. */
-    private Teacher loadTeacher(Backend backend, DType dtype, DataSetup.Prepared data) throws IOException {
+    private Teacher loadTeacher(Backend backend, DType dtype, DataSetup.Prepared data, boolean lead) throws IOException {
         RunConfig tc = JSON.readValue(Checkpoint.readConfig(teacher), RunConfig.class);
         if (tc.model().gpt().vocabSize() != data.vocabSize()) {
             throw new IllegalArgumentException("teacher " + teacher + " has vocabulary " + tc.model().gpt().vocabSize() + " but the data has " + data.vocabSize());
@@ -296,7 +349,7 @@ final class TrainCommand implements Callable<Integer> {
         tctx.allocateParameters();
         Checkpoint.loadWeights(teacher, tctx.params());
         tctx.setTraining(false);
-        System.out.printf("teacher %s (%s, %,d parameters): alpha %.2f, beta %.2f, temperature %.2f, KD until step %s%n", teacher, tc.model().name(),
+        if (lead) System.out.printf("teacher %s (%s, %,d parameters): alpha %.2f, beta %.2f, temperature %.2f, KD until step %s%n", teacher, tc.model().name(),
                 tctx.params().count(), kdAlpha, kdBeta, kdTemperature, kdStopStep == null ? "the end" : kdStopStep);
         return new Teacher(t.gpt(), kdAlpha, kdBeta, kdTemperature, kdStopStep == null ? Integer.MAX_VALUE : kdStopStep);
     }
@@ -325,6 +378,10 @@ final class TrainCommand implements Callable<Integer> {
         if (warmup < 0) throw new IllegalArgumentException("--warmup must be >= 0, got " + warmup);
         if ((vocab == null) != (merges == null)) throw new IllegalArgumentException("--vocab and --merges must be given together");
         if (shards != null && text != null) throw new IllegalArgumentException("give either TEXT_FILE or --shards, not both");
+        positive("--ranks", ranks);
+        positive("--ep", ep);
+        if (ranks % ep != 0) throw new IllegalArgumentException("--ep (" + ep + ") must divide --ranks (" + ranks + ")");
+        if (nodeSize < 0 || (nodeSize > 0 && ranks % nodeSize != 0)) throw new IllegalArgumentException("--node-size must be 0 or divide --ranks (" + ranks + "), got " + nodeSize);
     }
 
     private static void positive(String name, int v) {

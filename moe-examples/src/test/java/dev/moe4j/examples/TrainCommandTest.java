@@ -80,6 +80,24 @@ class TrainCommandTest {
     }
 
     @Test
+    void inProcessExpertParallelRanksMatchOneProcessOnTheSameGlobalBatch(@TempDir Path dir) throws IOException {
+        Path single = dir.resolve("single"), ranks = dir.resolve("ranks");
+        assertEquals(0, run(tiny(single, "--steps", "4", "--experts", "4", "--grad-accum", "4")).code());
+        Result r = run(tiny(ranks, "--steps", "2", "--experts", "4", "--ranks", "4", "--ep", "2", "--node-size", "2"));
+        assertEquals(0, r.code(), r.err());
+        assertTrue(Files.exists(ranks.resolve("checkpoint").resolve("common.safetensors")), "expert-sharded checkpoint");
+        Result resumed = run(tiny(ranks, "--steps", "4", "--experts", "4", "--ranks", "4", "--ep", "2", "--node-size", "2", "--resume"));
+        assertEquals(0, resumed.code(), resumed.err());
+        ObjectMapper json = new ObjectMapper();
+        List<String> a = Files.readAllLines(single.resolve("metrics.jsonl")), b = Files.readAllLines(ranks.resolve("metrics.jsonl"));
+        assertEquals(4, b.size());
+        for (int i = 0; i < 4; i++) {
+            double la = json.readTree(a.get(i)).get("loss").asDouble(), lb = json.readTree(b.get(i)).get("loss").asDouble();
+            assertEquals(la, lb, 1e-5 * Math.abs(la), "step " + i + ": 4 ranks at EP=2 (hierarchical, resumed at step 2) vs one process");
+        }
+    }
+
+    @Test
     void badInputsGiveAClearError(@TempDir Path dir) {
         Result unknown = run("train", "--no-such-option");
         assertEquals(2, unknown.code());
@@ -100,6 +118,10 @@ class TrainCommandTest {
         Result badK = run(tiny(dir.resolve("r5"), "--experts", "2", "--top-k", "3"));
         assertEquals(1, badK.code());
         assertTrue(badK.err().contains("k"), badK.err());
+
+        Result badEp = run(tiny(dir.resolve("r6"), "--experts", "4", "--ranks", "4", "--ep", "3"));
+        assertEquals(1, badEp.code());
+        assertTrue(badEp.err().contains("--ep (3) must divide --ranks (4)"), badEp.err());
 
         Result badSteps = run(tiny(dir.resolve("r3"), "--steps", "0"));
         assertEquals(1, badSteps.code());

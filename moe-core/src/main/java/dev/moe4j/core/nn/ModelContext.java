@@ -13,6 +13,9 @@ public final class ModelContext {
     private final Parameters params = new Parameters();
     private final long seed;
     private long rngOffset;
+    /** Evaluation draws come from their own counter range, so how often a run validates never changes training. */
+    private static final long EVAL_RNG_BASE = 1L << 62;
+    private long evalRngOffset = EVAL_RNG_BASE;
     private boolean training = true;
 
     public ModelContext(Backend backend, DType dtype, long seed) {
@@ -33,19 +36,38 @@ public final class ModelContext {
 
     public boolean training() { return training; }
 
-    public void setTraining(boolean training) { this.training = training; }
+    /**
+     * Switches between training and evaluation. Entering evaluation restarts the evaluation random stream, so an
+     * evaluation pass draws the same numbers whenever it runs and takes none from the training stream.
+     */
+    public void setTraining(boolean training) {
+        if (!training && this.training) evalRngOffset = EVAL_RNG_BASE;
+        this.training = training;
+    }
 
     /** Reserves {@code count} random numbers and returns the counter offset of the first. */
     public long nextRandomOffset(long count) {
+        if (!training) {
+            long o = evalRngOffset;
+            evalRngOffset += count;
+            return o;
+        }
         long o = rngOffset;
         rngOffset += count;
         return o;
     }
 
-    /** The RNG position, saved in checkpoints so a resumed run draws the same numbers. */
-    public long rngOffset() { return rngOffset; }
+    /**
+     * The RNG position of the current mode's stream (training: the one saved in checkpoints, so a resumed run
+     * draws the same numbers; evaluation: the evaluation stream).
+     */
+    public long rngOffset() { return training ? rngOffset : evalRngOffset; }
 
-    public void setRngOffset(long offset) { this.rngOffset = offset; }
+    /** Sets the RNG position of the current mode's stream (see {@link #rngOffset()}). */
+    public void setRngOffset(long offset) {
+        if (training) rngOffset = offset;
+        else evalRngOffset = offset;
+    }
 
     /** Allocates and initialises all declared parameters (call once the model is built). */
     public void allocateParameters() { params.allocate(backend, dtype, seed); }

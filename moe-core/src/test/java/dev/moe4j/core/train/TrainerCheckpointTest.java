@@ -130,4 +130,23 @@ class TrainerCheckpointTest {
         }
         assertTrue(lastKd < firstKd, "the student must move towards the teacher: KD " + firstKd + " -> " + lastKd);
     }
+
+    @Test
+    void validatingDoesNotChangeTheTrainingRandomStream() {
+        // MoE with random token selection draws random numbers in training and in evaluation.
+        var spec = new dev.moe4j.core.model.ModelSpec("t", CFG, dev.moe4j.core.model.MoESettings.defaults(java.util.List.of(0, 4)));
+        double[][] losses = new double[2][];
+        for (int run = 0; run < 2; run++) {
+            ModelContext ctx = new ModelContext(new CpuBackend(), DType.F32, 9);
+            var built = dev.moe4j.core.model.Models.build(ctx, spec);
+            ctx.allocateParameters();
+            Trainer t = new Trainer(built.gpt(), AdamW.withDefaults(ctx.params()), new RandomBatches(20, 4, 8), new CosineSchedule(3e-3f, 3e-4f, 3, 12), 1);
+            losses[run] = new double[4];
+            for (int i = 0; i < 4; i++) {
+                losses[run][i] = t.trainStep().loss();
+                if (run == 1) t.validationLoss(2);   // the second run validates after every step
+            }
+        }
+        org.junit.jupiter.api.Assertions.assertArrayEquals(losses[0], losses[1], 0.0);
+    }
 }
