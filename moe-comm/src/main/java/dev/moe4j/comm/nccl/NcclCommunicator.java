@@ -210,8 +210,17 @@ public final class NcclCommunicator implements Communicator {
         if (rc != cudart.cudaSuccess) throw new CommunicationException(call + " failed: " + cudart.cudaGetErrorString(rc).getString() + " (code " + rc + ")");
     }
 
+    /** A JavaCPP pointer to a raw (device) address. */
     static Pointer pointer(long address) {
-        return new Pointer() { { this.address = address; } };
+        return new RawPointer(address);
+    }
+
+    /**
+     * A named subclass on purpose: in an anonymous {@code new Pointer() {{ address = x; }}} the inherited field
+     * {@code address} shadows a captured variable of the same name, which silently made every pointer NULL.
+     */
+    private static final class RawPointer extends Pointer {
+        RawPointer(long at) { this.address = at; }
     }
 
     // ------------------------------------------------------------------ accessors

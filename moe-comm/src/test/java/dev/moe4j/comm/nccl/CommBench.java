@@ -33,7 +33,7 @@ public final class CommBench {
         try (Backend backend = Backends.select("cuda").create(env.localRank());
              NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(120)))) {
             int p = comm.size();
-            CUstream_st stream = new CUstream_st(new org.bytedeco.javacpp.Pointer() { { address = backend.nativeStream(); } });
+            CUstream_st stream = new CUstream_st(NcclCommunicator.pointer(backend.nativeStream()));
             for (long bytes = 16 << 10; bytes <= (1L << 30); bytes *= 4) {
                 int cols = 1024;                                   // bf16 rows of 2 KiB
                 int rows = (int) Math.max(p, bytes / (2L * cols) / p * p);
