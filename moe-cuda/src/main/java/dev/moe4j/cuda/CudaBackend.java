@@ -514,18 +514,11 @@ public final class CudaBackend implements Backend {
 
     /** offsets copied to the host once per call (a sync; a device-side grouped GEMM will remove it). */
     private int[] hostOffsets(String op, Tensor offsets, int rows) {
-        int[] offs = toInts(offsets);
-        if (offs[0] != 0) throw new IllegalArgumentException(op + ": offsets[0] must be 0, got " + offs[0]);
-        for (int i = 1; i < offs.length; i++) {
-            if (offs[i] < offs[i - 1]) throw new IllegalArgumentException(op + ": offsets must be non-decreasing, offsets[" + i + "] = " + offs[i] + " < " + offs[i - 1]);
-        }
-        if (offs[offs.length - 1] > rows) throw new IllegalArgumentException(op + ": offsets end at " + offs[offs.length - 1] + " but a has " + rows + " rows");
-        return offs;
+        return Checks.groupOffsets(op, toInts(offsets), rows);
     }
 
-    // Grouped GEMMs as a loop of cublasGemmEx per expert: GPU-HOST.md measured it as fast as the batched
-    // forms for few large experts, 2.5-3.5x slower than cublasGemmGroupedBatchedEx for 128 small ones.
-    // TODO(perf): dispatch to cublasGemmGroupedBatchedEx (device pointer arrays via new PointerPointer(devAddr)) for many experts.
+    // Grouped GEMMs: the form is picked per shape in groupedGemm (strided-batched for equal experts,
+    // cublasGemmGroupedBatchedEx for many unequal ones, a loop of cublasGemmEx otherwise; GPU-HOST.md has why).
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
         String op = "groupedMatmul";

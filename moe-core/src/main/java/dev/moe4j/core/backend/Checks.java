@@ -46,4 +46,17 @@ public final class Checks {
     public static void positive(String op, String name, long v) {
         if (v <= 0) throw new IllegalArgumentException(op + ": " + name + " must be > 0, got " + v);
     }
+
+    /**
+     * Expert segment offsets of a grouped product (read to the host): offsets[0] = 0, non-decreasing, ending at
+     * most at {@code rows}. Returns {@code offs}.
+     */
+    public static int[] groupOffsets(String op, int[] offs, int rows) {
+        if (offs[0] != 0) throw new IllegalArgumentException(op + ": offsets[0] must be 0, got " + offs[0]);
+        for (int i = 1; i < offs.length; i++) {
+            if (offs[i] < offs[i - 1]) throw new IllegalArgumentException(op + ": offsets must be non-decreasing, offsets[" + i + "] = " + offs[i] + " < " + offs[i - 1]);
+        }
+        if (offs[offs.length - 1] > rows) throw new IllegalArgumentException(op + ": offsets end at " + offs[offs.length - 1] + " but a has " + rows + " rows");
+        return offs;
+    }
 }

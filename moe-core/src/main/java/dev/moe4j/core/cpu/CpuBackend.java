@@ -246,13 +246,7 @@ public final class CpuBackend implements Backend {
     }
 
     private int[] checkOffsets(String op, Tensor offsets, int rows) {
-        int[] offs = toInts(offsets);
-        if (offs[0] != 0) throw new IllegalArgumentException(op + ": offsets[0] must be 0, got " + offs[0]);
-        for (int i = 1; i < offs.length; i++) {
-            if (offs[i] < offs[i - 1]) throw new IllegalArgumentException(op + ": offsets must be non-decreasing, offsets[" + i + "] = " + offs[i] + " < " + offs[i - 1]);
-        }
-        if (offs[offs.length - 1] > rows) throw new IllegalArgumentException(op + ": offsets end at " + offs[offs.length - 1] + " but a has " + rows + " rows");
-        return offs;
+        return Checks.groupOffsets(op, toInts(offsets), rows);
     }
 
     // ------------------------------------------------------------------ elementwise
