@@ -14,6 +14,8 @@ import dev.moe4j.core.optim.CosineSchedule;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.comm.HierarchicalCommunicator;
 import dev.moe4j.comm.InProcessWorld;
+import dev.moe4j.comm.nccl.NcclCommunicator;
+import dev.moe4j.comm.rendezvous.DistributedEnv;
 import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ProcessGroups;
@@ -163,6 +165,10 @@ final class TrainCommand implements Callable<Integer> {
     @Option(names = "--ranks", defaultValue = "1", description = "Train with N in-process ranks (threads, one backend each) in expert + data parallelism (default ${DEFAULT-VALUE}).")
     int ranks;
 
+    @Option(names = "--distributed", description = "One process per GPU over NCCL, ranks from the environment (torchrun, srun, mpirun or "
+            + "dev.moe4j.comm.launch.Launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).")
+    boolean distributed;
+
     @Option(names = "--ep", defaultValue = "1", description = "Expert-parallel degree with --ranks: experts of each MoE layer spread over groups of this many ranks (default ${DEFAULT-VALUE}).")
     int ep;
 
@@ -192,6 +198,14 @@ final class TrainCommand implements Callable<Integer> {
         validate();
         DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum * ranks, seed);
         ModelSpec spec = modelSpec(data.vocabSize());
+        if (distributed) {
+            // One process per GPU, started by torchrun / srun / mpirun / our Launcher: NCCL between the processes.
+            DistributedEnv env = DistributedEnv.fromEnvironment();
+            try (Backend backend = Backends.select(backendName).create(env.localRank());
+                 Communicator world = NcclCommunicator.create(backend, env, CommOptions.defaults())) {
+                return run(backend, world, data, spec);
+            }
+        }
         if (ranks == 1) {
             try (Backend backend = Backends.create(backendName)) {
                 return run(backend, null, data, spec);
@@ -233,7 +247,7 @@ final class TrainCommand implements Callable<Integer> {
             if (lead) {
                 System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters%s, %s on %s%n", spec.name(),
                         cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), world == null ? "" : " on rank 0", dtype, backend.name());
-                if (world != null) System.out.printf("ranks %d in-process, expert parallel %d, %s all-to-all%n", ranks, ep, nodeSize > 0 ? "hierarchical (node size " + nodeSize + ")" : "flat");
+                if (world != null) System.out.printf("ranks %d %s, expert parallel %d, %s all-to-all%n", world.size(), distributed ? "over NCCL" : "in-process", ep, nodeSize > 0 ? "hierarchical (node size " + nodeSize + ")" : "flat");
                 if (spec.hasMoELayers()) {
                     MoESettings m = spec.moe();
                     System.out.printf("moe   experts per layer %s, top-%d, capacity factor %.2f%s%s, aux coefficient %.3g%n", m.expertsPerLayer(), m.k(),
@@ -380,8 +394,11 @@ final class TrainCommand implements Callable<Integer> {
         if (shards != null && text != null) throw new IllegalArgumentException("give either TEXT_FILE or --shards, not both");
         positive("--ranks", ranks);
         positive("--ep", ep);
-        if (ranks % ep != 0) throw new IllegalArgumentException("--ep (" + ep + ") must divide --ranks (" + ranks + ")");
-        if (nodeSize < 0 || (nodeSize > 0 && ranks % nodeSize != 0)) throw new IllegalArgumentException("--node-size must be 0 or divide --ranks (" + ranks + "), got " + nodeSize);
+        if (distributed && ranks != 1) throw new IllegalArgumentException("--distributed takes its ranks from the environment; do not give --ranks");
+        int world = distributed ? DistributedEnv.fromEnvironment().worldSize() : ranks;
+        String what = distributed ? "the world size (" + world + ")" : "--ranks (" + ranks + ")";
+        if (world % ep != 0) throw new IllegalArgumentException("--ep (" + ep + ") must divide " + what);
+        if (nodeSize < 0 || (nodeSize > 0 && world % nodeSize != 0)) throw new IllegalArgumentException("--node-size must be 0 or divide " + what + ", got " + nodeSize);
     }
 
     private static void positive(String name, int v) {
