@@ -6,10 +6,9 @@ import dev.moe4j.core.nn.ExpertShard;
 import dev.moe4j.core.nn.Init;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Parameter;
+import dev.moe4j.core.tensor.SavedTensors;
 import dev.moe4j.core.tensor.Tensor;
 
-import java.util.ArrayList;
-import java.util.List;
 
 /**
  * E expert FFNs {@code fc2(act(fc1(x)))} with all weights in one tensor each, so a backend runs them as
@@ -28,7 +27,7 @@ public final class ExpertBank implements AutoCloseable {
     private final Parameter fc1, fc2, b1, b2;
 
     // saved by forward
-    private final List<Tensor> saved = new ArrayList<>();
+    private final SavedTensors saved = new SavedTensors();
     private Tensor x, h1, a, offsets, rowExpert;
 
     /**
@@ -90,10 +89,10 @@ public final class ExpertBank implements AutoCloseable {
         this.offsets = offsets;
         this.rowExpert = rowExpert;
         // h1 [R,F'] = x [R,M] * fc1[e] [M,F'] (+ b1[e])
-        h1 = keep(b.empty(ctx.dtype(), R, ffnIn));
+        h1 = saved.keep(b.empty(ctx.dtype(), R, ffnIn));
         linear(x, fc1, false, b1, h1);
         // a [R,F] = act(h1)
-        a = keep(b.empty(ctx.dtype(), R, ffn));
+        a = saved.keep(b.empty(ctx.dtype(), R, ffn));
         b.activation(act, h1, a);
         // y [R,M] = a [R,F] * fc2[e] [F,M] (+ b2[e])
         Tensor y = b.empty(ctx.dtype(), R, hidden);
@@ -150,14 +149,9 @@ public final class ExpertBank implements AutoCloseable {
         return dx;
     }
 
-    private Tensor keep(Tensor t) {
-        saved.add(t);
-        return t;
-    }
 
     private void release() {
-        for (Tensor t : saved) t.close();
-        saved.clear();
+        saved.close();
         h1 = null;
         a = null;
     }

@@ -7,10 +7,9 @@ import dev.moe4j.core.nn.Init;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Parameter;
 import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.SavedTensors;
 import dev.moe4j.core.tensor.Tensor;
 
-import java.util.ArrayList;
-import java.util.List;
 
 /**
  * The MoE gate (DeepSpeed's TopKGate): a bias-free linear hidden -&gt; E computed in fp32 whatever the model
@@ -31,7 +30,7 @@ public final class Gate implements AutoCloseable {
     private final DType gdt;
 
     // saved by forward for backward
-    private final List<Tensor> saved = new ArrayList<>();
+    private final SavedTensors saved = new SavedTensors();
     private Tensor xg, noise, logits;
     private GateSpec spec;
     private GateOutputs out;
@@ -60,28 +59,28 @@ public final class Gate implements AutoCloseable {
         int S = x.rows();
         if (x.cols() != hidden) throw new IllegalArgumentException("Gate: x is " + x.shape() + ", expected last dimension hiddenSize = " + hidden);
         // xg [S,M] fp32 copy of the input, jittered in training
-        xg = keep(b.empty(gdt, S, hidden));
+        xg = saved.keep(b.empty(gdt, S, hidden));
         b.copy(x, xg);
         noise = null;
         if (policy == NoisyGatePolicy.JITTER && ctx.training()) {
-            noise = keep(b.empty(gdt, S, hidden));
+            noise = saved.keep(b.empty(gdt, S, hidden));
             b.randomUniform(noise, 1 - JITTER_EPS, 1 + JITTER_EPS, ctx.seed(), ctx.nextRandomOffset((long) S * hidden));
             b.mul(xg, noise, xg);
         }
         // logits [S,E] = xg [S,M] * W^T [M,E]
-        logits = keep(b.empty(gdt, S, experts));
+        logits = saved.keep(b.empty(gdt, S, experts));
         b.matmul(xg, false, weight.master(), true, logits, 1f, 0f);
         GateSpec probe = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(), 0);
         spec = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(),
                 ctx.nextRandomOffset(probe.randomCount(S, experts)));
         out = new GateOutputs(
-                keep(b.empty(gdt, S, experts)),
-                keep(b.empty(DType.I32, S, k)),
-                keep(b.empty(DType.I32, S, k)),
-                keep(b.empty(gdt, S, k)),
-                keep(b.empty(DType.I32, experts)),
-                keep(b.empty(DType.I32, experts + 1)),
-                keep(b.empty(gdt, 2)));
+                saved.keep(b.empty(gdt, S, experts)),
+                saved.keep(b.empty(DType.I32, S, k)),
+                saved.keep(b.empty(DType.I32, S, k)),
+                saved.keep(b.empty(gdt, S, k)),
+                saved.keep(b.empty(DType.I32, experts)),
+                saved.keep(b.empty(DType.I32, experts + 1)),
+                saved.keep(b.empty(gdt, 2)));
         b.moeGate(spec, logits, out);
         return out;
     }
@@ -114,14 +113,9 @@ public final class Gate implements AutoCloseable {
         return dx;
     }
 
-    private Tensor keep(Tensor t) {
-        saved.add(t);
-        return t;
-    }
 
     private void release() {
-        for (Tensor t : saved) t.close();
-        saved.clear();
+        saved.close();
         out = null;
     }
 

@@ -10,6 +10,7 @@ import dev.moe4j.core.nn.Init;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Parameter;
 import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.SavedTensors;
 import dev.moe4j.core.tensor.Tensor;
 
 import java.util.ArrayList;
@@ -62,7 +63,7 @@ public final class MoE implements AutoCloseable {
     private ExpertParallel.Route route;  // the last forward's expert-parallel routing (epSize > 1)
 
     // saved by forward
-    private final List<Tensor> saved = new ArrayList<>();
+    private final SavedTensors saved = new SavedTensors();
     private Tensor x, buf, y, rowExpert, stack, coef, resDest;
     private int capacity, tokens;
     private MoEOutput last;
@@ -142,36 +143,36 @@ public final class MoE implements AutoCloseable {
 
         // dispatch: buf [R, M], R = E*C (slot e*C + c) or S*k (dropless, sorted by expert)
         int R = dropless ? S * k : E * capacity;
-        buf = keep(b.zeros(ctx.dtype(), R, M));   // unused capacity rows stay 0
+        buf = saved.keep(b.zeros(ctx.dtype(), R, M));   // unused capacity rows stay 0
         b.moePermute(x, g.dest(), buf);
         if (ep == null) {
-            if (experts.hasBias()) rowExpert = keep(rowExperts(g, S, k, R));
+            if (experts.hasBias()) rowExpert = saved.keep(rowExperts(g, S, k, R));
             // experts: y [R, M]
-            y = keep(experts.forward(buf, g.offsets(), rowExpert));
+            y = saved.keep(experts.forward(buf, g.offsets(), rowExpert));
         } else {
             // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
             route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity);
-            y = keep(ExpertParallel.forward(ep, route, experts, buf));
+            y = saved.keep(ExpertParallel.forward(ep, route, experts, buf));
         }
 
         // combine: moeOut [S, M] = sum_j weights[s,j] * y[dest[s,j]]
         Tensor out;
         if (cfg.useResidual) {
             // stack [2S, M] = [moe(x); mlp(x)], out[s] = coef[s,0] * stack[s] + coef[s,1] * stack[S+s]
-            stack = keep(b.empty(ctx.dtype(), 2 * S, M));
+            stack = saved.keep(b.empty(ctx.dtype(), 2 * S, M));
             b.moeUnpermute(y, g.dest(), g.weights(), stack.rowSlice(0, S));
             try (Tensor m = mlp.forward(x, null, null)) {
                 b.copy(m, stack.rowSlice(S, S));
             }
             // coef [S, 2] = softmax(x [S,M] * Wc^T [M,2] + bc)
-            Tensor cl = keep(b.empty(ctx.dtype(), S, 2));
+            Tensor cl = saved.keep(b.empty(ctx.dtype(), S, 2));
             b.matmul(x, false, coefW.value(), true, cl, 1f, 0f);
             b.addBias(cl, coefB.value(), cl);
-            coef = keep(b.empty(ctx.dtype(), S, 2));
+            coef = saved.keep(b.empty(ctx.dtype(), S, 2));
             b.softmax(cl, coef);
             int[] rd = new int[2 * S];
             for (int s = 0; s < S; s++) { rd[2 * s] = s; rd[2 * s + 1] = S + s; }
-            resDest = keep(b.fromInts(rd, S, 2));
+            resDest = saved.keep(b.fromInts(rd, S, 2));
             out = b.empty(ctx.dtype(), S, M);
             b.moeUnpermute(stack, resDest, coef, out);
         } else {
@@ -268,7 +269,7 @@ public final class MoE implements AutoCloseable {
             @Override
             public Tensor forward(Tensor x) {
                 MoEOutput o = MoE.this.forward(x);
-                aux = keep(b.empty(o.lAux().dtype(), 1));
+                aux = saved.keep(b.empty(o.lAux().dtype(), 1));
                 b.add(o.lAux(), auxLossCoeff, o.zLoss(), cfg.zLossCoeff, aux);
                 return o.output();
             }
@@ -310,14 +311,9 @@ public final class MoE implements AutoCloseable {
         return t;
     }
 
-    private Tensor keep(Tensor t) {
-        saved.add(t);
-        return t;
-    }
 
     private void release() {
-        for (Tensor t : saved) t.close();
-        saved.clear();
+        saved.close();
         y = null;
         if (route != null) route.close();
         route = null;
