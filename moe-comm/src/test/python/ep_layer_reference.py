@@ -17,7 +17,8 @@ of an [E, C, M] buffer is zeros), so both modes run the same code. The no-commun
 over the El local experts only (gate over El, P = 1): the figure EP=2 is compared against.
 
 Timing as EpLayerBench (BenchTimer): 3 warm-up steps, then the median of 20, each between two CUDA events on the
-current stream. Rank 0 prints one JSON line per config and mode.
+current stream. Rank 0 prints one JSON line per config and mode, after a line from check(): the EP layer against
+the one-rank layer over all experts at small shapes (ep_layer_reference_cpu_check.py runs that check on CPU ranks).
 """
 import json
 import math
@@ -159,6 +160,46 @@ def run(name, S, M, Fh, El, k, dropless, P, rank, reps):
     return ms
 
 
+def check(P, rank, dev, S=96, M=32, Fh=64, El=2):
+    """The EP layer against the one-rank layer over all E = El * P experts, run on every rank's tokens in turn:
+    this rank's output and input gradient, its local experts' gradients (summed over all ranks' tokens) and the
+    gate gradient (all-reduced), for k = 1, 2 in both modes. Returns the largest error relative to the largest
+    reference entry (bf16 rounding: ~1e-2)."""
+    worst = 0.0
+    E = El * P
+    for k in (1, 2):
+        for dropless in (False, True):
+            cap = 0 if dropless else math.ceil(S / E * k * 1.0)
+            g = torch.Generator(device=dev)
+            g.manual_seed(5)                             # the same weights and all ranks' data on every rank
+            wg = torch.randn(E, M, device=dev, generator=g)
+            w1 = (torch.randn(E, M, Fh, device=dev, generator=g) * 0.2).to(bf)
+            w2 = (torch.randn(E, Fh, M, device=dev, generator=g) * 0.2).to(bf)
+            xs = torch.randn(P, S, M, device=dev, generator=g).to(bf)
+            dys = torch.randn(P, S, M, device=dev, generator=g).to(bf)
+            lo, hi = rank * El, (rank + 1) * El
+            # expert parallel: this rank's tokens, its experts
+            x = xs[rank].clone().requires_grad_()
+            wge, w1e, w2e = wg.clone().requires_grad_(), w1[lo:hi].clone().requires_grad_(), w2[lo:hi].clone().requires_grad_()
+            out = moe_layer(x, wge, w1e, w2e, k, cap, P)
+            out.backward(dys[rank])
+            dwg = wge.grad.clone()
+            dist.all_reduce(dwg)
+            # reference: one layer with every expert, each rank's tokens in turn (gradients accumulate)
+            wgr, w1r, w2r = wg.clone().requires_grad_(), w1.clone().requires_grad_(), w2.clone().requires_grad_()
+            for r in range(P):
+                xr = xs[r].clone().requires_grad_()
+                o = moe_layer(xr, wgr, w1r, w2r, k, cap, 1)
+                o.backward(dys[r])
+                if r == rank:
+                    ref_out, ref_dx = o.detach(), xr.grad
+            for a, b in ((out.detach(), ref_out), (x.grad, ref_dx), (w1e.grad, w1r.grad[lo:hi]), (w2e.grad, w2r.grad[lo:hi]),
+                         (dwg, wgr.grad)):
+                a, b = a.float(), b.float()
+                worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
 def main():
     reps, only, args = 20, set(), sys.argv[1:]
     i = 0
@@ -173,6 +214,10 @@ def main():
     torch.cuda.set_device(local)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     P, rank = dist.get_world_size(), dist.get_rank()
+    err = check(P, rank, "cuda")                          # the layer is right before it is timed
+    if rank == 0:
+        print(json.dumps({"impl": "torch", "check": "EP layer vs one-rank layer over all experts", "max_rel_err": round(err, 5),
+                          "ok": err < 3e-2}), flush=True)
     for name, S, M, Fh, El, k in CONFIGS:
         if only and name not in only:
             continue
