@@ -88,12 +88,19 @@ public final class EpLayerBench {
             return;
         }
         DistributedEnv env = DistributedEnv.fromEnvironment();
-        NcclLibrary.load();
-        try (Backend backend = Backends.select("cuda").create(env.localRank());
-             NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(300)))) {
-            bench(comm, configs, reps, System.out::println);
+        int status = 0;
+        try {
+            NcclLibrary.load();
+            try (Backend backend = Backends.select("cuda").create(env.localRank());
+                 NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(300)))) {
+                bench(comm, configs, reps, System.out::println);
+            }
+        } catch (Throwable t) {
+            System.err.println("EpLayerBench rank " + env.rank() + " failed:");
+            t.printStackTrace();
+            status = 1;
         }
-        System.exit(0);  // no lingering non-daemon threads
+        System.exit(status);  // no lingering non-daemon threads, and torchrun sees a failure
     }
 
     private static String names(Config[] cs) {
