@@ -9,7 +9,11 @@
 #   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
 #   OUT/moe4j              the moe4j command line (train, doctor) on the bundled runtime
 #   OUT/run-nccl-checks.sh the NCCL checks, one process per GPU under torchrun (see moe-comm/GPU-TESTS.md)
-#   OUT/moe_layer_reference.py  its PyTorch peers (python3 there has PyTorch)
+#   OUT/run-ep-bench.sh    the expert-parallel MoE layer benchmark (dev.moe4j.comm.ep.EpLayerBench) and its
+#                          PyTorch peer, both under torchrun, one process per GPU
+#   OUT/run-comm-bench.sh  all-to-all / all-reduce bandwidth (dev.moe4j.comm.nccl.CommBench) and its PyTorch peer
+#   OUT/moe_layer_reference.py, ep_layer_reference.py, comm_bench_reference.py  the PyTorch peers of the
+#                          benchmarks (python3 there has PyTorch)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,7 +35,8 @@ cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar moe-examples/ta
 [[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
 cp -r moe-cuda/target/test-classes "$out/test-classes"
 cp -r moe-comm/target/test-classes "$out/comm-test-classes"
-cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmark
+cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmarks
+cp moe-comm/src/test/python/ep_layer_reference.py moe-comm/src/test/python/comm_bench_reference.py "$out/"
 
 # The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart, cuBLAS and NCCL.
 for j in "$out"/lib/cuda-*-linux-x86_64.jar; do
@@ -92,6 +97,46 @@ export NCCL_NVLS_ENABLE=0
 python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
   -Dmoe4j.backend=cuda ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.NcclGpuCheck "$1"
 RUN
+cat > "$out/run-ep-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# The expert-parallel MoE layer benchmark, one process per GPU: run-ep-bench.sh [NPROC] [--iters N] [config...]
+# First MoE4J (dev.moe4j.comm.ep.EpLayerBench), then PyTorch (ep_layer_reference.py), each under torchrun with
+# NCCL_NVLS_ENABLE=0; rank 0 of each prints one JSON line per config and mode (also kept in $OUT or ./reports).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+export NCCL_NVLS_ENABLE=0
+nproc=2
+if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then nproc=$1; shift; fi
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+  ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.ep.EpLayerBench "$@" 2>&1 | tee "$reports/ep_layer_moe4j.log"
+rc1=${PIPESTATUS[0]}
+python3 -m torch.distributed.run --nproc_per_node="$nproc" "$here/ep_layer_reference.py" "$@" 2>&1 | tee "$reports/ep_layer_torch.log"
+rc2=${PIPESTATUS[0]}
+echo "[run-ep-bench] moe4j exit $rc1, torch exit $rc2"
+[[ $rc1 -eq 0 && $rc2 -eq 0 ]]
+RUN
+cat > "$out/run-comm-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# All-to-all and all-reduce bus bandwidth, one process per GPU: run-comm-bench.sh [NPROC]
+# First MoE4J (dev.moe4j.comm.nccl.CommBench), then torch.distributed (comm_bench_reference.py), NCCL_NVLS_ENABLE=0.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+export NCCL_NVLS_ENABLE=0
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+python3 -m torch.distributed.run --no-python --nproc_per_node="${1:-2}" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+  ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.CommBench 2>&1 | tee "$reports/comm_moe4j.log"
+rc1=${PIPESTATUS[0]}
+python3 -m torch.distributed.run --nproc_per_node="${1:-2}" "$here/comm_bench_reference.py" 2>&1 | tee "$reports/comm_torch.log"
+rc2=${PIPESTATUS[0]}
+echo "[run-comm-bench] moe4j exit $rc1, torch exit $rc2"
+[[ $rc1 -eq 0 && $rc2 -eq 0 ]]
+RUN
 cat > "$out/moe4j" <<'RUN'
 #!/usr/bin/env bash
 # The moe4j command line on the bundled runtime: moe4j train [options] (see moe4j train --help).
@@ -102,5 +147,5 @@ cp=""
 for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* || $j == *-tests.jar ]] || cp=$cp:$j; done
 exec /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED ${JAVA_OPTS:-} -cp "${cp#:}" dev.moe4j.examples.Main "$@"
 RUN
-chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-nccl-checks.sh" "$out/moe4j"
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/moe4j"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"

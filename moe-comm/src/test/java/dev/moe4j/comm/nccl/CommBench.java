@@ -6,25 +6,16 @@ import dev.moe4j.core.backend.Backends;
 import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
-import org.bytedeco.cuda.cudart.CUevent_st;
-import org.bytedeco.cuda.cudart.CUstream_st;
 
 import java.time.Duration;
-import java.util.Arrays;
 import java.util.Locale;
-
-import static org.bytedeco.cuda.global.cudart.cudaEventCreate;
-import static org.bytedeco.cuda.global.cudart.cudaEventDestroy;
-import static org.bytedeco.cuda.global.cudart.cudaEventElapsedTime;
-import static org.bytedeco.cuda.global.cudart.cudaEventRecord;
-import static org.bytedeco.cuda.global.cudart.cudaEventSynchronize;
 
 /**
  * All-to-all and all-reduce bus bandwidth of {@link NcclCommunicator}, one process per GPU (start it under
  * torchrun, see GPU-TESTS.md), in nccl-tests' convention: algorithm bandwidth = bytes per rank / time; bus
  * bandwidth = algbw * (p-1)/p for all-to-all and algbw * 2(p-1)/p for all-reduce. Each size: 5 warm-up calls, then
- * the median of 20 calls timed with CUDA events on the backend's stream. Rank 0 prints one JSON line per size;
- * moe-comm/src/test/python/comm_bench_reference.py measures torch.distributed the same way.
+ * the median of 20 calls timed with CUDA events on the backend's stream ({@link BenchTimer}). Rank 0 prints one
+ * JSON line per size; moe-comm/src/test/python/comm_bench_reference.py measures torch.distributed the same way.
  */
 public final class CommBench {
     public static void main(String[] args) throws Exception {
@@ -33,15 +24,14 @@ public final class CommBench {
         try (Backend backend = Backends.select("cuda").create(env.localRank());
              NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(120)))) {
             int p = comm.size();
-            CUstream_st stream = new CUstream_st(NcclCommunicator.pointer(backend.nativeStream()));
             for (long bytes = 16 << 10; bytes <= (1L << 30); bytes *= 4) {
                 int cols = 1024;                                   // bf16 rows of 2 KiB
                 int rows = (int) Math.max(p, bytes / (2L * cols) / p * p);
                 try (Tensor send = backend.zeros(DType.BF16, rows, cols); Tensor recv = backend.zeros(DType.BF16, rows, cols)) {
                     backend.randomUniform(send, -1, 1, 7, comm.rank() * (long) rows * cols);
                     long realBytes = (long) rows * cols * 2;
-                    double a2a = median(stream, backend, 5, 20, () -> comm.allToAll(send, recv));
-                    double ar = median(stream, backend, 5, 20, () -> comm.allReduce(send));
+                    double a2a = BenchTimer.medianMs(backend, 5, 20, () -> comm.allToAll(send, recv));
+                    double ar = BenchTimer.medianMs(backend, 5, 20, () -> comm.allReduce(send));
                     double algA2a = realBytes / (a2a * 1e-3) / 1e9, algAr = realBytes / (ar * 1e-3) / 1e9;
                     if (comm.rank() == 0) {
                         System.out.printf(Locale.ROOT, "{\"impl\":\"moe4j\",\"ranks\":%d,\"bytes\":%d,\"all_to_all_ms\":%.4f,\"all_to_all_busbw\":%.2f,"
@@ -52,31 +42,5 @@ public final class CommBench {
             }
         }
         System.exit(0);
-    }
-
-    private static double median(CUstream_st stream, Backend backend, int warmup, int reps, Runnable op) {
-        for (int i = 0; i < warmup; i++) op.run();
-        backend.synchronize();
-        double[] ms = new double[reps];
-        CUevent_st start = new CUevent_st(), end = new CUevent_st();
-        check(cudaEventCreate(start));
-        check(cudaEventCreate(end));
-        float[] t = new float[1];
-        for (int i = 0; i < reps; i++) {
-            check(cudaEventRecord(start, stream));
-            op.run();
-            check(cudaEventRecord(end, stream));
-            check(cudaEventSynchronize(end));
-            check(cudaEventElapsedTime(t, start, end));
-            ms[i] = t[0];
-        }
-        cudaEventDestroy(start);
-        cudaEventDestroy(end);
-        Arrays.sort(ms);
-        return ms[reps / 2];
-    }
-
-    private static void check(int status) {
-        if (status != 0) throw new IllegalStateException("CUDA event call failed with status " + status);
     }
 }

@@ -1,0 +1,187 @@
+package dev.moe4j.comm.ep;
+
+import dev.moe4j.comm.InProcessWorld;
+import dev.moe4j.comm.nccl.BenchTimer;
+import dev.moe4j.comm.nccl.NcclCommunicator;
+import dev.moe4j.comm.nccl.NcclLibrary;
+import dev.moe4j.comm.rendezvous.DistributedEnv;
+import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.Backends;
+import dev.moe4j.core.comm.CommOptions;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.ProcessGroups;
+import dev.moe4j.core.moe.MoE;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Scope;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.HashSet;
+import java.util.List;
+import java.util.Locale;
+import java.util.Set;
+import java.util.function.Consumer;
+
+/**
+ * The expert-parallel MoE layer benchmark of issue 6 (b): forward + backward of one MoE layer (bf16, training,
+ * GELU experts without bias, plain top-k: no RTS, no second-expert sampling) at EP = world size, in capacity mode
+ * (factor 1.0) and dropless, against the same process's layer with the same local experts and no communication
+ * (E = experts per GPU, epSize 1). Each GPU holds S = 8192 tokens and El experts: the shares of 350M+MoE-128 and
+ * 1.3B+MoE-128 (16 per GPU at EP 2, k = 1) and of 1.3B+MoE-64-top2 (8 per GPU, k = 2). Both layers do the same
+ * expert work per GPU (S*k rows); the difference is the gate over E instead of El experts and the four
+ * all-to-alls (plus, dropless, one count all-gather and host read per layer).
+ *
+ * <p>Timing ({@link BenchTimer}): 3 warm-up steps, then the median of 20, each step between CUDA events on the
+ * backend's stream (the NCCL collectives run on it). Rank 0 prints one JSON line per config and mode;
+ * moe-comm/src/test/python/ep_layer_reference.py is the PyTorch peer (same configs, same method).
+ *
+ * <p>Usage, one process per GPU (moe-comm/GPU-TESTS.md, the bundle's run-ep-bench.sh):
+ * {@code torchrun --no-python --nproc_per_node=2 java ... dev.moe4j.comm.ep.EpLayerBench [--iters N] [config...]}.
+ * Without WORLD_SIZE in the environment, or with {@code --smoke}, it runs a 2-rank in-process CPU world at tiny
+ * shapes (timed by the wall clock), which proves the whole path without a GPU.
+ */
+public final class EpLayerBench {
+    /** One config: S tokens per GPU, hidden M, FFN F, El experts per GPU, top-k. */
+    record Config(String name, int s, int m, int f, int expertsPerRank, int k) {}
+
+    static final Config[] CONFIGS = {
+        new Config("350M+MoE-128", 8192, 1024, 4096, 16, 1),
+        new Config("1.3B+MoE-128", 8192, 2048, 8192, 16, 1),
+        new Config("1.3B+MoE-64-top2", 8192, 2048, 8192, 8, 2),
+    };
+
+    static final Config[] SMOKE = {
+        new Config("smoke-top1", 64, 16, 32, 2, 1),
+        new Config("smoke-top2", 64, 16, 32, 2, 2),
+    };
+
+    static final int WARMUP = 3;
+
+    public static void main(String[] args) throws Exception {
+        boolean smoke = System.getenv("WORLD_SIZE") == null;
+        int iters = 20;
+        Set<String> only = new HashSet<>();
+        for (int i = 0; i < args.length; i++) {
+            switch (args[i]) {
+                case "--smoke" -> smoke = true;
+                case "--iters" -> {
+                    if (i + 1 >= args.length) throw new IllegalArgumentException("EpLayerBench: --iters needs a value (>= 1)");
+                    iters = Integer.parseInt(args[++i]);
+                    if (iters < 1) throw new IllegalArgumentException("EpLayerBench: --iters must be >= 1, got " + iters);
+                }
+                default -> only.add(args[i]);
+            }
+        }
+        List<Config> configs = new ArrayList<>();
+        for (Config c : smoke ? SMOKE : CONFIGS) if (only.isEmpty() || only.contains(c.name)) configs.add(c);
+        if (configs.isEmpty()) throw new IllegalArgumentException("EpLayerBench: no config named " + only + "; known: " + names(smoke ? SMOKE : CONFIGS));
+        final int reps = iters;
+        if (smoke) {
+            System.out.println("EpLayerBench smoke: 2 in-process CPU ranks, tiny shapes, wall-clock timing");
+            InProcessWorld.run(2, comm -> {
+                bench(comm, configs, reps, System.out::println);
+                return null;
+            });
+            return;
+        }
+        DistributedEnv env = DistributedEnv.fromEnvironment();
+        int status = 0;
+        try {
+            NcclLibrary.load();
+            try (Backend backend = Backends.select("cuda").create(env.localRank());
+                 NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(300)))) {
+                bench(comm, configs, reps, System.out::println);
+            }
+        } catch (Throwable t) {
+            System.err.println("EpLayerBench rank " + env.rank() + " failed:");
+            t.printStackTrace();
+            status = 1;
+        }
+        System.exit(status);  // no lingering non-daemon threads, and torchrun sees a failure
+    }
+
+    private static String names(Config[] cs) {
+        List<String> l = new ArrayList<>();
+        for (Config c : cs) l.add(c.name);
+        return l.toString();
+    }
+
+    /**
+     * Every config in both modes, EP layer then local layer; rank 0 hands one JSON line per config and mode to
+     * {@code out}, any rank a line for a config that failed on it. Collective: every rank calls it.
+     */
+    static void bench(Communicator world, List<Config> configs, int reps, Consumer<String> out) {
+        Backend b = world.backend();
+        int p = world.size();
+        try (ProcessGroups groups = new ProcessGroups(world)) {
+            Communicator ep = groups.expertParallel(p);
+            for (Config c : configs) {
+                for (boolean dropless : new boolean[] {false, true}) {
+                    String mode = dropless ? "dropless" : "capacity 1.0";
+                    try {
+                        Result epr = run(b, ep, c, dropless, reps);
+                        world.barrier();
+                        Result local = run(b, null, c, dropless, reps);
+                        world.barrier();
+                        if (world.rank() == 0) {
+                            out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"ranks\":%d,\"tokens_per_gpu\":%d,"
+                                            + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,"
+                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"device\":\"%s\"}",
+                                    c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms,
+                                    epr.ms / local.ms, epr.dropped, local.dropped, b.name()));
+                        }
+                    } catch (RuntimeException | OutOfMemoryError e) {
+                        // report and go on; a broken communicator makes the next config fail fast too
+                        out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"rank\":%d,\"error\":\"%s\"}",
+                                c.name, mode, world.rank(), String.valueOf(e).replace('"', '\'')));
+                    }
+                }
+            }
+        }
+    }
+
+    record Result(double ms, double dropped) {}
+
+    /**
+     * One layer's median step time: ep != null: El experts here of El*P in the group (gate over all of them);
+     * ep == null: the El local experts alone (gate over El, no communication).
+     */
+    static Result run(Backend b, Communicator ep, Config c, boolean dropless, int reps) {
+        int epSize = ep == null ? 1 : ep.size();
+        // the same seed on every rank: the same gate, and each rank's experts are its rows of the whole tensors
+        ModelContext ctx = new ModelContext(b, DType.BF16, 1);
+        ctx.setTraining(true);
+        MoE.Builder builder = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f)
+                .optNumExperts(c.expertsPerRank * epSize).optK(c.k).optActivation(Activation.GELU)
+                .optCapacityFactor(1.0).optDropless(dropless).optUseRts(false).optTop2SecondExpertSampling(false)
+                .optExpertBias(false).optInitStd(0.02);
+        if (ep != null) builder.optEpSize(epSize).optExpertParallelGroup(ep);
+        MoE moe = builder.build();
+        ctx.allocateParameters();
+        int rank = ep == null ? 0 : ep.rank();
+        try (Tensor x = b.empty(DType.BF16, c.s, c.m); Tensor dy = b.empty(DType.BF16, c.s, c.m)) {
+            // each rank its own tokens (the data-parallel shards of a batch)
+            b.randomNormal(x, 0, 1, 3, (long) rank * c.s * c.m);
+            b.randomNormal(dy, 0, 1e-3, 4, (long) rank * c.s * c.m);
+            double ms = BenchTimer.medianMs(b, WARMUP, reps, () -> step(moe, x, dy, false));
+            double dropped = step(moe, x, dy, true);
+            return new Result(ms, dropped);
+        } finally {
+            moe.close();
+            ctx.params().close();
+        }
+    }
+
+    /** One forward + backward inside a step scope; measure: also the fraction of dropped choices (a host read). */
+    static double step(MoE moe, Tensor x, Tensor dy, boolean measure) {
+        try (Scope s = Scope.open()) {
+            moe.forward(x);
+            double dropped = measure ? moe.droppedFraction() : 0;  // the gate's outputs die with the step scope
+            moe.backward(dy, 0.01f);
+            return dropped;
+        }
+    }
+}
