@@ -103,7 +103,7 @@ public final class Trainer {
         try (Scope s = Scope.open()) {
             Tensor lossSum = b.zeros(model.context().params().master().dtype(), 3);
             for (int micro = 0; micro < microBatches; micro++) {
-                Batch batch = data.train(step, micro);
+                Batch batch = checked(data.train(step, micro), "training batch of step " + step + ", micro-batch " + micro);
                 // distributed: micro-batch j of rank r is global micro-batch j*W + r; it draws the random numbers
                 // (noise, RTS) the single-process run draws for that micro-batch
                 if (world > 1) model.context().setRngOffset(rngBase + ((long) micro * world + sync.rank()) * rngPerMicro);
@@ -162,7 +162,7 @@ public final class Trainer {
         Backend b = model.context().backend();
         long at = model.context().rngOffset();
         try (Scope s = Scope.open()) {
-            Batch batch = data.train(step, 0);
+            Batch batch = checked(data.train(step, 0), "training batch of step " + step + ", micro-batch 0");
             model.forward(b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen()));
         }
         long n = model.context().rngOffset() - at;
@@ -179,7 +179,8 @@ public final class Trainer {
         double sum = 0;
         long count = 0;
         try {
-            for (Batch batch : batches) {
+            for (Batch unchecked : batches) {
+                Batch batch = checked(unchecked, "validation batch");
                 try (Scope s = Scope.open()) {
                     int valid = validTargets(batch);
                     Tensor l = model.forwardLoss(b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen()),
@@ -199,5 +200,20 @@ public final class Trainer {
         int n = 0;
         for (int t : b.targets()) if (t >= 0) n++;
         return n;
+    }
+
+    /**
+     * Token ids must lie in the vocabulary (targets may also be negative: ignored). Checked on the host before the
+     * batch is uploaded, so every backend reports a bad id with the same clear error instead of reading out of
+     * bounds on a device.
+     */
+    private Batch checked(Batch b, String what) {
+        int v = model.config().vocabSize();
+        int[] in = b.inputs(), tg = b.targets();
+        for (int i = 0; i < in.length; i++) {
+            if (in[i] < 0 || in[i] >= v) throw new IllegalArgumentException(what + ": input token " + in[i] + " at position " + i + " is outside the vocabulary [0, " + v + ")");
+            if (tg[i] >= v) throw new IllegalArgumentException(what + ": target token " + tg[i] + " at position " + i + " is outside the vocabulary [0, " + v + ")");
+        }
+        return b;
     }
 }

@@ -149,4 +149,23 @@ class TrainerCheckpointTest {
         }
         org.junit.jupiter.api.Assertions.assertArrayEquals(losses[0], losses[1], 0.0);
     }
+
+    @Test
+    void aTokenOutsideTheVocabularyIsRefusedBeforeAnyDeviceWork() {
+        ModelContext ctx = new ModelContext(new CpuBackend(), DType.F32, 1);
+        Gpt gpt = new Gpt(ctx, CFG);
+        ctx.allocateParameters();
+        BatchSource bad = new BatchSource() {
+            @Override public Batch train(int step, int micro) {
+                int[] in = new int[8], tg = new int[8];
+                in[5] = 20;   // vocabulary is 20
+                return new Batch(in, tg, 1, 8);
+            }
+
+            @Override public List<Batch> validation(int maxBatches) { return List.of(); }
+        };
+        Trainer t = new Trainer(gpt, AdamW.withDefaults(ctx.params()), bad, new CosineSchedule(1e-3f, 1e-4f, 1, 2), 1);
+        var e = assertThrows(IllegalArgumentException.class, t::trainStep);
+        assertEquals("training batch of step 0, micro-batch 0: input token 20 at position 5 is outside the vocabulary [0, 20)", e.getMessage());
+    }
 }
