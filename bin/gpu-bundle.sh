@@ -12,8 +12,10 @@
 #   OUT/run-ep-bench.sh    the expert-parallel MoE layer benchmark (dev.moe4j.comm.ep.EpLayerBench) and its
 #                          PyTorch peer, both under torchrun, one process per GPU
 #   OUT/run-comm-bench.sh  all-to-all / all-reduce bandwidth (dev.moe4j.comm.nccl.CommBench) and its PyTorch peer
-#   OUT/moe_layer_reference.py, ep_layer_reference.py, comm_bench_reference.py  the PyTorch peers of the
-#                          benchmarks (python3 there has PyTorch)
+#   OUT/run-train-bench.sh the end-to-end training benchmark on one GPU (dev.moe4j.cuda.TrainBench), then its
+#                          PyTorch peer train_reference.py
+#   OUT/moe_layer_reference.py, ep_layer_reference.py, comm_bench_reference.py, train_reference.py  the PyTorch
+#                          peers of the benchmarks (python3 there has PyTorch)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +37,7 @@ cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar moe-examples/ta
 [[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
 cp -r moe-cuda/target/test-classes "$out/test-classes"
 cp -r moe-comm/target/test-classes "$out/comm-test-classes"
-cp moe-cuda/src/test/python/moe_layer_reference.py "$out/"   # the PyTorch peers of the benchmarks
+cp moe-cuda/src/test/python/moe_layer_reference.py moe-cuda/src/test/python/train_reference.py "$out/"   # the PyTorch peers of the benchmarks
 cp moe-comm/src/test/python/ep_layer_reference.py moe-comm/src/test/python/comm_bench_reference.py "$out/"
 
 # The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart, cuBLAS and NCCL.
@@ -85,6 +87,28 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
 /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
+RUN
+cat > "$out/run-train-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# The end-to-end training benchmark on one GPU: run-train-bench.sh [preset] [micro_batch] [seq_len] [steps]
+# (defaults 350M+MoE-16 8 1024 10). First MoE4J (dev.moe4j.cuda.TrainBench), then PyTorch eager (train_reference.py)
+# with the same arguments; each prints one JSON line (also kept in $OUT or ./reports). run-train-bench.sh --smoke
+# needs no GPU: TrainBench's CPU smoke run, then train_reference.py --cpu-check.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" \
+  dev.moe4j.cuda.TrainBench "$@" 2>&1 | tee "$reports/train_moe4j.log"
+rc1=${PIPESTATUS[0]}
+pyargs=("$@")
+[[ ${1:-} == --smoke ]] && pyargs=(--cpu-check)
+python3 "$here/train_reference.py" "${pyargs[@]}" 2>&1 | tee "$reports/train_torch.log"
+rc2=${PIPESTATUS[0]}
+echo "[run-train-bench] moe4j exit $rc1, torch exit $rc2"
+[[ $rc1 -eq 0 && $rc2 -eq 0 ]]
 RUN
 cat > "$out/run-nccl-checks.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -147,5 +171,5 @@ cp=""
 for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* || $j == *-tests.jar ]] || cp=$cp:$j; done
 exec /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED ${JAVA_OPTS:-} -cp "${cp#:}" dev.moe4j.examples.Main "$@"
 RUN
-chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/moe4j"
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-train-bench.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/moe4j"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"

@@ -6,15 +6,13 @@ import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Scope;
 import dev.moe4j.core.tensor.Tensor;
-import org.bytedeco.cuda.cudart.CUevent_st;
-import org.bytedeco.cuda.cudart.CUstream_st;
-import org.bytedeco.cuda.global.cudart;
 
 /**
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
  * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...].
  * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs). Every figure is the
- * median of the timed iterations after 3 warm-up steps, each timed with CUDA events on the backend's stream.
+ * median of the timed iterations after 3 warm-up steps, each timed with CUDA events on the backend's stream
+ * ({@link BenchTiming#medianMs}).
  */
 public final class MoeLayerBench {
     record Config(String name, int s, int m, int f, int e, int k) {}
@@ -64,7 +62,7 @@ public final class MoeLayerBench {
         double dropped = 0;
         for (int i = 0; i < 3; i++) dropped = step(moe, x, dy, true);
         gpu.profileReport(true);  // profile the timed steps only
-        double ms = medianMs(gpu, iters, () -> step(moe, x, dy, false));
+        double ms = BenchTiming.medianMs(gpu, iters, () -> step(moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;
         System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
                 c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0", ms, flops / ms / 1e9, dropped,
@@ -89,37 +87,12 @@ public final class MoeLayerBench {
             gpu.randomNormal(qkv, 0, 1, 1, 0);
             gpu.randomNormal(dout, 0, 1, 2, 0);
             for (int i = 0; i < 2; i++) { gpu.attention(qkv, h, out, lse); gpu.attentionBackward(dout, qkv, out, lse, h, dqkv); }
-            double fwd = medianMs(gpu, iters, () -> gpu.attention(qkv, h, out, lse));
-            double bwd = medianMs(gpu, iters, () -> gpu.attentionBackward(dout, qkv, out, lse, h, dqkv));
+            double fwd = BenchTiming.medianMs(gpu, iters, () -> gpu.attention(qkv, h, out, lse));
+            double bwd = BenchTiming.medianMs(gpu, iters, () -> gpu.attentionBackward(dout, qkv, out, lse, h, dqkv));
             double flops = 4.0 * b * h * (double) t * t * d / 2;  // causal: half of QK^T and PV
             System.out.printf("attention B=%d T=%d H=%d D=%d bf16 (%s kernels): forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)%n",
                     b, t, h, d, Boolean.getBoolean("moe4j.cuda.rowAttention") ? "row" : Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention") ? "tiled CUDA-core" : "tiled, tensor cores", fwd, flops / fwd / 1e9, bwd, 2.5 * flops / bwd / 1e9);
         }
-    }
-
-    /** Median milliseconds of {@code body} over {@code iters} runs, each between two CUDA events on the backend's stream. */
-    static double medianMs(CudaBackend gpu, int iters, Runnable body) {
-        CUstream_st stream = new CUstream_st(Cuda.ptr(gpu.nativeStream()));
-        CUevent_st start = new CUevent_st(), end = new CUevent_st();
-        Cuda.check(cudart.cudaEventCreate(start), "cudaEventCreate");
-        Cuda.check(cudart.cudaEventCreate(end), "cudaEventCreate");
-        double[] t = new double[iters];
-        float[] ms = new float[1];
-        try {
-            for (int i = 0; i < iters; i++) {
-                Cuda.check(cudart.cudaEventRecord(start, stream), "cudaEventRecord");
-                body.run();
-                Cuda.check(cudart.cudaEventRecord(end, stream), "cudaEventRecord");
-                Cuda.check(cudart.cudaEventSynchronize(end), "cudaEventSynchronize");
-                Cuda.check(cudart.cudaEventElapsedTime(ms, start, end), "cudaEventElapsedTime");
-                t[i] = ms[0];
-            }
-        } finally {
-            cudart.cudaEventDestroy(start);
-            cudart.cudaEventDestroy(end);
-        }
-        java.util.Arrays.sort(t);
-        return iters % 2 == 1 ? t[iters / 2] : (t[iters / 2 - 1] + t[iters / 2]) / 2;
     }
 
     /** One forward + backward inside a step scope; returns the fraction of dropped choices (a host read). */

@@ -9,7 +9,8 @@ import java.util.Map;
 /**
  * Named models. The paper's family (DeepSpeed-MoE, Rajbhandari et al. 2022, Tables 1 and 3): 350M = 24 layers
  * x 1024, 1.3B = 24 x 2048, 6.7B = 32 x 4096 (GPT-2's vocabulary 50257 padded to 50304), with MoE-128 on every
- * other layer and the PR-MoE pyramids (10 MoE layers of 32 experts then 2 of 64, Residual-MoE on); and tiny
+ * other layer and the PR-MoE pyramids (10 MoE layers of 32 experts then 2 of 64, Residual-MoE on); 350M+MoE-16
+ * (dropless top-1, the end-to-end training benchmark of SPEC.md); and tiny
  * byte-level ones that train in minutes on a CPU.
  */
 public final class Presets {
@@ -37,6 +38,8 @@ public final class Presets {
         dense("6.7B", new GptConfig(50304, 2048, 32, 4096, 32, 16384, Activation.GELU));
         moe("350M+MoE-128", m350, MoESettings.defaults(MoESettings.every(24, 2, 128)));
         moe("1.3B+MoE-128", b13, MoESettings.defaults(MoESettings.every(24, 2, 128)));
+        // SPEC.md's end-to-end training benchmark: 16 experts top-1 on every other layer, dropless (about 1.9B parameters)
+        moe("350M+MoE-16", m350, MoESettings.defaults(MoESettings.every(24, 2, 16)).withRouting(1, 1.0, false, true));
         moe("350M+PR-MoE-32/64", m350, MoESettings.defaults(MoESettings.pyramid(24, 2, "32x10,64x2")).withRouting(1, 1.0, true, false));
         moe("1.3B+PR-MoE-64/128", b13, MoESettings.defaults(MoESettings.pyramid(24, 2, "64x10,128x2")).withRouting(1, 1.0, true, false));
     }
