@@ -168,4 +168,27 @@ class TrainerCheckpointTest {
         var e = assertThrows(IllegalArgumentException.class, t::trainStep);
         assertEquals("training batch of step 0, micro-batch 0: input token 20 at position 5 is outside the vocabulary [0, 20)", e.getMessage());
     }
+
+    @Test
+    void aNonFiniteStepIsReportedSkippedAndLeavesTheWeightsAndMomentsAlone() {
+        Trainer t = newTrainer(4);
+        t.trainStep();
+        var params = t.model().context().params();
+        float[] before = params.master().toFloats(), m1 = t.optimizer().firstMoment().toFloats();
+        // Poison one embedding weight in the copy the forward reads: loss and gradients become NaN.
+        var wte = params.get("wte").value();
+        float[] w = wte.toFloats();
+        w[3] = Float.NaN;
+        try (var poisoned = wte.backend().fromFloats(wte.dtype(), w, wte.shape().dims())) {
+            wte.backend().copy(poisoned, wte);
+        }
+        // F32 model: the forward reads the master weights themselves, so the poisoned element is NaN there too.
+        before[Math.toIntExact(wte.offset() - params.master().offset()) + 3] = Float.NaN;
+        StepMetrics m = t.trainStep();
+        assertTrue(m.skipped(), "a NaN gradient must skip the update");
+        assertEquals(1, t.optimizer().stepCount(), "a skipped update does not count for bias correction");
+        assertEquals(2, t.step(), "the run moves on to the next batch");
+        org.junit.jupiter.api.Assertions.assertArrayEquals(before, params.master().toFloats(), "master weights untouched");
+        org.junit.jupiter.api.Assertions.assertArrayEquals(m1, t.optimizer().firstMoment().toFloats(), "moments untouched");
+    }
 }
