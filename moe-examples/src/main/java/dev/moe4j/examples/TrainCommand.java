@@ -196,7 +196,8 @@ final class TrainCommand implements Callable<Integer> {
     @Override
     public Integer call() throws IOException {
         validate();
-        DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum * ranks, seed);
+        // The global source hands out worldSize * gradAccum micro-batches per step; each rank takes its share.
+        DataSetup.Prepared data = DataSetup.prepare(text, shards, vocab, merges, shardVocabSize, batchSize, seqLen, gradAccum * worldSize(), seed);
         ModelSpec spec = modelSpec(data.vocabSize());
         if (distributed) {
             // One process per GPU, started by torchrun / srun / mpirun / our Launcher: NCCL between the processes.
@@ -395,10 +396,15 @@ final class TrainCommand implements Callable<Integer> {
         positive("--ranks", ranks);
         positive("--ep", ep);
         if (distributed && ranks != 1) throw new IllegalArgumentException("--distributed takes its ranks from the environment; do not give --ranks");
-        int world = distributed ? DistributedEnv.fromEnvironment().worldSize() : ranks;
+        int world = worldSize();
         String what = distributed ? "the world size (" + world + ")" : "--ranks (" + ranks + ")";
         if (world % ep != 0) throw new IllegalArgumentException("--ep (" + ep + ") must divide " + what);
         if (nodeSize < 0 || (nodeSize > 0 && world % nodeSize != 0)) throw new IllegalArgumentException("--node-size must be 0 or divide " + what + ", got " + nodeSize);
+    }
+
+    /** Ranks of this run: from the launcher's environment with --distributed, else --ranks. */
+    private int worldSize() {
+        return distributed ? DistributedEnv.fromEnvironment().worldSize() : ranks;
     }
 
     private static void positive(String name, int v) {
