@@ -19,6 +19,8 @@ import dev.moe4j.comm.rendezvous.DistributedEnv;
 import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ProcessGroups;
+import dev.moe4j.core.comm.TimedCommunicator;
+import dev.moe4j.core.tensor.Tensor;
 import dev.moe4j.core.train.BatchSource;
 import dev.moe4j.core.train.Checkpoint;
 import dev.moe4j.core.train.GradientSync;
@@ -224,12 +226,24 @@ final class TrainCommand implements Callable<Integer> {
         boolean lead = world == null || world.rank() == 0;
         GptConfig cfg = spec.gpt();
         DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);
+        List<TimedCommunicator> expertGroups = new ArrayList<>();
+        List<HierarchicalCommunicator> hierarchical = new ArrayList<>();
         try (ProcessGroups groups = world == null ? null : new ProcessGroups(world)) {
             ModelContext ctx = new ModelContext(backend, dtype, seed);
             Models.Built built;
             if (groups == null) built = Models.build(ctx, spec);
-            else if (nodeSize > 0) built = Models.build(ctx, spec, e -> Math.min(ep, e), g -> new HierarchicalCommunicator(groups.expertParallel(g), nodeSize));
-            else built = Models.build(ctx, spec, groups, e -> Math.min(ep, e));
+            else built = Models.build(ctx, spec, e -> Math.min(ep, e), g -> {
+                // Each MoE layer's expert-parallel group, flat or hierarchical, timed for the per-rank log.
+                Communicator c = groups.expertParallel(g);
+                if (nodeSize > 0) {
+                    HierarchicalCommunicator h = new HierarchicalCommunicator(c, nodeSize);
+                    hierarchical.add(h);
+                    c = h;
+                }
+                TimedCommunicator t = new TimedCommunicator(c);
+                expertGroups.add(t);
+                return t;
+            });
             ctx.allocateParameters();
             AdamW opt = new AdamW(ctx.params(), 0.9f, 0.95f, 1e-8f, weightDecay, clip);
             BatchSource source = world == null ? data.source() : BatchSource.rankShare(data.source(), world.rank(), world.size());
@@ -257,7 +271,9 @@ final class TrainCommand implements Callable<Integer> {
                 System.out.printf("data  %s: %,d training and %,d validation tokens; unigram entropy %.3f nats%n",
                         data.description(), data.trainTokens(), data.validationTokens(), data.unigramEntropy());
             }
-            return train(trainer, ckpt, configJson, data.unigramEntropy(), lead);
+            return train(trainer, ckpt, configJson, data.unigramEntropy(), lead, world, expertGroups);
+        } finally {
+            for (HierarchicalCommunicator h : hierarchical) h.close();
         }
     }
 
@@ -274,7 +290,8 @@ final class TrainCommand implements Callable<Integer> {
         }
     }
 
-    private int train(Trainer trainer, Checkpointer ckpt, String configJson, double unigram, boolean lead) throws IOException {
+    private int train(Trainer trainer, Checkpointer ckpt, String configJson, double unigram, boolean lead,
+                      Communicator world, List<TimedCommunicator> expertGroups) throws IOException {
         double lastVal = Double.NaN;
         long tokens = 0;
         double seconds = 0;
@@ -297,6 +314,7 @@ final class TrainCommand implements Callable<Integer> {
                 rec.put("skipped", m.skipped());
                 if (m.kdLoss() != 0) rec.put("kd_loss", m.kdLoss());
                 if (!m.routing().isEmpty()) rec.put("moe", routingRecords(m.routing()));
+                if (world != null && logRouting) rec.put("ranks", perRank(world, m.routing(), expertGroups));   // a collective: every rank
                 if (m.skipped() && lead) System.err.printf("step %d: loss %s / gradient norm %s is not finite; update skipped%n", m.step(), m.loss(), m.gradNorm());
                 int done = trainer.step();
                 if (done % evalEvery == 0 || done == steps) {
@@ -367,6 +385,47 @@ final class TrainCommand implements Callable<Integer> {
         if (lead) System.out.printf("teacher %s (%s, %,d parameters): alpha %.2f, beta %.2f, temperature %.2f, KD until step %s%n", teacher, tc.model().name(),
                 tctx.params().count(), kdAlpha, kdBeta, kdTemperature, kdStopStep == null ? "the end" : kdStopStep);
         return new Teacher(t.gpt(), kdAlpha, kdBeta, kdTemperature, kdStopStep == null ? Integer.MAX_VALUE : kdStopStep);
+    }
+
+    /**
+     * Every rank's expert load (its own tokens, per MoE layer) and host seconds in expert-parallel collectives
+     * since the previous log line, gathered to all ranks (rank 0 logs them).
+     */
+    private static List<Map<String, Object>> perRank(Communicator world, List<RoutingStats> routing, List<TimedCommunicator> groups) {
+        Backend b = world.backend();
+        int p = world.size();
+        double seconds = 0;
+        for (TimedCommunicator t : groups) seconds += t.takeSeconds();
+        int n = 0;
+        for (RoutingStats r : routing) n += r.tokensPerExpert().length;
+        int[] mine = new int[Math.max(n, 1)];
+        int at = 0;
+        for (RoutingStats r : routing) for (int c : r.tokensPerExpert()) mine[at++] = c;
+        double[] allSeconds;
+        int[] allCounts;
+        try (Tensor s = b.fromFloats(DType.F32, new float[] {(float) seconds}, 1, 1); Tensor sAll = b.zeros(DType.F32, p, 1);
+             Tensor c = b.fromInts(mine, 1, mine.length); Tensor cAll = b.zeros(DType.I32, p, mine.length)) {
+            world.allGather(s, sAll);
+            world.allGather(c, cAll);
+            allSeconds = sAll.toDoubles();
+            allCounts = cAll.toInts();
+        }
+        List<Map<String, Object>> list = new ArrayList<>();
+        for (int r = 0; r < p; r++) {
+            Map<String, Object> m = new LinkedHashMap<>();
+            m.put("rank", r);
+            m.put("all_to_all_s", allSeconds[r]);
+            List<int[]> layers = new ArrayList<>();
+            int o = r * mine.length;
+            for (RoutingStats rs : routing) {
+                int e = rs.tokensPerExpert().length;
+                layers.add(java.util.Arrays.copyOfRange(allCounts, o, o + e));
+                o += e;
+            }
+            m.put("tokens_per_expert", layers);
+            list.add(m);
+        }
+        return list;
     }
 
     private static List<Map<String, Object>> routingRecords(List<RoutingStats> stats) {

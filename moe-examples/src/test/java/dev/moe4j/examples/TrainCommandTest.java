@@ -95,6 +95,15 @@ class TrainCommandTest {
             double la = json.readTree(a.get(i)).get("loss").asDouble(), lb = json.readTree(b.get(i)).get("loss").asDouble();
             assertEquals(la, lb, 1e-5 * Math.abs(la), "step " + i + ": 4 ranks at EP=2 (hierarchical, resumed at step 2) vs one process");
         }
+        // The last step logs every rank's expert load (its own 4 x 16 tokens, top-1) and its time in all-to-alls.
+        JsonNode ranksLog = json.readTree(b.get(3)).get("ranks");
+        assertEquals(4, ranksLog.size());
+        for (JsonNode r : ranksLog) {
+            int tokens = 0;
+            for (JsonNode c : r.get("tokens_per_expert").get(0)) tokens += c.asInt();
+            assertEquals(64, tokens, "rank " + r.get("rank") + " routes each of its tokens once");
+            assertTrue(r.get("all_to_all_s").asDouble() > 0, "time in the expert-parallel collectives");
+        }
     }
 
     @Test
