@@ -98,11 +98,11 @@ class TrainCommandTest {
         // The last step logs every rank's expert load (its own 4 x 16 tokens, top-1) and its time in all-to-alls.
         JsonNode ranksLog = json.readTree(b.get(3)).get("ranks");
         assertEquals(4, ranksLog.size());
-        for (JsonNode r : ranksLog) {
+        for (JsonNode rank : ranksLog) {
             int tokens = 0;
-            for (JsonNode c : r.get("tokens_per_expert").get(0)) tokens += c.asInt();
-            assertEquals(64, tokens, "rank " + r.get("rank") + " routes each of its tokens once");
-            assertTrue(r.get("all_to_all_s").asDouble() > 0, "time in the expert-parallel collectives");
+            for (JsonNode c : rank.get("tokens_per_expert").get(0)) tokens += c.asInt();
+            assertEquals(64, tokens, "rank " + rank.get("rank") + " routes each of its tokens once");
+            assertTrue(rank.get("all_to_all_s").asDouble() > 0, "time in the expert-parallel collectives");
         }
     }
 
