@@ -136,9 +136,7 @@ public final class NcclCommunicator implements Communicator {
         u.internal().put(uniqueId);
         ncclComm c = new ncclComm();
         long deadline = System.nanoTime() + o.timeout().toNanos();
-        // MOE4J_NCCL_BLOCKING=1: NCCL's default (blocking) config; init can then not be bounded by the timeout.
-        boolean blocking = "1".equals(System.getenv("MOE4J_NCCL_BLOCKING"));
-        int rc = nccl.ncclCommInitRankConfig(c, size, u, rank, blocking ? null : config());
+        int rc = nccl.ncclCommInitRankConfig(c, size, u, rank, config());
         if (!waitReady(c, "ncclCommInitRankConfig", rc, deadline)) {
             nccl.ncclCommAbort(c);
             int[] missing = store == null ? new int[0] : notArrived(store, tag, size, worldRanks);
