@@ -355,8 +355,7 @@ final class TrainCommand implements Callable<Integer> {
             positive("--experts", experts);
             layout = moeLayers != null ? MoESettings.onLayers(g.layers(), moeLayers, experts) : MoESettings.every(g.layers(), moeEvery, experts);
         }
-        if (layout != null) m = m == null ? MoESettings.defaults(layout) : new MoESettings(layout, m.k(), m.capacityFactor(), m.evalCapacityFactor(),
-                m.minCapacity(), m.useResidual(), m.noisyGatePolicy(), m.dropTokens(), m.useRts(), m.dropless(), m.auxLossCoeff(), m.zLossCoeff(), m.sharedExperts());
+        if (layout != null) m = m == null ? MoESettings.defaults(layout) : m.withLayout(layout);
         boolean routingFlags = topK != null || capacityFactor != null || residual != null || dropless != null || noisyGate != null
                 || auxLossCoeff != null || zLossCoeff != null;
         if (m == null) {

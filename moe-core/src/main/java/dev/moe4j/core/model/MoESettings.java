@@ -84,6 +84,12 @@ public record MoESettings(List<Integer> expertsPerLayer, int k, double capacityF
         return l;
     }
 
+    /** A copy with another expert layout (experts per block). */
+    public MoESettings withLayout(List<Integer> layout) {
+        return new MoESettings(layout, k, capacityFactor, evalCapacityFactor, minCapacity, useResidual, noisyGatePolicy,
+                dropTokens, useRts, dropless, auxLossCoeff, zLossCoeff, sharedExperts);
+    }
+
     /** A copy with other routing options (used by presets and the command line). */
     public MoESettings withRouting(int k, double capacityFactor, boolean useResidual, boolean dropless) {
         return new MoESettings(expertsPerLayer, k, capacityFactor, evalCapacityFactor, minCapacity, useResidual, noisyGatePolicy,
