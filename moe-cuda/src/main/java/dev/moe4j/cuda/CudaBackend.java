@@ -492,18 +492,8 @@ public final class CudaBackend implements Backend {
     public void matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta) {
         String op = "matmul";
         floating(op, "a", a); floating(op, "b", b); floating(op, "c", c);
-        if (a.rank() != b.rank() || a.rank() != c.rank() || (a.rank() != 2 && a.rank() != 3)) {
-            throw new IllegalArgumentException(op + ": A, B and C must all be rank 2 or all rank 3, got " + a.shape() + ", " + b.shape() + ", " + c.shape());
-        }
-        int batch = a.rank() == 3 ? a.dim(0) : 1;
-        if (a.rank() == 3 && (b.dim(0) != batch || c.dim(0) != batch)) {
-            throw new IllegalArgumentException(op + ": batch sizes differ: " + a.shape() + ", " + b.shape() + ", " + c.shape());
-        }
-        int ar = a.dim(-2), ac = a.dim(-1), br = b.dim(-2), bc = b.dim(-1);
-        int m = transA ? ac : ar, k = transA ? ar : ac;
-        int kb = transB ? bc : br, n = transB ? br : bc;
-        if (k != kb) throw new IllegalArgumentException(op + ": inner dimensions differ: op(A) is [" + m + ", " + k + "], op(B) is [" + kb + ", " + n + "]");
-        if (c.dim(-2) != m || c.dim(-1) != n) throw new IllegalArgumentException(op + ": C is " + c.shape() + ", expected [" + m + ", " + n + "]");
+        int[] d = Checks.matmul(a, transA, b, transB, c);
+        int batch = d[0], m = d[1], n = d[2], k = d[3];
         if (batch == 0 || m == 0 || n == 0) return;
         if (k == 0) { scale(c, beta, c); return; }
         try (GemmOperands o = new GemmOperands(a, b, c, beta != 0f)) {

@@ -59,4 +59,25 @@ public final class Checks {
         if (offs[offs.length - 1] > rows) throw new IllegalArgumentException(op + ": offsets end at " + offs[offs.length - 1] + " but a has " + rows + " rows");
         return offs;
     }
+
+    /**
+     * Shapes of {@link Backend#matmul}: A, B, C all rank 2 or all rank 3 with one batch size, op(A) [m,k],
+     * op(B) [k,n], C [m,n]. Returns {batch, m, n, k}.
+     */
+    public static int[] matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c) {
+        String op = "matmul";
+        if (a.rank() != b.rank() || a.rank() != c.rank() || (a.rank() != 2 && a.rank() != 3)) {
+            throw new IllegalArgumentException(op + ": A, B and C must all be rank 2 or all rank 3, got " + a.shape() + ", " + b.shape() + ", " + c.shape());
+        }
+        int batch = a.rank() == 3 ? a.dim(0) : 1;
+        if (a.rank() == 3 && (b.dim(0) != batch || c.dim(0) != batch)) {
+            throw new IllegalArgumentException(op + ": batch sizes differ: " + a.shape() + ", " + b.shape() + ", " + c.shape());
+        }
+        int ar = a.dim(-2), ac = a.dim(-1), br = b.dim(-2), bc = b.dim(-1);
+        int m = transA ? ac : ar, k = transA ? ar : ac;
+        int kb = transB ? bc : br, n = transB ? br : bc;
+        if (k != kb) throw new IllegalArgumentException(op + ": inner dimensions differ: op(A) is [" + m + ", " + k + "], op(B) is [" + kb + ", " + n + "]");
+        if (c.dim(-2) != m || c.dim(-1) != n) throw new IllegalArgumentException(op + ": C is " + c.shape() + ", expected [" + m + ", " + n + "]");
+        return new int[] {batch, m, n, k};
+    }
 }
