@@ -21,6 +21,7 @@ import org.bytedeco.cuda.nccl.ncclConfig_t;
 import org.bytedeco.cuda.nccl.ncclUniqueId;
 import org.bytedeco.javacpp.BytePointer;
 import org.bytedeco.javacpp.Pointer;
+import org.bytedeco.javacpp.PointerPointer;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -47,7 +48,8 @@ import java.util.concurrent.locks.LockSupport;
  */
 public final class NcclCommunicator implements Communicator {
     private static final Logger log = LoggerFactory.getLogger(NcclCommunicator.class);
-    private static int worlds;       // communicators made from the environment in this process (keys the unique id)
+    private static int worlds;
+    private static final int SPIN_POLLS = 20_000;   // about 2 ms of busy polling before waitReady parks       // communicators made from the environment in this process (keys the unique id)
 
     private final Backend backend;
     private final int device;
@@ -134,16 +136,20 @@ public final class NcclCommunicator implements Communicator {
         if (store != null) store.set(tag + "/arrived/" + rank, new byte[] {1});
         ncclUniqueId u = new ncclUniqueId();
         u.internal().put(uniqueId);
-        ncclComm c = new ncclComm();
+        HandleSlot slot = new HandleSlot();
         long deadline = System.nanoTime() + o.timeout().toNanos();
-        int rc = nccl.ncclCommInitRankConfig(c, size, u, rank, config());
+        int rc = nccl.ncclCommInitRankConfig(slot.pp, size, u, rank, config());
+        ncclComm c = slot.handle();   // written before the call returns; NCCL writes it again when init completes
+        if (c == null) check("ncclCommInitRankConfig", rc == nccl.ncclSuccess || rc == nccl.ncclInProgress ? nccl.ncclInternalError : rc, null);
         if (!waitReady(c, "ncclCommInitRankConfig", rc, deadline)) {
-            nccl.ncclCommAbort(c);
+            nccl.ncclCommAbort(c);    // joins NCCL's init thread, so the slot is not written after this
+            slot.close();
             int[] missing = store == null ? new int[0] : notArrived(store, tag, size, worldRanks);
             throw new CommTimeoutException("NCCL communicator " + tag + " (rank " + rank + " of " + size + "): init did not complete within "
                     + o.timeoutMillis() + " ms; world rank(s) " + Arrays.toString(missing) + " never arrived at the rendezvous",
                     "init", missing);
         }
+        slot.close();
         return new NcclCommunicator(backend, c, rank, size, worldRanks.clone(), tag, store, o);
     }
 
@@ -180,16 +186,47 @@ public final class NcclCommunicator implements Communicator {
      * false on timeout (the caller aborts), throws on an NCCL error.
      */
     private static boolean waitReady(ncclComm c, String call, int rc, long deadline) {
-        if (rc == nccl.ncclSuccess) return true;
-        if (rc != nccl.ncclInProgress) check(call, rc, c);
+        // Poll even after ncclSuccess: a split of a non-blocking parent has been seen to return ncclSuccess with
+        // its job still running (the parent stayed "in progress" and the child's handle was not yet written).
+        if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) check(call, rc, c);
         int[] st = new int[1];
+        int spins = 0;
         while (true) {
             int q = nccl.ncclCommGetAsyncError(c, st);
             if (q != nccl.ncclSuccess) check("ncclCommGetAsyncError after " + call, q, c);
             if (st[0] == nccl.ncclSuccess) return true;
             if (st[0] != nccl.ncclInProgress) check(call, st[0], c);
-            if (System.nanoTime() > deadline) return false;
-            LockSupport.parkNanos(20_000);
+            long now = System.nanoTime();
+            if (now > deadline) return false;
+            // A non-blocking group end often completes within microseconds on NCCL's thread: spin first, since a
+            // park costs some 60 us of latency on every collective (it showed as a 2x slower small all-to-all).
+            if (spins++ < SPIN_POLLS) Thread.onSpinWait();
+            else LockSupport.parkNanos(20_000);
+        }
+    }
+
+    /**
+     * Where NCCL puts a new communicator's handle. A non-blocking init or split writes {@code *newcomm} from
+     * NCCL's own thread when it completes, so the slot must be native memory that outlives the call: JavaCPP's
+     * by-pointer-pointer argument is a temporary on the JNI call's stack, and the late write would land in a dead
+     * frame (for a split, the handle would also never be seen).
+     */
+    static final class HandleSlot implements AutoCloseable {
+        final PointerPointer<ncclComm> pp = new PointerPointer<>(1L);
+
+        HandleSlot() {
+            pp.put(0L, (Pointer) null);
+        }
+
+        /** The handle NCCL wrote, or null. */
+        ncclComm handle() {
+            long a = pp.get(0L) == null ? 0L : pp.get(0L).address();
+            return a == 0L ? null : new ncclComm(pointer(a));
+        }
+
+        @Override
+        public void close() {
+            pp.close();
         }
     }
 
@@ -376,15 +413,19 @@ public final class NcclCommunicator implements Communicator {
         usable("split");
         long s = seq++;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
-        ncclComm nc = new ncclComm();
-        int rc = nccl.ncclCommSplit(comm, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, nc, config());
+        HandleSlot slot = new HandleSlot();
+        int rc = nccl.ncclCommSplit(comm, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, slot.pp, config());
         long deadline = System.nanoTime() + opts.timeout().toNanos();
-        boolean ok = waitReady(nc.isNull() ? comm : nc, "ncclCommSplit #" + s, rc, deadline);
+        // The split runs as a job of the parent: poll the parent; the child's handle appears in the slot when it is done.
+        boolean ok = waitReady(comm, "ncclCommSplit #" + s, rc, deadline);
         if (!ok) {
-            watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));
+            watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));   // aborts the parent, joining the split job
             usable("split");
         }
+        ncclComm nc = slot.handle();
+        slot.close();
         if (color < 0) return null;
+        if (nc == null) throw new CommunicationException("ncclCommSplit #" + s + " on " + this + " completed without a communicator");
         int[] v = new int[1];
         check("ncclCommCount", nccl.ncclCommCount(nc, v), nc);
         int subSize = v[0];
@@ -437,6 +478,7 @@ public final class NcclCommunicator implements Communicator {
 
     private final class Watchdog implements Runnable {
         final ConcurrentLinkedDeque<Pending> pending = new ConcurrentLinkedDeque<>();
+        final ConcurrentLinkedDeque<CUevent_st> spareEvents = new ConcurrentLinkedDeque<>();   // reused: no create per collective
         volatile long enqueued = -1, completed = -1;
         volatile boolean stopped;
         Thread thread;
@@ -444,8 +486,11 @@ public final class NcclCommunicator implements Communicator {
         boolean storeWarned;
 
         void track(long s, String label) {
-            CUevent_st ev = new CUevent_st();
-            cuda("cudaEventCreateWithFlags", cudart.cudaEventCreateWithFlags(ev, cudart.cudaEventDisableTiming));
+            CUevent_st ev = spareEvents.poll();
+            if (ev == null) {
+                ev = new CUevent_st();
+                cuda("cudaEventCreateWithFlags", cudart.cudaEventCreateWithFlags(ev, cudart.cudaEventDisableTiming));
+            }
             cuda("cudaEventRecord", cudart.cudaEventRecord(ev, stream));
             pending.add(new Pending(s, label, ev, System.nanoTime()));
             enqueued = s;
@@ -481,7 +526,7 @@ public final class NcclCommunicator implements Communicator {
                 int e = cudart.cudaEventQuery(h.event);
                 if (e == cudart.cudaSuccess) {
                     pending.poll();
-                    cudart.cudaEventDestroy(h.event);
+                    spareEvents.add(h.event);
                     completed = h.seq;
                     continue;
                 }
@@ -566,6 +611,8 @@ public final class NcclCommunicator implements Communicator {
         void destroyEvents() {
             Pending h;
             while ((h = pending.poll()) != null) cudart.cudaEventDestroy(h.event);
+            CUevent_st ev;
+            while ((ev = spareEvents.poll()) != null) cudart.cudaEventDestroy(ev);
         }
     }
 }
