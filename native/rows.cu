@@ -54,6 +54,17 @@ __global__ void k_gather_rows(const void* src, int sdt, const int* idx, void* ou
     }
 }
 
+// The same gather when src and out share a dtype: a bit-exact move of 2- or 4-byte elements (any dtype, I32
+// included: the hierarchical all-to-all's layout transforms move token ids and counts too).
+__global__ void k_gather_rows_raw(const void* src, const int* idx, void* out, int elemBytes, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 m = i / C; int c = (int)(i % C);
+        int from = idx[m];
+        if (elemBytes == 4) ((unsigned*)out)[i] = from < 0 ? 0u : ((const unsigned*)src)[(i64)from * C + c];
+        else ((unsigned short*)out)[i] = from < 0 ? (unsigned short)0 : ((const unsigned short*)src)[(i64)from * C + c];
+    }
+}
+
 // dst[idx[m], c] += w[m] * src[m, c] for idx[m] >= 0 (w nullable: 1). One thread per column, rows in order.
 __global__ void k_scatter_add_rows(const void* src, int sdt, const int* idx, const void* w, int wdt, void* dst, int ddt, int M, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;

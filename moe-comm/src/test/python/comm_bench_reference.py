@@ -2,7 +2,7 @@
 
     python3 -m torch.distributed.run --nproc_per_node=2 comm_bench_reference.py
 
-Same sizes, dtype (bf16), warm-up (5), repetitions (20, median) and bus-bandwidth formulas as CommBench, timed
+Same sizes, dtype (bf16), warm-up (200 calls), repetitions (20, median) and bus-bandwidth formulas as CommBench, timed
 with CUDA events; rank 0 prints one JSON line per size.
 """
 import json
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 
-def median_ms(fn, warmup=5, reps=20):
+def median_ms(fn, warmup=200, reps=20):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()

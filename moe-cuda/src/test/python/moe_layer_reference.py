@@ -29,9 +29,9 @@ bf = torch.bfloat16
 
 
 def timed(fn, iters):
-    """Median milliseconds over iters runs after 3 warm-up runs, each run between two CUDA events
+    """Median milliseconds over iters runs after 20 warm-up runs (as MoeLayerBench), each run between two CUDA events
     (the same method as MoeLayerBench.medianMs)."""
-    for _ in range(3):
+    for _ in range(20):
         fn()
     torch.cuda.synchronize()
     times = []

@@ -503,14 +503,22 @@ public final class CudaBackend implements Backend {
     }
 
     /** offsets copied to the host once per call (a sync; a device-side grouped GEMM will remove it). */
-    private int[] hostOffsets(String op, Tensor offsets, int rows) {
-        return Checks.groupOffsets(op, toInts(offsets), rows);
+    /** The group offsets on the host: the caller's copy when given (no stream wait), else read from the device. */
+    private int[] hostOffsets(String op, Tensor offsets, int[] known, int groups, int rows) {
+        if (known == null) return Checks.groupOffsets(op, toInts(offsets), rows);
+        if (known.length != groups + 1) throw new IllegalArgumentException(op + ": hostOffsets has " + known.length + " entries, expected " + (groups + 1));
+        return Checks.groupOffsets(op, known, rows);
     }
 
     // Grouped GEMMs: the form is picked per shape in groupedGemm (strided-batched for equal experts,
     // cublasGemmGroupedBatchedEx for many unequal ones, a loop of cublasGemmEx otherwise; GPU-HOST.md has why).
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
+        groupedMatmul(a, w, transW, offsets, null, c, beta);
+    }
+
+    @Override
+    public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Tensor c, float beta) {
         String op = "groupedMatmul";
         floating(op, "a", a); floating(op, "w", w); floating(op, "c", c);
         Checks.rank(op, "w", w, 3);
@@ -521,7 +529,7 @@ public final class CudaBackend implements Backend {
         Checks.cols(op, "c", c, n);
         int t = a.rows();
         if (c.rows() != t) throw new IllegalArgumentException(op + ": c has " + c.rows() + " rows, a has " + t);
-        int[] offs = hostOffsets(op, offsets, t);
+        int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
         try (GemmOperands o = new GemmOperands(a, w, c, beta != 0f)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
             for (int g = 0; g < e; g++) {
@@ -535,6 +543,11 @@ public final class CudaBackend implements Backend {
 
     @Override
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
+        groupedMatmulWeightGrad(a, dy, offsets, null, dw, beta);
+    }
+
+    @Override
+    public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, int[] hostOffsets, Tensor dw, float beta) {
         String op = "groupedMatmulWeightGrad";
         floating(op, "a", a); floating(op, "dy", dy); floating(op, "dw", dw);
         Checks.rank(op, "dw", dw, 3);
@@ -545,7 +558,7 @@ public final class CudaBackend implements Backend {
         Checks.cols(op, "dy", dy, n);
         int t = a.rows();
         if (dy.rows() != t) throw new IllegalArgumentException(op + ": dy has " + dy.rows() + " rows, a has " + t);
-        int[] offs = hostOffsets(op, offsets, t);
+        int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
         try (GemmOperands o = new GemmOperands(a, dy, dw, true)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
             for (int g = 0; g < e; g++) {
@@ -888,10 +901,15 @@ public final class CudaBackend implements Backend {
 
     @Override
     public void gatherRows(Tensor src, Tensor idx, Tensor out) {
-        floating("gatherRows", "src", src); floating("gatherRows", "out", out);
         int c = src.cols(), m = Math.toIntExact(idx.numel());
         Checks.dtype("gatherRows", "idx", idx, DType.I32);
         Checks.matrix("gatherRows", "out", out, m, c);
+        if (src.dtype() == out.dtype() && src.dtype() != DType.F64) {
+            // Same dtype: a bit-exact move (I32 included), no conversion through float.
+            launchN("k_gather_rows_raw", out.numel(), p(src), p(idx), p(out), src.dtype().bytes(), out.numel(), c);
+            return;
+        }
+        floating("gatherRows", "src", src); floating("gatherRows", "out", out);
         launchN("k_gather_rows", out.numel(), p(src), dt(src), p(idx), p(out), dt(out), out.numel(), c);
     }
 

@@ -91,6 +91,12 @@ class CudaOpsTest extends GpuTestBase {
             for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], beta);
             check("groupedMatmulWeightGrad beta=" + beta, dw, tol(dt));
         }
+        // offsets given on the host too (no device read): the same results
+        Tensor[] a = rand(dt, 1, t, k), w = rand(dt, 1, e, k, n), c = rand(dt, 1, t, n), dw = rand(dt, 1, e, k, n);
+        for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], false, o[i], offs, c[i], 0.5f);
+        check("groupedMatmul host offsets", c, tol(dt));
+        for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], c[i], o[i], offs, dw[i], 1f);
+        check("groupedMatmulWeightGrad host offsets", dw, tol(dt));
     }
 
     /** Equal-size experts back to back (the capacity-padded buffer): the strided-batched path. */
@@ -265,6 +271,14 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] idx = of(ix, m), src = rand(dt, 1, n, c), out = rand(dt, 1, m, c);
         for (int i = 0; i < 2; i++) on(i).gatherRows(src[i], idx[i], out[i]);
         check("gatherRows", out, 0);
+        Tensor[] other = rand(dt == DType.F32 ? DType.BF16 : DType.F32, 1, m, c);
+        for (int i = 0; i < 2; i++) on(i).gatherRows(src[i], idx[i], other[i]);
+        check("gatherRows (converting)", other, 0);
+        int[] big = new int[n * c];
+        for (int j = 0; j < big.length; j++) big[j] = rnd.nextInt() | (1 << 25);   // beyond float's exact integers
+        Tensor[] isrc = of(big, n, c), iout = of(new int[m * c], m, c);
+        for (int i = 0; i < 2; i++) on(i).gatherRows(isrc[i], idx[i], iout[i]);
+        check("gatherRows I32 (bit-exact)", iout, 0);
         Tensor[] w = rand(DType.F32, 1, m), dst = rand(DType.F32, 1, n, c);
         for (int i = 0; i < 2; i++) on(i).scatterAddRows(out[i], idx[i], w[i], dst[i]);
         check("scatterAddRows (weighted, duplicates)", dst, tol(dt));

@@ -11,10 +11,11 @@ import dev.moe4j.core.tensor.Tensor;
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
  * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...].
  * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs). Every figure is the
- * median of the timed iterations after 3 warm-up steps, each timed with CUDA events on the backend's stream
+ * median of the timed iterations after 20 warm-up steps (the JIT compiles the Java path, as in training), each timed with CUDA events on the backend's stream
  * ({@link BenchTiming#medianMs}).
  */
 public final class MoeLayerBench {
+    static final int WARMUP = 20;
     record Config(String name, int s, int m, int f, int e, int k) {}
 
     static final Config[] CONFIGS = {
@@ -60,7 +61,7 @@ public final class MoeLayerBench {
         gpu.randomNormal(x, 0, 1, 3, 0);
         gpu.randomNormal(dy, 0, 1e-3, 4, 0);
         double dropped = 0;
-        for (int i = 0; i < 3; i++) dropped = step(moe, x, dy, true);
+        for (int i = 0; i < WARMUP; i++) dropped = step(moe, x, dy, true);
         gpu.profileReport(true);  // profile the timed steps only
         double ms = BenchTiming.medianMs(gpu, iters, () -> step(moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;

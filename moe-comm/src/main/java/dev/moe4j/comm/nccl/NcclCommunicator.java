@@ -49,6 +49,7 @@ import java.util.concurrent.locks.LockSupport;
 public final class NcclCommunicator implements Communicator {
     private static final Logger log = LoggerFactory.getLogger(NcclCommunicator.class);
     private static int worlds;
+    private static final int NATIVE_ALLTOALL = 22800;  // the first NCCL with ncclAlltoAll
     private static final int SPIN_POLLS = 20_000;   // about 2 ms of busy polling before waitReady parks       // communicators made from the environment in this process (keys the unique id)
 
     private final Backend backend;
@@ -327,6 +328,12 @@ public final class NcclCommunicator implements Communicator {
     @Override
     public void allToAll(Tensor send, Tensor recv) {
         int n = CommChecks.allToAll(this, send, recv);
+        if (NcclLibrary.load() >= NATIVE_ALLTOALL) {
+            // NCCL's own all-to-all (2.28+), as torch.distributed uses for equal splits.
+            long count = (long) n * send.cols();
+            launch("allToAll", () -> nccl.ncclAlltoAll(ptr(send), ptr(recv), count, type(send), comm, stream));
+            return;
+        }
         int[] splits = new int[size];
         Arrays.fill(splits, n);
         sendRecvAll("allToAll", send, splits, recv, splits);

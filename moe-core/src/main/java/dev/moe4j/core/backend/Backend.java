@@ -98,10 +98,24 @@ public interface Backend extends AutoCloseable {
     void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta);
 
     /**
+     * {@link #groupedMatmul} with the offsets also given on the host (hostOffsets must hold the same values as
+     * offsets; null: none). A GPU backend must otherwise read them back to size its GEMMs, which waits for the
+     * stream; callers that know them (capacity mode: e*C; expert parallelism: the exchanged counts) pass them.
+     */
+    default void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Tensor c, float beta) {
+        groupedMatmul(a, w, transW, offsets, c, beta);
+    }
+
+    /**
      * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],
      * dY [T,N], dW [E,K,N]. (For a transposed weight, call with A and dY swapped.)
      */
     void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta);
+
+    /** {@link #groupedMatmulWeightGrad} with the offsets also on the host (see the hostOffsets form of groupedMatmul). */
+    default void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, int[] hostOffsets, Tensor dw, float beta) {
+        groupedMatmulWeightGrad(a, dy, offsets, dw, beta);
+    }
 
     // ---------------------------------------------------------------- elementwise
 

@@ -189,6 +189,26 @@ public final class CpuBackend implements Backend {
     }
 
     @Override
+    public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Tensor c, float beta) {
+        sameOffsets("groupedMatmul", offsets, hostOffsets);
+        groupedMatmul(a, w, transW, offsets, c, beta);
+    }
+
+    @Override
+    public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, int[] hostOffsets, Tensor dw, float beta) {
+        sameOffsets("groupedMatmulWeightGrad", offsets, hostOffsets);
+        groupedMatmulWeightGrad(a, dy, offsets, dw, beta);
+    }
+
+    /** The CPU reference holds callers to their promise that hostOffsets equal the device offsets (a GPU cannot check). */
+    private static void sameOffsets(String op, Tensor offsets, int[] hostOffsets) {
+        if (hostOffsets != null && !java.util.Arrays.equals(hostOffsets, offsets.toInts())) {
+            throw new IllegalArgumentException(op + ": hostOffsets " + java.util.Arrays.toString(hostOffsets) + " differ from offsets "
+                    + java.util.Arrays.toString(offsets.toInts()));
+        }
+    }
+
+    @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
         String op = "groupedMatmul";
         Checks.rank(op, "w", w, 3);

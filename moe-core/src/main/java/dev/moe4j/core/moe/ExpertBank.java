@@ -29,6 +29,7 @@ public final class ExpertBank implements AutoCloseable {
     // saved by forward
     private final SavedTensors saved = new SavedTensors();
     private Tensor x, h1, a, offsets, rowExpert;
+    private int[] hostOffsets;     // offsets on the host when the caller knew them, else null
 
     /**
      * Declares {@code name.fc1.weight} [E,M,F'], {@code name.fc2.weight} [E,F,M] (normal(initStd) and
@@ -80,6 +81,14 @@ public final class ExpertBank implements AutoCloseable {
      * x must stay unchanged until {@link #backward}.
      */
     public Tensor forward(Tensor x, Tensor offsets, Tensor rowExpert) {
+        return forward(x, offsets, null, rowExpert);
+    }
+
+    /**
+     * {@link #forward(Tensor, Tensor, Tensor)} with the offsets also on the host when the caller knows them
+     * (hostOffsets, same values; null: none): the GPU then sizes its grouped GEMMs without waiting for the stream.
+     */
+    public Tensor forward(Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
         release();
         int R = x.rows();
         if (x.cols() != hidden) throw new IllegalArgumentException("ExpertBank: x is " + x.shape() + ", expected last dimension " + hidden);
@@ -87,6 +96,7 @@ public final class ExpertBank implements AutoCloseable {
         if (offsets != null && b1 != null && rowExpert == null) throw new IllegalArgumentException("ExpertBank: rowExpert is required for the biases of a multi-expert bank");
         this.x = x;
         this.offsets = offsets;
+        this.hostOffsets = hostOffsets;
         this.rowExpert = rowExpert;
         // h1 [R,F'] = x [R,M] * fc1[e] [M,F'] (+ b1[e])
         h1 = saved.keep(b.empty(ctx.dtype(), R, ffnIn));
@@ -107,7 +117,7 @@ public final class ExpertBank implements AutoCloseable {
             b.matmul(in, false, w2, transW, out, 1f, 0f);
             if (bias != null) b.addBias(out, bias.value().reshape(out.cols()), out);
         } else {
-            b.groupedMatmul(in, w.value(), transW, offsets, out, 0f);
+            b.groupedMatmul(in, w.value(), transW, offsets, hostOffsets, out, 0f);
             if (bias != null) {
                 try (Tensor rows = b.empty(ctx.dtype(), out.rows(), out.cols())) {
                     b.gatherRows(bias.value(), rowExpert, rows);
@@ -124,7 +134,7 @@ public final class ExpertBank implements AutoCloseable {
             b.matmul(in, true, dout, false, g, 1f, 1f);
             if (bias != null) b.sumRows(dout, bias.grad().reshape(dout.cols()), 1f);
         } else {
-            b.groupedMatmulWeightGrad(in, dout, offsets, w.grad(), 1f);
+            b.groupedMatmulWeightGrad(in, dout, offsets, hostOffsets, w.grad(), 1f);
             if (bias != null) b.scatterAddRows(dout, rowExpert, null, bias.grad());
         }
     }

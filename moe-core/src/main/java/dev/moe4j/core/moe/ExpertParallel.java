@@ -32,6 +32,7 @@ final class ExpertParallel {
         final boolean equal;             // capacity mode: every split is El*C
         final int localRows;             // Rq: rows this rank's experts process
         final int[] localCounts;         // rows per local expert
+        int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
 
         Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts) {
@@ -113,6 +114,7 @@ final class ExpertParallel {
         r.toExpert = b.fromInts(toExpert, rq);
         r.toSource = b.fromInts(toSource, rq);
         r.offsets = b.fromInts(offsets, El + 1);
+        r.hostOffsets = offsets;
         r.rowExpert = b.fromInts(rowExpert, rq);
         return r;
     }
@@ -130,7 +132,7 @@ final class ExpertParallel {
             } else {
                 r.xin = b.empty(dt, r.localRows, M);
                 b.gatherRows(recv, r.toExpert, r.xin);
-                try (Tensor yl = bank.forward(r.xin, r.offsets, bank.hasBias() ? r.rowExpert : null)) {
+                try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, bank.hasBias() ? r.rowExpert : null)) {
                     ysrc = b.empty(dt, r.localRows, M);
                     b.gatherRows(yl, r.toSource, ysrc);
                 }

@@ -148,7 +148,13 @@ public final class MoE implements AutoCloseable {
         if (ep == null) {
             if (experts.hasBias()) rowExpert = saved.keep(rowExperts(g, S, k, R));
             // experts: y [R, M]
-            y = saved.keep(experts.forward(buf, g.offsets(), rowExpert));
+            // capacity mode: expert e owns slots e*C .. (e+1)*C, known on the host (no device read for the GEMM sizes)
+            int[] hostOffsets = null;
+            if (!dropless) {
+                hostOffsets = new int[E + 1];
+                for (int e = 0; e <= E; e++) hostOffsets[e] = e * capacity;
+            }
+            y = saved.keep(experts.forward(buf, g.offsets(), hostOffsets, rowExpert));
         } else {
             // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
             route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity);

@@ -15,6 +15,9 @@ import java.util.function.DoubleSupplier;
 
 import static dev.moe4j.core.testing.GradCheck.F64_TOL;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
 /** Every backward op of the CPU backend against float64 central differences, on odd random shapes. */
 class CpuOpsGradientTest {
@@ -135,6 +138,16 @@ class CpuOpsGradientTest {
         Tensor daHead = cpu.fromDoubles(F, java.util.Arrays.copyOf(daV, 8 * k), 8, k);
         Tensor aHead = a.rowSlice(0, 8);
         GradCheck.check("grouped dA", aHead, daHead, loss, 200, F64_TOL);
+        // host offsets: the same result when they agree, a clear refusal when they do not
+        Tensor c2 = cpu.zeros(F, t, n);
+        cpu.fill(c, 0);
+        cpu.groupedMatmul(a, w, false, offsets, c, 0f);
+        cpu.groupedMatmul(a, w, false, offsets, new int[] {0, 4, 4, 8}, c2, 0f);
+        assertArrayEquals(c.toDoubles(), c2.toDoubles());
+        IllegalArgumentException e1 = assertThrows(IllegalArgumentException.class,
+                () -> cpu.groupedMatmul(a, w, false, offsets, new int[] {0, 4, 5, 8}, c2, 0f));
+        assertTrue(e1.getMessage().contains("hostOffsets [0, 4, 5, 8] differ from offsets [0, 4, 4, 8]"), e1.getMessage());
+        assertThrows(IllegalArgumentException.class, () -> cpu.groupedMatmulWeightGrad(a, r, offsets, new int[] {0, 3, 4, 8}, dw, 0f));
     }
 
     @Test
