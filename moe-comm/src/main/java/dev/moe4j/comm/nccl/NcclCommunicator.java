@@ -520,7 +520,13 @@ public final class NcclCommunicator implements Communicator {
         }
 
         private void poll(int[] st) {
-            int q = nccl.ncclCommGetAsyncError(comm, st);
+            int q;
+            // Under the communicator's lock: ncclCommGetAsyncError completes and frees a pending group job, so two
+            // threads calling it at once (this one and waitReady after an enqueue or a split) corrupted the heap.
+            synchronized (NcclCommunicator.this) {
+                if (closed || failure != null) return;
+                q = nccl.ncclCommGetAsyncError(comm, st);
+            }
             if (q == nccl.ncclSuccess && st[0] != nccl.ncclSuccess && st[0] != nccl.ncclInProgress) {
                 Pending h = pending.peek();
                 fail(new CommunicationException(describe() + ": NCCL reported an asynchronous error during "
