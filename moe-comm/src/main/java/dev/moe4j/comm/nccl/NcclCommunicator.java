@@ -37,7 +37,8 @@ import java.util.concurrent.locks.LockSupport;
  * ({@code Storage.deviceAddress()}), so GPU buffers never leave the device.
  *
  * <p>Creation is non-blocking (ncclCommInitRankConfig with blocking = 0, polled with ncclCommGetAsyncError) so
- * that it can time out. A watchdog thread records a CUDA event after every collective and polls it together with
+ * that it can time out; so are splits. Collectives go to a blocking twin split off that communicator, because a
+ * non-blocking NCCL 2.28 communicator starts a thread for every call (some 60 us each). A watchdog thread records a CUDA event after every collective and polls it together with
  * ncclCommGetAsyncError: a collective still pending after the timeout, or an asynchronous NCCL error (a peer that
  * died), aborts the communicator (ncclCommAbort, which also releases the GPU kernels waiting for the peer) and
  * makes every later call throw. The ranks missing from the collective are named from the progress every rank
@@ -54,7 +55,8 @@ public final class NcclCommunicator implements Communicator {
 
     private final Backend backend;
     private final int device;
-    private final ncclComm comm;
+    private final ncclComm comm;      // blocking: every collective (no NCCL thread per call)
+    private final ncclComm control;   // non-blocking: init and splits, which can then time out
     private final int rank, size;
     private final int[] worldRanks;   // world rank of each member, in member order
     private final String tag;         // store key prefix of this communicator
@@ -67,9 +69,10 @@ public final class NcclCommunicator implements Communicator {
     private long seq;
     private Tensor barrierBuf;
 
-    private NcclCommunicator(Backend backend, ncclComm comm, int rank, int size, int[] worldRanks, String tag, TcpStore store, CommOptions opts) {
+    private NcclCommunicator(Backend backend, ncclComm control, ncclComm comm, int rank, int size, int[] worldRanks, String tag, TcpStore store, CommOptions opts) {
         this.backend = backend;
         this.device = backend.deviceIndex();
+        this.control = control;
         this.comm = comm;
         this.rank = rank;
         this.size = size;
@@ -151,7 +154,13 @@ public final class NcclCommunicator implements Communicator {
                     "init", missing);
         }
         slot.close();
-        return new NcclCommunicator(backend, c, rank, size, worldRanks.clone(), tag, store, o);
+        ncclComm data = blockingTwin(c, rank, "init", deadline);
+        if (data == null) {
+            nccl.ncclCommAbort(c);
+            throw new CommTimeoutException("NCCL communicator " + tag + " (rank " + rank + " of " + size + "): its blocking twin did not complete within "
+                    + o.timeoutMillis() + " ms (a rank left after init)", "init", new int[0]);
+        }
+        return new NcclCommunicator(backend, c, data, rank, size, worldRanks.clone(), tag, store, o);
     }
 
     private static int[] notArrived(TcpStore store, String tag, int size, int[] worldRanks) {
@@ -169,14 +178,34 @@ public final class NcclCommunicator implements Communicator {
         }
     }
 
-    /** A non-blocking config: every other field "undefined" (NCCL's defaults), as NCCL_CONFIG_INITIALIZER does. */
+    /**
+     * The blocking communicator for collectives, split off the non-blocking one c (same members, same ranks).
+     * Why two: in non-blocking mode NCCL 2.28 starts a thread for every group end, some 60 us of host time per
+     * collective; blocking calls launch in the caller's thread. The split itself runs as a non-blocking job of c,
+     * so it can time out. Null on timeout (the caller aborts c).
+     */
+    private static ncclComm blockingTwin(ncclComm c, int rank, String what, long deadline) {
+        HandleSlot slot = new HandleSlot();
+        int rc = nccl.ncclCommSplit(c, 0, rank, slot.pp, config(true));
+        if (!waitReady(c, "ncclCommSplit (blocking twin, " + what + ")", rc, deadline)) return null;   // slot left to the GC after the abort
+        ncclComm d = slot.handle();
+        slot.close();
+        if (d == null) throw new CommunicationException("ncclCommSplit (blocking twin, " + what + ") completed without a communicator");
+        return d;
+    }
+
     private static ncclConfig_t config() {
+        return config(false);
+    }
+
+    /** A config, non-blocking unless asked: every other field "undefined" (NCCL's defaults), as NCCL_CONFIG_INITIALIZER does. */
+    private static ncclConfig_t config(boolean blocking) {
         int undef = Integer.MIN_VALUE;   // NCCL_CONFIG_UNDEF_INT
         int[] v = new int[1];
         nccl.ncclGetVersion(v);
         ncclConfig_t c = new ncclConfig_t();
         c.size(Pointer.sizeof(ncclConfig_t.class)).magic(0xcafebeef).version(Math.min(v[0], nccl.NCCL_VERSION_CODE));
-        c.blocking(0).cgaClusterSize(undef).minCTAs(undef).maxCTAs(undef).netName((BytePointer) null).splitShare(undef)
+        c.blocking(blocking ? 1 : 0).cgaClusterSize(undef).minCTAs(undef).maxCTAs(undef).netName((BytePointer) null).splitShare(undef)
                 .trafficClass(undef).commName((BytePointer) null).collnetEnable(undef).CTAPolicy(undef).shrinkShare(undef)
                 .nvlsCTAs(undef).nChannelsPerNetPeer(undef).nvlinkCentricSched(undef).graphUsageMode(undef).numRmaCtx(undef);
         return c;
@@ -306,19 +335,17 @@ public final class NcclCommunicator implements Communicator {
         };
     }
 
-    /** Enqueues one collective (the body returns NCCL's code), completes the non-blocking call, starts watching it. */
+    /** Enqueues one collective (the body returns NCCL's code) on the blocking communicator and starts watching it. */
     private synchronized long launch(String op, java.util.function.IntSupplier body) {
-        // Synchronized with the watchdog's abort: NCCL must not be aborted in the middle of an enqueue.
         usable(op);
         long s = seq++;
         String label = op + " #" + s;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
-        int rc = body.getAsInt();
-        long deadline = System.nanoTime() + opts.timeout().toNanos();
-        if (!waitReady(comm, "nccl " + label, rc, deadline)) {
-            watchdog.fail(watchdog.timeout(s, label, "queuing"));
-            usable(op);
-        }
+        watchdog.enqueueing(s, label);
+        int rc = body.getAsInt();   // blocking communicator: the code is final (the first call to a peer may wait to connect)
+        watchdog.enqueued();
+        usable(op);                 // the watchdog may have aborted a call that could not connect
+        check("nccl " + label, rc, comm);
         watchdog.track(s, label);
         return s;
     }
@@ -421,10 +448,10 @@ public final class NcclCommunicator implements Communicator {
         long s = seq++;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
         HandleSlot slot = new HandleSlot();
-        int rc = nccl.ncclCommSplit(comm, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, slot.pp, config());
+        int rc = nccl.ncclCommSplit(control, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, slot.pp, config());
         long deadline = System.nanoTime() + opts.timeout().toNanos();
         // The split runs as a job of the parent: poll the parent; the child's handle appears in the slot when it is done.
-        boolean ok = waitReady(comm, "ncclCommSplit #" + s, rc, deadline);
+        boolean ok = waitReady(control, "ncclCommSplit #" + s, rc, deadline);
         if (!ok) {
             watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));   // aborts the parent, joining the split job
             usable("split");
@@ -438,7 +465,13 @@ public final class NcclCommunicator implements Communicator {
         int subSize = v[0];
         check("ncclCommUserRank", nccl.ncclCommUserRank(nc, v), nc);
         int subRank = v[0];
-        NcclCommunicator sub = new NcclCommunicator(backend, nc, subRank, subSize, new int[subSize], tag + "/s" + s + "c" + color, store, opts);
+        ncclComm data = blockingTwin(nc, subRank, "split #" + s, deadline);
+        if (data == null) {
+            nccl.ncclCommAbort(nc);
+            watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));
+            usable("split");
+        }
+        NcclCommunicator sub = new NcclCommunicator(backend, nc, data, subRank, subSize, new int[subSize], tag + "/s" + s + "c" + color, store, opts);
         // Learn the members' world ranks (for messages naming missing ranks): one small all-gather.
         try (Tensor me = backend.fromInts(new int[] {worldRanks[rank]}, 1); Tensor all = backend.zeros(DType.I32, subSize)) {
             sub.allGather(me, all);
@@ -462,12 +495,16 @@ public final class NcclCommunicator implements Communicator {
         if (barrierBuf != null) barrierBuf.close();
         if (failure == null) {
             cudart.cudaSetDevice(device);
-            int rc = nccl.ncclCommFinalize(comm);
-            if (waitReady(comm, "ncclCommFinalize", rc, System.nanoTime() + opts.timeout().toNanos())) {
-                nccl.ncclCommDestroy(comm);
+            // the blocking one: finalize waits for its queued work (the watchdog has seen it all complete or failed)
+            int rd = nccl.ncclCommFinalize(comm);
+            if (rd == nccl.ncclSuccess) nccl.ncclCommDestroy(comm);
+            else nccl.ncclCommAbort(comm);
+            int rc = nccl.ncclCommFinalize(control);
+            if (waitReady(control, "ncclCommFinalize", rc, System.nanoTime() + opts.timeout().toNanos())) {
+                nccl.ncclCommDestroy(control);
             } else {
                 log.warn("{}: ncclCommFinalize did not complete within the timeout; aborting", describe());
-                nccl.ncclCommAbort(comm);
+                nccl.ncclCommAbort(control);
             }
         }
         watchdog.destroyEvents();
@@ -491,6 +528,20 @@ public final class NcclCommunicator implements Communicator {
         Thread thread;
         long published = Long.MIN_VALUE, lastPublish;
         boolean storeWarned;
+
+        private volatile long enqueueStart;   // System.nanoTime() when the caller entered NCCL, 0 when outside
+        private volatile long enqueueSeq;
+        private volatile String enqueueLabel;
+
+        void enqueueing(long s, String label) {
+            enqueueSeq = s;
+            enqueueLabel = label;
+            enqueueStart = System.nanoTime() | 1;
+        }
+
+        void enqueued() {
+            enqueueStart = 0;
+        }
 
         void track(long s, String label) {
             CUevent_st ev = spareEvents.poll();
@@ -520,13 +571,17 @@ public final class NcclCommunicator implements Communicator {
         }
 
         private void poll(int[] st) {
-            int q;
-            // Under the communicator's lock: ncclCommGetAsyncError completes and frees a pending group job, so two
-            // threads calling it at once (this one and waitReady after an enqueue or a split) corrupted the heap.
-            synchronized (NcclCommunicator.this) {
-                if (closed || failure != null) return;
-                q = nccl.ncclCommGetAsyncError(comm, st);
+            // Only the blocking communicator is polled here: it never has a pending group job, so this read is safe
+            // beside the caller's thread. (The non-blocking one is polled only by its owner's thread, under the
+            // communicator's lock: ncclCommGetAsyncError completes and frees a pending job, and two threads at once
+            // corrupted the heap.)
+            if (closed || failure != null) return;
+            long es = enqueueStart;
+            if (es != 0 && System.nanoTime() - es > opts.timeout().toNanos()) {
+                fail(timeout(enqueueSeq, enqueueLabel, "queuing"));
+                return;
             }
+            int q = nccl.ncclCommGetAsyncError(comm, st);
             if (q == nccl.ncclSuccess && st[0] != nccl.ncclSuccess && st[0] != nccl.ncclInProgress) {
                 Pending h = pending.peek();
                 fail(new CommunicationException(describe() + ": NCCL reported an asynchronous error during "
@@ -601,13 +656,18 @@ public final class NcclCommunicator implements Communicator {
                     + " ms (" + phase + "): " + who + "; the communicator was aborted", label, m);
         }
 
+        /**
+         * Aborts both communicators, once. Not under the communicator's lock: the caller's thread may be inside a
+         * blocking NCCL call (waiting to connect to a dead peer), and the abort is what releases it.
+         */
         void fail(CommunicationException e) {
-            synchronized (NcclCommunicator.this) {
+            synchronized (this) {
                 if (failure != null || closed) return;
                 failure = e;
-                log.error("{}", e.getMessage());
-                nccl.ncclCommAbort(comm);    // releases kernels waiting for a peer; the comm is unusable afterwards
             }
+            log.error("{}", e.getMessage());
+            nccl.ncclCommAbort(comm);      // releases kernels and host calls waiting for a peer; unusable afterwards
+            nccl.ncclCommAbort(control);
         }
 
         void stop() {
