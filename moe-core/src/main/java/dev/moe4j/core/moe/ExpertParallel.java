@@ -32,21 +32,39 @@ final class ExpertParallel {
         final boolean equal;             // capacity mode: every split is El*C
         final int localRows;             // Rq: rows this rank's experts process
         final int[] localCounts;         // rows per local expert
+        final int capacity;              // capacity mode's C (0: dropless)
         int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
+        Tensor packed;                   // one upload holding the four index tensors below (views of it)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
 
-        Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts) {
+        Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts, int capacity) {
             this.sendRows = sendRows;
             this.recvRows = recvRows;
             this.equal = equal;
             this.localRows = localRows;
             this.localCounts = localCounts;
+            this.capacity = capacity;
+        }
+
+        /**
+         * Whether this routing serves another forward of the same layer: capacity mode's routing depends only on
+         * the capacity (and the group), so it is built and uploaded once; dropless routing follows the counts.
+         */
+        boolean reusableFor(int capacity) {
+            return equal && capacity > 0 && capacity == this.capacity;
+        }
+
+        /** Frees what one forward saved for its backward (the expert input). */
+        void releaseActivations() {
+            if (xin != null) xin.close();
+            xin = null;
         }
 
         @Override
         public void close() {
-            for (Tensor t : new Tensor[] {toExpert, toSource, offsets, rowExpert, xin}) if (t != null) t.close();
-            toExpert = toSource = offsets = rowExpert = xin = null;
+            releaseActivations();
+            for (Tensor t : new Tensor[] {toExpert, toSource, offsets, rowExpert, packed}) if (t != null) t.close();
+            toExpert = toSource = offsets = rowExpert = packed = null;
         }
     }
 
@@ -87,7 +105,7 @@ final class ExpertParallel {
             for (int p = 0; p < P; p++) localCounts[j] += n[p][j];
             rq += localCounts[j];
         }
-        Route r = new Route(sendRows, recvRows, equal, rq, localCounts);
+        Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
         if (rq == 0) return r;
         // positions: source order (p, j, i) and expert order (j, p, i)
         int[] srcStart = new int[P * El], expStart = new int[P * El];
@@ -111,11 +129,18 @@ final class ExpertParallel {
                 }
             }
         }
-        r.toExpert = b.fromInts(toExpert, rq);
-        r.toSource = b.fromInts(toSource, rq);
-        r.offsets = b.fromInts(offsets, El + 1);
+        // one host-to-device copy for all four (each upload waits for the stream)
+        int[] all = new int[3 * rq + El + 1];
+        System.arraycopy(toExpert, 0, all, 0, rq);
+        System.arraycopy(toSource, 0, all, rq, rq);
+        System.arraycopy(rowExpert, 0, all, 2 * rq, rq);
+        System.arraycopy(offsets, 0, all, 3 * rq, El + 1);
+        r.packed = b.fromInts(all, all.length);
+        r.toExpert = r.packed.view(0, rq);
+        r.toSource = r.packed.view(rq, rq);
+        r.rowExpert = r.packed.view(2L * rq, rq);
+        r.offsets = r.packed.view(3L * rq, El + 1);
         r.hostOffsets = offsets;
-        r.rowExpert = b.fromInts(rowExpert, rq);
         return r;
     }
 
@@ -130,6 +155,7 @@ final class ExpertParallel {
             if (r.localRows == 0) {
                 ysrc = b.zeros(dt, 0, M);
             } else {
+                r.releaseActivations();
                 r.xin = b.empty(dt, r.localRows, M);
                 b.gatherRows(recv, r.toExpert, r.xin);
                 try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, bank.hasBias() ? r.rowExpert : null)) {

@@ -157,7 +157,10 @@ public final class MoE implements AutoCloseable {
             y = saved.keep(experts.forward(buf, g.offsets(), hostOffsets, rowExpert));
         } else {
             // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
-            route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity);
+            if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
+                if (route != null) route.close();
+                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity);
+            }
             y = saved.keep(ExpertParallel.forward(ep, route, experts, buf));
         }
 
@@ -321,8 +324,14 @@ public final class MoE implements AutoCloseable {
     private void release() {
         saved.close();
         y = null;
-        if (route != null) route.close();
-        route = null;
+        if (route != null) {
+            // a capacity-mode routing is kept for the next forward (it does not depend on the tokens)
+            route.releaseActivations();
+            if (!route.equal) {
+                route.close();
+                route = null;
+            }
+        }
         rowExpert = null;
         stack = null;
         coef = null;
@@ -333,6 +342,8 @@ public final class MoE implements AutoCloseable {
     @Override
     public void close() {
         release();
+        if (route != null) route.close();
+        route = null;
         gate.close();
         experts.close();
         if (mlp != null) mlp.close();
