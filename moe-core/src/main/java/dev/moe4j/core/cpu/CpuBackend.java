@@ -58,6 +58,8 @@ public final class CpuBackend implements Backend {
             throw new IllegalArgumentException(t + " is not a CPU tensor");
         }
         if (t.isClosed()) throw new IllegalStateException(t + " was closed");
+        // as on a GPU, a view outliving its storage's owner is an error (the CPU would otherwise read stale data)
+        if (s.released) throw new IllegalStateException(t + ": its storage was released (a view of a closed tensor)");
         return s.data;
     }
 

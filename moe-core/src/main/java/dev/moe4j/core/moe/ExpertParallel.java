@@ -135,7 +135,7 @@ final class ExpertParallel {
         System.arraycopy(toSource, 0, all, rq, rq);
         System.arraycopy(rowExpert, 0, all, 2 * rq, rq);
         System.arraycopy(offsets, 0, all, 3 * rq, El + 1);
-        r.packed = b.fromInts(all, all.length);
+        r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // the MoE layer closes it (it may keep it across steps)
         r.toExpert = r.packed.view(0, rq);
         r.toSource = r.packed.view(rq, rq);
         r.rowExpert = r.packed.view(2L * rq, rq);

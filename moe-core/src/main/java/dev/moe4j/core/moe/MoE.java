@@ -255,6 +255,10 @@ public final class MoE implements AutoCloseable {
         b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
         // experts backward, then the dispatch's backward (a gather-sum with weight 1)
         Tensor dbuf = tmpAdd(tmp, ep == null ? experts.backward(dy) : ExpertParallel.backward(ep, route, experts, dy));
+        if (route != null && !route.equal) {   // a dropless routing serves one step; a capacity one is kept
+            route.close();
+            route = null;
+        }
         Tensor dxp = tmpAdd(tmp, b.empty(ctx.dtype(), S, M));
         b.moeUnpermute(dbuf, g.dest(), null, dxp);
         b.add(dx, 1, dxp, 1, dx);

@@ -49,6 +49,15 @@ public final class Scope implements AutoCloseable {
         return t;
     }
 
+    /**
+     * Takes {@code t} out of every open scope of this thread: the caller owns it and closes it (state that lives
+     * across steps, allocated during one). Returns {@code t}.
+     */
+    public static Tensor detach(Tensor t) {
+        for (Scope s : STACK.get()) s.owned.remove(t);
+        return t;
+    }
+
     /** Number of tensors this scope will close. */
     public int size() { return owned.size(); }
 
