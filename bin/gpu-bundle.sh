@@ -12,6 +12,7 @@
 #   OUT/run-ep-bench.sh    the expert-parallel MoE layer benchmark (dev.moe4j.comm.ep.EpLayerBench) and its
 #                          PyTorch peer, both under torchrun, one process per GPU
 #   OUT/run-comm-bench.sh  all-to-all / all-reduce bandwidth (dev.moe4j.comm.nccl.CommBench) and its PyTorch peer
+#   OUT/run-scaling-bench.sh weak scaling of a GPT-MoE training step over EP degrees (dev.moe4j.comm.ep.ScalingBench)
 #   OUT/run-train-bench.sh the end-to-end training benchmark on one GPU (dev.moe4j.cuda.TrainBench), then its
 #                          PyTorch peer train_reference.py
 #   OUT/moe_layer_reference.py, ep_layer_reference.py, comm_bench_reference.py, train_reference.py  the PyTorch
@@ -161,6 +162,27 @@ rc2=${PIPESTATUS[0]}
 echo "[run-comm-bench] moe4j exit $rc1, torch exit $rc2"
 [[ $rc1 -eq 0 && $rc2 -eq 0 ]]
 RUN
+cat > "$out/run-scaling-bench.sh" <<'RUN'
+#!/usr/bin/env bash
+# Weak scaling of a GPT-MoE training step (dev.moe4j.comm.ep.ScalingBench): run-scaling-bench.sh NPROC EP_LIST [options]
+# e.g. run-scaling-bench.sh 8 1,2,4,8 --layers 12 [--node-size 4]. First the baseline on one GPU (a world of one,
+# EP 1), then NPROC processes under torchrun with NCCL_NVLS_ENABLE=0; rank 0 prints one JSON line per EP degree
+# (also kept in $OUT or ./reports: scaling_1gpu.log, scaling_world.log).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+export NCCL_NVLS_ENABLE=0
+nproc=$1 eps=$2; shift 2
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+J=(/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.ep.ScalingBench)
+"${J[@]}" --ep 1 "$@" 2>&1 | tee "$reports/scaling_1gpu.log"
+rc1=${PIPESTATUS[0]}
+python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" "${J[@]}" --ep "$eps" "$@" 2>&1 | tee "$reports/scaling_world.log"
+rc2=${PIPESTATUS[0]}
+echo "[run-scaling-bench] one GPU exit $rc1, world exit $rc2"
+[[ $rc1 -eq 0 && $rc2 -eq 0 ]]
+RUN
 cat > "$out/moe4j" <<'RUN'
 #!/usr/bin/env bash
 # The moe4j command line on the bundled runtime: moe4j train [options] (see moe4j train --help).
@@ -171,5 +193,5 @@ cp=""
 for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* || $j == *-tests.jar ]] || cp=$cp:$j; done
 exec /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED ${JAVA_OPTS:-} -cp "${cp#:}" dev.moe4j.examples.Main "$@"
 RUN
-chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-train-bench.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/moe4j"
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-train-bench.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/run-scaling-bench.sh" "$out/moe4j"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"
