@@ -11,6 +11,7 @@ import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Shape;
 import dev.moe4j.core.tensor.Tensor;
 import org.bytedeco.cuda.cublas.cublasContext;
+import org.bytedeco.cuda.cudart.CUevent_st;
 import org.bytedeco.cuda.cudart.CUstream_st;
 import org.bytedeco.cuda.global.cublas;
 import org.bytedeco.cuda.global.cudart;
@@ -387,6 +388,11 @@ public final class CudaBackend implements Backend {
      */
     private void gemm(GemmOperands o, long aOff, long bOff, long cOff, boolean transA, boolean transB, int m, int n, int k,
                       float alpha, float beta, int batch, long strideA, long strideB, long strideC) {
+        gemm(blas, o, aOff, bOff, cOff, transA, transB, m, n, k, alpha, beta, batch, strideA, strideB, strideC);
+    }
+
+    private void gemm(cublasContext blas, GemmOperands o, long aOff, long bOff, long cOff, boolean transA, boolean transB, int m, int n, int k,
+                      float alpha, float beta, int batch, long strideA, long strideB, long strideC) {
         if (m == 0 || n == 0) return;
         bind();
         int lda = transA ? m : k, ldb = transB ? k : n, ldc = n;
@@ -404,6 +410,54 @@ public final class CudaBackend implements Backend {
                     "cublasGemmStridedBatchedEx(m=" + m + ", n=" + n + ", k=" + k + ", batch=" + batch + ")");
         }
         profileEnd(batch == 1 ? "cublasGemmEx" : "cublasGemmStridedBatchedEx", t0);
+    }
+
+    private static final int SIDE_STREAMS = 4;
+    private CUstream_st[] sideStreams;        // created on first use: concurrent GEMMs of a grouped product
+    private cublasContext[] sideBlas;
+    private CUevent_st fork;
+    private CUevent_st[] joins;
+
+    /**
+     * The GEMMs of a grouped product (each writes its own rows or its own expert's gradient) spread over a few side
+     * streams that fork from and join back into the backend's stream, so that small expert GEMMs run side by side
+     * instead of each leaving most of the GPU idle (measured: a loop of 16 expert GEMMs on one stream took 1.8x the
+     * time of the same work as one strided-batched GEMM). Everything after it on the stream waits for all of them,
+     * so memory freed afterwards is safe to reuse.
+     */
+    private void gemmsSideBySide(GemmOperands o, java.util.List<Group> groups) {
+        if (groups.size() < 2 || profile != null) {   // the profile times each call on its own
+            for (Group g : groups) gemm(o, g.aOff, g.bOff, g.cOff, g.transA, g.transB, g.m, g.n, g.k, 1f, g.beta, 1, 0, 0, 0);
+            return;
+        }
+        bind();
+        if (sideStreams == null) {
+            sideStreams = new CUstream_st[SIDE_STREAMS];
+            sideBlas = new cublasContext[SIDE_STREAMS];
+            joins = new CUevent_st[SIDE_STREAMS];
+            fork = new CUevent_st();
+            Cuda.check(cudart.cudaEventCreateWithFlags(fork, cudart.cudaEventDisableTiming), "cudaEventCreate(fork)");
+            for (int s = 0; s < SIDE_STREAMS; s++) {
+                sideStreams[s] = new CUstream_st();
+                Cuda.check(cudart.cudaStreamCreateWithFlags(sideStreams[s], cudart.cudaStreamNonBlocking), "cudaStreamCreate(side)");
+                sideBlas[s] = new cublasContext();
+                Cuda.checkBlas(cublas.cublasCreate_v2(sideBlas[s]), "cublasCreate(side)");
+                Cuda.checkBlas(cublas.cublasSetStream_v2(sideBlas[s], sideStreams[s]), "cublasSetStream(side)");
+                joins[s] = new CUevent_st();
+                Cuda.check(cudart.cudaEventCreateWithFlags(joins[s], cudart.cudaEventDisableTiming), "cudaEventCreate(join)");
+            }
+        }
+        int used = Math.min(SIDE_STREAMS, groups.size());
+        Cuda.check(cudart.cudaEventRecord(fork, stream), "cudaEventRecord(fork)");
+        for (int s = 0; s < used; s++) Cuda.check(cudart.cudaStreamWaitEvent(sideStreams[s], fork, 0), "cudaStreamWaitEvent(side)");
+        for (int i = 0; i < groups.size(); i++) {
+            Group g = groups.get(i);
+            gemm(sideBlas[i % used], o, g.aOff, g.bOff, g.cOff, g.transA, g.transB, g.m, g.n, g.k, 1f, g.beta, 1, 0, 0, 0);
+        }
+        for (int s = 0; s < used; s++) {
+            Cuda.check(cudart.cudaEventRecord(joins[s], sideStreams[s]), "cudaEventRecord(join)");
+            Cuda.check(cudart.cudaStreamWaitEvent(stream, joins[s], 0), "cudaStreamWaitEvent(join)");
+        }
     }
 
     /** One GEMM of a grouped product, in the arguments of {@link #gemm} (element offsets into the operands). */
@@ -440,7 +494,7 @@ public final class CudaBackend implements Backend {
         }
         int combo = o.at * 1000 + o.ct;
         if (groups.size() < 32 || o.at != o.bt || groupedUnsupported.contains(combo)) {
-            for (Group g : groups) gemm(o, g.aOff, g.bOff, g.cOff, g.transA, g.transB, g.m, g.n, g.k, 1f, g.beta, 1, 0, 0, 0);
+            gemmsSideBySide(o, groups);
             return;
         }
         bind();
@@ -1099,6 +1153,14 @@ public final class CudaBackend implements Backend {
         closed = true;
         kernels.close();
         cublas.cublasDestroy_v2(blas);
+        if (sideStreams != null) {
+            for (int s = 0; s < SIDE_STREAMS; s++) {
+                cublas.cublasDestroy_v2(sideBlas[s]);
+                cudart.cudaStreamDestroy(sideStreams[s]);
+                cudart.cudaEventDestroy(joins[s]);
+            }
+            cudart.cudaEventDestroy(fork);
+        }
         allocator.emptyCache();
         cudart.cudaStreamDestroy(stream);
         scalars.close();
