@@ -99,6 +99,24 @@ class CudaOpsTest extends GpuTestBase {
         check("groupedMatmulWeightGrad host offsets", dw, tol(dt));
     }
 
+    /** Many unequal experts (some empty): cuBLAS's grouped-batched path, called back to back without a stream wait. */
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void groupedMatmulManyExperts(DType dt) {
+        int e = 40, k = 32, n = 24;
+        int[] offs = new int[e + 1];
+        for (int g = 0; g < e; g++) offs[g + 1] = offs[g] + (g % 9 == 4 ? 0 : 1 + rnd.nextInt(12));
+        int t = offs[e] + 3;   // rows past offsets[E] untouched
+        Tensor[] o = of(offs, e + 1);
+        Tensor[] a = rand(dt, 1, t, k), w = rand(dt, 1, e, k, n), c = rand(dt, 1, t, n), dw = rand(dt, 1, e, k, n);
+        for (int rep = 0; rep < 3; rep++) {   // repeated: host arrays of one call must not leak into the next
+            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], false, o[i], c[i], 0.5f);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], c[i], o[i], dw[i], 1f);
+        }
+        check("groupedMatmul 40 experts", c, tol(dt));
+        check("groupedMatmulWeightGrad 40 experts", dw, tol(dt));
+    }
+
     /** Equal-size experts back to back (the capacity-padded buffer): the strided-batched path. */
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
