@@ -102,7 +102,7 @@ class CudaOpsTest extends GpuTestBase {
     /** Many unequal experts (some empty): cuBLAS's grouped-batched path, called back to back without a stream wait. */
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
-    void groupedMatmulManyExperts(DType dt) {
+    void groupedMatmulManyExpertsBackToBack(DType dt) {
         int e = 40, k = 32, n = 24;
         int[] offs = new int[e + 1];
         for (int g = 0; g < e; g++) offs[g + 1] = offs[g] + (g % 9 == 4 ? 0 : 1 + rnd.nextInt(12));
