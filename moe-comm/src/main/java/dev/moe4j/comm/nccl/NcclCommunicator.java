@@ -7,6 +7,7 @@ import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.comm.CommChecks;
 import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.comm.CommTimeoutException;
+import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.CommunicationException;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ReduceOp;
@@ -68,6 +69,8 @@ public final class NcclCommunicator implements Communicator {
     private volatile boolean closed;
     private long seq;
     private Tensor barrierBuf;
+    private CUstream_st side;   // created by the first allReduceAsync
+    private CUevent_st fork;
 
     private NcclCommunicator(Backend backend, ncclComm control, ncclComm comm, int rank, int size, int[] worldRanks, String tag, TcpStore store, CommOptions opts) {
         this.backend = backend;
@@ -336,7 +339,12 @@ public final class NcclCommunicator implements Communicator {
     }
 
     /** Enqueues one collective (the body returns NCCL's code) on the blocking communicator and starts watching it. */
-    private synchronized long launch(String op, java.util.function.IntSupplier body) {
+    private long launch(String op, java.util.function.IntSupplier body) {
+        return launch(op, stream, body);
+    }
+
+    /** As {@link #launch(String, java.util.function.IntSupplier)}, the collective queued on {@code on}. */
+    private synchronized long launch(String op, CUstream_st on, java.util.function.IntSupplier body) {
         usable(op);
         long s = seq++;
         String label = op + " #" + s;
@@ -346,8 +354,40 @@ public final class NcclCommunicator implements Communicator {
         watchdog.enqueued();
         usable(op);                 // the watchdog may have aborted a call that could not connect
         check("nccl " + label, rc, comm);
-        watchdog.track(s, label);
+        watchdog.track(s, label, on);
         return s;
+    }
+
+    /**
+     * The all-reduce on this communicator's side stream, after everything queued so far on the backend's stream;
+     * {@link CommWork#await()} makes the backend's stream wait for it. Gradient all-reduces run this way beside the
+     * rest of the backward.
+     */
+    @Override
+    public synchronized CommWork allReduceAsync(Tensor t, ReduceOp op) {
+        CommChecks.allReduce(this, t, op);
+        usable("allReduceAsync");
+        cuda("cudaSetDevice", cudart.cudaSetDevice(device));
+        if (side == null) {
+            side = new CUstream_st();
+            cuda("cudaStreamCreate(side)", cudart.cudaStreamCreateWithFlags(side, cudart.cudaStreamNonBlocking));
+            fork = new CUevent_st();
+            cuda("cudaEventCreate(fork)", cudart.cudaEventCreateWithFlags(fork, cudart.cudaEventDisableTiming));
+        }
+        cuda("cudaEventRecord(fork)", cudart.cudaEventRecord(fork, stream));
+        cuda("cudaStreamWaitEvent(side)", cudart.cudaStreamWaitEvent(side, fork, 0));
+        CUstream_st on = side;
+        launch("allReduce (async)", on, () -> nccl.ncclAllReduce(ptr(t), ptr(t), t.numel(), type(t), op(op), comm, on));
+        CUevent_st done = new CUevent_st();
+        cuda("cudaEventCreate(done)", cudart.cudaEventCreateWithFlags(done, cudart.cudaEventDisableTiming));
+        cuda("cudaEventRecord(done)", cudart.cudaEventRecord(done, side));
+        return () -> {
+            synchronized (NcclCommunicator.this) {
+                cuda("cudaSetDevice", cudart.cudaSetDevice(device));
+                cuda("cudaStreamWaitEvent(join)", cudart.cudaStreamWaitEvent(stream, done, 0));
+                cudart.cudaEventDestroy(done);   // released once recorded work completes; the wait is already queued
+            }
+        };
     }
 
     // ------------------------------------------------------------------ collectives
@@ -508,6 +548,11 @@ public final class NcclCommunicator implements Communicator {
             }
         }
         watchdog.destroyEvents();
+        if (side != null) {
+            cudart.cudaStreamSynchronize(side);
+            cudart.cudaStreamDestroy(side);
+            cudart.cudaEventDestroy(fork);
+        }
     }
 
     @Override
@@ -543,13 +588,13 @@ public final class NcclCommunicator implements Communicator {
             enqueueStart = 0;
         }
 
-        void track(long s, String label) {
+        void track(long s, String label, CUstream_st on) {
             CUevent_st ev = spareEvents.poll();
             if (ev == null) {
                 ev = new CUevent_st();
                 cuda("cudaEventCreateWithFlags", cudart.cudaEventCreateWithFlags(ev, cudart.cudaEventDisableTiming));
             }
-            cuda("cudaEventRecord", cudart.cudaEventRecord(ev, stream));
+            cuda("cudaEventRecord", cudart.cudaEventRecord(ev, on));
             pending.add(new Pending(s, label, ev, System.nanoTime()));
             enqueued = s;
         }

@@ -78,6 +78,16 @@ public interface Communicator extends AutoCloseable {
     /** In place sum over all ranks. */
     default void allReduce(Tensor t) { allReduce(t, ReduceOp.SUM); }
 
+    /**
+     * {@link #allReduce(Tensor, ReduceOp)} that may run beside the backend's later work (a GPU communicator uses
+     * a side stream), so that e.g. gradient all-reduces overlap the rest of the backward. Call
+     * {@link CommWork#await()} before anything reads or writes t. This default runs it at once.
+     */
+    default CommWork allReduceAsync(Tensor t, ReduceOp op) {
+        allReduce(t, op);
+        return CommWork.DONE;
+    }
+
     /** recv (size * send.numel() elements) = the send tensors of ranks 0..size-1, concatenated in rank order. */
     void allGather(Tensor send, Tensor recv);
 

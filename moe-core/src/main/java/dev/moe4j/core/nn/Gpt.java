@@ -31,6 +31,7 @@ public final class Gpt {
     private final Parameter wte, wpe;
     private final List<Block> blocks = new ArrayList<>();
     private final LayerNorm lnf;
+    private java.util.function.IntConsumer blockDone;
     private Tensor tokens, xf, logits, targets;  // saved for the backward
     private Distill distill;
     private int batch, seq;
@@ -78,6 +79,12 @@ public final class Gpt {
      * dlogits [B*T, V] -> parameter gradients (accumulated). {@code lossScale} is the factor already applied to
      * dlogits' loss; the MoE layers apply it to their auxiliary-loss gradients.
      */
+    /**
+     * Called with l after block l's backward has queued its last gradient work (blocks in reverse order), so that
+     * its gradients can be all-reduced while the earlier blocks run; null: none.
+     */
+    public void setBlockBackwardListener(java.util.function.IntConsumer listener) { this.blockDone = listener; }
+
     public void backward(Tensor dlogits, float lossScale) {
         Backend b = ctx.backend();
         if (logits == null) throw new IllegalStateException("backward before forward");
@@ -86,7 +93,10 @@ public final class Gpt {
         Tensor dx = b.empty(ctx.dtype(), n, c);
         b.matmul(dlogits, false, wte.value(), false, dx, 1f, 0f);
         dx = lnf.backward(dx);
-        for (int l = blocks.size() - 1; l >= 0; l--) dx = blocks.get(l).backward(dx, lossScale);
+        for (int l = blocks.size() - 1; l >= 0; l--) {
+            dx = blocks.get(l).backward(dx, lossScale);
+            if (blockDone != null) blockDone.accept(l);
+        }
         b.embeddingBackward(dx, tokens, wte.grad(), wpe.grad());
         tokens = xf = logits = null;
     }

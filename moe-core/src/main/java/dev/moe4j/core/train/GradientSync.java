@@ -1,6 +1,7 @@
 package dev.moe4j.core.train;
 
 import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ProcessGroups;
 import dev.moe4j.core.comm.ReduceOp;
@@ -29,9 +30,18 @@ public final class GradientSync {
     /** A contiguous range of the flat gradient and its group: 0 = replicated (the world), else the experts' epSize. */
     record Range(long start, int count, int epSize) {}
 
+    /**
+     * A piece of a range holding one block's parameters (block -1: those outside the blocks: embeddings, final
+     * LayerNorm), all-reduced as soon as that block's backward is queued (see {@link #blockDone}).
+     */
+    record Bucket(long start, int count, int epSize, int block) {}
+
     private final Parameters params;
     private final ProcessGroups groups;
     private final List<Range> ranges = new ArrayList<>();
+    private final List<Bucket> buckets = new ArrayList<>();
+    private final List<CommWork> pending = new ArrayList<>();
+    private boolean[] launched;
 
     /** Collective (creates the expert groups the parameters name): every rank passes the same model. */
     public GradientSync(Parameters params, ProcessGroups groups) {
@@ -58,6 +68,22 @@ public final class GradientSync {
                 ranges.add(cur);
             }
         }
+        Bucket bk = null;
+        for (Parameter p : params.layoutOrder()) {
+            int ep = p.isExpert() ? p.expertShard().epSize() : 0;
+            long start = p.grad().offset() - base;
+            int n = Math.toIntExact(p.shape().numel());
+            if (n == 0) continue;
+            int block = blockOf(p.name());
+            if (bk != null && bk.epSize() == ep && bk.block() == block && bk.start() + bk.count() == start && (long) bk.count() + n <= Integer.MAX_VALUE - 8) {
+                bk = new Bucket(bk.start(), bk.count() + n, ep, block);
+                buckets.set(buckets.size() - 1, bk);
+            } else {
+                bk = new Bucket(start, n, ep, block);
+                buckets.add(bk);
+            }
+        }
+        launched = new boolean[buckets.size()];
         for (Range r : ranges) if (r.epSize() > 1) ProcessGroups.validate(groups.dataParallel().size(), r.epSize());
         for (Range r : ranges) if (r.epSize() > 0) groups.expertDataParallel(r.epSize());   // create in the same order everywhere
     }
@@ -73,12 +99,47 @@ public final class GradientSync {
     /** The contiguous ranges and their groups (for tests and logs). */
     List<Range> ranges() { return List.copyOf(ranges); }
 
-    /** Sums every gradient over its group (gradients must already carry the 1/W factor). */
+    /** The block a parameter belongs to, from its name ("h.7.attn..." -> 7), or -1. */
+    public static int blockOf(String name) {
+        if (!name.startsWith("h.")) return -1;
+        int dot = name.indexOf('.', 2);
+        try {
+            return Integer.parseInt(dot < 0 ? name.substring(2) : name.substring(2, dot));
+        } catch (NumberFormatException e) {
+            return -1;
+        }
+    }
+
+    /** The buckets (for tests and logs). */
+    List<Bucket> buckets() { return List.copyOf(buckets); }
+
+    /**
+     * Block {@code block}'s backward of the step's last micro-batch is queued: its gradients are final, so their
+     * all-reduces start now, beside the rest of the backward ({@link Communicator#allReduceAsync}). Every rank
+     * calls it for the same blocks in the same order ({@link dev.moe4j.core.nn.Gpt#setBlockBackwardListener}).
+     */
+    public void blockDone(int block) {
+        for (int i = 0; i < buckets.size(); i++) if (!launched[i] && buckets.get(i).block() == block) launch(i);
+    }
+
+    private void launch(int i) {
+        Bucket bk = buckets.get(i);
+        launched[i] = true;
+        Communicator c = bk.epSize() == 0 ? groups.dataParallel() : groups.expertDataParallel(bk.epSize());
+        if (c.size() > 1) pending.add(c.allReduceAsync(params.grad().view(bk.start(), bk.count()), ReduceOp.SUM));
+    }
+
+    /**
+     * Sums every gradient over its group (gradients must already carry the 1/W factor): starts the buckets that
+     * {@link #blockDone} has not, then waits for all of them (the backend's later work sees the sums).
+     */
     public void allReduceGradients() {
-        Tensor g = params.grad();
-        for (Range r : ranges) {
-            Communicator c = r.epSize() == 0 ? groups.dataParallel() : groups.expertDataParallel(r.epSize());
-            if (c.size() > 1) c.allReduce(g.view(r.start(), r.count()), ReduceOp.SUM);
+        try {
+            for (int i = 0; i < buckets.size(); i++) if (!launched[i]) launch(i);
+            for (CommWork w : pending) w.await();
+        } finally {
+            pending.clear();
+            java.util.Arrays.fill(launched, false);
         }
     }
 

@@ -122,7 +122,14 @@ public final class Trainer {
                     if (used != rngPerMicro) throw new IllegalStateException("micro-batch " + micro + " drew " + used + " random counters, the first step's drew "
                             + rngPerMicro + ": data-parallel micro-batches must all have the same shape");
                 }
-                model.backwardLoss(valid, world == 1 ? 1f / microBatches : gradScale);
+                // the last micro-batch's backward starts each block's gradient all-reduce as soon as the block is done
+                boolean overlap = sync != null && micro == microBatches - 1;
+                if (overlap) model.setBlockBackwardListener(sync::blockDone);
+                try {
+                    model.backwardLoss(valid, world == 1 ? 1f / microBatches : gradScale);
+                } finally {
+                    if (overlap) model.setBlockBackwardListener(null);
+                }
                 tokens += (long) batch.batchSize() * batch.seqLen() * world;
             }
             if (world > 1) model.context().setRngOffset(rngBase + (long) microBatches * world * rngPerMicro);

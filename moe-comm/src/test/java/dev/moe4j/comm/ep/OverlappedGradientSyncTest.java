@@ -1,0 +1,97 @@
+package dev.moe4j.comm.ep;
+
+import dev.moe4j.comm.InProcessWorld;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.comm.CommWork;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.ProcessGroups;
+import dev.moe4j.core.comm.ReduceOp;
+import dev.moe4j.core.model.ModelSpec;
+import dev.moe4j.core.nn.ModelContext;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import dev.moe4j.core.train.GradientSync;
+import dev.moe4j.core.train.Trainer;
+import org.junit.jupiter.api.Test;
+
+import java.util.ArrayList;
+import java.util.List;
+
+import static dev.moe4j.comm.ep.EpFixtures.SEED;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+/**
+ * Gradient all-reduces that overlap the backward: each block's buckets start when the block's backward is queued
+ * and complete only when awaited. A communicator that performs an async all-reduce only at its await (the
+ * latest a GPU side stream could finish) must still give exactly the single-rank step, so GradientSync must await
+ * every bucket before the optimizer reads the gradients; and the buckets must start block by block, last block
+ * first, during the backward.
+ */
+class OverlappedGradientSyncTest {
+    /** Delegates everything; allReduceAsync is deferred to await and logged. */
+    static final class Deferring implements Communicator {
+        final Communicator inner;
+        final List<String> log;
+
+        Deferring(Communicator inner, List<String> log) { this.inner = inner; this.log = log; }
+
+        @Override public int rank() { return inner.rank(); }
+        @Override public int size() { return inner.size(); }
+        @Override public Backend backend() { return inner.backend(); }
+        @Override public String describe() { return "deferring " + inner.describe(); }
+        @Override public void allToAll(Tensor send, Tensor recv) { inner.allToAll(send, recv); }
+        @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { inner.allToAllV(send, sr, recv, rr); }
+        @Override public void allReduce(Tensor t, ReduceOp op) { inner.allReduce(t, op); }
+        @Override public void allGather(Tensor send, Tensor recv) { inner.allGather(send, recv); }
+        @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { inner.reduceScatter(send, recv, op); }
+        @Override public void broadcast(Tensor t, int root) { inner.broadcast(t, root); }
+        @Override public void barrier() { inner.barrier(); }
+        @Override public void send(Tensor t, int peer) { inner.send(t, peer); }
+        @Override public void recv(Tensor t, int peer) { inner.recv(t, peer); }
+        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log); }
+        @Override public void close() { inner.close(); }
+
+        @Override
+        public CommWork allReduceAsync(Tensor t, ReduceOp op) {
+            log.add("start " + t.numel());
+            return () -> {
+                log.add("await " + t.numel());
+                inner.allReduce(t, op);
+            };
+        }
+    }
+
+    @Test
+    void deferredBucketsStillGiveTheSingleRankStep() {
+        ModelSpec spec = EpFixtures.spec(true, 1, false, false);
+        List<List<String>> logs = new ArrayList<>();
+        for (int r = 0; r < 4; r++) logs.add(java.util.Collections.synchronizedList(new ArrayList<>()));
+        List<EpFixtures.RankState> ranks = InProcessWorld.run(4, comm -> {
+            Communicator world = new Deferring(comm, logs.get(comm.rank()));
+            try (ProcessGroups groups = new ProcessGroups(world)) {
+                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, SEED);
+                Trainer t = EpFixtures.trainer(ctx, spec, groups, 2, 1);
+                return EpFixtures.state(t, EpFixtures.run(t, 1));
+            }
+        });
+        Trainer ref = EpFixtures.reference(spec, 4);
+        EpFixtures.assertMatches(EpFixtures.state(ref, EpFixtures.run(ref, 1)), ranks, 1e-9, "deferred overlapped all-reduce at EP 2");
+        List<String> log = logs.get(0);
+        int firstAwait = log.indexOf(log.stream().filter(s -> s.startsWith("await")).findFirst().orElseThrow());
+        long starts = log.stream().filter(s -> s.startsWith("start")).count();
+        long awaits = log.stream().filter(s -> s.startsWith("await")).count();
+        assertTrue(starts >= 3, "several buckets: " + log);
+        assertEquals(starts, awaits, "every started bucket is awaited: " + log);
+        assertEquals(starts, firstAwait, "all buckets start before the first await (during the backward): " + log);
+    }
+
+    @Test
+    void blockNamesParse() {
+        assertEquals(7, GradientSync.blockOf("h.7.attn.qkv.weight"));
+        assertEquals(12, GradientSync.blockOf("h.12"));
+        assertEquals(-1, GradientSync.blockOf("wte"));
+        assertEquals(-1, GradientSync.blockOf("lnf.weight"));
+        assertEquals(-1, GradientSync.blockOf("h.x.w"));
+    }
+}
