@@ -124,7 +124,8 @@ python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" /tmp/jre
 RUN
 cat > "$out/run-ep-bench.sh" <<'RUN'
 #!/usr/bin/env bash
-# The expert-parallel MoE layer benchmark, one process per GPU: run-ep-bench.sh [NPROC] [--iters N] [config...]
+# The expert-parallel MoE layer benchmark, one process per GPU: run-ep-bench.sh [NPROC] [--iters N] [--node-size G] [config...]
+# (--node-size: MoE4J's expert-parallel all-to-alls hierarchical, G ranks per node; the PyTorch peer stays flat)
 # First MoE4J (dev.moe4j.comm.ep.EpLayerBench), then PyTorch (ep_layer_reference.py), each under torchrun with
 # NCCL_NVLS_ENABLE=0; rank 0 of each prints one JSON line per config and mode (also kept in $OUT or ./reports).
 set -uo pipefail
@@ -146,7 +147,8 @@ echo "[run-ep-bench] moe4j exit $rc1, torch exit $rc2"
 RUN
 cat > "$out/run-comm-bench.sh" <<'RUN'
 #!/usr/bin/env bash
-# All-to-all and all-reduce bus bandwidth, one process per GPU: run-comm-bench.sh [NPROC]
+# All-to-all and all-reduce bus bandwidth, one process per GPU: run-comm-bench.sh [NPROC] [--node-size G]
+# (with G: the hierarchical all-to-all too, G ranks per node)
 # First MoE4J (dev.moe4j.comm.nccl.CommBench), then torch.distributed (comm_bench_reference.py), NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -154,10 +156,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 export NCCL_NVLS_ENABLE=0
 reports=${OUT:-$here/reports}
 mkdir -p "$reports"
-python3 -m torch.distributed.run --no-python --nproc_per_node="${1:-2}" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
-  ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.CommBench 2>&1 | tee "$reports/comm_moe4j.log"
+nproc=${1:-2}
+shift || true
+python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+  ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.CommBench "$@" 2>&1 | tee "$reports/comm_moe4j.log"
 rc1=${PIPESTATUS[0]}
-python3 -m torch.distributed.run --nproc_per_node="${1:-2}" "$here/comm_bench_reference.py" 2>&1 | tee "$reports/comm_torch.log"
+python3 -m torch.distributed.run --nproc_per_node="$nproc" "$here/comm_bench_reference.py" 2>&1 | tee "$reports/comm_torch.log"
 rc2=${PIPESTATUS[0]}
 echo "[run-comm-bench] moe4j exit $rc1, torch exit $rc2"
 [[ $rc1 -eq 0 && $rc2 -eq 0 ]]

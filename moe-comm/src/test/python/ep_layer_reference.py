@@ -1,6 +1,6 @@
 """PyTorch peer of dev.moe4j.comm.ep.EpLayerBench: the expert-parallel MoE layer, forward + backward.
 
-    python3 -m torch.distributed.run --nproc_per_node=2 ep_layer_reference.py [--iters N] [config names...]
+    python3 -m torch.distributed.run --nproc_per_node=2 ep_layer_reference.py [--iters N] [--node-size G (ignored)] [config names...]
 
 Per GPU: S = 8192 tokens, El experts (16 for 350M+MoE-128 and 1.3B+MoE-128 with k = 1, 8 for 1.3B+MoE-64-top2
 with k = 2), E = El * P experts in all. bf16 tokens and expert weights W1 [El,M,F], W2 [El,F,M] (GELU, tanh
@@ -206,6 +206,8 @@ def main():
     while i < len(args):
         if args[i] == "--iters":
             reps = int(args[i + 1])
+            i += 2
+        elif args[i] == "--node-size":   # MoE4J's hierarchical option; torch.distributed has one flat all-to-all
             i += 2
         else:
             only.add(args[i])

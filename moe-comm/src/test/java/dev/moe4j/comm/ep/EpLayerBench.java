@@ -1,5 +1,6 @@
 package dev.moe4j.comm.ep;
 
+import dev.moe4j.comm.HierarchicalCommunicator;
 import dev.moe4j.comm.InProcessWorld;
 import dev.moe4j.comm.nccl.BenchTimer;
 import dev.moe4j.comm.nccl.NcclCommunicator;
@@ -62,7 +63,7 @@ public final class EpLayerBench {
 
     public static void main(String[] args) throws Exception {
         boolean smoke = System.getenv("WORLD_SIZE") == null;
-        int iters = 20;
+        int iters = 20, nodeSize = 0;
         Set<String> only = new HashSet<>();
         for (int i = 0; i < args.length; i++) {
             switch (args[i]) {
@@ -72,17 +73,22 @@ public final class EpLayerBench {
                     iters = Integer.parseInt(args[++i]);
                     if (iters < 1) throw new IllegalArgumentException("EpLayerBench: --iters must be >= 1, got " + iters);
                 }
+                case "--node-size" -> {
+                    if (i + 1 >= args.length) throw new IllegalArgumentException("EpLayerBench: --node-size needs a value (>= 1)");
+                    nodeSize = Integer.parseInt(args[++i]);
+                    if (nodeSize < 1) throw new IllegalArgumentException("EpLayerBench: --node-size must be >= 1, got " + nodeSize);
+                }
                 default -> only.add(args[i]);
             }
         }
         List<Config> configs = new ArrayList<>();
         for (Config c : smoke ? SMOKE : CONFIGS) if (only.isEmpty() || only.contains(c.name)) configs.add(c);
         if (configs.isEmpty()) throw new IllegalArgumentException("EpLayerBench: no config named " + only + "; known: " + names(smoke ? SMOKE : CONFIGS));
-        final int reps = iters;
+        final int reps = iters, node = nodeSize;
         if (smoke) {
             System.out.println("EpLayerBench smoke: 2 in-process CPU ranks, tiny shapes, wall-clock timing");
             InProcessWorld.run(2, comm -> {
-                bench(comm, configs, reps, System.out::println);
+                bench(comm, configs, reps, node, System.out::println);
                 return null;
             });
             return;
@@ -93,7 +99,7 @@ public final class EpLayerBench {
             NcclLibrary.load();
             try (Backend backend = Backends.select("cuda").create(env.localRank());
                  NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(300)))) {
-                bench(comm, configs, reps, System.out::println);
+                bench(comm, configs, reps, node, System.out::println);
             }
         } catch (Throwable t) {
             System.err.println("EpLayerBench rank " + env.rank() + " failed:");
@@ -114,10 +120,17 @@ public final class EpLayerBench {
      * {@code out}, any rank a line for a config that failed on it. Collective: every rank calls it.
      */
     static void bench(Communicator world, List<Config> configs, int reps, Consumer<String> out) {
+        bench(world, configs, reps, 0, out);
+    }
+
+    /** As above; nodeSize > 0: the expert-parallel group's all-to-alls hierarchical with that many ranks per node. */
+    static void bench(Communicator world, List<Config> configs, int reps, int nodeSize, Consumer<String> out) {
         Backend b = world.backend();
         int p = world.size();
         try (ProcessGroups groups = new ProcessGroups(world)) {
-            Communicator ep = groups.expertParallel(p);
+            Communicator flat = groups.expertParallel(p);
+            HierarchicalCommunicator hier = nodeSize > 0 ? new HierarchicalCommunicator(flat, nodeSize) : null;
+            Communicator ep = hier != null ? hier : flat;
             for (Config c : configs) {
                 for (boolean dropless : new boolean[] {false, true}) {
                     String mode = dropless ? "dropless" : "capacity 1.0";
@@ -129,9 +142,9 @@ public final class EpLayerBench {
                         if (world.rank() == 0) {
                             out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"ranks\":%d,\"tokens_per_gpu\":%d,"
                                             + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,"
-                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"device\":\"%s\"}",
+                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"device\":\"%s\"}",
                                     c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms,
-                                    epr.ms / local.ms, epr.dropped, local.dropped, b.name()));
+                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", b.name()));
                         }
                     } catch (RuntimeException | OutOfMemoryError e) {
                         // report and go on; a broken communicator makes the next config fail fast too
@@ -140,6 +153,7 @@ public final class EpLayerBench {
                     }
                 }
             }
+            if (hier != null) hier.close();
         }
     }
 

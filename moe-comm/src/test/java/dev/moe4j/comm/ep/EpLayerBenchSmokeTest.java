@@ -46,6 +46,21 @@ class EpLayerBenchSmokeTest {
             assertTrue(ep > 0 && local > 0, l);
             assertEquals(ep / local, ratio, 0.01 * ratio + 1e-3, l);
             if (l.contains("dropless")) assertEquals(0.0, dropped, l);
+            assertTrue(l.contains("\"all_to_all\":\"flat\""), l);
+        }
+    }
+
+    @Test
+    void hierarchicalModeReportsItsAllToAll() {
+        List<String> lines = new CopyOnWriteArrayList<>();
+        InProcessWorld.run(2, comm -> {
+            EpLayerBench.bench(comm, Arrays.asList(EpLayerBench.SMOKE), 1, 1, lines::add);
+            return null;
+        });
+        assertEquals(2 * EpLayerBench.SMOKE.length, lines.size(), "one line per config and mode: " + lines);
+        for (String l : lines) {
+            assertFalse(l.contains("\"error\""), l);
+            assertTrue(l.contains("\"all_to_all\":\"hierarchical, node size 1\""), l);
         }
     }
 }

@@ -21,12 +21,17 @@ import java.util.Locale;
 public final class CommBench {
     static final int WARMUP = 200;
 
+    /** CommBench [--node-size G]: with G > 0 also the hierarchical all-to-all (G ranks per node) beside the flat one. */
     public static void main(String[] args) throws Exception {
+        int nodeSize = 0;
+        if (args.length == 2 && args[0].equals("--node-size")) nodeSize = Integer.parseInt(args[1]);
+        else if (args.length != 0) throw new IllegalArgumentException("usage: CommBench [--node-size G]");
         DistributedEnv env = DistributedEnv.fromEnvironment();
         NcclLibrary.load();
         try (Backend backend = Backends.select("cuda").create(env.localRank());
              NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(120)))) {
             int p = comm.size();
+            dev.moe4j.comm.HierarchicalCommunicator hier = nodeSize > 0 ? new dev.moe4j.comm.HierarchicalCommunicator(comm, nodeSize) : null;
             for (long bytes = 16 << 10; bytes <= (1L << 30); bytes *= 4) {
                 int cols = 1024;                                   // bf16 rows of 2 KiB
                 int rows = (int) Math.max(p, bytes / (2L * cols) / p * p);
@@ -35,15 +40,21 @@ public final class CommBench {
                     long realBytes = (long) rows * cols * 2;
                     double a2a = BenchTimer.medianMs(backend, WARMUP, 20, () -> comm.allToAll(send, recv));
                     double ar = BenchTimer.medianMs(backend, WARMUP, 20, () -> comm.allReduce(send));
+                    double h = hier == null ? Double.NaN : BenchTimer.medianMs(backend, WARMUP, 20, () -> hier.allToAll(send, recv));
                     double algA2a = realBytes / (a2a * 1e-3) / 1e9, algAr = realBytes / (ar * 1e-3) / 1e9;
                     if (comm.rank() == 0) {
                         System.out.printf(Locale.ROOT, "{\"impl\":\"moe4j\",\"ranks\":%d,\"bytes\":%d,\"all_to_all_ms\":%.4f,\"all_to_all_busbw\":%.2f,"
                                         + "\"all_reduce_ms\":%.4f,\"all_reduce_busbw\":%.2f}%n",
                                 p, realBytes, a2a, algA2a * (p - 1) / p, ar, algAr * 2 * (p - 1) / p);
+                        if (hier != null) {
+                            System.out.printf(Locale.ROOT, "{\"impl\":\"moe4j\",\"ranks\":%d,\"bytes\":%d,\"hierarchical_node_size\":%d,"
+                                    + "\"all_to_all_ms\":%.4f,\"all_to_all_busbw\":%.2f}%n", p, realBytes, nodeSize, h, realBytes / (h * 1e-3) / 1e9 * (p - 1) / p);
+                        }
                     }
                     if (bytes == 16 << 10) hostCost(backend, comm, send);
                 }
             }
+            if (hier != null) hier.close();
         }
         System.exit(0);
     }
