@@ -7,7 +7,9 @@ import dev.moe4j.core.comm.ReduceOp;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
 
+import java.util.ArrayList;
 import java.util.Arrays;
+import java.util.List;
 
 /**
  * The hierarchical all-to-all of DeepSpeed-MoE (Rajbhandari et al. 2022, Fig. 8), wrapped around a world
@@ -26,8 +28,9 @@ import java.util.Arrays;
  *   <li>inter-node all-to-all (group: the N ranks of local index l'): rank (n', l') receives from each node n the
  *       rows (n, l) -> (n', l') for l = 0..G-1, i.e. in source rank order: exactly the flat result.</li>
  * </ol>
- * Layout transforms are {@link Backend#gatherRows} with an index tensor built on the host from the splits, so
- * they run as kernels on a GPU. With variable splits, step 3 needs the splits of every rank of the node: they are
+ * Layout transforms move whole blocks of rows (one device copy per non-empty (peer, node) block, placed from the
+ * splits on the host: no index tensor to build or upload), and a transform that leaves every block in place is
+ * skipped (step 1 with G = 1; steps 3-4 collapse to a copy into the result with N = 1). With variable splits, step 3 needs the splits of every rank of the node: they are
  * all-gathered (host ints, G*p numbers) inside the node once per call; equal splits need no exchange.
  *
  * <p>The temporaries are freed when the call returns, while a GPU may still be running the queued all-to-alls: this
@@ -139,14 +142,15 @@ public final class HierarchicalCommunicator implements Communicator {
         Tensor recv2 = recv.reshape(recv.rows(), cols);
         int[] sendOff = CommChecks.offsets(counts[myLocal]);
 
-        // Step 1: [dest (n', l')] -> [(l', n')]; intra splits: rows for local peer l' = sum over n'.
-        int[] idx1 = new int[send2.rows()];
+        // Step 1: [dest (n', l')] -> [(l', n')], block by block; intra splits: rows for local peer l' = sum over n'.
+        List<int[]> moves1 = new ArrayList<>();      // {from row, to row, rows}
         int[] intraSend = new int[G];
         int at = 0;
         for (int lp = 0; lp < G; lp++) {
             for (int np = 0; np < N; np++) {
                 int d = np * G + lp;
-                for (int i = 0; i < counts[myLocal][d]; i++) idx1[at++] = sendOff[d] + i;
+                moves1.add(new int[] {sendOff[d], at, counts[myLocal][d]});
+                at += counts[myLocal][d];
                 intraSend[lp] += counts[myLocal][d];
             }
         }
@@ -155,7 +159,7 @@ public final class HierarchicalCommunicator implements Communicator {
         for (int l = 0; l < G; l++) for (int np = 0; np < N; np++) intraRecv[l] += counts[l][np * G + myLocal];
         int midRows = Arrays.stream(intraRecv).sum();
 
-        // Step 3 index: [(l, n')] -> [(n', l)]; inter splits: rows for node n' = sum over l.
+        // Step 3: [(l, n')] -> [(n', l)], block by block; inter splits: rows for node n' = sum over l.
         int[][] blockStart = new int[G][N];
         at = 0;
         for (int l = 0; l < G; l++) {
@@ -164,13 +168,14 @@ public final class HierarchicalCommunicator implements Communicator {
                 at += counts[l][np * G + myLocal];
             }
         }
-        int[] idx3 = new int[midRows];
+        List<int[]> moves3 = new ArrayList<>();
         int[] interSend = new int[N];
         at = 0;
         for (int np = 0; np < N; np++) {
             for (int l = 0; l < G; l++) {
                 int c = counts[l][np * G + myLocal];
-                for (int i = 0; i < c; i++) idx3[at++] = blockStart[l][np] + i;
+                moves3.add(new int[] {blockStart[l][np], at, c});
+                at += c;
                 interSend[np] += c;
             }
         }
@@ -178,15 +183,42 @@ public final class HierarchicalCommunicator implements Communicator {
         int[] interRecv = new int[N];
         for (int n = 0; n < N; n++) for (int l = 0; l < G; l++) interRecv[n] += recvRows[n * G + l];
 
-        try (Tensor i1 = b.fromInts(idx1, idx1.length);
-             Tensor a = b.empty(dt, send2.rows(), cols);
-             Tensor m = b.empty(dt, midRows, cols);
-             Tensor i3 = b.fromInts(idx3, idx3.length);
-             Tensor c = b.empty(dt, midRows, cols)) {
-            b.gatherRows(send2, i1, a);                       // step 1
-            if (G == 1) b.copy(a, m); else intra.allToAllV(a, intraSend, m, intraRecv);   // step 2
-            b.gatherRows(m, i3, c);                           // step 3
-            if (N == 1) b.copy(c, recv2); else inter.allToAllV(c, interSend, recv2, interRecv);   // step 4
+        // A transform whose blocks all stay in place (G = 1 for step 1 and 3's source order, N = 1, ...) is skipped;
+        // a single-member group's all-to-all is the identity, so its input is used as its output.
+        List<Tensor> temps = new ArrayList<>();
+        try {
+            Tensor a = inPlace(moves1) ? send2 : keep(temps, b.empty(dt, send2.rows(), cols));
+            if (a != send2) move(b, send2, a, moves1);                                                 // step 1
+            Tensor m = G == 1 ? a : keep(temps, b.empty(dt, midRows, cols));
+            if (G > 1) intra.allToAllV(a, intraSend, m, intraRecv);                                      // step 2
+            if (N == 1) {
+                move(b, m, recv2, moves3);                                                               // step 3 into the result
+                return;                                                                                  // step 4: one node
+            }
+            Tensor c = inPlace(moves3) ? m : keep(temps, b.empty(dt, midRows, cols));
+            if (c != m) move(b, m, c, moves3);                                                           // step 3
+            inter.allToAllV(c, interSend, recv2, interRecv);                                             // step 4
+        } finally {
+            for (Tensor t : temps) t.close();
+        }
+    }
+
+    private static Tensor keep(List<Tensor> temps, Tensor t) {
+        temps.add(t);
+        return t;
+    }
+
+    /** Whether every block of a transform stays where it is. */
+    private static boolean inPlace(List<int[]> moves) {
+        for (int[] mv : moves) if (mv[2] > 0 && mv[0] != mv[1]) return false;
+        return true;
+    }
+
+    /** The layout transform: each non-empty block of rows copied to its place (a device copy per block, no index upload). */
+    private static void move(Backend b, Tensor from, Tensor to, List<int[]> moves) {
+        for (int[] mv : moves) {
+            if (mv[2] == 0) continue;
+            b.copy(from.rowSlice(mv[0], mv[2]), to.rowSlice(mv[1], mv[2]));
         }
     }
 
