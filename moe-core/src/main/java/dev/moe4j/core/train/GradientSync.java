@@ -53,35 +53,23 @@ public final class GradientSync {
         }
         this.params = params;
         this.groups = groups;
+        // Buckets: maximal contiguous runs of one group and one block; ranges: the same runs across blocks.
         long base = params.grad().offset();
-        Range cur = null;
         for (Parameter p : params.layoutOrder()) {
-            int ep = p.isExpert() ? p.expertShard().epSize() : 0;
-            long start = p.grad().offset() - base;
             int n = Math.toIntExact(p.shape().numel());
             if (n == 0) continue;
-            if (cur != null && cur.epSize() == ep && cur.start() + cur.count() == start && (long) cur.count() + n <= Integer.MAX_VALUE - 8) {
-                cur = new Range(cur.start(), cur.count() + n, ep);
-                ranges.set(ranges.size() - 1, cur);
+            Bucket b = new Bucket(p.grad().offset() - base, n, p.isExpert() ? p.expertShard().epSize() : 0, blockOf(p.name()));
+            Bucket last = buckets.isEmpty() ? null : buckets.get(buckets.size() - 1);
+            if (last != null && last.block() == b.block() && joins(last.start(), last.count(), last.epSize(), b)) {
+                buckets.set(buckets.size() - 1, new Bucket(last.start(), last.count() + n, b.epSize(), b.block()));
             } else {
-                cur = new Range(start, n, ep);
-                ranges.add(cur);
+                buckets.add(b);
             }
         }
-        Bucket bk = null;
-        for (Parameter p : params.layoutOrder()) {
-            int ep = p.isExpert() ? p.expertShard().epSize() : 0;
-            long start = p.grad().offset() - base;
-            int n = Math.toIntExact(p.shape().numel());
-            if (n == 0) continue;
-            int block = blockOf(p.name());
-            if (bk != null && bk.epSize() == ep && bk.block() == block && bk.start() + bk.count() == start && (long) bk.count() + n <= Integer.MAX_VALUE - 8) {
-                bk = new Bucket(bk.start(), bk.count() + n, ep, block);
-                buckets.set(buckets.size() - 1, bk);
-            } else {
-                bk = new Bucket(start, n, ep, block);
-                buckets.add(bk);
-            }
+        for (Bucket b : buckets) {
+            Range last = ranges.isEmpty() ? null : ranges.get(ranges.size() - 1);
+            if (last != null && joins(last.start(), last.count(), last.epSize(), b)) ranges.set(ranges.size() - 1, new Range(last.start(), last.count() + b.count(), b.epSize()));
+            else ranges.add(new Range(b.start(), b.count(), b.epSize()));
         }
         launched = new boolean[buckets.size()];
         for (Range r : ranges) if (r.epSize() > 1) ProcessGroups.validate(groups.dataParallel().size(), r.epSize());
@@ -98,6 +86,11 @@ public final class GradientSync {
 
     /** The contiguous ranges and their groups (for tests and logs). */
     List<Range> ranges() { return List.copyOf(ranges); }
+
+    /** Whether b continues the run [start, start + count) of group epSize (and the sum still fits one collective). */
+    private static boolean joins(long start, int count, int epSize, Bucket b) {
+        return epSize == b.epSize() && start + count == b.start() && (long) count + b.count() <= Integer.MAX_VALUE - 8;
+    }
 
     /** The block a parameter belongs to, from its name ("h.7.attn..." -> 7), or -1. */
     public static int blockOf(String name) {
