@@ -151,4 +151,30 @@ class ExpertParallelTrainingTest {
         });
         for (int r = 0; r < bytes.size(); r++) assertEquals(bytes.get(r)[0], bytes.get(r)[1], "allocated bytes on rank " + r + " after 2 and 12 steps");
     }
+
+    /**
+     * Validation is shared out over the data-parallel ranks (5 batches over 4 and over 3 ranks: uneven shares, some
+     * ranks repeating a batch with weight 0) and still gives the single-process figure on every rank.
+     */
+    @Test
+    void shardedValidationEqualsTheSingleRankValidation() {
+        ModelSpec spec = spec(true, 1, false, false);
+        for (int[] worldEp : new int[][] {{4, 2}, {3, 1}}) {
+            int world = worldEp[0], ep = worldEp[1];
+            Trainer ref = reference(spec, world);
+            run(ref, 2);
+            double expected = ref.validationLoss(5);
+            List<Double> got = dev.moe4j.comm.InProcessWorld.run(world, comm -> {
+                try (dev.moe4j.core.comm.ProcessGroups groups = new dev.moe4j.core.comm.ProcessGroups(comm)) {
+                    dev.moe4j.core.nn.ModelContext ctx = new dev.moe4j.core.nn.ModelContext(comm.backend(), dev.moe4j.core.tensor.DType.F64, SEED);
+                    Trainer t = trainer(ctx, spec, groups, ep, 1);
+                    run(t, 2);
+                    return t.validationLoss(5);
+                }
+            });
+            for (int r = 0; r < world; r++) {
+                assertEquals(expected, got.get(r), 1e-12 * expected, "validation on rank " + r + " of " + world + " at ep " + ep);
+            }
+        }
+    }
 }

@@ -177,23 +177,44 @@ public final class Trainer {
         return n;
     }
 
-    /** Mean cross-entropy over up to {@code maxBatches} held-out batches, with the model in evaluation mode. */
+    /**
+     * Mean cross-entropy over up to {@code maxBatches} held-out batches, with the model in evaluation mode. With
+     * gradient synchronisation (W data-parallel ranks) the batches are shared out (rank r takes batches r, r+W, ...)
+     * and the sums all-reduced, so every rank returns the single-process figure for 1/W of the work; every rank runs
+     * the same number of forwards (a rank short of batches repeats one with weight 0), since MoE layers exchange
+     * tokens. Collective then: every rank calls it.
+     */
     public double validationLoss(int maxBatches) {
         Backend b = model.context().backend();
         List<Batch> batches = data.validation(maxBatches);
         if (batches.isEmpty()) throw new IllegalStateException("no validation data");
+        int world = sync == null ? 1 : sync.dataParallelSize(), rank = sync == null ? 0 : sync.rank();
+        int share = (batches.size() + world - 1) / world;
         model.context().setTraining(false);
         double sum = 0;
         long count = 0;
         try {
-            for (Batch unchecked : batches) {
-                Batch batch = checked(unchecked, "validation batch");
+            for (int j = 0; j < share; j++) {
+                int i = j * world + rank;
+                boolean counts = i < batches.size();
+                Batch batch = checked(batches.get(counts ? i : 0), "validation batch");
                 try (Scope s = Scope.open()) {
                     int valid = validTargets(batch);
                     Tensor l = model.forwardLoss(b.fromInts(batch.inputs(), batch.batchSize(), batch.seqLen()),
                             b.fromInts(batch.targets(), batch.batchSize(), batch.seqLen()), valid);
-                    sum += l.toDoubles()[0] * valid;
-                    count += valid;
+                    double v = l.toDoubles()[0];
+                    if (counts) {
+                        sum += v * valid;
+                        count += valid;
+                    }
+                }
+            }
+            if (world > 1) {
+                try (Tensor t = b.fromDoubles(model.context().params().master().dtype(), new double[] {sum, count}, 2)) {
+                    sync.groups().dataParallel().allReduce(t, dev.moe4j.core.comm.ReduceOp.SUM);
+                    double[] v = t.toDoubles();
+                    sum = v[0];
+                    count = Math.round(v[1]);
                 }
             }
         } finally {
