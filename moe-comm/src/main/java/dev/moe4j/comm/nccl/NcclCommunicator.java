@@ -366,7 +366,24 @@ public final class NcclCommunicator implements Communicator {
     @Override
     public synchronized CommWork allReduceAsync(Tensor t, ReduceOp op) {
         CommChecks.allReduce(this, t, op);
-        usable("allReduceAsync");
+        return onSide("allReduce (async)", on -> launch("allReduce (async)", on,
+                () -> nccl.ncclAllReduce(ptr(t), ptr(t), t.numel(), type(t), op(op), comm, on)));
+    }
+
+    /** {@link #allToAllV} on the side stream, as {@link #allReduceAsync}. */
+    @Override
+    public synchronized CommWork allToAllVAsync(Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+        CommChecks.allToAllV(this, send, sendRows, recv, recvRows);
+        int[] sr = sendRows.clone(), rr = recvRows.clone();
+        return onSide("allToAllV (async)", on -> sendRecvAll("allToAllV (async)", send, sr, recv, rr, on));
+    }
+
+    /**
+     * Queues {@code body} on the side stream after everything queued so far on the backend's stream; the returned
+     * work makes the backend's stream wait for it.
+     */
+    private CommWork onSide(String op, java.util.function.Consumer<CUstream_st> body) {
+        usable(op);
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
         if (side == null) {
             side = new CUstream_st();
@@ -376,8 +393,7 @@ public final class NcclCommunicator implements Communicator {
         }
         cuda("cudaEventRecord(fork)", cudart.cudaEventRecord(fork, stream));
         cuda("cudaStreamWaitEvent(side)", cudart.cudaStreamWaitEvent(side, fork, 0));
-        CUstream_st on = side;
-        launch("allReduce (async)", on, () -> nccl.ncclAllReduce(ptr(t), ptr(t), t.numel(), type(t), op(op), comm, on));
+        body.accept(side);
         CUevent_st done = new CUevent_st();
         cuda("cudaEventCreate(done)", cudart.cudaEventCreateWithFlags(done, cudart.cudaEventDisableTiming));
         cuda("cudaEventRecord(done)", cudart.cudaEventRecord(done, side));
@@ -413,19 +429,23 @@ public final class NcclCommunicator implements Communicator {
     }
 
     private void sendRecvAll(String op, Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+        sendRecvAll(op, send, sendRows, recv, recvRows, stream);
+    }
+
+    private void sendRecvAll(String op, Tensor send, int[] sendRows, Tensor recv, int[] recvRows, CUstream_st on) {
         long cols = send.cols();
         int[] so = CommChecks.offsets(sendRows), ro = CommChecks.offsets(recvRows);
         int dt = type(send);
-        launch(op, () -> {
+        launch(op, on, () -> {
             int rc = nccl.ncclGroupStart();
             if (rc != nccl.ncclSuccess) return rc;
             for (int p = 0; p < size; p++) {
                 if (sendRows[p] > 0) {
-                    rc = nccl.ncclSend(ptr(send, so[p] * cols), sendRows[p] * cols, dt, p, comm, stream);
+                    rc = nccl.ncclSend(ptr(send, so[p] * cols), sendRows[p] * cols, dt, p, comm, on);
                     if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) { nccl.ncclGroupEnd(); return rc; }
                 }
                 if (recvRows[p] > 0) {
-                    rc = nccl.ncclRecv(ptr(recv, ro[p] * cols), recvRows[p] * cols, dt, p, comm, stream);
+                    rc = nccl.ncclRecv(ptr(recv, ro[p] * cols), recvRows[p] * cols, dt, p, comm, on);
                     if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) { nccl.ncclGroupEnd(); return rc; }
                 }
             }

@@ -22,7 +22,9 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 /**
- * Gradient all-reduces that overlap the backward: each block's buckets start when the block's backward is queued
+ * Collectives that overlap the backward (a deferring communicator runs each only at its await, the latest a GPU
+ * side stream could finish): the expert layer's reverse all-to-all beside the experts' weight gradients, and the
+ * gradient all-reduces. each block's buckets start when the block's backward is queued
  * and complete only when awaited. A communicator that performs an async all-reduce only at its await (the
  * latest a GPU side stream could finish) must still give exactly the single-rank step, so GradientSync must await
  * every bucket before the optimizer reads the gradients; and the buckets must start block by block, last block
@@ -53,6 +55,16 @@ class OverlappedGradientSyncTest {
         @Override public void close() { inner.close(); }
 
         @Override
+        public CommWork allToAllVAsync(Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+            log.add("exchange queued");
+            int[] sr = sendRows.clone(), rr = recvRows.clone();
+            return () -> {
+                log.add("exchange awaited");
+                inner.allToAllV(send, sr, recv, rr);
+            };
+        }
+
+        @Override
         public CommWork allReduceAsync(Tensor t, ReduceOp op) {
             log.add("start " + t.numel());
             return () -> {
@@ -64,7 +76,11 @@ class OverlappedGradientSyncTest {
 
     @Test
     void deferredBucketsStillGiveTheSingleRankStep() {
-        ModelSpec spec = EpFixtures.spec(true, 1, false, false);
+        deferredRunMatches(EpFixtures.spec(true, 1, false, false));    // dropless
+        deferredRunMatches(EpFixtures.spec(false, 2, false, false));   // capacity, top-2
+    }
+
+    private static void deferredRunMatches(ModelSpec spec) {
         List<List<String>> logs = new ArrayList<>();
         for (int r = 0; r < 4; r++) logs.add(java.util.Collections.synchronizedList(new ArrayList<>()));
         List<EpFixtures.RankState> ranks = InProcessWorld.run(4, comm -> {
@@ -76,14 +92,17 @@ class OverlappedGradientSyncTest {
             }
         });
         Trainer ref = EpFixtures.reference(spec, 4);
-        EpFixtures.assertMatches(EpFixtures.state(ref, EpFixtures.run(ref, 1)), ranks, 1e-9, "deferred overlapped all-reduce at EP 2");
+        EpFixtures.assertMatches(EpFixtures.state(ref, EpFixtures.run(ref, 1)), ranks, 1e-9, "deferred overlapped collectives at EP 2, " + spec.moe());
         List<String> log = logs.get(0);
-        int firstAwait = log.indexOf(log.stream().filter(s -> s.startsWith("await")).findFirst().orElseThrow());
-        long starts = log.stream().filter(s -> s.startsWith("start")).count();
-        long awaits = log.stream().filter(s -> s.startsWith("await")).count();
+        List<String> bucketLog = log.stream().filter(s -> s.startsWith("start") || s.startsWith("await")).toList();
+        int firstAwait = bucketLog.indexOf(bucketLog.stream().filter(s -> s.startsWith("await")).findFirst().orElseThrow());
+        long starts = bucketLog.stream().filter(s -> s.startsWith("start")).count();
+        long awaits = bucketLog.stream().filter(s -> s.startsWith("await")).count();
         assertTrue(starts >= 3, "several buckets: " + log);
         assertEquals(starts, awaits, "every started bucket is awaited: " + log);
         assertEquals(starts, firstAwait, "all buckets start before the first await (during the backward): " + log);
+        assertTrue(log.contains("exchange queued") && log.indexOf("exchange queued") < log.indexOf("exchange awaited"),
+                "the expert layer's reverse all-to-all is queued, then awaited: " + log);
     }
 
     @Test

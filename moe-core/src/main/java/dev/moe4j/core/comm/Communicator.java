@@ -88,6 +88,15 @@ public interface Communicator extends AutoCloseable {
         return CommWork.DONE;
     }
 
+    /**
+     * {@link #allToAllV} that may run beside the backend's later work (see {@link #allReduceAsync}); send and recv
+     * must stay alive and untouched until {@link CommWork#await()}. This default runs it at once.
+     */
+    default CommWork allToAllVAsync(Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+        allToAllV(send, sendRows, recv, recvRows);
+        return CommWork.DONE;
+    }
+
     /** recv (size * send.numel() elements) = the send tensors of ranks 0..size-1, concatenated in rank order. */
     void allGather(Tensor send, Tensor recv);
 

@@ -57,6 +57,12 @@ public final class TimedCommunicator implements Communicator {
 
     @Override public void allReduce(Tensor t, ReduceOp op) { timed(() -> inner.allReduce(t, op)); }
 
+    @Override public CommWork allReduceAsync(Tensor t, ReduceOp op) { return timed(() -> inner.allReduceAsync(t, op)); }
+
+    @Override public CommWork allToAllVAsync(Tensor send, int[] sendRows, Tensor recv, int[] recvRows) {
+        return timed(() -> inner.allToAllVAsync(send, sendRows, recv, recvRows));
+    }
+
     @Override public void allGather(Tensor send, Tensor recv) { timed(() -> inner.allGather(send, recv)); }
 
     @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { timed(() -> inner.reduceScatter(send, recv, op)); }

@@ -29,7 +29,8 @@ public final class ExpertBank implements AutoCloseable {
     // saved by forward
     private final SavedTensors saved = new SavedTensors();
     private Tensor x, h1, a, offsets, rowExpert;
-    private int[] hostOffsets;     // offsets on the host when the caller knew them, else null
+    private int[] hostOffsets;
+    private Tensor dh1, dy;        // between backwardData and backwardWeights     // offsets on the host when the caller knew them, else null
 
     /**
      * Declares {@code name.fc1.weight} [E,M,F'], {@code name.fc2.weight} [E,F,M] (normal(initStd) and
@@ -141,26 +142,47 @@ public final class ExpertBank implements AutoCloseable {
 
     /** dy [R, M] -&gt; dx [R, M] (returned, assigned); accumulates the weight (and bias) gradients. */
     public Tensor backward(Tensor dy) {
+        Tensor dx = backwardData(dy);
+        backwardWeights();
+        return dx;
+    }
+
+    /**
+     * The input gradient only: dy [R, M] -&gt; dx [R, M] (returned). The weight gradients follow with
+     * {@link #backwardWeights()}, which may run while dx travels (expert parallelism sends it back by all-to-all);
+     * dy must stay unchanged until then.
+     */
+    public Tensor backwardData(Tensor dy) {
         if (h1 == null) throw new IllegalStateException("ExpertBank.backward called before forward");
+        if (dh1 != null) throw new IllegalStateException("ExpertBank.backwardData called twice without backwardWeights");
         int R = x.rows();
-        // fc2: dW2[e] += a_e^T dy_e ; da [R,F] = dy [R,M] * fc2[e]^T
-        linearWeightGrad(a, dy, fc2, b2);
+        // da [R,F] = dy [R,M] * fc2[e]^T ; dh1 = act'(h1) da ; dx [R,M] = dh1 [R,F'] * fc1[e]^T
         Tensor da = b.empty(ctx.dtype(), R, ffn);
         linear(dy, fc2, true, null, da);
-        // act
-        Tensor dh1 = b.empty(ctx.dtype(), R, ffnIn);
+        dh1 = b.empty(ctx.dtype(), R, ffnIn);
         b.activationBackward(act, h1, da, dh1);
         da.close();
-        // fc1: dW1[e] += x_e^T dh1_e ; dx [R,M] = dh1 [R,F'] * fc1[e]^T
-        linearWeightGrad(x, dh1, fc1, b1);
         Tensor dx = b.empty(ctx.dtype(), R, hidden);
         linear(dh1, fc1, true, null, dx);
-        dh1.close();
+        this.dy = dy;
         return dx;
+    }
+
+    /** Accumulates the weight (and bias) gradients of the last {@link #backwardData}: dW2 += a^T dy, dW1 += x^T dh1. */
+    public void backwardWeights() {
+        if (dh1 == null) throw new IllegalStateException("ExpertBank.backwardWeights called before backwardData");
+        linearWeightGrad(a, dy, fc2, b2);
+        linearWeightGrad(x, dh1, fc1, b1);
+        dh1.close();
+        dh1 = null;
+        dy = null;
     }
 
 
     private void release() {
+        if (dh1 != null) dh1.close();
+        dh1 = null;
+        dy = null;
         saved.close();
         h1 = null;
         a = null;

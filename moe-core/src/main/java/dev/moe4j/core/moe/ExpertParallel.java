@@ -2,6 +2,7 @@ package dev.moe4j.core.moe;
 
 import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
@@ -171,31 +172,41 @@ final class ExpertParallel {
         }
     }
 
-    /** dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. */
+    /**
+     * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. The input gradients go back
+     * by the reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
+     */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy) {
         Backend b = ep.backend();
         int M = dy.cols();
         DType dt = dy.dtype();
-        Tensor dsrc;
+        Tensor dbuf = b.empty(dt, dy.rows(), M);
         try (Tensor drecv = b.empty(dt, r.localRows, M)) {
             exchange(ep, r, dy, drecv, false);
             if (r.localRows == 0) {
-                dsrc = b.zeros(dt, 0, M);
-            } else {
-                try (Tensor dyl = b.empty(dt, r.localRows, M)) {
-                    b.gatherRows(drecv, r.toExpert, dyl);
-                    try (Tensor dxin = bank.backward(dyl)) {
-                        dsrc = b.empty(dt, r.localRows, M);
-                        b.gatherRows(dxin, r.toSource, dsrc);
-                    }
+                try (Tensor dsrc = b.zeros(dt, 0, M)) {
+                    exchange(ep, r, dsrc, dbuf, true);
                 }
+                return dbuf;
+            }
+            try (Tensor dyl = b.empty(dt, r.localRows, M); Tensor dsrc = b.empty(dt, r.localRows, M)) {
+                b.gatherRows(drecv, r.toExpert, dyl);
+                try (Tensor dxin = bank.backwardData(dyl)) {
+                    b.gatherRows(dxin, r.toSource, dsrc);
+                }
+                CommWork back = r.equal ? exchangeAsyncEqual(ep, dsrc, dbuf) : ep.allToAllVAsync(dsrc, r.recvRows, dbuf, r.sendRows);
+                bank.backwardWeights();   // beside the all-to-all
+                back.await();             // before dsrc and dyl are freed and dbuf is read
             }
         }
-        try (dsrc) {
-            Tensor dbuf = b.empty(dt, dy.rows(), M);
-            exchange(ep, r, dsrc, dbuf, true);
-            return dbuf;
-        }
+        return dbuf;
+    }
+
+    /** Capacity mode's reverse exchange (equal splits) as an asynchronous variable one with equal counts. */
+    private static CommWork exchangeAsyncEqual(Communicator ep, Tensor send, Tensor recv) {
+        int[] rows = new int[ep.size()];
+        java.util.Arrays.fill(rows, send.rows() / ep.size());
+        return ep.allToAllVAsync(send, rows, recv, rows);
     }
 
     /** The dispatch all-to-all (reverse = false: to the experts' owners) or the combine one (reverse = true). */
