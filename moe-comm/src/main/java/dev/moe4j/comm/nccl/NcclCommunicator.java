@@ -67,6 +67,7 @@ public final class NcclCommunicator implements Communicator {
     private final Watchdog watchdog;
     private volatile CommunicationException failure;
     private volatile boolean closed;
+    private volatile boolean splitting;   // a split is polling the non-blocking communicator
     private long seq;
     private Tensor barrierBuf;
     private CUstream_st side;   // created by the first allReduceAsync
@@ -508,10 +509,16 @@ public final class NcclCommunicator implements Communicator {
         long s = seq++;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
         HandleSlot slot = new HandleSlot();
-        int rc = nccl.ncclCommSplit(control, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, slot.pp, config());
+        splitting = true;   // the watchdog leaves the non-blocking communicator to this thread meanwhile
+        boolean ok;
         long deadline = System.nanoTime() + opts.timeout().toNanos();
-        // The split runs as a job of the parent: poll the parent; the child's handle appears in the slot when it is done.
-        boolean ok = waitReady(control, "ncclCommSplit #" + s, rc, deadline);
+        try {
+            int rc = nccl.ncclCommSplit(control, color < 0 ? nccl.NCCL_SPLIT_NOCOLOR : color, key, slot.pp, config());
+            // The split runs as a job of the parent: poll the parent; the child's handle appears in the slot when done.
+            ok = waitReady(control, "ncclCommSplit #" + s, rc, deadline);
+        } finally {
+            splitting = false;
+        }
         if (!ok) {
             watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));   // aborts the parent, joining the split job
             usable("split");
@@ -732,7 +739,8 @@ public final class NcclCommunicator implements Communicator {
             }
             log.error("{}", e.getMessage());
             nccl.ncclCommAbort(comm);      // releases kernels and host calls waiting for a peer; unusable afterwards
-            nccl.ncclCommAbort(control);
+            // The non-blocking communicator is polled by the owner's thread during a split: not freed under it.
+            if (!splitting || Thread.currentThread() != thread) nccl.ncclCommAbort(control);
         }
 
         void stop() {
