@@ -174,7 +174,8 @@ final class TrainCommand implements Callable<Integer> {
     @Option(names = "--ep", defaultValue = "1", description = "Expert-parallel degree with --ranks: experts of each MoE layer spread over groups of this many ranks (default ${DEFAULT-VALUE}).")
     int ep;
 
-    @Option(names = "--node-size", defaultValue = "0", description = "With --ranks: hierarchical all-to-all with this many ranks per node (default 0: flat).")
+    @Option(names = "--node-size", defaultValue = "-1", description = "Hierarchical all-to-all in the expert-parallel groups with this many ranks "
+            + "per node (0: flat). Default: with --distributed, LOCAL_WORLD_SIZE when an expert-parallel group spans several nodes, else flat.")
     int nodeSize;
 
     @Option(names = "--backend", defaultValue = "auto", description = "cpu, cuda or auto (default ${DEFAULT-VALUE}).")
@@ -235,8 +236,8 @@ final class TrainCommand implements Callable<Integer> {
             else built = Models.build(ctx, spec, e -> Math.min(ep, e), g -> {
                 // Each MoE layer's expert-parallel group, flat or hierarchical, timed for the per-rank log.
                 Communicator c = groups.expertParallel(g);
-                if (nodeSize > 0) {
-                    HierarchicalCommunicator h = new HierarchicalCommunicator(c, nodeSize);
+                if (nodeSize() > 0) {
+                    HierarchicalCommunicator h = new HierarchicalCommunicator(c, nodeSize());
                     hierarchical.add(h);
                     c = h;
                 }
@@ -262,7 +263,7 @@ final class TrainCommand implements Callable<Integer> {
             if (lead) {
                 System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters%s, %s on %s%n", spec.name(),
                         cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), world == null ? "" : " on rank 0", dtype, backend.name());
-                if (world != null) System.out.printf("ranks %d %s, expert parallel %d, %s all-to-all%n", world.size(), distributed ? "over NCCL" : "in-process", ep, nodeSize > 0 ? "hierarchical (node size " + nodeSize + ")" : "flat");
+                if (world != null) System.out.printf("ranks %d %s, expert parallel %d, %s all-to-all%n", world.size(), distributed ? "over NCCL" : "in-process", ep, nodeSize() > 0 ? "hierarchical (node size " + nodeSize() + ")" : "flat");
                 if (spec.hasMoELayers()) {
                     MoESettings m = spec.moe();
                     System.out.printf("moe   experts per layer %s, top-%d, capacity factor %.2f%s%s, aux coefficient %.3g%n", m.expertsPerLayer(), m.k(),
@@ -457,7 +458,24 @@ final class TrainCommand implements Callable<Integer> {
         int world = worldSize();
         String what = distributed ? "the world size (" + world + ")" : "--ranks (" + ranks + ")";
         if (world % ep != 0) throw new IllegalArgumentException("--ep (" + ep + ") must divide " + what);
-        if (nodeSize < 0 || (nodeSize > 0 && world % nodeSize != 0)) throw new IllegalArgumentException("--node-size must be 0 or divide " + what + ", got " + nodeSize);
+        if (nodeSize < -1 || (nodeSize > 0 && ep % nodeSize != 0)) {
+            throw new IllegalArgumentException("--node-size must be 0 (flat) or divide --ep (" + ep + "), the size of the groups it splits into nodes, got " + nodeSize);
+        }
+    }
+
+    /** The node size in effect: --node-size, or its default (see {@link #autoNodeSize}). */
+    private int nodeSize() {
+        if (nodeSize >= 0) return nodeSize;
+        return distributed ? autoNodeSize(ep, DistributedEnv.fromEnvironment().localWorldSize()) : 0;
+    }
+
+    /**
+     * The default node size of a --distributed run: hierarchical with the ranks of one node (LOCAL_WORLD_SIZE) when
+     * an expert-parallel group of ep consecutive ranks spans whole nodes, else flat (a group inside one node gains
+     * nothing from the extra transforms).
+     */
+    static int autoNodeSize(int ep, int localWorldSize) {
+        return ep > localWorldSize && ep % localWorldSize == 0 ? localWorldSize : 0;
     }
 
     /** Ranks of this run: from the launcher's environment with --distributed, else --ranks. */

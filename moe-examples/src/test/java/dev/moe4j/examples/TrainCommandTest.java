@@ -131,6 +131,9 @@ class TrainCommandTest {
         Result badEp = run(tiny(dir.resolve("r6"), "--experts", "4", "--ranks", "4", "--ep", "3"));
         assertEquals(1, badEp.code());
         assertTrue(badEp.err().contains("--ep (3) must divide --ranks (4)"), badEp.err());
+        Result badNode = run(tiny(dir.resolve("r7"), "--experts", "4", "--ranks", "4", "--ep", "2", "--node-size", "4"));
+        assertEquals(1, badNode.code());
+        assertTrue(badNode.err().contains("--node-size must be 0 (flat) or divide --ep (2)"), badNode.err());
 
         Result badSteps = run(tiny(dir.resolve("r3"), "--steps", "0"));
         assertEquals(1, badSteps.code());
@@ -141,5 +144,14 @@ class TrainCommandTest {
         org.junit.jupiter.api.Assumptions.assumeTrue(noNccl.code() != 0, "this machine has NCCL and a GPU");
         assertEquals(1, noNccl.code());
         assertTrue(noNccl.err().contains("cannot load NCCL"), noNccl.err());
+    }
+
+    @Test
+    void nodeSizeDefaultsToOneNodeWhenExpertGroupsSpanNodes() {
+        assertEquals(8, TrainCommand.autoNodeSize(16, 8));   // 2 nodes of 8, EP 16: hierarchical
+        assertEquals(0, TrainCommand.autoNodeSize(8, 8));    // a group inside one node: flat
+        assertEquals(0, TrainCommand.autoNodeSize(2, 8));
+        assertEquals(0, TrainCommand.autoNodeSize(12, 8));   // not whole nodes: flat
+        assertEquals(4, TrainCommand.autoNodeSize(8, 4));
     }
 }
