@@ -26,11 +26,29 @@ public final class ExpertBank implements AutoCloseable {
     private final Activation act;
     private final Parameter fc1, fc2, b1, b2;
 
-    // saved by forward
-    private final SavedTensors saved = new SavedTensors();
-    private Tensor x, h1, a, offsets, rowExpert;
-    private int[] hostOffsets;
-    private Tensor dh1, dy;        // between backwardData and backwardWeights     // offsets on the host when the caller knew them, else null
+    private final Pass main = new Pass();   // the pass of forward/backward without an explicit one
+
+    /**
+     * What one forward keeps for its backward. A layer that runs the bank on several row sets in one step (e.g.
+     * the rows a rank sends itself, then the ones that travelled) gives each its own pass; the weight gradients
+     * of all of them accumulate.
+     */
+    public static final class Pass implements AutoCloseable {
+        private final SavedTensors saved = new SavedTensors();
+        private Tensor x, h1, a, offsets, rowExpert;
+        private int[] hostOffsets;     // offsets on the host when the caller knew them, else null
+        private Tensor dh1, dy;        // between backwardData and backwardWeights
+
+        @Override
+        public void close() {
+            if (dh1 != null) dh1.close();
+            dh1 = null;
+            dy = null;
+            saved.close();
+            h1 = null;
+            a = null;
+        }
+    }
 
     /**
      * Declares {@code name.fc1.weight} [E,M,F'], {@code name.fc2.weight} [E,F,M] (normal(initStd) and
@@ -90,104 +108,102 @@ public final class ExpertBank implements AutoCloseable {
      * (hostOffsets, same values; null: none): the GPU then sizes its grouped GEMMs without waiting for the stream.
      */
     public Tensor forward(Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
-        release();
+        return forward(main, x, offsets, hostOffsets, rowExpert);
+    }
+
+    /** The forward into pass {@code p} (its previous contents are released first). */
+    public Tensor forward(Pass p, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
+        p.close();
         int R = x.rows();
         if (x.cols() != hidden) throw new IllegalArgumentException("ExpertBank: x is " + x.shape() + ", expected last dimension " + hidden);
         if (offsets == null && experts != 1) throw new IllegalArgumentException("ExpertBank: offsets are required for a bank of " + experts + " experts");
         if (offsets != null && b1 != null && rowExpert == null) throw new IllegalArgumentException("ExpertBank: rowExpert is required for the biases of a multi-expert bank");
-        this.x = x;
-        this.offsets = offsets;
-        this.hostOffsets = hostOffsets;
-        this.rowExpert = rowExpert;
+        p.x = x;
+        p.offsets = offsets;
+        p.hostOffsets = hostOffsets;
+        p.rowExpert = rowExpert;
         // h1 [R,F'] = x [R,M] * fc1[e] [M,F'] (+ b1[e])
-        h1 = saved.keep(b.empty(ctx.dtype(), R, ffnIn));
-        linear(x, fc1, false, b1, h1);
+        p.h1 = p.saved.keep(b.empty(ctx.dtype(), R, ffnIn));
+        linear(p, x, fc1, false, b1, p.h1);
         // a [R,F] = act(h1)
-        a = saved.keep(b.empty(ctx.dtype(), R, ffn));
-        b.activation(act, h1, a);
+        p.a = p.saved.keep(b.empty(ctx.dtype(), R, ffn));
+        b.activation(act, p.h1, p.a);
         // y [R,M] = a [R,F] * fc2[e] [F,M] (+ b2[e])
         Tensor y = b.empty(ctx.dtype(), R, hidden);
-        linear(a, fc2, false, b2, y);
+        linear(p, p.a, fc2, false, b2, y);
         return y;
     }
 
-    /** out = in * W[e] (+ bias[e]) per row segment; W [E,K,N] (or [E,N,K] transposed). */
-    private void linear(Tensor in, Parameter w, boolean transW, Parameter bias, Tensor out) {
-        if (offsets == null) {
+    /** out = in * W[e] (+ bias[e]) per row segment of pass p; W [E,K,N] (or [E,N,K] transposed). */
+    private void linear(Pass p, Tensor in, Parameter w, boolean transW, Parameter bias, Tensor out) {
+        if (p.offsets == null) {
             Tensor w2 = w.value().reshape(w.shape().dim(1), w.shape().dim(2));
             b.matmul(in, false, w2, transW, out, 1f, 0f);
             if (bias != null) b.addBias(out, bias.value().reshape(out.cols()), out);
         } else {
-            b.groupedMatmul(in, w.value(), transW, offsets, hostOffsets, out, 0f);
+            b.groupedMatmul(in, w.value(), transW, p.offsets, p.hostOffsets, out, 0f);
             if (bias != null) {
                 try (Tensor rows = b.empty(ctx.dtype(), out.rows(), out.cols())) {
-                    b.gatherRows(bias.value(), rowExpert, rows);
+                    b.gatherRows(bias.value(), p.rowExpert, rows);
                     b.add(out, 1, rows, 1, out);
                 }
             }
         }
     }
 
-    /** dW += in^T * dout per segment; dbias += row sums per expert. */
-    private void linearWeightGrad(Tensor in, Tensor dout, Parameter w, Parameter bias) {
-        if (offsets == null) {
+    /** dW += in^T * dout per segment of pass p; dbias += row sums per expert. */
+    private void linearWeightGrad(Pass p, Tensor in, Tensor dout, Parameter w, Parameter bias) {
+        if (p.offsets == null) {
             Tensor g = w.grad().reshape(w.shape().dim(1), w.shape().dim(2));
             b.matmul(in, true, dout, false, g, 1f, 1f);
             if (bias != null) b.sumRows(dout, bias.grad().reshape(dout.cols()), 1f);
         } else {
-            b.groupedMatmulWeightGrad(in, dout, offsets, hostOffsets, w.grad(), 1f);
-            if (bias != null) b.scatterAddRows(dout, rowExpert, null, bias.grad());
+            b.groupedMatmulWeightGrad(in, dout, p.offsets, p.hostOffsets, w.grad(), 1f);
+            if (bias != null) b.scatterAddRows(dout, p.rowExpert, null, bias.grad());
         }
     }
 
     /** dy [R, M] -&gt; dx [R, M] (returned, assigned); accumulates the weight (and bias) gradients. */
     public Tensor backward(Tensor dy) {
-        Tensor dx = backwardData(dy);
-        backwardWeights();
+        Tensor dx = backwardData(main, dy);
+        backwardWeights(main);
         return dx;
     }
 
     /**
      * The input gradient only: dy [R, M] -&gt; dx [R, M] (returned). The weight gradients follow with
-     * {@link #backwardWeights()}, which may run while dx travels (expert parallelism sends it back by all-to-all);
-     * dy must stay unchanged until then.
+     * {@link #backwardWeights(Pass)}, which may run while dx travels (expert parallelism sends it back by
+     * all-to-all); dy must stay unchanged until then.
      */
-    public Tensor backwardData(Tensor dy) {
-        if (h1 == null) throw new IllegalStateException("ExpertBank.backward called before forward");
-        if (dh1 != null) throw new IllegalStateException("ExpertBank.backwardData called twice without backwardWeights");
-        int R = x.rows();
+    public Tensor backwardData(Pass p, Tensor dy) {
+        if (p.h1 == null) throw new IllegalStateException("ExpertBank.backward called before forward");
+        if (p.dh1 != null) throw new IllegalStateException("ExpertBank.backwardData called twice without backwardWeights");
+        int R = p.x.rows();
         // da [R,F] = dy [R,M] * fc2[e]^T ; dh1 = act'(h1) da ; dx [R,M] = dh1 [R,F'] * fc1[e]^T
         Tensor da = b.empty(ctx.dtype(), R, ffn);
-        linear(dy, fc2, true, null, da);
-        dh1 = b.empty(ctx.dtype(), R, ffnIn);
-        b.activationBackward(act, h1, da, dh1);
+        linear(p, dy, fc2, true, null, da);
+        p.dh1 = b.empty(ctx.dtype(), R, ffnIn);
+        b.activationBackward(act, p.h1, da, p.dh1);
         da.close();
         Tensor dx = b.empty(ctx.dtype(), R, hidden);
-        linear(dh1, fc1, true, null, dx);
-        this.dy = dy;
+        linear(p, p.dh1, fc1, true, null, dx);
+        p.dy = dy;
         return dx;
     }
 
-    /** Accumulates the weight (and bias) gradients of the last {@link #backwardData}: dW2 += a^T dy, dW1 += x^T dh1. */
-    public void backwardWeights() {
-        if (dh1 == null) throw new IllegalStateException("ExpertBank.backwardWeights called before backwardData");
-        linearWeightGrad(a, dy, fc2, b2);
-        linearWeightGrad(x, dh1, fc1, b1);
-        dh1.close();
-        dh1 = null;
-        dy = null;
+    /** Accumulates the weight (and bias) gradients of pass p's {@link #backwardData}: dW2 += a^T dy, dW1 += x^T dh1. */
+    public void backwardWeights(Pass p) {
+        if (p.dh1 == null) throw new IllegalStateException("ExpertBank.backwardWeights called before backwardData");
+        linearWeightGrad(p, p.a, p.dy, fc2, b2);
+        linearWeightGrad(p, p.x, p.dh1, fc1, b1);
+        p.dh1.close();
+        p.dh1 = null;
+        p.dy = null;
     }
 
-
-    private void release() {
-        if (dh1 != null) dh1.close();
-        dh1 = null;
-        dy = null;
-        saved.close();
-        h1 = null;
-        a = null;
-    }
+    /** The bank's own pass (what {@link #forward(Tensor, Tensor, int[], Tensor)} fills). */
+    public Pass mainPass() { return main; }
 
     @Override
-    public void close() { release(); }
+    public void close() { main.close(); }
 }

@@ -191,11 +191,11 @@ final class ExpertParallel {
             }
             try (Tensor dyl = b.empty(dt, r.localRows, M); Tensor dsrc = b.empty(dt, r.localRows, M)) {
                 b.gatherRows(drecv, r.toExpert, dyl);
-                try (Tensor dxin = bank.backwardData(dyl)) {
+                try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
                     b.gatherRows(dxin, r.toSource, dsrc);
                 }
                 CommWork back = r.equal ? exchangeAsyncEqual(ep, dsrc, dbuf) : ep.allToAllVAsync(dsrc, r.recvRows, dbuf, r.sendRows);
-                bank.backwardWeights();   // beside the all-to-all
+                bank.backwardWeights(bank.mainPass());   // beside the all-to-all
                 back.await();             // before dsrc and dyl are freed and dbuf is read
             }
         }
