@@ -124,7 +124,7 @@ python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" /tmp/jre
 RUN
 cat > "$out/run-ep-bench.sh" <<'RUN'
 #!/usr/bin/env bash
-# The expert-parallel MoE layer benchmark, one process per GPU: run-ep-bench.sh [NPROC] [--iters N] [--node-size G] [config...]
+# The expert-parallel MoE layer benchmark, one process per GPU: run-ep-bench.sh [NPROC] [--iters N] [--node-size G] [--overlap] [config...]
 # (--node-size: MoE4J's expert-parallel all-to-alls hierarchical, G ranks per node; the PyTorch peer stays flat)
 # First MoE4J (dev.moe4j.comm.ep.EpLayerBench), then PyTorch (ep_layer_reference.py), each under torchrun with
 # NCCL_NVLS_ENABLE=0; rank 0 of each prints one JSON line per config and mode (also kept in $OUT or ./reports).

@@ -209,6 +209,8 @@ def main():
             i += 2
         elif args[i] == "--node-size":   # MoE4J's hierarchical option; torch.distributed has one flat all-to-all
             i += 2
+        elif args[i] == "--overlap":     # MoE4J's self-first overlap; the PyTorch layer is timed as it is
+            i += 1
         else:
             only.add(args[i])
             i += 1

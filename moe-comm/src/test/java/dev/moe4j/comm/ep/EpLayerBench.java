@@ -64,6 +64,7 @@ public final class EpLayerBench {
     public static void main(String[] args) throws Exception {
         boolean smoke = System.getenv("WORLD_SIZE") == null;
         int iters = 20, nodeSize = 0;
+        boolean overlap = false;
         Set<String> only = new HashSet<>();
         for (int i = 0; i < args.length; i++) {
             switch (args[i]) {
@@ -73,6 +74,7 @@ public final class EpLayerBench {
                     iters = Integer.parseInt(args[++i]);
                     if (iters < 1) throw new IllegalArgumentException("EpLayerBench: --iters must be >= 1, got " + iters);
                 }
+                case "--overlap" -> overlap = true;
                 case "--node-size" -> {
                     if (i + 1 >= args.length) throw new IllegalArgumentException("EpLayerBench: --node-size needs a value (>= 1)");
                     nodeSize = Integer.parseInt(args[++i]);
@@ -85,10 +87,11 @@ public final class EpLayerBench {
         for (Config c : smoke ? SMOKE : CONFIGS) if (only.isEmpty() || only.contains(c.name)) configs.add(c);
         if (configs.isEmpty()) throw new IllegalArgumentException("EpLayerBench: no config named " + only + "; known: " + names(smoke ? SMOKE : CONFIGS));
         final int reps = iters, node = nodeSize;
+        final boolean ov = overlap;
         if (smoke) {
             System.out.println("EpLayerBench smoke: 2 in-process CPU ranks, tiny shapes, wall-clock timing");
             InProcessWorld.run(2, comm -> {
-                bench(comm, configs, reps, node, System.out::println);
+                bench(comm, configs, reps, node, ov, System.out::println);
                 return null;
             });
             return;
@@ -99,7 +102,7 @@ public final class EpLayerBench {
             NcclLibrary.load();
             try (Backend backend = Backends.select("cuda").create(env.localRank());
                  NcclCommunicator comm = NcclCommunicator.create(backend, env, CommOptions.withTimeout(Duration.ofSeconds(300)))) {
-                bench(comm, configs, reps, node, System.out::println);
+                bench(comm, configs, reps, node, ov, System.out::println);
             }
         } catch (Throwable t) {
             System.err.println("EpLayerBench rank " + env.rank() + " failed:");
@@ -120,11 +123,16 @@ public final class EpLayerBench {
      * {@code out}, any rank a line for a config that failed on it. Collective: every rank calls it.
      */
     static void bench(Communicator world, List<Config> configs, int reps, Consumer<String> out) {
-        bench(world, configs, reps, 0, out);
+        bench(world, configs, reps, 0, false, out);
+    }
+
+    static void bench(Communicator world, List<Config> configs, int reps, int nodeSize, Consumer<String> out) {
+        bench(world, configs, reps, nodeSize, false, out);
     }
 
     /** As above; nodeSize > 0: the expert-parallel group's all-to-alls hierarchical with that many ranks per node. */
-    static void bench(Communicator world, List<Config> configs, int reps, int nodeSize, Consumer<String> out) {
+    /** overlap: the EP layer runs its experts on the rows a rank keeps while the others travel (MoE.Builder.optOverlapAllToAll). */
+    static void bench(Communicator world, List<Config> configs, int reps, int nodeSize, boolean overlap, Consumer<String> out) {
         Backend b = world.backend();
         int p = world.size();
         try (ProcessGroups groups = new ProcessGroups(world)) {
@@ -135,16 +143,16 @@ public final class EpLayerBench {
                 for (boolean dropless : new boolean[] {false, true}) {
                     String mode = dropless ? "dropless" : "capacity 1.0";
                     try {
-                        Result epr = run(b, ep, c, dropless, reps);
+                        Result epr = run(b, ep, c, dropless, reps, overlap);
                         world.barrier();
-                        Result local = run(b, null, c, dropless, reps);
+                        Result local = run(b, null, c, dropless, reps, false);
                         world.barrier();
                         if (world.rank() == 0) {
                             out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"ranks\":%d,\"tokens_per_gpu\":%d,"
                                             + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,"
-                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"device\":\"%s\"}",
+                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"device\":\"%s\"}",
                                     c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms,
-                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", b.name()));
+                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", overlap, b.name()));
                         }
                     } catch (RuntimeException | OutOfMemoryError e) {
                         // report and go on; a broken communicator makes the next config fail fast too
@@ -163,7 +171,7 @@ public final class EpLayerBench {
      * One layer's median step time: ep != null: El experts here of El*P in the group (gate over all of them);
      * ep == null: the El local experts alone (gate over El, no communication).
      */
-    static Result run(Backend b, Communicator ep, Config c, boolean dropless, int reps) {
+    static Result run(Backend b, Communicator ep, Config c, boolean dropless, int reps, boolean overlap) {
         int epSize = ep == null ? 1 : ep.size();
         // the same seed on every rank: the same gate, and each rank's experts are its rows of the whole tensors
         ModelContext ctx = new ModelContext(b, DType.BF16, 1);
@@ -172,7 +180,7 @@ public final class EpLayerBench {
                 .optNumExperts(c.expertsPerRank * epSize).optK(c.k).optActivation(Activation.GELU)
                 .optCapacityFactor(1.0).optDropless(dropless).optUseRts(false).optTop2SecondExpertSampling(false)
                 .optExpertBias(false).optInitStd(0.02);
-        if (ep != null) builder.optEpSize(epSize).optExpertParallelGroup(ep);
+        if (ep != null) builder.optEpSize(epSize).optExpertParallelGroup(ep).optOverlapAllToAll(overlap);
         MoE moe = builder.build();
         ctx.allocateParameters();
         int rank = ep == null ? 0 : ep.rank();

@@ -51,6 +51,20 @@ class EpLayerBenchSmokeTest {
     }
 
     @Test
+    void overlapModeRunsAndSaysSo() {
+        List<String> lines = new CopyOnWriteArrayList<>();
+        InProcessWorld.run(2, comm -> {
+            EpLayerBench.bench(comm, Arrays.asList(EpLayerBench.SMOKE), 1, 0, true, lines::add);
+            return null;
+        });
+        assertEquals(2 * EpLayerBench.SMOKE.length, lines.size(), "one line per config and mode: " + lines);
+        for (String l : lines) {
+            assertFalse(l.contains("\"error\""), l);
+            assertTrue(l.contains("\"overlap\":true"), l);
+        }
+    }
+
+    @Test
     void hierarchicalModeReportsItsAllToAll() {
         List<String> lines = new CopyOnWriteArrayList<>();
         InProcessWorld.run(2, comm -> {

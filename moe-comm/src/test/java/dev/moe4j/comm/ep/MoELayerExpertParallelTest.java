@@ -58,6 +58,10 @@ class MoELayerExpertParallelTest {
     record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow) {}
 
     private static void check(boolean dropless, int k, boolean skewed) {
+        check(dropless, k, skewed, false);
+    }
+
+    private static void check(boolean dropless, int k, boolean skewed, boolean overlap) {
         // reference: one layer, each rank's batch in turn; expert gradients accumulate over all batches
         ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
         MoE ref = builder(dropless, k).setContext(rc).build();
@@ -75,7 +79,13 @@ class MoELayerExpertParallelTest {
         List<Result> got = InProcessWorld.run(W, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
-                MoE moe = builder(dropless, k).optEpSize(W).optExpertParallelGroup(groups.expertParallel(W)).setContext(ctx).build();
+                // overlapped: a communicator that runs each asynchronous exchange only when it is awaited (the latest a
+                // GPU side stream could finish), so a missing or early await shows as a wrong result
+                dev.moe4j.core.comm.Communicator group = overlap
+                        ? new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new java.util.ArrayList<>())
+                        : groups.expertParallel(W);
+                MoE moe = builder(dropless, k).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
+                        .setContext(ctx).build();
                 ctx.allocateParameters();
                 if (skewed) skewGate(ctx, moe);
                 ctx.params().zeroGrad();
@@ -95,7 +105,7 @@ class MoELayerExpertParallelTest {
         });
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
         for (int r = 0; r < W; r++) {
-            String what = (dropless ? "dropless" : "capacity") + " k=" + k + (skewed ? " skewed" : "") + " rank " + r;
+            String what = (dropless ? "dropless" : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "") + " rank " + r;
             assertClose(outs.get(r), got.get(r).out(), 1e-12, what + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, what + ": dx");
             assertEquals(laux.get(r), got.get(r).lAux(), 1e-12, what + ": l_aux stays local");
@@ -121,6 +131,17 @@ class MoELayerExpertParallelTest {
         check(true, 1, true);    // every token to expert 0: ranks 1..3 receive no rows
         check(true, 2, true);
         check(false, 2, true);   // capacity: most tokens dropped, empty slots exchanged
+    }
+
+    /** The self-first pipeline (experts on a rank's own rows while the others travel) computes the same layer. */
+    @Test
+    void overlappedLayersEqualTheSingleRankLayer() {
+        check(false, 1, false, true);
+        check(false, 2, false, true);
+        check(true, 1, false, true);
+        check(true, 2, false, true);
+        check(true, 1, true, true);     // ranks with no rows at all, and ranks with only their own
+        check(false, 2, true, true);
     }
 
     @Test

@@ -7,6 +7,9 @@ import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
 
+import java.util.ArrayList;
+import java.util.List;
+
 /**
  * The expert-parallel middle of an {@link MoE} layer (DeepSpeed's {@code _AllToAll} around the experts): P ranks
  * of an expert-parallel group, rank q holding the El = E/P experts [q*El, (q+1)*El).
@@ -35,8 +38,14 @@ final class ExpertParallel {
         final int[] localCounts;         // rows per local expert
         final int capacity;              // capacity mode's C (0: dropless)
         int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
-        Tensor packed;                   // one upload holding the four index tensors below (views of it)
+        Tensor packed;                   // one upload holding the index tensors below (views of it)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
+        // Overlap (self first): the rows this rank routes to itself run through the experts while the others travel.
+        boolean overlap;
+        int selfStart, selfRows, srcSelfStart, remoteRows;   // self rows: buf[selfStart, +selfRows) = recv[srcSelfStart, ...)
+        int[] selfHostOffsets, remoteHostOffsets;
+        Tensor selfOffsets, selfRowExpert, remoteOffsets, remoteRowExpert, toRemote, fromRemote, xinRemote;
+        final ExpertBank.Pass selfPass = new ExpertBank.Pass(), remotePass = new ExpertBank.Pass();
 
         Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts, int capacity) {
             this.sendRows = sendRows;
@@ -58,7 +67,10 @@ final class ExpertParallel {
         /** Frees what one forward saved for its backward (the expert input). */
         void releaseActivations() {
             if (xin != null) xin.close();
-            xin = null;
+            if (xinRemote != null) xinRemote.close();
+            xin = xinRemote = null;
+            selfPass.close();
+            remotePass.close();
         }
 
         @Override
@@ -74,6 +86,11 @@ final class ExpertParallel {
      * else dropless (collective: every rank of the group calls it for the same layer).
      */
     static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity) {
+        return route(ep, g, numExperts, capacity, false);
+    }
+
+    /** As above; overlap: also the index tensors of the self-first pipeline ({@link #forward}). */
+    static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap) {
         int P = ep.size(), me = ep.rank(), El = numExperts / P;
         Backend b = ep.backend();
         int[][] n = new int[P][El];   // n[p][j]: rows source rank p sends to my local expert j
@@ -130,23 +147,72 @@ final class ExpertParallel {
                 }
             }
         }
-        // one host-to-device copy for all four (each upload waits for the stream)
-        int[] all = new int[3 * rq + El + 1];
-        System.arraycopy(toExpert, 0, all, 0, rq);
-        System.arraycopy(toSource, 0, all, rq, rq);
-        System.arraycopy(rowExpert, 0, all, 2 * rq, rq);
-        System.arraycopy(offsets, 0, all, 3 * rq, El + 1);
+        List<int[]> parts = new ArrayList<>(List.of(toExpert, toSource, rowExpert, offsets));
+        r.overlap = overlap && P > 1;
+        if (r.overlap) {
+            // self rows: my tokens for my experts, (j, i) ordered in buf and in recv's block of source me
+            int[] sendOff = dev.moe4j.core.comm.CommChecks.offsets(sendRows);
+            r.selfStart = sendOff[me];
+            r.selfRows = sendRows[me];
+            r.srcSelfStart = srcStart[me * El];
+            r.remoteRows = rq - r.selfRows;
+            int[] selfOffsets = new int[El + 1], selfRowExpert = new int[r.selfRows];
+            for (int j = 0, k = 0; j < El; j++) {
+                selfOffsets[j + 1] = selfOffsets[j] + n[me][j];
+                for (int i = 0; i < n[me][j]; i++) selfRowExpert[k++] = j;
+            }
+            // remote rows in expert order (j, p != me, i); fromRemote: each recv row's place there, -1 for self rows
+            int[] remoteOffsets = new int[El + 1], toRemote = new int[r.remoteRows], remoteRowExpert = new int[r.remoteRows];
+            int[] fromRemote = new int[rq];
+            java.util.Arrays.fill(fromRemote, -1);
+            int k = 0;
+            for (int j = 0; j < El; j++) {
+                for (int p = 0; p < P; p++) {
+                    if (p == me) continue;
+                    for (int i = 0; i < n[p][j]; i++) {
+                        int src = srcStart[p * El + j] + i;
+                        toRemote[k] = src;
+                        fromRemote[src] = k;
+                        remoteRowExpert[k++] = j;
+                    }
+                }
+                remoteOffsets[j + 1] = k;
+            }
+            r.selfHostOffsets = selfOffsets;
+            r.remoteHostOffsets = remoteOffsets;
+            parts.addAll(List.of(selfOffsets, selfRowExpert, remoteOffsets, toRemote, fromRemote, remoteRowExpert));
+        }
+        // one host-to-device copy for all of them (each upload waits for the stream)
+        int total = 0;
+        for (int[] a : parts) total += a.length;
+        int[] all = new int[total];
+        long[] at2 = new long[parts.size()];
+        int pos = 0;
+        for (int i = 0; i < parts.size(); i++) {
+            at2[i] = pos;
+            System.arraycopy(parts.get(i), 0, all, pos, parts.get(i).length);
+            pos += parts.get(i).length;
+        }
         r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // the MoE layer closes it (it may keep it across steps)
-        r.toExpert = r.packed.view(0, rq);
-        r.toSource = r.packed.view(rq, rq);
-        r.rowExpert = r.packed.view(2L * rq, rq);
-        r.offsets = r.packed.view(3L * rq, El + 1);
+        r.toExpert = r.packed.view(at2[0], rq);
+        r.toSource = r.packed.view(at2[1], rq);
+        r.rowExpert = r.packed.view(at2[2], rq);
+        r.offsets = r.packed.view(at2[3], El + 1);
         r.hostOffsets = offsets;
+        if (r.overlap) {
+            r.selfOffsets = r.packed.view(at2[4], El + 1);
+            r.selfRowExpert = r.packed.view(at2[5], r.selfRows);
+            r.remoteOffsets = r.packed.view(at2[6], El + 1);
+            r.toRemote = r.packed.view(at2[7], r.remoteRows);
+            r.fromRemote = r.packed.view(at2[8], rq);
+            r.remoteRowExpert = r.packed.view(at2[9], r.remoteRows);
+        }
         return r;
     }
 
     /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */
     static Tensor forward(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+        if (r.overlap && r.localRows > 0) return forwardSelfFirst(ep, r, bank, buf);
         Backend b = ep.backend();
         int M = buf.cols();
         DType dt = buf.dtype();
@@ -173,10 +239,82 @@ final class ExpertParallel {
     }
 
     /**
+     * The forward with overlap: the dispatch all-to-all runs on the communicator's side stream while the local
+     * experts process the rows this rank routed to itself (they never leave buf); then the rows that arrived, in
+     * expert order; the two outputs meet in source order for the combine all-to-all.
+     */
+    private static Tensor forwardSelfFirst(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+        Backend b = ep.backend();
+        int M = buf.cols();
+        DType dt = buf.dtype();
+        boolean bias = bank.hasBias();
+        try (Tensor recv = b.empty(dt, r.localRows, M); Tensor ysrc = b.empty(dt, r.localRows, M)) {
+            CommWork dispatch = exchangeAsync(ep, r, buf, recv, false);
+            Tensor ySelf = r.selfRows == 0 ? null
+                    : bank.forward(r.selfPass, buf.rowSlice(r.selfStart, r.selfRows), r.selfOffsets, r.selfHostOffsets, bias ? r.selfRowExpert : null);
+            dispatch.await();
+            if (r.remoteRows > 0) {
+                r.xinRemote = b.empty(dt, r.remoteRows, M);
+                b.gatherRows(recv, r.toRemote, r.xinRemote);
+                try (Tensor yRemote = bank.forward(r.remotePass, r.xinRemote, r.remoteOffsets, r.remoteHostOffsets, bias ? r.remoteRowExpert : null)) {
+                    b.gatherRows(yRemote, r.fromRemote, ysrc);   // self rows get 0 here, their values below
+                }
+            }
+            if (ySelf != null) {
+                try (ySelf) {
+                    b.copy(ySelf, ysrc.rowSlice(r.srcSelfStart, r.selfRows));
+                }
+            }
+            Tensor y = b.empty(dt, buf.rows(), M);
+            exchange(ep, r, ysrc, y, true);
+            return y;
+        }
+    }
+
+    /**
+     * The backward with overlap: while the output gradients travel, the self rows' backward (data and weights);
+     * then the arrived rows' input gradients, sent back beside their weight gradients.
+     */
+    private static Tensor backwardSelfFirst(Communicator ep, Route r, ExpertBank bank, Tensor dy) {
+        Backend b = ep.backend();
+        int M = dy.cols();
+        DType dt = dy.dtype();
+        Tensor dbuf = b.empty(dt, dy.rows(), M);
+        try (Tensor drecv = b.empty(dt, r.localRows, M); Tensor dsrc = b.empty(dt, r.localRows, M)) {
+            CommWork dispatch = exchangeAsync(ep, r, dy, drecv, false);
+            Tensor dxSelf = null;
+            if (r.selfRows > 0) {
+                dxSelf = bank.backwardData(r.selfPass, dy.rowSlice(r.selfStart, r.selfRows));
+                bank.backwardWeights(r.selfPass);
+            }
+            dispatch.await();
+            Tensor dyRemote = null;
+            try {
+                if (r.remoteRows > 0) {
+                    dyRemote = b.empty(dt, r.remoteRows, M);
+                    b.gatherRows(drecv, r.toRemote, dyRemote);
+                    try (Tensor dxRemote = bank.backwardData(r.remotePass, dyRemote)) {
+                        b.gatherRows(dxRemote, r.fromRemote, dsrc);
+                    }
+                }
+                if (dxSelf != null) b.copy(dxSelf, dsrc.rowSlice(r.srcSelfStart, r.selfRows));
+                CommWork back = exchangeAsync(ep, r, dsrc, dbuf, true);
+                if (r.remoteRows > 0) bank.backwardWeights(r.remotePass);   // beside the all-to-all
+                back.await();
+            } finally {
+                if (dxSelf != null) dxSelf.close();
+                if (dyRemote != null) dyRemote.close();
+            }
+        }
+        return dbuf;
+    }
+
+    /**
      * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. The input gradients go back
      * by the reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy) {
+        if (r.overlap && r.localRows > 0) return backwardSelfFirst(ep, r, bank, dy);
         Backend b = ep.backend();
         int M = dy.cols();
         DType dt = dy.dtype();
@@ -194,7 +332,7 @@ final class ExpertParallel {
                 try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
                     b.gatherRows(dxin, r.toSource, dsrc);
                 }
-                CommWork back = r.equal ? exchangeAsyncEqual(ep, dsrc, dbuf) : ep.allToAllVAsync(dsrc, r.recvRows, dbuf, r.sendRows);
+                CommWork back = exchangeAsync(ep, r, dsrc, dbuf, true);
                 bank.backwardWeights(bank.mainPass());   // beside the all-to-all
                 back.await();             // before dsrc and dyl are freed and dbuf is read
             }
@@ -202,11 +340,9 @@ final class ExpertParallel {
         return dbuf;
     }
 
-    /** Capacity mode's reverse exchange (equal splits) as an asynchronous variable one with equal counts. */
-    private static CommWork exchangeAsyncEqual(Communicator ep, Tensor send, Tensor recv) {
-        int[] rows = new int[ep.size()];
-        java.util.Arrays.fill(rows, send.rows() / ep.size());
-        return ep.allToAllVAsync(send, rows, recv, rows);
+    /** {@link #exchange} on the communicator's side stream (awaited by the caller). */
+    private static CommWork exchangeAsync(Communicator ep, Route r, Tensor send, Tensor recv, boolean reverse) {
+        return reverse ? ep.allToAllVAsync(send, r.recvRows, recv, r.sendRows) : ep.allToAllVAsync(send, r.sendRows, recv, r.recvRows);
     }
 
     /** The dispatch all-to-all (reverse = false: to the experts' owners) or the combine one (reverse = true). */

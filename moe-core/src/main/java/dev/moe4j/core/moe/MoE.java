@@ -163,7 +163,7 @@ public final class MoE implements AutoCloseable {
             // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
             if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
                 if (route != null) route.close();
-                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity);
+                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll);
             }
             y = saved.keep(ExpertParallel.forward(ep, route, experts, buf));
         }
@@ -365,7 +365,8 @@ public final class MoE implements AutoCloseable {
                          int k, double capacityFactor, double evalCapacityFactor, int minCapacity,
                          boolean useResidual, NoisyGatePolicy noisyGatePolicy, boolean dropTokens, boolean useRts,
                          boolean top2SecondExpertSampling, double zLossCoeff, boolean droplessMode,
-                         int sharedExperts, int sharedFfnSize, boolean expertBias, double initStd, double outputInitStd) {
+                         int sharedExperts, int sharedFfnSize, boolean expertBias, double initStd, double outputInitStd,
+                         boolean overlapAllToAll) {
         /** True when the layer routes without capacity (dropless mode, or dropTokens = false). */
         public boolean dropless() { return droplessMode || !dropTokens; }
     }
@@ -387,6 +388,7 @@ public final class MoE implements AutoCloseable {
         private boolean dropless = false;
         private int sharedExperts = 0, sharedFfnSize = -1;
         private boolean expertBias = true;
+        private boolean overlapAllToAll;
         private double initStd = 0.02, outputInitStd = Double.NaN;
         private String name = "moe";
         private Communicator epGroup;
@@ -462,6 +464,13 @@ public final class MoE implements AutoCloseable {
         /** Biases in the expert (and MLP) linears (default true, as Megatron's MLP). */
         public Builder optExpertBias(boolean bias) { this.expertBias = bias; return this; }
 
+        /**
+         * Expert parallelism: run the local experts first on the rows this rank routes to itself while the
+         * dispatch all-to-all carries the others, and in the backward likewise (default false until measured to
+         * pay on GPUs: the expert GEMMs are split in two).
+         */
+        public Builder optOverlapAllToAll(boolean overlap) { this.overlapAllToAll = overlap; return this; }
+
         /** Std of the normal init of the gate, fc1 and the residual coefficient (default 0.02). */
         public Builder optInitStd(double std) { this.initStd = std; return this; }
 
@@ -493,7 +502,7 @@ public final class MoE implements AutoCloseable {
             if (name == null || name.isEmpty()) throw new IllegalArgumentException("name must be a non-empty string");
             return new Config(name, hiddenSize, ffnSize, activation, numExperts, epSize, k, capacityFactor, evalCapacityFactor,
                     minCapacity, useResidual, policy, dropTokens, useRts, top2SecondExpertSampling, zLossCoeff, dropless,
-                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd);
+                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd, overlapAllToAll);
         }
 
         /** Validates and builds the layer, declaring its parameters in the context. */
