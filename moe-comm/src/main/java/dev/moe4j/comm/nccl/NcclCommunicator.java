@@ -150,8 +150,8 @@ public final class NcclCommunicator implements Communicator {
         ncclComm c = slot.handle();   // written before the call returns; NCCL writes it again when init completes
         if (c == null) check("ncclCommInitRankConfig", rc == nccl.ncclSuccess || rc == nccl.ncclInProgress ? nccl.ncclInternalError : rc, null);
         if (!waitReady(c, "ncclCommInitRankConfig", rc, deadline)) {
-            nccl.ncclCommAbort(c);    // joins NCCL's init thread, so the slot is not written after this
-            slot.close();
+            nccl.ncclCommAbort(c);
+            slot.abandon();
             int[] missing = store == null ? new int[0] : notArrived(store, tag, size, worldRanks);
             throw new CommTimeoutException("NCCL communicator " + tag + " (rank " + rank + " of " + size + "): init did not complete within "
                     + o.timeoutMillis() + " ms; world rank(s) " + Arrays.toString(missing) + " never arrived at the rendezvous",
@@ -191,7 +191,10 @@ public final class NcclCommunicator implements Communicator {
     private static ncclComm blockingTwin(ncclComm c, int rank, String what, long deadline) {
         HandleSlot slot = new HandleSlot();
         int rc = nccl.ncclCommSplit(c, 0, rank, slot.pp, config(true));
-        if (!waitReady(c, "ncclCommSplit (blocking twin, " + what + ")", rc, deadline)) return null;   // slot left to the GC after the abort
+        if (!waitReady(c, "ncclCommSplit (blocking twin, " + what + ")", rc, deadline)) {
+            slot.abandon();
+            return null;
+        }
         ncclComm d = slot.handle();
         slot.close();
         if (d == null) throw new CommunicationException("ncclCommSplit (blocking twin, " + what + ") completed without a communicator");
@@ -262,7 +265,19 @@ public final class NcclCommunicator implements Communicator {
         public void close() {
             pp.close();
         }
+
+        /**
+         * After a timeout: NCCL's job may still write the handle when it finally ends (or is aborted), so the native
+         * slot is kept for the life of the process (8 bytes per failed init or split) instead of being freed.
+         */
+        void abandon() {
+            synchronized (ABANDONED) {
+                ABANDONED.add(this);
+            }
+        }
     }
+
+    private static final List<HandleSlot> ABANDONED = new ArrayList<>();
 
     static void check(String call, int rc, ncclComm c) {
         if (rc == nccl.ncclSuccess) return;
@@ -520,7 +535,8 @@ public final class NcclCommunicator implements Communicator {
             splitting = false;
         }
         if (!ok) {
-            watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));   // aborts the parent, joining the split job
+            slot.abandon();
+            watchdog.fail(watchdog.timeout(s, "split #" + s, "splitting"));
             usable("split");
         }
         ncclComm nc = slot.handle();
