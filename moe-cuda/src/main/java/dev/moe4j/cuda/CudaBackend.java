@@ -577,14 +577,8 @@ public final class CudaBackend implements Backend {
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Tensor c, float beta) {
         String op = "groupedMatmul";
         floating(op, "a", a); floating(op, "w", w); floating(op, "c", c);
-        Checks.rank(op, "w", w, 3);
-        Checks.dtype(op, "offsets", offsets, DType.I32);
-        int e = w.dim(0), k = transW ? w.dim(2) : w.dim(1), n = transW ? w.dim(1) : w.dim(2);
-        Checks.numel(op, "offsets", offsets, e + 1L);
-        Checks.cols(op, "a", a, k);
-        Checks.cols(op, "c", c, n);
-        int t = a.rows();
-        if (c.rows() != t) throw new IllegalArgumentException(op + ": c has " + c.rows() + " rows, a has " + t);
+        int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
+        int e = d[0], k = d[1], n = d[2], t = d[3];
         int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
         try (GemmOperands o = new GemmOperands(a, w, c, beta != 0f)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
@@ -606,14 +600,8 @@ public final class CudaBackend implements Backend {
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, int[] hostOffsets, Tensor dw, float beta) {
         String op = "groupedMatmulWeightGrad";
         floating(op, "a", a); floating(op, "dy", dy); floating(op, "dw", dw);
-        Checks.rank(op, "dw", dw, 3);
-        Checks.dtype(op, "offsets", offsets, DType.I32);
-        int e = dw.dim(0), k = dw.dim(1), n = dw.dim(2);
-        Checks.numel(op, "offsets", offsets, e + 1L);
-        Checks.cols(op, "a", a, k);
-        Checks.cols(op, "dy", dy, n);
-        int t = a.rows();
-        if (dy.rows() != t) throw new IllegalArgumentException(op + ": dy has " + dy.rows() + " rows, a has " + t);
+        int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
+        int e = d[0], k = d[1], n = d[2], t = d[3];
         int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
         try (GemmOperands o = new GemmOperands(a, dy, dw, true)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
@@ -789,15 +777,7 @@ public final class CudaBackend implements Backend {
 
     private int[] attnDims(String op, Tensor qkv, int heads, Tensor out, Tensor lse) {
         floating(op, "qkv", qkv); floating(op, "out", out); floating(op, "lse", lse);
-        Checks.rank(op, "qkv", qkv, 3);
-        int b = qkv.dim(0), t = qkv.dim(1), c3 = qkv.dim(2);
-        if (c3 % 3 != 0) throw new IllegalArgumentException(op + ": qkv last dimension " + c3 + " is not 3*C");
-        int c = c3 / 3;
-        Checks.positive(op, "heads", heads);
-        if (c % heads != 0) throw new IllegalArgumentException(op + ": channels " + c + " not divisible by heads " + heads);
-        Checks.matrix(op, "out", out, (long) b * t, c);
-        Checks.numel(op, "lse", lse, (long) b * heads * t);
-        return new int[] {b, t, c, c / heads};
+        return Checks.attention(op, qkv, heads, out, lse);
     }
 
     /** Head sizes up to this use the tiled (flash-style) kernels; larger ones the row kernels. */

@@ -80,4 +80,46 @@ public final class Checks {
         if (c.dim(-2) != m || c.dim(-1) != n) throw new IllegalArgumentException(op + ": C is " + c.shape() + ", expected [" + m + ", " + n + "]");
         return new int[] {batch, m, n, k};
     }
+
+    /**
+     * The shapes of {@link Backend#groupedMatmul}: W [E,K,N] (or [E,N,K] with transW), A [T,K], C [T,N], offsets
+     * I32 [E+1]. Returns {E, K, N, T}.
+     */
+    public static int[] groupedMatmul(String op, Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c) {
+        rank(op, "w", w, 3);
+        dtype(op, "offsets", offsets, DType.I32);
+        int e = w.dim(0), k = transW ? w.dim(2) : w.dim(1), n = transW ? w.dim(1) : w.dim(2);
+        numel(op, "offsets", offsets, e + 1L);
+        cols(op, "a", a, k);
+        cols(op, "c", c, n);
+        int t = a.rows();
+        if (c.rows() != t) throw new IllegalArgumentException(op + ": c has " + c.rows() + " rows, a has " + t);
+        return new int[] {e, k, n, t};
+    }
+
+    /** The shapes of {@link Backend#groupedMatmulWeightGrad}: dW [E,K,N], A [T,K], dY [T,N], offsets I32 [E+1]. Returns {E, K, N, T}. */
+    public static int[] groupedMatmulWeightGrad(String op, Tensor a, Tensor dy, Tensor offsets, Tensor dw) {
+        rank(op, "dw", dw, 3);
+        dtype(op, "offsets", offsets, DType.I32);
+        int e = dw.dim(0), k = dw.dim(1), n = dw.dim(2);
+        numel(op, "offsets", offsets, e + 1L);
+        cols(op, "a", a, k);
+        cols(op, "dy", dy, n);
+        int t = a.rows();
+        if (dy.rows() != t) throw new IllegalArgumentException(op + ": dy has " + dy.rows() + " rows, a has " + t);
+        return new int[] {e, k, n, t};
+    }
+
+    /** The shapes of fused attention: qkv [B,T,3C], C divisible by heads, out [B*T, C], lse [B*heads*T]. Returns {B, T, C, C/heads}. */
+    public static int[] attention(String op, Tensor qkv, int heads, Tensor out, Tensor lse) {
+        rank(op, "qkv", qkv, 3);
+        int b = qkv.dim(0), t = qkv.dim(1), c3 = qkv.dim(2);
+        if (c3 % 3 != 0) throw new IllegalArgumentException(op + ": qkv last dimension " + c3 + " is not 3*C");
+        int c = c3 / 3;
+        positive(op, "heads", heads);
+        if (c % heads != 0) throw new IllegalArgumentException(op + ": channels " + c + " not divisible by heads " + heads);
+        matrix(op, "out", out, (long) b * t, c);
+        numel(op, "lse", lse, (long) b * heads * t);
+        return new int[] {b, t, c, c / heads};
+    }
 }

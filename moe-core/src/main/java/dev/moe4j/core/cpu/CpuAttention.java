@@ -14,20 +14,9 @@ import static dev.moe4j.core.cpu.CpuBackend.round;
 final class CpuAttention {
     private CpuAttention() {}
 
-    private static int[] dims(String op, Tensor qkv, int heads, Tensor out, Tensor lse) {
-        Checks.rank(op, "qkv", qkv, 3);
-        int b = qkv.dim(0), t = qkv.dim(1), c3 = qkv.dim(2);
-        if (c3 % 3 != 0) throw new IllegalArgumentException(op + ": qkv last dimension " + c3 + " is not 3*C");
-        int c = c3 / 3;
-        Checks.positive(op, "heads", heads);
-        if (c % heads != 0) throw new IllegalArgumentException(op + ": channels " + c + " not divisible by heads " + heads);
-        Checks.matrix(op, "out", out, (long) b * t, c);
-        Checks.numel(op, "lse", lse, (long) b * heads * t);
-        return new int[] {b, t, c, c / heads};
-    }
 
     static void forward(Tensor qkv, int heads, Tensor out, Tensor lse) {
-        int[] d = dims("attention", qkv, heads, out, lse);
+        int[] d = Checks.attention("attention", qkv, heads, out, lse);
         int b = d[0], t = d[1], c = d[2], hd = d[3];
         double[] X = data(qkv), O = data(out), L = data(lse);
         int xo = off(qkv), oo = off(out), lo = off(lse);
@@ -64,7 +53,7 @@ final class CpuAttention {
     }
 
     static void backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int heads, Tensor dqkv) {
-        int[] d = dims("attentionBackward", qkv, heads, out, lse);
+        int[] d = Checks.attention("attentionBackward", qkv, heads, out, lse);
         int b = d[0], t = d[1], c = d[2], hd = d[3];
         Checks.matrix("attentionBackward", "dout", dout, (long) b * t, c);
         Checks.matrix("attentionBackward", "dqkv", dqkv, (long) b * t, 3L * c);

@@ -213,14 +213,8 @@ public final class CpuBackend implements Backend {
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
         String op = "groupedMatmul";
-        Checks.rank(op, "w", w, 3);
-        Checks.dtype(op, "offsets", offsets, DType.I32);
-        int e = w.dim(0), k = transW ? w.dim(2) : w.dim(1), n = transW ? w.dim(1) : w.dim(2);
-        Checks.numel(op, "offsets", offsets, e + 1L);
-        Checks.cols(op, "a", a, k);
-        Checks.cols(op, "c", c, n);
-        int t = a.rows();
-        if (c.rows() != t) throw new IllegalArgumentException(op + ": c has " + c.rows() + " rows, a has " + t);
+        int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
+        int e = d[0], k = d[1], n = d[2], t = d[3];
         int[] offs = checkOffsets(op, offsets, t);
         double[] A = data(a), W = data(w), C = data(c);
         for (int g = 0; g < e; g++) {
@@ -234,14 +228,8 @@ public final class CpuBackend implements Backend {
     @Override
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
         String op = "groupedMatmulWeightGrad";
-        Checks.rank(op, "dw", dw, 3);
-        Checks.dtype(op, "offsets", offsets, DType.I32);
-        int e = dw.dim(0), k = dw.dim(1), n = dw.dim(2);
-        Checks.numel(op, "offsets", offsets, e + 1L);
-        Checks.cols(op, "a", a, k);
-        Checks.cols(op, "dy", dy, n);
-        int t = a.rows();
-        if (dy.rows() != t) throw new IllegalArgumentException(op + ": dy has " + dy.rows() + " rows, a has " + t);
+        int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
+        int e = d[0], k = d[1], n = d[2], t = d[3];
         int[] offs = checkOffsets(op, offsets, t);
         double[] A = data(a), DY = data(dy), DW = data(dw);
         for (int g = 0; g < e; g++) {
