@@ -1023,24 +1023,11 @@ public final class CudaBackend implements Backend {
     }
 
     private void checkGateOutputs(String op, GateOutputs out, int s, int e, int k) {
+        Checks.gateOutputs(op, out, s, e, k);
+        // the kernels take F32 or BF16, not F64
         floating(op, "gates", out.gates());
-        Checks.matrix(op, "gates", out.gates(), s, e);
-        Checks.open(op, "experts", out.experts());
-        Checks.dtype(op, "experts", out.experts(), DType.I32);
-        Checks.matrix(op, "experts", out.experts(), s, k);
-        Checks.open(op, "dest", out.dest());
-        Checks.dtype(op, "dest", out.dest(), DType.I32);
-        Checks.matrix(op, "dest", out.dest(), s, k);
         floating(op, "weights", out.weights());
-        Checks.matrix(op, "weights", out.weights(), s, k);
-        Checks.open(op, "counts", out.counts());
-        Checks.dtype(op, "counts", out.counts(), DType.I32);
-        Checks.numel(op, "counts", out.counts(), e);
-        Checks.open(op, "offsets", out.offsets());
-        Checks.dtype(op, "offsets", out.offsets(), DType.I32);
-        Checks.numel(op, "offsets", out.offsets(), e + 1L);
         floating(op, "losses", out.losses());
-        Checks.numel(op, "losses", out.losses(), 2);
     }
 
     @Override

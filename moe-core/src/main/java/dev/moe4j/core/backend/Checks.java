@@ -122,4 +122,29 @@ public final class Checks {
         numel(op, "lse", lse, (long) b * heads * t);
         return new int[] {b, t, c, c / heads};
     }
+
+    /** The outputs of {@link Backend#moeGate} for S tokens, E experts, k choices (see {@link GateOutputs}). */
+    public static void gateOutputs(String op, GateOutputs o, int s, int e, int k) {
+        if (o == null) throw new IllegalArgumentException(op + ": outputs are null");
+        open(op, "gates", o.gates());
+        floating(op, "gates", o.gates());
+        matrix(op, "gates", o.gates(), s, e);
+        for (var t : new Tensor[] {o.experts(), o.dest()}) open(op, "experts/dest", t);
+        dtype(op, "experts", o.experts(), DType.I32);
+        matrix(op, "experts", o.experts(), s, k);
+        dtype(op, "dest", o.dest(), DType.I32);
+        matrix(op, "dest", o.dest(), s, k);
+        open(op, "weights", o.weights());
+        floating(op, "weights", o.weights());
+        matrix(op, "weights", o.weights(), s, k);
+        open(op, "counts", o.counts());
+        dtype(op, "counts", o.counts(), DType.I32);
+        numel(op, "counts", o.counts(), e);
+        open(op, "offsets", o.offsets());
+        dtype(op, "offsets", o.offsets(), DType.I32);
+        numel(op, "offsets", o.offsets(), e + 1L);
+        open(op, "losses", o.losses());
+        floating(op, "losses", o.losses());
+        numel(op, "losses", o.losses(), 2);
+    }
 }

@@ -59,27 +59,7 @@ final class CpuMoE {
         Checks.rank(op, "logits", logits, 2);
         int s = logits.dim(0), e = logits.dim(1), k = spec.k();
         if (k > e) throw new IllegalArgumentException(op + ": spec.k = " + k + " exceeds the " + e + " experts (logits columns)");
-        if (o == null) throw new IllegalArgumentException(op + ": outputs are null");
-        Checks.open(op, "gates", o.gates());
-        Checks.floating(op, "gates", o.gates());
-        Checks.matrix(op, "gates", o.gates(), s, e);
-        for (var t : new Tensor[] {o.experts(), o.dest()}) Checks.open(op, "experts/dest", t);
-        Checks.dtype(op, "experts", o.experts(), DType.I32);
-        Checks.matrix(op, "experts", o.experts(), s, k);
-        Checks.dtype(op, "dest", o.dest(), DType.I32);
-        Checks.matrix(op, "dest", o.dest(), s, k);
-        Checks.open(op, "weights", o.weights());
-        Checks.floating(op, "weights", o.weights());
-        Checks.matrix(op, "weights", o.weights(), s, k);
-        Checks.open(op, "counts", o.counts());
-        Checks.dtype(op, "counts", o.counts(), DType.I32);
-        Checks.numel(op, "counts", o.counts(), e);
-        Checks.open(op, "offsets", o.offsets());
-        Checks.dtype(op, "offsets", o.offsets(), DType.I32);
-        Checks.numel(op, "offsets", o.offsets(), e + 1L);
-        Checks.open(op, "losses", o.losses());
-        Checks.floating(op, "losses", o.losses());
-        Checks.numel(op, "losses", o.losses(), 2);
+        Checks.gateOutputs(op, o, s, e, k);
         if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
     }
 
