@@ -6,6 +6,7 @@ import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Scope;
 import dev.moe4j.core.tensor.Tensor;
+import dev.moe4j.core.testing.MoESteps;
 
 /**
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
@@ -61,9 +62,9 @@ public final class MoeLayerBench {
         gpu.randomNormal(x, 0, 1, 3, 0);
         gpu.randomNormal(dy, 0, 1e-3, 4, 0);
         double dropped = 0;
-        for (int i = 0; i < WARMUP; i++) dropped = step(moe, x, dy, true);
+        for (int i = 0; i < WARMUP; i++) dropped = MoESteps.forwardBackward(moe, x, dy, true);
         gpu.profileReport(true);  // profile the timed steps only
-        double ms = BenchTiming.medianMs(gpu, iters, () -> step(moe, x, dy, false));
+        double ms = BenchTiming.medianMs(gpu, iters, () -> MoESteps.forwardBackward(moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;
         System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
                 c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0", ms, flops / ms / 1e9, dropped,
@@ -96,13 +97,4 @@ public final class MoeLayerBench {
         }
     }
 
-    /** One forward + backward inside a step scope; returns the fraction of dropped choices (a host read). */
-    static double step(MoE moe, Tensor x, Tensor dy, boolean measure) {
-        try (Scope s = Scope.open()) {
-            moe.forward(x);
-            double dropped = measure ? moe.droppedFraction() : 0;  // the gate's outputs die with the step scope
-            moe.backward(dy, 0.01f);
-            return dropped;
-        }
-    }
 }

@@ -15,8 +15,8 @@ import dev.moe4j.core.comm.ProcessGroups;
 import dev.moe4j.core.moe.MoE;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.tensor.DType;
-import dev.moe4j.core.tensor.Scope;
 import dev.moe4j.core.tensor.Tensor;
+import dev.moe4j.core.testing.MoESteps;
 
 import java.time.Duration;
 import java.util.ArrayList;
@@ -188,8 +188,8 @@ public final class EpLayerBench {
             // each rank its own tokens (the data-parallel shards of a batch)
             b.randomNormal(x, 0, 1, 3, (long) rank * c.s * c.m);
             b.randomNormal(dy, 0, 1e-3, 4, (long) rank * c.s * c.m);
-            double ms = BenchTimer.medianMs(b, WARMUP, reps, () -> step(moe, x, dy, false));
-            double dropped = step(moe, x, dy, true);
+            double ms = BenchTimer.medianMs(b, WARMUP, reps, () -> MoESteps.forwardBackward(moe, x, dy, false));
+            double dropped = MoESteps.forwardBackward(moe, x, dy, true);
             return new Result(ms, dropped);
         } finally {
             moe.close();
@@ -197,13 +197,4 @@ public final class EpLayerBench {
         }
     }
 
-    /** One forward + backward inside a step scope; measure: also the fraction of dropped choices (a host read). */
-    static double step(MoE moe, Tensor x, Tensor dy, boolean measure) {
-        try (Scope s = Scope.open()) {
-            moe.forward(x);
-            double dropped = measure ? moe.droppedFraction() : 0;  // the gate's outputs die with the step scope
-            moe.backward(dy, 0.01f);
-            return dropped;
-        }
-    }
 }
