@@ -67,20 +67,21 @@ public record DistributedEnv(int rank, int worldSize, int localRank, int localWo
     public boolean isStoreServer() { return rank == 0; }
 
     private static DistributedEnv torchrun(Map<String, String> env) {
-        String src = "torchrun variables";
-        int size = integer(env, src, "WORLD_SIZE", null);
-        int rank = integer(env, src, "RANK", null);
-        int local = integer(env, src, "LOCAL_RANK", rank);
-        int localSize = integer(env, src, "LOCAL_WORLD_SIZE", size);
-        return withMaster(env, src, rank, size, local, localSize, DEFAULT_PORT);
+        return launcherVariables(env, "torchrun variables", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE");
     }
 
     private static DistributedEnv openMpi(Map<String, String> env) {
-        String src = "Open MPI variables";
-        int size = integer(env, src, "OMPI_COMM_WORLD_SIZE", null);
-        int rank = integer(env, src, "OMPI_COMM_WORLD_RANK", null);
-        int local = integer(env, src, "OMPI_COMM_WORLD_LOCAL_RANK", rank);
-        int localSize = integer(env, src, "OMPI_COMM_WORLD_LOCAL_SIZE", size);
+        return launcherVariables(env, "Open MPI variables", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE");
+    }
+
+    /** A launcher that names world size, rank, local rank and local size (local ones default to a single node). */
+    private static DistributedEnv launcherVariables(Map<String, String> env, String src, String sizeVar, String rankVar,
+                                                    String localRankVar, String localSizeVar) {
+        int size = integer(env, src, sizeVar, null);
+        int rank = integer(env, src, rankVar, null);
+        int local = integer(env, src, localRankVar, rank);
+        int localSize = integer(env, src, localSizeVar, size);
         return withMaster(env, src, rank, size, local, localSize, DEFAULT_PORT);
     }
 
