@@ -229,6 +229,7 @@ final class TrainCommand implements Callable<Integer> {
         DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);
         List<TimedCommunicator> expertGroups = new ArrayList<>();
         List<HierarchicalCommunicator> hierarchical = new ArrayList<>();
+        int node = nodeSize();
         try (ProcessGroups groups = world == null ? null : new ProcessGroups(world)) {
             ModelContext ctx = new ModelContext(backend, dtype, seed);
             Models.Built built;
@@ -236,8 +237,8 @@ final class TrainCommand implements Callable<Integer> {
             else built = Models.build(ctx, spec, e -> Math.min(ep, e), g -> {
                 // Each MoE layer's expert-parallel group, flat or hierarchical, timed for the per-rank log.
                 Communicator c = groups.expertParallel(g);
-                if (nodeSize() > 0) {
-                    HierarchicalCommunicator h = new HierarchicalCommunicator(c, nodeSize());
+                if (node > 0) {
+                    HierarchicalCommunicator h = new HierarchicalCommunicator(c, node);
                     hierarchical.add(h);
                     c = h;
                 }
@@ -263,7 +264,7 @@ final class TrainCommand implements Callable<Integer> {
             if (lead) {
                 System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters%s, %s on %s%n", spec.name(),
                         cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), world == null ? "" : " on rank 0", dtype, backend.name());
-                if (world != null) System.out.printf("ranks %d %s, expert parallel %d, %s all-to-all%n", world.size(), distributed ? "over NCCL" : "in-process", ep, nodeSize() > 0 ? "hierarchical (node size " + nodeSize() + ")" : "flat");
+                if (world != null) System.out.printf("ranks %d %s, expert parallel %d, %s all-to-all%n", world.size(), distributed ? "over NCCL" : "in-process", ep, node > 0 ? "hierarchical (node size " + node + ")" : "flat");
                 if (spec.hasMoELayers()) {
                     MoESettings m = spec.moe();
                     System.out.printf("moe   experts per layer %s, top-%d, capacity factor %.2f%s%s, aux coefficient %.3g%n", m.expertsPerLayer(), m.k(),

@@ -83,13 +83,9 @@ final class ExpertParallel {
 
     /**
      * The splits and layout transforms for the gate's routing g over E experts; capacity &gt; 0: capacity mode,
-     * else dropless (collective: every rank of the group calls it for the same layer).
+     * else dropless (collective: every rank of the group calls it for the same layer); overlap: also the index
+     * tensors of the self-first pipeline ({@link #forward}).
      */
-    static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity) {
-        return route(ep, g, numExperts, capacity, false);
-    }
-
-    /** As above; overlap: also the index tensors of the self-first pipeline ({@link #forward}). */
     static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap) {
         int P = ep.size(), me = ep.rank(), El = numExperts / P;
         Backend b = ep.backend();

@@ -84,9 +84,6 @@ public final class GradientSync {
 
     public ProcessGroups groups() { return groups; }
 
-    /** The contiguous ranges and their groups (for tests and logs). */
-    List<Range> ranges() { return List.copyOf(ranges); }
-
     /** Whether b continues the run [start, start + count) of group epSize (and the sum still fits one collective). */
     private static boolean joins(long start, int count, int epSize, Bucket b) {
         return epSize == b.epSize() && start + count == b.start() && (long) count + b.count() <= Integer.MAX_VALUE - 8;
@@ -102,9 +99,6 @@ public final class GradientSync {
             return -1;
         }
     }
-
-    /** The buckets (for tests and logs). */
-    List<Bucket> buckets() { return List.copyOf(buckets); }
 
     /**
      * Block {@code block}'s backward of the step's last micro-batch is queued: its gradients are final, so their
