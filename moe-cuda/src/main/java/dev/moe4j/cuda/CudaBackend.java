@@ -551,7 +551,11 @@ public final class CudaBackend implements Backend {
         int[] d = Checks.matmul(a, transA, b, transB, c);
         int batch = d[0], m = d[1], n = d[2], k = d[3];
         if (batch == 0 || m == 0 || n == 0) return;
-        if (k == 0) { scale(c, beta, c); return; }
+        if (k == 0) {   // C = beta * C; beta 0 must not read C (it may be a stale gradient)
+            if (beta == 0f) fill(c, 0);
+            else scale(c, beta, c);
+            return;
+        }
         try (GemmOperands o = new GemmOperands(a, b, c, beta != 0f)) {
             gemm(o, 0, 0, 0, transA, transB, m, n, k, alpha, beta, batch, (long) m * k, (long) k * n, (long) m * n);
             o.finish();

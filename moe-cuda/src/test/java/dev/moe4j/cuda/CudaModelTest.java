@@ -64,6 +64,7 @@ class CudaModelTest extends GpuTestBase {
             laux[i] = o.lAux();
             ctx[i].params().zeroGrad();
             dx[i] = moe[i].backward(r[i], 0.5f);
+            ctx[i].params().finishGrads();
         }
         String name = "MoE layer k=" + k + " cf=" + capacityFactor + " rts=" + rts + " noise=" + noise;
         System.out.printf("%s: dropped %.3f (cpu) %.3f (gpu)%n", name, moe[0].droppedFraction(), moe[1].droppedFraction());
@@ -101,6 +102,7 @@ class CudaModelTest extends GpuTestBase {
                 Tensor l = gpt[i].forwardLoss(tokens[i], targets[i], valid);
                 loss[i] = Scope.keep(ctx[i].backend().fromDoubles(DType.F32, l.toDoubles(), (int) l.numel()));
                 gpt[i].backwardLoss(valid, 1f);
+                ctx[i].params().finishGrads();
             }
         }
         check("GPT-MoE step loss " + dt, loss, dt == DType.F32 ? 1e-5 : 1e-2);

@@ -65,6 +65,44 @@ class ExpertParallelTrainingTest {
         oneStepMatches(spec, 4, 4);
     }
 
+    /**
+     * Gradients left NaN before the step (as a skipped step leaves them) must not reach the all-reduces or the
+     * optimizer: each gradient's first write overwrites them, and an expert that gets no tokens from any rank
+     * (rank 3 still all-reduces its shard) contributes zeros.
+     */
+    @Test
+    void staleGradientsAndAnExpertWithoutTokensStillGiveTheSingleRankStep() {
+        ModelSpec spec = spec(true, 1, false, false);
+        Trainer ref = reference(spec, 4);
+        starveLastExpert(ref);
+        RankState expected = state(ref, run(ref, 1));
+        record Got(RankState state, int[] counts) {}
+        List<Got> got = dev.moe4j.comm.InProcessWorld.run(4, comm -> {
+            try (dev.moe4j.core.comm.ProcessGroups groups = new dev.moe4j.core.comm.ProcessGroups(comm)) {
+                var ctx = new dev.moe4j.core.nn.ModelContext(comm.backend(), dev.moe4j.core.tensor.DType.F64, SEED);
+                Trainer t = trainer(ctx, spec, groups, 4, 1);
+                starveLastExpert(t);
+                comm.backend().fill(ctx.params().grad(), Double.NaN);
+                var m = t.trainStep(true);
+                return new Got(state(t, List.of(m.loss())), m.routing().get(0).tokensPerExpert());
+            }
+        });
+        assertMatches(expected, got.stream().map(Got::state).toList(), STEP_TOL, "NaN gradients before the step");
+        for (Got g : got) assertEquals(0, g.counts()[EXPERTS - 1], "no rank routes a token to the last expert");
+    }
+
+    /** Top-1 never picks the last expert: its gate row is zero and the row before is minus the one before that. */
+    private static void starveLastExpert(Trainer t) {
+        var w = t.model().context().params().get("h.1.ffn.gate.weight").master();
+        double[] g = w.toDoubles();
+        int m = g.length / EXPERTS;
+        for (int j = 0; j < m; j++) {
+            g[(EXPERTS - 2) * m + j] = -g[(EXPERTS - 3) * m + j];
+            g[(EXPERTS - 1) * m + j] = 0;
+        }
+        try (var src = w.backend().fromDoubles(w.dtype(), g, w.shape().dims())) { w.backend().copy(src, w); }
+    }
+
     @Test
     void worldOf8AtEp2And8EqualsTheSingleRankStep() {
         oneStepMatches(spec(true, 1, false, false), 8, 8);

@@ -76,6 +76,7 @@ class MoELayerExpertParallelTest {
             laux.add(o.lAux().toDoubles()[0]);
             dxs.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
         }
+        rc.params().finishGrads();
         List<Result> got = InProcessWorld.run(W, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
@@ -93,6 +94,7 @@ class MoELayerExpertParallelTest {
                 double[] out = o.output().toDoubles();
                 double l = o.lAux().toDoubles()[0];
                 double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
+                ctx.params().finishGrads();
                 List<double[]> g = new ArrayList<>();
                 List<Integer> first = new ArrayList<>();
                 for (Parameter p : ctx.params().all()) {

@@ -83,7 +83,8 @@ public interface Backend extends AutoCloseable {
     // ---------------------------------------------------------------- matrix products
 
     /**
-     * C = alpha * op(A) * op(B) + beta * C, op = transpose when the flag is set.
+     * C = alpha * op(A) * op(B) + beta * C, op = transpose when the flag is set. As in BLAS, an op given beta = 0
+     * does not read its output (here and in every op below with a beta): stale values, NaN included, are overwritten.
      * Rank-2: A [M,K] (or [K,M] transposed), B [K,N] (or [N,K]), C [M,N].
      * Rank-3: the same per batch, A, B and C all [batch, ., .].
      */
@@ -108,7 +109,8 @@ public interface Backend extends AutoCloseable {
 
     /**
      * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],
-     * dY [T,N], dW [E,K,N]. (For a transposed weight, call with A and dY swapped.)
+     * dY [T,N], dW [E,K,N]; an expert without rows gets dW[e] = beta * dW[e], zero for beta = 0. (For a transposed
+     * weight, call with A and dY swapped.)
      */
     void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta);
 

@@ -235,7 +235,9 @@ public final class CpuBackend implements Backend {
         for (int g = 0; g < e; g++) {
             int rows = offs[g + 1] - offs[g];
             if (rows == 0) {
-                if (beta != 1f) for (int i = 0; i < k * n; i++) DW[off(dw) + g * k * n + i] *= beta;
+                int at = off(dw) + g * k * n;
+                if (beta == 0f) java.util.Arrays.fill(DW, at, at + k * n, 0.0);
+                else if (beta != 1f) for (int i = 0; i < k * n; i++) DW[at + i] *= beta;
                 continue;
             }
             // dW_g [K,N] = A_g^T [K,rows] * dY_g [rows,N]
@@ -308,7 +310,7 @@ public final class CpuBackend implements Backend {
             for (int j = s; j < e; j++) {
                 double acc = 0;
                 for (int r = 0; r < n; r++) acc += X[xo + r * c + j];
-                O[oo + j] = beta * O[oo + j] + acc;
+                O[oo + j] = beta == 0 ? acc : beta * O[oo + j] + acc;
             }
         });
         round(out);
@@ -724,7 +726,7 @@ public final class CpuBackend implements Backend {
             return a;
         });
         double[] O = data(out);
-        O[off(out)] = beta * O[off(out)] + acc;
+        O[off(out)] = beta == 0 ? acc : beta * O[off(out)] + acc;
         round(out);
     }
 

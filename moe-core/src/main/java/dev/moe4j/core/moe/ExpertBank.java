@@ -155,11 +155,12 @@ public final class ExpertBank implements AutoCloseable {
     private void linearWeightGrad(Pass p, Tensor in, Tensor dout, Parameter w, Parameter bias) {
         if (p.offsets == null) {
             Tensor g = w.grad().reshape(w.shape().dim(1), w.shape().dim(2));
-            b.matmul(in, true, dout, false, g, 1f, 1f);
-            if (bias != null) b.sumRows(dout, bias.grad().reshape(dout.cols()), 1f);
+            b.matmul(in, true, dout, false, g, 1f, w.gradBeta());
+            if (bias != null) b.sumRows(dout, bias.grad().reshape(dout.cols()), bias.gradBeta());
         } else {
-            b.groupedMatmulWeightGrad(in, dout, p.offsets, p.hostOffsets, w.grad(), 1f);
-            if (bias != null) b.scatterAddRows(dout, p.rowExpert, null, bias.grad());
+            // beta 0 also zeroes the gradient of an expert without rows
+            b.groupedMatmulWeightGrad(in, dout, p.offsets, p.hostOffsets, w.grad(), w.gradBeta());
+            if (bias != null) b.scatterAddRows(dout, p.rowExpert, null, bias.definedGrad());
         }
     }
 

@@ -104,7 +104,7 @@ public final class Gate implements AutoCloseable {
         Tensor dlogits = b.empty(gdt, S, experts);
         b.moeGateBackward(spec, logits, out, dweights, lauxCoeff, zlossCoeff, dlogits);
         // dW [E,M] += dlogits^T [E,S] * xg [S,M]
-        b.matmul(dlogits, true, xg, false, weight.grad(), 1f, 1f);
+        b.matmul(dlogits, true, xg, false, weight.grad(), 1f, weight.gradBeta());
         // dxg [S,M] = dlogits [S,E] * W [E,M]; through the jitter: dx = dxg * noise
         Tensor dx = b.empty(gdt, S, hidden);
         b.matmul(dlogits, false, weight.master(), false, dx, 1f, 0f);

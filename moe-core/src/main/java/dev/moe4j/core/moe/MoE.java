@@ -245,8 +245,8 @@ public final class MoE implements AutoCloseable {
             // softmax, then Linear(hidden, 2): dWc += dl^T x, dbc += sum dl, dx += dl Wc
             Tensor dl = tmpAdd(tmp, b.empty(ctx.dtype(), S, 2));
             b.softmaxBackward(coef, dcoef, dl);
-            b.matmul(dl, true, x, false, coefW.grad(), 1f, 1f);
-            b.sumRows(dl, coefB.grad(), 1f);
+            b.matmul(dl, true, x, false, coefW.grad(), 1f, coefW.gradBeta());
+            b.sumRows(dl, coefB.grad(), coefB.gradBeta());
             b.matmul(dl, false, coefW.value(), false, dx, 1f, 1f);
         }
         if (shared != null) {

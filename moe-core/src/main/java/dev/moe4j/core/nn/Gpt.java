@@ -89,7 +89,7 @@ public final class Gpt {
         Backend b = ctx.backend();
         if (logits == null) throw new IllegalStateException("backward before forward");
         int n = batch * seq, c = cfg.hidden();
-        b.matmul(dlogits, true, xf, false, wte.grad(), 1f, 1f);   // tied head: dwte += dlogits^T xf
+        b.matmul(dlogits, true, xf, false, wte.grad(), 1f, wte.gradBeta());   // tied head: dwte (+)= dlogits^T xf
         Tensor dx = b.empty(ctx.dtype(), n, c);
         b.matmul(dlogits, false, wte.value(), false, dx, 1f, 0f);
         dx = lnf.backward(dx);
@@ -97,7 +97,7 @@ public final class Gpt {
             dx = blocks.get(l).backward(dx, lossScale);
             if (blockDone != null) blockDone.accept(l);
         }
-        b.embeddingBackward(dx, tokens, wte.grad(), wpe.grad());
+        b.embeddingBackward(dx, tokens, wte.definedGrad(), wpe.definedGrad());
         tokens = xf = logits = null;
     }
 

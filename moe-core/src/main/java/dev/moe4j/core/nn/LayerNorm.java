@@ -40,7 +40,7 @@ public final class LayerNorm {
     public Tensor backward(Tensor dout) {
         if (x == null) throw new IllegalStateException(gamma.name() + ": backward before forward");
         Tensor dx = ctx.backend().empty(ctx.dtype(), x.rows(), dim);
-        ctx.backend().layerNormBackward(dout, x, gamma.value(), mean, rstd, dx, gamma.grad(), beta.grad());
+        ctx.backend().layerNormBackward(dout, x, gamma.value(), mean, rstd, dx, gamma.definedGrad(), beta.definedGrad());
         x = mean = rstd = null;
         return dx;
     }

@@ -44,8 +44,8 @@ public final class Linear {
         Backend b = ctx.backend();
         if (x == null) throw new IllegalStateException(weight.name() + ": backward before forward");
         Tensor x2 = x.reshape(x.rows(), in), dy2 = dy.reshape(dy.rows(), out);
-        b.matmul(dy2, true, x2, false, weight.grad(), 1f, 1f);
-        if (bias != null) b.sumRows(dy2, bias.grad(), 1f);
+        b.matmul(dy2, true, x2, false, weight.grad(), 1f, weight.gradBeta());
+        if (bias != null) b.sumRows(dy2, bias.grad(), bias.gradBeta());
         Tensor dx = b.empty(ctx.dtype(), dy.rows(), in);
         b.matmul(dy2, false, weight.value(), false, dx, 1f, 0f);
         x = null;

@@ -144,14 +144,30 @@ public final class Parameters implements AutoCloseable {
     /** The flat F32 (or F64) master weights (elements past {@link #count()} are padding, always zero). */
     public Tensor master() { return master; }
 
-    /** The flat gradients, same layout as {@link #master()}. */
+    /** The flat gradients, same layout as {@link #master()}; call {@link #finishGrads()} before reading them. */
     public Tensor grad() { return grad; }
 
     /** The flat weights the forward reads (== master unless the model dtype differs). */
     public Tensor value() { return value; }
 
-    /** Sets every gradient to zero (before a step's first micro-batch). */
-    public void zeroGrad() { grad.backend().fill(grad, 0); }
+    /**
+     * Starts a new gradient (before a step's first micro-batch): marks every gradient stale instead of filling
+     * the buffer with zeros, so the first write of each overwrites it (see {@link Parameter#gradBeta()}) and a
+     * large MoE model saves a fill and a read of every gradient element per step.
+     */
+    public void zeroGrad() {
+        if (master == null) throw new IllegalStateException("parameters are not allocated yet");
+        for (Parameter p : byName.values()) p.gradStale = true;
+    }
+
+    /**
+     * Makes every gradient defined: the ones nothing wrote since {@link #zeroGrad()} (an expert layer that got no
+     * tokens, an unused parameter) become zero. Whatever reads gradients (the optimizer, the norm, the all-reduce)
+     * calls this first.
+     */
+    public void finishGrads() {
+        for (Parameter p : byName.values()) p.definedGrad();
+    }
 
     @Override
     public void close() {

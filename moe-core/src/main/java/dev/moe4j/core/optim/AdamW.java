@@ -47,7 +47,7 @@ public final class AdamW implements AutoCloseable {
 
     /**
      * Computes the squared global gradient norm into a device scalar and applies one update with learning rate
-     * {@code lr}. Returns the device scalar holding the squared norm (read it to log the norm; a non-finite
+     * {@code lr} (gradients nothing wrote since {@link Parameters#zeroGrad()} count as zero). Returns the device scalar holding the squared norm (read it to log the norm; a non-finite
      * value means the update was skipped, and the caller should call {@link #undoStepCount()}).
      */
     public Tensor step(float lr) { return step(lr, null); }
@@ -59,6 +59,7 @@ public final class AdamW implements AutoCloseable {
      */
     public Tensor step(float lr, java.util.function.Consumer<Tensor> squaredNorm) {
         step++;
+        params.finishGrads();
         if (squaredNorm == null) backend.sumSquares(params.grad(), normSq, 0f);
         else squaredNorm.accept(normSq);
         long nd = params.decayCount(), n = params.count();

@@ -34,7 +34,7 @@ public final class GradientSync {
      * A piece of a range holding one block's parameters (block -1: those outside the blocks: embeddings, final
      * LayerNorm), all-reduced as soon as that block's backward is queued (see {@link #blockDone}).
      */
-    record Bucket(long start, int count, int epSize, int block) {}
+    record Bucket(long start, int count, int epSize, int block, List<Parameter> params) {}
 
     private final Parameters params;
     private final ProcessGroups groups;
@@ -58,10 +58,12 @@ public final class GradientSync {
         for (Parameter p : params.layoutOrder()) {
             int n = Math.toIntExact(p.shape().numel());
             if (n == 0) continue;
-            Bucket b = new Bucket(p.grad().offset() - base, n, p.isExpert() ? p.expertShard().epSize() : 0, blockOf(p.name()));
+            Bucket b = new Bucket(p.grad().offset() - base, n, p.isExpert() ? p.expertShard().epSize() : 0, blockOf(p.name()), List.of(p));
             Bucket last = buckets.isEmpty() ? null : buckets.get(buckets.size() - 1);
             if (last != null && last.block() == b.block() && joins(last.start(), last.count(), last.epSize(), b)) {
-                buckets.set(buckets.size() - 1, new Bucket(last.start(), last.count() + n, b.epSize(), b.block()));
+                List<Parameter> both = new ArrayList<>(last.params());
+                both.add(p);
+                buckets.set(buckets.size() - 1, new Bucket(last.start(), last.count() + n, b.epSize(), b.block(), both));
             } else {
                 buckets.add(b);
             }
@@ -112,6 +114,7 @@ public final class GradientSync {
     private void launch(int i) {
         Bucket bk = buckets.get(i);
         launched[i] = true;
+        for (Parameter p : bk.params()) p.definedGrad();   // a gradient nothing wrote this step is reduced as zero
         Communicator c = bk.epSize() == 0 ? groups.dataParallel() : groups.expertDataParallel(bk.epSize());
         if (c.size() > 1) pending.add(c.allReduceAsync(params.grad().view(bk.start(), bk.count()), ReduceOp.SUM));
     }

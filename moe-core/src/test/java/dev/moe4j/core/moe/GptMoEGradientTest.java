@@ -45,6 +45,7 @@ class GptMoEGradientTest {
         MoEOutput o = moes[1].lastOutput();
         assertEquals(0.3 * o.lAux().toDoubles()[0] + 0.05 * o.zLoss().toDoubles()[0], l[1], 1e-12, "aux = 0.3 l_aux + 0.05 z");
         gpt.backwardLoss(valid, scale);
+        ctx.params().finishGrads();
         DoubleSupplier loss = () -> {
             ctx.setRngOffset(rng);
             double[] v = gpt.forwardLoss(tokens, targets, valid).toDoubles();

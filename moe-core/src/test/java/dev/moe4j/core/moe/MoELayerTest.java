@@ -56,6 +56,7 @@ class MoELayerTest {
         else assertEquals(0.0, moe.droppedFraction(), 0.0, name + ": nothing may be dropped");
         ctx.params().zeroGrad();
         Tensor dx = moe.backward(r, aux);
+        ctx.params().finishGrads();
         var loss = (java.util.function.DoubleSupplier) () -> {
             ctx.setRngOffset(rng);
             MoEOutput o = moe.forward(x);

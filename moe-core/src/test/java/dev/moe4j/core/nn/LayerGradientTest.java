@@ -30,6 +30,7 @@ class LayerGradientTest {
         ctx.params().zeroGrad();
         fwd.apply(x);
         Tensor dx = bwd.apply(r);
+        ctx.params().finishGrads();
         DoubleSupplier loss = () -> Tensors.dot(fwd.apply(x), r);
         GradCheck.check("dx", x, dx, loss, 150, F64_TOL);
         GradCheck.check("parameters", ctx.params().master(), ctx.params().grad(), loss, 300, F64_TOL);
@@ -95,6 +96,7 @@ class LayerGradientTest {
         ctx.params().zeroGrad();
         gpt.forwardLoss(tokens, targets, valid);
         gpt.backwardLoss(valid, 1f);
+        ctx.params().finishGrads();
         DoubleSupplier loss = () -> gpt.forwardLoss(tokens, targets, valid).toDoubles()[0];
         GradCheck.check("gpt parameters", ctx.params().master(), ctx.params().grad(), loss, 400, F64_TOL);
     }

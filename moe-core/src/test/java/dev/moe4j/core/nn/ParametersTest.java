@@ -1,7 +1,9 @@
 package dev.moe4j.core.nn;
 
+import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.cpu.CpuBackend;
 import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
 import org.junit.jupiter.api.Test;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
@@ -57,5 +59,32 @@ class ParametersTest {
         var e = assertThrows(IllegalArgumentException.class, () -> new ModelContext(new CpuBackend(), DType.F64, 1).params()
                 .add("x", Init.zeros(), false, new ExpertShard(2, 0, 2, 4), 3, 1));
         assertTrue(e.getMessage().contains("must have 2 rows"), e.getMessage());
+    }
+
+    /**
+     * After zeroGrad: the first write overwrites the stale gradient (NaN here, as after a skipped step), a second
+     * use of the parameter adds to it, an add-only op starts from zero, and a gradient nothing wrote reads zero.
+     */
+    @Test
+    void theFirstWriteAfterZeroGradOverwritesLaterOnesAddAndUnwrittenGradientsFinishAsZero() {
+        ModelContext ctx = new ModelContext(new CpuBackend(), DType.F32, 1);
+        Backend b = ctx.backend();
+        Parameter twice = ctx.params().add("twice", Init.zeros(), true, 2, 2);
+        Parameter scattered = ctx.params().add("scattered", Init.zeros(), false, 2, 2);
+        Parameter unused = ctx.params().add("unused", Init.zeros(), false, 3);
+        ctx.allocateParameters();
+        b.fill(ctx.params().grad(), Float.NaN);
+        ctx.params().zeroGrad();
+        Tensor x = b.fromFloats(DType.F32, new float[] {1, 2, 3, 4}, 2, 2), y = b.fromFloats(DType.F32, new float[] {1, 0, 0, 1}, 2, 2);
+        b.matmul(x, true, y, false, twice.grad(), 1f, twice.gradBeta());    // x^T y = x^T
+        b.matmul(y, true, y, false, twice.grad(), 2f, twice.gradBeta());    // + 2 y^T y = 2 I
+        assertArrayEquals(new float[] {3, 3, 2, 6}, twice.grad().toFloats(), "x^T + 2 I");
+        b.scatterAddRows(x, b.fromInts(new int[] {1, 1}, 2), null, scattered.definedGrad());
+        assertArrayEquals(new float[] {0, 0, 4, 6}, scattered.grad().toFloats(), "row 0 untouched by the scatter reads zero");
+        assertTrue(Float.isNaN(unused.grad().toFloats()[0]), "zeroGrad itself does not fill");
+        ctx.params().finishGrads();
+        assertArrayEquals(new float[] {0, 0, 0}, unused.grad().toFloats());
+        assertArrayEquals(new float[] {3, 3, 2, 6}, twice.grad().toFloats(), "finishing leaves written gradients alone");
+        assertEquals(1f, unused.gradBeta(), "a finished gradient is defined: later writes add");
     }
 }

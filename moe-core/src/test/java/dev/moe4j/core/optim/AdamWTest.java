@@ -67,6 +67,8 @@ class AdamWTest {
         assertEquals(Double.NaN, sq);
         assertArrayEquals(before, w.master().toFloats(), "parameters must not change on a NaN step");
         assertArrayEquals(new float[4], opt.firstMoment().toFloats(), "moments must not change on a NaN step");
+        cpu.copy(cpu.fromFloats(DType.F32, new float[] {0, 0, 3, 4}, 4), w.grad());
+        assertEquals(25.0, opt.step(1e-2f).toDoubles()[0], 1e-6, "the next step's norm does not read the NaN one");
     }
 
     @Test
