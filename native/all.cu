@@ -6,3 +6,4 @@
 #include "rows.cu"
 #include "moe.cu"
 #include "attention_tc.cu"
+#include "grouped_gemm.cu"

@@ -562,7 +562,6 @@ public final class CudaBackend implements Backend {
         }
     }
 
-    /** offsets copied to the host once per call (a sync; a device-side grouped GEMM will remove it). */
     /** The group offsets on the host: the caller's copy when given (no stream wait), else read from the device. */
     private int[] hostOffsets(String op, Tensor offsets, int[] known, int groups, int rows) {
         if (known == null) return Checks.groupOffsets(op, toInts(offsets), rows);
@@ -570,7 +569,43 @@ public final class CudaBackend implements Backend {
         return Checks.groupOffsets(op, known, rows);
     }
 
-    // Grouped GEMMs: the form is picked per shape in groupedGemm (strided-batched for equal experts,
+    /** Which grouped GEMM runs bf16 expert products: AUTO picks by shape; ALWAYS / NEVER for tests and benchmarks. */
+    enum GroupedKernel { AUTO, ALWAYS, NEVER }
+
+    GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "auto").toUpperCase(java.util.Locale.ROOT));
+
+    /**
+     * Our own grouped kernel (native/grouped_gemm.cu) wins where the experts are small and the product is bound by
+     * reading their weights; cuBLAS's tensor-core GEMMs stay faster where experts own many rows each.
+     */
+    static final int GROUPED_KERNEL_MAX_ROWS_PER_GROUP = 512;
+    private static final int GG_BN = 128, GG_BK = 32, GG_STAGES = 4, GG_PAD = 8, GG_THREADS = 256;
+
+    /** Dynamic shared memory of a grouped kernel: GG_STAGES stages of its A and B tiles (the layout of grouped_gemm.cu). */
+    private static int groupedKernelShared(int bm, boolean aKContig, boolean bKContig) {
+        int aElems = aKContig ? bm * (GG_BK + GG_PAD) : GG_BK * (bm + GG_PAD);
+        int bElems = bKContig ? GG_BN * (GG_BK + GG_PAD) : GG_BK * (GG_BN + GG_PAD);
+        return GG_STAGES * (aElems + bElems) * 2;
+    }
+
+    @Override
+    public boolean wantsHostOffsets(DType dtype, int rows, int groups) {
+        // our own kernel reads the offsets on the device; cuBLAS needs them on the host to size its GEMMs
+        return dtype != DType.BF16 || groupedKernel == GroupedKernel.NEVER
+                || (groupedKernel == GroupedKernel.AUTO && rows > (long) GROUPED_KERNEL_MAX_ROWS_PER_GROUP * groups);
+    }
+
+    /** Whether a grouped product over t rows of e groups (bf16 operands) runs in our own kernel. */
+    private boolean useGroupedKernel(Tensor a, Tensor b, Tensor c, int e, int t, int k, int n) {
+        if (groupedKernel == GroupedKernel.NEVER || a.dtype() != DType.BF16 || b.dtype() != DType.BF16) return false;
+        // 16-byte cp.async chunks of 8 elements, output pairs of 2
+        if (k % 8 != 0 || n % 8 != 0 || p(a) % 16 != 0 || p(b) % 16 != 0 || p(c) % 8 != 0) return false;
+        if (t / 64 + e + 1 > 65535) return false;   // the grid's y dimension: m-tiles (forward) or experts (weight gradient)
+        return groupedKernel == GroupedKernel.ALWAYS || t <= (long) GROUPED_KERNEL_MAX_ROWS_PER_GROUP * e;
+    }
+
+    // Grouped GEMMs: our own kernel for many small bf16 experts (useGroupedKernel; it reads the offsets on the
+    // device), else cuBLAS in the form groupedGemm picks per shape (strided-batched for equal experts,
     // cublasGemmGroupedBatchedEx for many unequal ones, a loop of cublasGemmEx otherwise; GPU-HOST.md has why).
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
@@ -583,6 +618,15 @@ public final class CudaBackend implements Backend {
         floating(op, "a", a); floating(op, "w", w); floating(op, "c", c);
         int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
         int e = d[0], k = d[1], n = d[2], t = d[3];
+        if (t == 0 || n == 0) return;
+        if (useGroupedKernel(a, w, c, e, t, k, n)) {
+            // ~64-row experts (8192 tokens over 128 experts) fill half-height tiles without idle tensor-core work
+            int bm = t <= 96L * e ? 64 : 128;
+            int mTiles = (t + bm - 1) / bm + e;   // a bound: each group adds at most one partial tile; the rest exit
+            launch((transW ? "k_ggemm_nt_" : "k_ggemm_nn_") + bm, (n + GG_BN - 1) / GG_BN, mTiles, GG_THREADS,
+                    groupedKernelShared(bm, true, transW), p(a), p(w), p(c), dt(c), p(offsets), e, k, n, beta);
+            return;
+        }
         int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
         try (GemmOperands o = new GemmOperands(a, w, c, beta != 0f)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
@@ -606,6 +650,13 @@ public final class CudaBackend implements Backend {
         floating(op, "a", a); floating(op, "dy", dy); floating(op, "dw", dw);
         int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
         int e = d[0], k = d[1], n = d[2], t = d[3];
+        if (k == 0 || n == 0) return;
+        if (useGroupedKernel(a, dy, dw, e, t, k, n)) {
+            long tiles = (long) ((k + 127) / 128) * ((n + GG_BN - 1) / GG_BN);
+            launch("k_ggemm_wgrad", Math.toIntExact(tiles), e, GG_THREADS, groupedKernelShared(128, false, false),
+                    p(a), p(dy), p(dw), dt(dw), p(offsets), k, n, beta);
+            return;
+        }
         int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
         try (GemmOperands o = new GemmOperands(a, dy, dw, true)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
@@ -615,7 +666,8 @@ public final class CudaBackend implements Backend {
                     if (beta != 1f) {
                         long cells = (long) k * n, start = g * cells;
                         Tensor slice = dw.view(start, k, n);
-                        scale(slice, beta, slice);
+                        if (beta == 0f) fill(slice, 0);   // beta 0 must not read a stale gradient (NaN * 0 is NaN)
+                        else scale(slice, beta, slice);
                         if (o.tc != null) { Tensor ts = o.tc.view(start, k, n); copy(slice, ts); }
                     }
                     continue;

@@ -62,9 +62,9 @@ public final class MoeLayerBench {
         gpu.randomNormal(x, 0, 1, 3, 0);
         gpu.randomNormal(dy, 0, 1e-3, 4, 0);
         double dropped = 0;
-        for (int i = 0; i < WARMUP; i++) dropped = MoESteps.forwardBackward(moe, x, dy, true);
+        for (int i = 0; i < WARMUP; i++) dropped = MoESteps.forwardBackward(ctx, moe, x, dy, true);
         gpu.profileReport(true);  // profile the timed steps only
-        double ms = BenchTiming.medianMs(gpu, iters, () -> MoESteps.forwardBackward(moe, x, dy, false));
+        double ms = BenchTiming.medianMs(gpu, iters, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;
         System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
                 c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0", ms, flops / ms / 1e9, dropped,

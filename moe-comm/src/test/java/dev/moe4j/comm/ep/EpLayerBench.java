@@ -188,8 +188,8 @@ public final class EpLayerBench {
             // each rank its own tokens (the data-parallel shards of a batch)
             b.randomNormal(x, 0, 1, 3, (long) rank * c.s * c.m);
             b.randomNormal(dy, 0, 1e-3, 4, (long) rank * c.s * c.m);
-            double ms = BenchTimer.medianMs(b, WARMUP, reps, () -> MoESteps.forwardBackward(moe, x, dy, false));
-            double dropped = MoESteps.forwardBackward(moe, x, dy, true);
+            double ms = BenchTimer.medianMs(b, WARMUP, reps, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
+            double dropped = MoESteps.forwardBackward(ctx, moe, x, dy, true);
             return new Result(ms, dropped);
         } finally {
             moe.close();

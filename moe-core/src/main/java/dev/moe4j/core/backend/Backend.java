@@ -108,6 +108,13 @@ public interface Backend extends AutoCloseable {
     }
 
     /**
+     * Whether {@link #groupedMatmul} over {@code rows} rows of {@code groups} groups of this dtype runs faster with
+     * the offsets also given on the host, i.e. whether a caller that would have to read them back from the device
+     * (a wait for the stream) should. False where the backend reads them where they are.
+     */
+    default boolean wantsHostOffsets(DType dtype, int rows, int groups) { return false; }
+
+    /**
      * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],
      * dY [T,N], dW [E,K,N]; an expert without rows gets dW[e] = beta * dW[e], zero for beta = 0. (For a transposed
      * weight, call with A and dY swapped.)

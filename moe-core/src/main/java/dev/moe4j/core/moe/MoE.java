@@ -148,14 +148,15 @@ public final class MoE implements AutoCloseable {
         if (ep == null) {
             if (experts.hasBias()) rowExpert = saved.keep(rowExperts(g, S, k, R));
             // experts: y [R, M]
-            // The grouped GEMMs need the expert offsets on the host. Capacity mode: expert e owns slots e*C ..
-            // (e+1)*C, known without asking the device. Dropless: one read for the layer's six GEMMs (each would
-            // otherwise read them itself, waiting for the stream each time).
-            int[] hostOffsets;
+            // The expert offsets on the host, for backends whose grouped GEMMs need them there. Capacity mode:
+            // expert e owns slots e*C .. (e+1)*C, known without asking the device. Dropless: one read for the
+            // layer's six GEMMs (each would otherwise read them itself, waiting for the stream each time), and
+            // none where the backend reads them on the device.
+            int[] hostOffsets = null;
             if (!dropless) {
                 hostOffsets = new int[E + 1];
                 for (int e = 0; e <= E; e++) hostOffsets[e] = e * capacity;
-            } else {
+            } else if (b.wantsHostOffsets(ctx.dtype(), R, E)) {
                 hostOffsets = g.offsets().toInts();
             }
             y = saved.keep(experts.forward(buf, g.offsets(), hostOffsets, rowExpert));
