@@ -1,10 +1,11 @@
 // Grouped GEMMs of the expert FFN on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation), reading the
 // expert offsets on the device: no host round trip to size the groups, one launch for all experts.
 //
-// Why our own: with many small experts (8192 tokens over 128 experts: ~64 rows each) the expert GEMMs are bound
-// by reading the expert weights, and cuBLAS's batched/grouped forms reach a fraction of the copy bandwidth there
-// (docs/benchmarks.md). Here each block computes one BM x BN tile of one expert and streams the expert's weight
-// tile through a 4-stage cp.async pipeline, so every weight byte is read once per forward.
+// Opt-in (-Dmoe4j.cuda.groupedKernel=own): measured on an H100 (docs/benchmarks.md, 2026-11-23) it is slower than
+// cuBLAS on every benchmark shape, by 1.1-1.4x where the product is bound by reading expert weights and 2-2.7x
+// where it is bound by tensor-core throughput (mma.sync reaches about 250 TFLOP/s here; cuBLAS's wgmma kernels
+// about 600). It stays as the device-offset path and the base for a wgmma version. Each block computes one BM x BN
+// tile of one expert, streaming the operands through a multistage cp.async pipeline.
 //
 //   k_ggemm_nn<BM>:  C[rows_e, N] = A[rows_e, K] * W[e]  (W [E, K, N])   + beta * C
 //   k_ggemm_nt<BM>:  C[rows_e, N] = A[rows_e, K] * W[e]^T (W [E, N, K]) + beta * C
@@ -14,7 +15,7 @@
 
 namespace gg {
 
-constexpr int BN = 128, BK = 32, STAGES = 4, THREADS = 256, PAD = 8;
+constexpr int BN = 128, THREADS = 256, PAD = 8;
 // Shared tiles keep the global layout (contiguous dimension innermost), rows padded by 8 elements so that the
 // eight 16-byte rows an ldmatrix reads fall into distinct banks.
 constexpr int tileElems(int rows, int cols) { return rows * (cols + PAD); }
@@ -46,7 +47,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], 
 // the right one; each is stored either with its reduction index (k) contiguous or with its other index contiguous.
 //   A_KCONTIG: A tile [BM][BK] (activations [rows, K]);  else [BK][BM] (wgrad: A^T, read from A [rows, Kdim]).
 //   B_KCONTIG: B tile [BN][BK] (W[e] stored [N, K]);     else [BK][BN] (W[e] [K, N], or dY [rows, N]).
-template <int BM, bool A_KCONTIG, bool B_KCONTIG>
+template <int BM, int BK, int STAGES, bool A_KCONTIG, bool B_KCONTIG>
 struct Tiles {
     static constexpr int A_ELEMS = A_KCONTIG ? tileElems(BM, BK) : tileElems(BK, BM);
     static constexpr int B_ELEMS = B_KCONTIG ? tileElems(BN, BK) : tileElems(BK, BN);
@@ -55,7 +56,7 @@ struct Tiles {
 };
 
 // Warp layout: 8 warps as 2 (m) x 4 (n); each warp owns a (BM/2) x 32 block of the tile: MI m16 x 4 n8 fragments.
-template <int BM, bool A_KCONTIG, bool B_KCONTIG>
+template <int BM, int BK, bool A_KCONTIG, bool B_KCONTIG>
 __device__ __forceinline__ void mmaStage(const __nv_bfloat16* sA, const __nv_bfloat16* sB, float (&acc)[BM / 32][4][4]) {
     constexpr int MI = BM / 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -147,6 +148,24 @@ __device__ __forceinline__ void storeTile(float (&acc)[BM / 32][4][4], void* out
             }
 }
 
+// The multistage pipeline: tile kt + STAGES - 1 is loaded while tile kt is multiplied. load(stage, kt) issues the
+// cp.async copies of k-tile kt into a stage.
+template <int BM, int BK, int STAGES, bool A_KCONTIG, bool B_KCONTIG, typename Load>
+__device__ __forceinline__ void mainLoop(__nv_bfloat16* s, int kTiles, Load load, float (&acc)[BM / 32][4][4]) {
+    using T = Tiles<BM, BK, STAGES, A_KCONTIG, B_KCONTIG>;
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; st++) { if (st < kTiles) load(s + st * T::STAGE_ELEMS, st); cpAsyncCommit(); }
+    for (int kt = 0; kt < kTiles; kt++) {
+        cpAsyncWait<STAGES - 2>();
+        __syncthreads();   // tile kt is in; every warp is done with the stage the next load overwrites
+        int next = kt + STAGES - 1;
+        if (next < kTiles) load(s + (next % STAGES) * T::STAGE_ELEMS, next);
+        cpAsyncCommit();
+        const __nv_bfloat16* sA = s + (kt % STAGES) * T::STAGE_ELEMS;
+        mmaStage<BM, BK, A_KCONTIG, B_KCONTIG>(sA, sA + T::A_ELEMS, acc);
+    }
+}
+
 // The expert and tile of this block: tile blockIdx.y of the list of all experts' m-tiles (expert by expert).
 // Warp 0 scans the per-expert tile counts 32 experts at a time. Returns false for blocks past the last tile.
 template <int BM>
@@ -180,20 +199,17 @@ __device__ __forceinline__ bool findTile(const int* offsets, int E, int& expert,
 // Forward / data-gradient product: grid (N / BN, m-tiles bound). The n-tiles of one m-tile are neighbours in launch
 // order, so the blocks resident at once share a few A row blocks and the weights of one or two experts in L2
 // (m-tiles fastest re-read all of A from memory for every n-tile once A outgrows L2).
-template <int BM, bool TRANS_W>
+template <int BM, int BK, int STAGES, bool TRANS_W>
 __device__ void groupedGemm(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, int cdt, const int* offsets,
                             int E, int K, int N, float beta) {
-    using T = Tiles<BM, true, TRANS_W>;
     extern __shared__ __align__(16) unsigned char smem[];
-    __nv_bfloat16* s = (__nv_bfloat16*)smem;
     int expert, tile;
     if (!findTile<BM>(offsets, E, expert, tile)) return;
     i64 rowStart = offsets[expert] + (i64)tile * BM, rowEnd = offsets[expert + 1];
     int n0 = blockIdx.x * BN;
     const __nv_bfloat16* We = W + (i64)expert * K * N;
-    int kTiles = (K + BK - 1) / BK;
-    auto load = [&](int stage, int kt) {
-        __nv_bfloat16* sA = s + stage * T::STAGE_ELEMS;
+    using T = Tiles<BM, BK, STAGES, true, TRANS_W>;
+    auto load = [&](__nv_bfloat16* sA, int kt) {
         __nv_bfloat16* sB = sA + T::A_ELEMS;
         int k0 = kt * BK;
         loadTile<BM, BK>(sA, A + k0, K, rowStart, rowEnd, 0, K - k0);
@@ -201,17 +217,7 @@ __device__ void groupedGemm(const __nv_bfloat16* A, const __nv_bfloat16* W, void
         else loadTile<BK, BN>(sB, We + (i64)k0 * N, N, 0, K - k0, n0, N);   // W[e] [K, N]: rows k, columns n
     };
     float acc[BM / 32][4][4] = {};
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; st++) { if (st < kTiles) load(st, st); cpAsyncCommit(); }
-    for (int kt = 0; kt < kTiles; kt++) {
-        cpAsyncWait<STAGES - 2>();
-        __syncthreads();
-        int next = kt + STAGES - 1;
-        if (next < kTiles) load(next % STAGES, next);
-        cpAsyncCommit();
-        const __nv_bfloat16* sA = s + (kt % STAGES) * T::STAGE_ELEMS;
-        mmaStage<BM, true, TRANS_W>(sA, sA + T::A_ELEMS, acc);
-    }
+    mainLoop<BM, BK, STAGES, true, TRANS_W>((__nv_bfloat16*)smem, (K + BK - 1) / BK, load, acc);
     storeTile<BM>(acc, C, cdt, N, rowStart, (int)(rowEnd - rowStart), n0, N - n0, beta);
 }
 
@@ -219,50 +225,38 @@ __device__ void groupedGemm(const __nv_bfloat16* A, const __nv_bfloat16* W, void
 // the expert's rows. An expert without rows still writes beta * dW (zero for beta = 0).
 __device__ void groupedWeightGrad(const __nv_bfloat16* A, const __nv_bfloat16* dY, void* dW, int cdt, const int* offsets,
                                   int K, int N, float beta) {
-    constexpr int BM = 128;
-    using T = Tiles<BM, false, false>;
+    constexpr int BM = 128, BK = 32, STAGES = 4;
     extern __shared__ __align__(16) unsigned char smem[];
-    __nv_bfloat16* s = (__nv_bfloat16*)smem;
     int nTiles = (N + BN - 1) / BN;
     int m0 = (blockIdx.x / nTiles) * BM, n0 = (blockIdx.x % nTiles) * BN;
     int expert = blockIdx.y;
     i64 rowStart = offsets[expert], rowEnd = offsets[expert + 1];
-    int kTiles = (int)((rowEnd - rowStart + BK - 1) / BK);
-    auto load = [&](int stage, int kt) {
-        __nv_bfloat16* sA = s + stage * T::STAGE_ELEMS;
+    using T = Tiles<BM, BK, STAGES, false, false>;
+    auto load = [&](__nv_bfloat16* sA, int kt) {
         __nv_bfloat16* sB = sA + T::A_ELEMS;
         i64 r0 = rowStart + (i64)kt * BK;
         loadTile<BK, BM>(sA, A, K, r0, rowEnd, m0, K);    // A rows r, columns m (= dW's rows)
         loadTile<BK, BN>(sB, dY, N, r0, rowEnd, n0, N);   // dY rows r, columns n
     };
     float acc[BM / 32][4][4] = {};
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; st++) { if (st < kTiles) load(st, st); cpAsyncCommit(); }
-    for (int kt = 0; kt < kTiles; kt++) {
-        cpAsyncWait<STAGES - 2>();
-        __syncthreads();
-        int next = kt + STAGES - 1;
-        if (next < kTiles) load(next % STAGES, next);
-        cpAsyncCommit();
-        const __nv_bfloat16* sA = s + (kt % STAGES) * T::STAGE_ELEMS;
-        mmaStage<BM, false, false>(sA, sA + T::A_ELEMS, acc);
-    }
+    mainLoop<BM, BK, STAGES, false, false>((__nv_bfloat16*)smem, (int)((rowEnd - rowStart + BK - 1) / BK), load, acc);
     storeTile<BM>(acc, dW, cdt, N, (i64)expert * K + m0, K - m0, n0, N - n0, beta);
 }
 
 }  // namespace gg
 
-// Shared bytes per block (the launcher passes them): 4 stages of the A and B tiles.
-#define GG_LAUNCH(name, BM, TW)                                                                               \
+// Each kernel's dynamic shared memory is Tiles<...>::SHARED_BYTES; CudaBackend.groupedKernelShared computes the
+// same. The data-gradient form (W[e] read as [N, K]) takes 64-wide k-tiles: 128-byte rows of W per load instead of 64.
+#define GG_LAUNCH(name, BM, BK, STAGES, TW)                                                                   \
     extern "C" __global__ void __launch_bounds__(gg::THREADS) name(                                          \
         const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, int cdt, const int* offsets, int E, int K,   \
         int N, float beta) {                                                                                  \
-        gg::groupedGemm<BM, TW>(A, W, C, cdt, offsets, E, K, N, beta);                                        \
+        gg::groupedGemm<BM, BK, STAGES, TW>(A, W, C, cdt, offsets, E, K, N, beta);                            \
     }
-GG_LAUNCH(k_ggemm_nn_128, 128, false)
-GG_LAUNCH(k_ggemm_nt_128, 128, true)
-GG_LAUNCH(k_ggemm_nn_64, 64, false)
-GG_LAUNCH(k_ggemm_nt_64, 64, true)
+GG_LAUNCH(k_ggemm_nn_128, 128, 32, 4, false)
+GG_LAUNCH(k_ggemm_nt_128, 128, 64, 3, true)
+GG_LAUNCH(k_ggemm_nn_64, 64, 32, 4, false)
+GG_LAUNCH(k_ggemm_nt_64, 64, 64, 3, true)
 #undef GG_LAUNCH
 
 extern "C" __global__ void __launch_bounds__(gg::THREADS) k_ggemm_wgrad(

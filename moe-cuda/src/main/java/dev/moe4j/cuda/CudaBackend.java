@@ -569,44 +569,41 @@ public final class CudaBackend implements Backend {
         return Checks.groupOffsets(op, known, rows);
     }
 
-    /** Which grouped GEMM runs bf16 expert products: AUTO picks by shape; ALWAYS / NEVER for tests and benchmarks. */
-    enum GroupedKernel { AUTO, ALWAYS, NEVER }
-
-    GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "auto").toUpperCase(java.util.Locale.ROOT));
-
     /**
-     * Our own grouped kernel (native/grouped_gemm.cu) wins where the experts are small and the product is bound by
-     * reading their weights; cuBLAS's tensor-core GEMMs stay faster where experts own many rows each.
+     * Which grouped GEMM runs bf16 expert products: cuBLAS (the default: faster on every shape measured, see
+     * docs/benchmarks.md) or our own kernel (native/grouped_gemm.cu: one launch, offsets read on the device, no
+     * host round trip; {@code -Dmoe4j.cuda.groupedKernel=own}).
      */
-    static final int GROUPED_KERNEL_MAX_ROWS_PER_GROUP = 512;
-    private static final int GG_BN = 128, GG_BK = 32, GG_STAGES = 4, GG_PAD = 8, GG_THREADS = 256;
+    enum GroupedKernel { CUBLAS, OWN }
 
-    /** Dynamic shared memory of a grouped kernel: GG_STAGES stages of its A and B tiles (the layout of grouped_gemm.cu). */
-    private static int groupedKernelShared(int bm, boolean aKContig, boolean bKContig) {
-        int aElems = aKContig ? bm * (GG_BK + GG_PAD) : GG_BK * (bm + GG_PAD);
-        int bElems = bKContig ? GG_BN * (GG_BK + GG_PAD) : GG_BK * (GG_BN + GG_PAD);
-        return GG_STAGES * (aElems + bElems) * 2;
+    GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "cublas").toUpperCase(java.util.Locale.ROOT));
+
+    private static final int GG_BN = 128, GG_PAD = 8, GG_THREADS = 256;
+
+    /** Dynamic shared memory of a grouped kernel: its stages of A and B tiles (Tiles in grouped_gemm.cu). */
+    private static int groupedKernelShared(int bm, int bk, int stages, boolean aKContig, boolean bKContig) {
+        int aElems = aKContig ? bm * (bk + GG_PAD) : bk * (bm + GG_PAD);
+        int bElems = bKContig ? GG_BN * (bk + GG_PAD) : bk * (GG_BN + GG_PAD);
+        return stages * (aElems + bElems) * 2;
     }
 
     @Override
     public boolean wantsHostOffsets(DType dtype, int rows, int groups) {
-        // our own kernel reads the offsets on the device; cuBLAS needs them on the host to size its GEMMs
-        return dtype != DType.BF16 || groupedKernel == GroupedKernel.NEVER
-                || (groupedKernel == GroupedKernel.AUTO && rows > (long) GROUPED_KERNEL_MAX_ROWS_PER_GROUP * groups);
+        // cuBLAS needs the offsets on the host to size its GEMMs; our own kernel reads them on the device
+        return groupedKernel == GroupedKernel.CUBLAS || dtype != DType.BF16;
     }
 
-    /** Whether a grouped product over t rows of e groups (bf16 operands) runs in our own kernel. */
+    /** Whether a grouped product over t rows of e groups runs in our own kernel: chosen, and the operands fit it. */
     private boolean useGroupedKernel(Tensor a, Tensor b, Tensor c, int e, int t, int k, int n) {
-        if (groupedKernel == GroupedKernel.NEVER || a.dtype() != DType.BF16 || b.dtype() != DType.BF16) return false;
+        if (groupedKernel != GroupedKernel.OWN || a.dtype() != DType.BF16 || b.dtype() != DType.BF16) return false;
         // 16-byte cp.async chunks of 8 elements, output pairs of 2
         if (k % 8 != 0 || n % 8 != 0 || p(a) % 16 != 0 || p(b) % 16 != 0 || p(c) % 8 != 0) return false;
-        if (t / 64 + e + 1 > 65535) return false;   // the grid's y dimension: m-tiles (forward) or experts (weight gradient)
-        return groupedKernel == GroupedKernel.ALWAYS || t <= (long) GROUPED_KERNEL_MAX_ROWS_PER_GROUP * e;
+        return t / 64 + e + 1 <= 65535;   // the grid's y dimension: m-tiles (forward) or experts (weight gradient)
     }
 
-    // Grouped GEMMs: our own kernel for many small bf16 experts (useGroupedKernel; it reads the offsets on the
-    // device), else cuBLAS in the form groupedGemm picks per shape (strided-batched for equal experts,
-    // cublasGemmGroupedBatchedEx for many unequal ones, a loop of cublasGemmEx otherwise; GPU-HOST.md has why).
+    // Grouped GEMMs: cuBLAS in the form groupedGemm picks per shape (strided-batched for equal experts,
+    // cublasGemmGroupedBatchedEx for many unequal ones, a loop of cublasGemmEx otherwise; GPU-HOST.md has why),
+    // or our own kernel when chosen (groupedKernel).
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
         groupedMatmul(a, w, transW, offsets, null, c, beta);
@@ -623,8 +620,9 @@ public final class CudaBackend implements Backend {
             // ~64-row experts (8192 tokens over 128 experts) fill half-height tiles without idle tensor-core work
             int bm = t <= 96L * e ? 64 : 128;
             int mTiles = (t + bm - 1) / bm + e;   // a bound: each group adds at most one partial tile; the rest exit
+            // the data-gradient form (W read as [N, K]) takes 64-wide k-tiles in 3 stages, the others 32-wide in 4
             launch((transW ? "k_ggemm_nt_" : "k_ggemm_nn_") + bm, (n + GG_BN - 1) / GG_BN, mTiles, GG_THREADS,
-                    groupedKernelShared(bm, true, transW), p(a), p(w), p(c), dt(c), p(offsets), e, k, n, beta);
+                    groupedKernelShared(bm, transW ? 64 : 32, transW ? 3 : 4, true, transW), p(a), p(w), p(c), dt(c), p(offsets), e, k, n, beta);
             return;
         }
         int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
@@ -653,7 +651,7 @@ public final class CudaBackend implements Backend {
         if (k == 0 || n == 0) return;
         if (useGroupedKernel(a, dy, dw, e, t, k, n)) {
             long tiles = (long) ((k + 127) / 128) * ((n + GG_BN - 1) / GG_BN);
-            launch("k_ggemm_wgrad", Math.toIntExact(tiles), e, GG_THREADS, groupedKernelShared(128, false, false),
+            launch("k_ggemm_wgrad", Math.toIntExact(tiles), e, GG_THREADS, groupedKernelShared(128, 32, 4, false, false),
                     p(a), p(dy), p(dw), dt(dw), p(offsets), k, n, beta);
             return;
         }
@@ -751,7 +749,8 @@ public final class CudaBackend implements Backend {
         floating("activation", "x", x); floating("activation", "out", out);
         int f = out.cols(), n = out.rows();
         Checks.matrix("activation", "x", x, n, act.inputWidth(f));
-        launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), p(out), dt(out), out.numel(), f);
+        if (vec8(act, x, out)) launchN("k_activation_bf16x8", out.numel() / 8, actCode(act), p(x), p(out), out.numel() / 8);
+        else launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), p(out), dt(out), out.numel(), f);
     }
 
     @Override
@@ -760,7 +759,19 @@ public final class CudaBackend implements Backend {
         int f = dout.cols(), n = dout.rows(), w = act.inputWidth(f);
         Checks.matrix("activationBackward", "x", x, n, w);
         Checks.matrix("activationBackward", "dx", dx, n, w);
-        launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
+        if (vec8(act, x, dout, dx)) launchN("k_activation_bwd_bf16x8", dout.numel() / 8, actCode(act), p(x), p(dout), p(dx), dout.numel() / 8);
+        else launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
+    }
+
+    /** The bf16 x 8 kernels apply: a non-gated activation, every tensor bf16 and 16-byte aligned, whole 8-element groups. */
+    private boolean vec8(Activation act, Tensor... ts) {
+        return (act == Activation.GELU || act == Activation.RELU) && bf16x8(ts);
+    }
+
+    /** Every tensor bf16, 16-byte aligned, with a multiple of 8 elements (so 8-element groups never straddle rows of width % 8 == 0). */
+    private boolean bf16x8(Tensor... ts) {
+        for (Tensor t : ts) if (t.dtype() != DType.BF16 || p(t) % 16 != 0 || t.numel() % 8 != 0) return false;
+        return true;
     }
 
     // ------------------------------------------------------------------ normalisation and softmax
@@ -1129,7 +1140,12 @@ public final class CudaBackend implements Backend {
         if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, out has " + s);
         Checks.cols(op, "buf", buf, m);
         if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
-        launchN("k_moe_unpermute", out.numel(), p(buf), dt(buf), p(dest), p(w), (int) dtOrZero(w), p(out), dt(out), out.numel(), k, m);
+        if (m % 8 == 0 && out.numel() / 8 < Integer.MAX_VALUE && bf16x8(buf, out)) {
+            int n8 = (int) (out.numel() / 8);
+            launchN("k_moe_unpermute_bf16x8", n8, p(buf), p(dest), p(w), (int) dtOrZero(w), p(out), n8, k, m / 8);
+        } else {
+            launchN("k_moe_unpermute", out.numel(), p(buf), dt(buf), p(dest), p(w), (int) dtOrZero(w), p(out), dt(out), out.numel(), k, m);
+        }
     }
 
     @Override
@@ -1144,7 +1160,12 @@ public final class CudaBackend implements Backend {
         Checks.cols(op, "dbuf", dbuf, m);
         if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
         long n = (long) s * k * m;
-        launchN("k_moe_unpermute_bwd_dbuf", n, p(dout), dt(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), dt(dbuf), n, k, m);
+        if (m % 8 == 0 && n / 8 < Integer.MAX_VALUE && bf16x8(dout, dbuf)) {
+            int n8 = (int) (n / 8);
+            launchN("k_moe_unpermute_bwd_dbuf_bf16x8", n8, p(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), n8, k, m / 8);
+        } else {
+            launchN("k_moe_unpermute_bwd_dbuf", n, p(dout), dt(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), dt(dbuf), n, k, m);
+        }
         if (dw != null) {
             floating(op, "dw", dw);
             Checks.matrix(op, "dw", dw, s, k);

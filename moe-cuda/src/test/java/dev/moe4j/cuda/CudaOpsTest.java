@@ -105,7 +105,7 @@ class CudaOpsTest extends GpuTestBase {
      * experts, rows past offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not.
      */
     @ParameterizedTest
-    @EnumSource(value = CudaBackend.GroupedKernel.class, names = {"ALWAYS", "NEVER"})
+    @EnumSource(CudaBackend.GroupedKernel.class)
     void groupedKernelsAcrossTileEdges(CudaBackend.GroupedKernel policy) {
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = policy;
@@ -225,14 +225,13 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(Activation.class)
     void activations(Activation act) {
-        for (DType dt : new DType[] {DType.F32, DType.BF16}) {
-            int f = 45;
+        for (DType dt : new DType[] {DType.F32, DType.BF16}) for (int f : new int[] {45, 48}) {   // bf16 width 48: the 8-wide kernels
             Tensor[] x = rand(dt, 3, 7, act.inputWidth(f)), out = rand(dt, 1, 7, f);
             for (int i = 0; i < 2; i++) on(i).activation(act, x[i], out[i]);
-            check("activation " + act, out, tol(dt));
+            check("activation " + act + " width " + f, out, tol(dt));
             Tensor[] dout = rand(dt, 1, 7, f), dx = rand(dt, 1, 7, act.inputWidth(f));
             for (int i = 0; i < 2; i++) on(i).activationBackward(act, x[i], dout[i], dx[i]);
-            check("activationBackward " + act, dx, tol(dt) * (dt == DType.F32 ? 10 : 1));
+            check("activationBackward " + act + " width " + f, dx, tol(dt) * (dt == DType.F32 ? 10 : 1));
         }
     }
 
