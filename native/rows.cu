@@ -16,19 +16,9 @@ __global__ void k_embedding(const int* tokens, const void* wte, int edt, const v
     }
 }
 
-// dwte[tokens[r], c] += dout[r, c] for r in 0..BT: one thread per column walks the rows in order, so
-// repeated tokens never race and the sum order is fixed (deterministic, no atomics).
-__global__ void k_embedding_bwd_wte(const void* dout, int gdt, const int* tokens, void* dwte, int dt, int BT, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    for (int r = 0; r < BT; r++) {
-        i64 o = (i64)tokens[r] * C + c;
-        st(dwte, dt, o, ld(dwte, dt, o) + ld(dout, gdt, (i64)r * C + c));
-    }
-}
-
 // F32 dwte: dwte[tokens[r], c] += dout[r, c], one thread per element with fp32 atomics (fast; the order of
-// the additions into a repeated token's row, so its last bits, may vary between runs).
+// the additions into a repeated token's row, so its last bits, may vary between runs). A BF16 dwte goes through
+// an F32 copy (CudaBackend.addInF32).
 __global__ void k_embedding_bwd_wte_atomic(const void* dout, int gdt, const int* tokens, float* dwte, i64 n, int C) {
     FOR_N(i, n) {
         i64 r = i / C; int c = (int)(i % C);
@@ -65,21 +55,9 @@ __global__ void k_gather_rows_raw(const void* src, const int* idx, void* out, in
     }
 }
 
-// dst[idx[m], c] += w[m] * src[m, c] for idx[m] >= 0 (w nullable: 1). One thread per column, rows in order.
-__global__ void k_scatter_add_rows(const void* src, int sdt, const int* idx, const void* w, int wdt, void* dst, int ddt, int M, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    for (int m = 0; m < M; m++) {
-        int to = idx[m];
-        if (to < 0) continue;
-        float wm = w == nullptr ? 1.f : ld(w, wdt, m);
-        i64 o = (i64)to * C + c;
-        st(dst, ddt, o, ld(dst, ddt, o) + wm * ld(src, sdt, (i64)m * C + c));
-    }
-}
-
-// F32 dst: dst[idx[m], c] += w[m] * src[m, c] with one thread per element and fp32 atomics (fast when many
-// rows share a destination, e.g. expert-bias gradients; the summation order, so the last bits, may vary).
+// F32 dst: dst[idx[m], c] += w[m] * src[m, c] for idx[m] >= 0 (w nullable: 1), one thread per element and fp32
+// atomics (fast when many rows share a destination, e.g. expert-bias gradients; the summation order, so the last
+// bits, may vary). A BF16 dst goes through an F32 copy (CudaBackend.addInF32).
 __global__ void k_scatter_add_rows_atomic(const void* src, int sdt, const int* idx, const void* w, int wdt, float* dst, i64 n, int C) {
     FOR_N(i, n) {
         i64 m = i / C; int c = (int)(i % C);

@@ -943,11 +943,7 @@ public final class CudaBackend implements Backend {
         int b = tokens.dim(0), t = tokens.dim(1), c = dwte.cols();
         Checks.matrix(op, "dout", dout, (long) b * t, c);
         if (b * t == 0 || c == 0) return;
-        if (dwte.dtype() == DType.F32) {
-            launchN("k_embedding_bwd_wte_atomic", dout.numel(), p(dout), dt(dout), p(tokens), p(dwte), dout.numel(), c);
-        } else {  // BF16 accumulation: one thread per column walking the tokens in order (deterministic)
-            launch("k_embedding_bwd_wte", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(tokens), p(dwte), dt(dwte), b * t, c);
-        }
+        addInF32(dwte, acc -> launchN("k_embedding_bwd_wte_atomic", dout.numel(), p(dout), dt(dout), p(tokens), p(acc), dout.numel(), c));
         if (dwpe != null) {
             floating(op, "dwpe", dwpe);
             Checks.cols(op, "dwpe", dwpe, c);
@@ -1025,10 +1021,23 @@ public final class CudaBackend implements Backend {
         Checks.cols("scatterAddRows", "dst", dst, c);
         if (w != null) { floating("scatterAddRows", "w", w); Checks.numel("scatterAddRows", "w", w, m); }
         if (c == 0 || m == 0) return;
+        addInF32(dst, acc -> launchN("k_scatter_add_rows_atomic", src.numel(), p(src), dt(src), p(idx), p(w), (int) dtOrZero(w), p(acc), src.numel(), c));
+    }
+
+    /**
+     * Runs {@code add}, an fp32 atomic scatter-add, on dst: directly when dst is F32, else on an F32 copy that goes
+     * back once, so the many additions into one row (a frequent token, an expert's bias gradient) round to bf16 once,
+     * as on the CPU, not at every addition.
+     */
+    private void addInF32(Tensor dst, java.util.function.Consumer<Tensor> add) {
         if (dst.dtype() == DType.F32) {
-            launchN("k_scatter_add_rows_atomic", src.numel(), p(src), dt(src), p(idx), p(w), (int) dtOrZero(w), p(dst), src.numel(), c);
-        } else {  // BF16 accumulation: one thread per column, rows in order (no bf16 atomics, deterministic)
-            launch("k_scatter_add_rows", (c + 127) / 128, 1, 128, 0, p(src), dt(src), p(idx), p(w), (int) dtOrZero(w), p(dst), dt(dst), m, c);
+            add.accept(dst);
+            return;
+        }
+        try (Tensor acc = scratch(DType.F32, dst.shape().dims())) {
+            copy(dst, acc);
+            add.accept(acc);
+            copy(acc, dst);
         }
     }
 

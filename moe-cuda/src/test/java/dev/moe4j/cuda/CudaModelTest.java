@@ -7,16 +7,19 @@ import dev.moe4j.core.nn.Gpt;
 import dev.moe4j.core.nn.GptConfig;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Mlp;
+import dev.moe4j.core.optim.AdamW;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Scope;
 import dev.moe4j.core.tensor.Tensor;
 import dev.moe4j.core.testing.Tensors;
 import org.junit.jupiter.api.Tag;
+import org.junit.jupiter.api.Test;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.CsvSource;
 
 import java.util.function.UnaryOperator;
 
+import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 /**
@@ -110,6 +113,54 @@ class CudaModelTest extends GpuTestBase {
         double lossValue = loss[1].toDoubles()[0];
         assertTrue(Math.abs(lossValue - Math.log(61)) < 1.0, "initial loss near ln(V): " + lossValue);
         for (int i = 0; i < 2; i++) ctx[i].params().close();
+    }
+
+    /**
+     * A bf16 GPT-MoE step with BF16 gradients ({@link ModelContext#setGradDType}): two micro-batches (the second adds
+     * into the bf16 gradients with beta = 1), a dropless MoE block with expert biases (bf16 scatter-add) and the tied
+     * embedding (bf16 embedding backward); gradients within the BF16 tolerance of the CPU's. Then one AdamW step on
+     * each side from the same (the GPU's) bf16 gradients: the norm and the fp32 master weights agree to fp32 rounding.
+     */
+    @Test
+    void gptMoEStepWithBf16GradientsMatchesTheCpu() {
+        GptConfig cfg = new GptConfig(61, 16, 2, 32, 2, 64, Activation.GELU);
+        ModelContext[] ctx = {new ModelContext(cpu, DType.BF16, 5), new ModelContext(gpu, DType.BF16, 5)};
+        Gpt[] gpt = new Gpt[2];
+        AdamW[] opt = new AdamW[2];
+        for (int i = 0; i < 2; i++) {
+            ModelContext c = ctx[i];
+            c.setGradDType(DType.BF16);
+            c.setTraining(true);
+            gpt[i] = new Gpt(c, cfg, (cc, layer, name) -> {
+                if (layer % 2 == 0) return new Mlp(cc, name, cfg.hidden(), cfg.ffnHidden(), cfg.activation(), 0.02, 0.02);
+                return MoE.builder().setContext(cc).optName(name).setHiddenSize(cfg.hidden()).setFfnSize(48)
+                        .optNumExperts(4).optK(2).optDropless(true).optExpertBias(true).optZLossCoeff(0.01).build().asFeedForward(0.01);
+            });
+            c.allocateParameters();
+            opt[i] = AdamW.withDefaults(c.params());
+        }
+        assertEquals(DType.BF16, ctx[1].params().grad().dtype());
+        sameParameters(ctx[0], ctx[1]);
+        int b = 3, t = 13, valid = b * t;
+        Tensor[][] tokens = {ints(0, 61, b, t), ints(0, 61, b, t)}, targets = {ints(0, 61, b, t), ints(0, 61, b, t)};
+        Tensor[] grads = new Tensor[2], normSq = new Tensor[2];
+        for (int i = 0; i < 2; i++) {
+            ctx[i].params().zeroGrad();
+            for (int micro = 0; micro < 2; micro++) {
+                try (Scope sc = Scope.open()) {
+                    gpt[i].forwardLoss(tokens[micro][i], targets[micro][i], valid);
+                    gpt[i].backwardLoss(valid, 0.5f);
+                }
+            }
+            ctx[i].params().finishGrads();
+            grads[i] = ctx[i].params().grad();
+        }
+        check("GPT-MoE bf16 gradients, 2 micro-batches", grads, tolFor(DType.BF16));
+        try (Tensor g = cpu.fromDoubles(DType.BF16, grads[1].toDoubles(), grads[0].shape().dims())) { cpu.copy(g, grads[0]); }
+        for (int i = 0; i < 2; i++) normSq[i] = opt[i].step(1e-2f);
+        check("AdamW from bf16 gradients: squared norm", normSq, F32_TOL);
+        check("AdamW from bf16 gradients: master weights", new Tensor[] {ctx[0].params().master(), ctx[1].params().master()}, F32_TOL);
+        for (int i = 0; i < 2; i++) { opt[i].close(); ctx[i].params().close(); }
     }
 
 }

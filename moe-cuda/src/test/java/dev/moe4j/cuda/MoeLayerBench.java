@@ -10,7 +10,8 @@ import dev.moe4j.core.testing.MoESteps;
 
 /**
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
- * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...].
+ * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...]; bf16 gradients
+ * as the PyTorch peer's, {@code -Dmoe4j.bench.gradDType=f32} for fp32.
  * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs). Every figure is the
  * median of the timed iterations after 20 warm-up steps (the JIT compiles the Java path, as in training), each timed with CUDA events on the backend's stream
  * ({@link BenchTiming#medianMs}).
@@ -52,6 +53,7 @@ public final class MoeLayerBench {
 
     static void run(CudaBackend gpu, Config c, int iters, boolean dropless) {
         ModelContext ctx = new ModelContext(gpu, DType.BF16, 1);
+        ctx.setGradDType(MoESteps.gradDType());
         ctx.setTraining(true);
         MoE.Builder b = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f).optNumExperts(c.e).optK(c.k)
                 .optActivation(Activation.GELU).optCapacityFactor(1.0).optUseRts(Boolean.getBoolean("moe4j.bench.rts")).optInitStd(0.02);
@@ -66,9 +68,9 @@ public final class MoeLayerBench {
         gpu.profileReport(true);  // profile the timed steps only
         double ms = BenchTiming.medianMs(gpu, iters, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;
-        System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
-                c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0", ms, flops / ms / 1e9, dropped,
-                gpu.allocatedBytes() / (double) (1L << 30));
+        System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s, %s gradients: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
+                c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0",
+                ctx.gradDType().name().toLowerCase(java.util.Locale.ROOT), ms, flops / ms / 1e9, dropped, gpu.allocatedBytes() / (double) (1L << 30));
         x.close();
         dy.close();
         moe.close();

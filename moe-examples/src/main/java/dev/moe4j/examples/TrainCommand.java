@@ -184,6 +184,9 @@ final class TrainCommand implements Callable<Integer> {
     @Option(names = "--dtype", description = "f32 or bf16 (default: bf16 on a GPU, f32 on the CPU).")
     String dtypeName;
 
+    @Option(names = "--grad-dtype", defaultValue = "f32", description = "Gradient storage, f32 or bf16 (bf16 needs --dtype bf16; default ${DEFAULT-VALUE}).")
+    String gradDtypeName;
+
     @Option(names = "--no-progress", description = "Print one line per evaluation instead of a progress bar.")
     boolean noProgress;
 
@@ -226,12 +229,13 @@ final class TrainCommand implements Callable<Integer> {
     private int run(Backend backend, Communicator world, DataSetup.Prepared data, ModelSpec spec) throws IOException {
         boolean lead = world == null || world.rank() == 0;
         GptConfig cfg = spec.gpt();
-        DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType(dtypeName);
+        DType dtype = dtypeName == null ? (backend.name().startsWith("cpu") ? DType.F32 : DType.BF16) : parseDType("--dtype", dtypeName);
         List<TimedCommunicator> expertGroups = new ArrayList<>();
         List<HierarchicalCommunicator> hierarchical = new ArrayList<>();
         int node = nodeSize();
         try (ProcessGroups groups = world == null ? null : new ProcessGroups(world)) {
             ModelContext ctx = new ModelContext(backend, dtype, seed);
+            ctx.setGradDType(parseDType("--grad-dtype", gradDtypeName));
             Models.Built built;
             if (groups == null) built = Models.build(ctx, spec);
             else built = Models.build(ctx, spec, e -> Math.min(ep, e), g -> {
@@ -262,8 +266,9 @@ final class TrainCommand implements Callable<Integer> {
                 throw new IllegalArgumentException(ckpt.path() + " exists: pass --resume to continue it, or choose another --out");
             }
             if (lead) {
-                System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters%s, %s on %s%n", spec.name(),
-                        cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), world == null ? "" : " on rank 0", dtype, backend.name());
+                System.out.printf("model %s: %d layers, hidden %d, %d heads, vocabulary %d, %,d parameters%s, %s (%s gradients) on %s%n", spec.name(),
+                        cfg.layers(), cfg.hidden(), cfg.heads(), cfg.vocabSize(), ctx.params().count(), world == null ? "" : " on rank 0", dtype,
+                        ctx.gradDType(), backend.name());
                 if (world != null) System.out.printf("ranks %d %s, expert parallel %d, %s all-to-all%n", world.size(), distributed ? "over NCCL" : "in-process", ep, node > 0 ? "hierarchical (node size " + node + ")" : "flat");
                 if (spec.hasMoELayers()) {
                     MoESettings m = spec.moe();
@@ -488,11 +493,11 @@ final class TrainCommand implements Callable<Integer> {
         if (v <= 0) throw new IllegalArgumentException(name + " must be > 0, got " + v);
     }
 
-    private static DType parseDType(String s) {
+    private static DType parseDType(String option, String s) {
         return switch (s.toLowerCase(Locale.ROOT)) {
             case "f32", "fp32", "float32" -> DType.F32;
             case "bf16", "bfloat16" -> DType.BF16;
-            default -> throw new IllegalArgumentException("--dtype must be f32 or bf16, got " + s);
+            default -> throw new IllegalArgumentException(option + " must be f32 or bf16, got " + s);
         };
     }
 

@@ -57,6 +57,16 @@ class TrainCommandTest {
     }
 
     @Test
+    void bf16GradientsTrainAnMoEModel(@TempDir Path dir) throws IOException {
+        Path out = dir.resolve("run");
+        Result r = run(tiny(out, "--steps", "3", "--experts", "4", "--dtype", "bf16", "--grad-dtype", "bf16"));
+        assertEquals(0, r.code(), r.err());
+        List<String> lines = Files.readAllLines(out.resolve("metrics.jsonl"));
+        assertEquals(3, lines.size());
+        for (String line : lines) assertTrue(Double.isFinite(new ObjectMapper().readTree(line).get("loss").asDouble()), line);
+    }
+
+    @Test
     void moeRunLogsRoutingAndAStudentDistilsFromIt(@TempDir Path dir) throws IOException {
         Path teacher = dir.resolve("teacher"), student = dir.resolve("student");
         assertEquals(0, run(tiny(teacher, "--steps", "3", "--experts", "4", "--top-k", "2")).code());
@@ -134,6 +144,13 @@ class TrainCommandTest {
         Result badNode = run(tiny(dir.resolve("r7"), "--experts", "4", "--ranks", "4", "--ep", "2", "--node-size", "4"));
         assertEquals(1, badNode.code());
         assertTrue(badNode.err().contains("--node-size must be 0 (flat) or divide --ep (2)"), badNode.err());
+
+        Result badGradDType = run(tiny(dir.resolve("r8"), "--grad-dtype", "fp16"));
+        assertEquals(1, badGradDType.code());
+        assertTrue(badGradDType.err().contains("--grad-dtype must be f32 or bf16, got fp16"), badGradDType.err());
+        Result bf16GradsOfF32Model = run(tiny(dir.resolve("r9"), "--dtype", "f32", "--grad-dtype", "bf16"));
+        assertEquals(1, bf16GradsOfF32Model.code());
+        assertTrue(bf16GradsOfF32Model.err().contains("gradient dtype BF16 does not fit model dtype F32"), bf16GradsOfF32Model.err());
 
         Result badSteps = run(tiny(dir.resolve("r3"), "--steps", "0"));
         assertEquals(1, badSteps.code());

@@ -28,9 +28,9 @@ import java.util.function.Consumer;
 
 /**
  * The expert-parallel MoE layer benchmark of issue 6 (b): forward + backward of one MoE layer (bf16, training,
- * GELU experts without bias, plain top-k: no RTS, no second-expert sampling) at EP = world size, in capacity mode
- * (factor 1.0) and dropless, against the same process's layer with the same local experts and no communication
- * (E = experts per GPU, epSize 1). Each GPU holds S = 8192 tokens and El experts: the shares of 350M+MoE-128 and
+ * GELU experts without bias, plain top-k: no RTS, no second-expert sampling; bf16 gradients as the PyTorch peer's,
+ * {@code -Dmoe4j.bench.gradDType=f32} for fp32) at EP = world size, in capacity mode (factor 1.0) and dropless,
+ * against the same process's layer with the same local experts and no communication (E = experts per GPU, epSize 1). Each GPU holds S = 8192 tokens and El experts: the shares of 350M+MoE-128 and
  * 1.3B+MoE-128 (16 per GPU at EP 2, k = 1) and of 1.3B+MoE-64-top2 (8 per GPU, k = 2). Both layers do the same
  * expert work per GPU (S*k rows); the difference is the gate over E instead of El experts and the four
  * all-to-alls (plus, dropless, one count all-gather and host read per layer).
@@ -135,6 +135,7 @@ public final class EpLayerBench {
     static void bench(Communicator world, List<Config> configs, int reps, int nodeSize, boolean overlap, Consumer<String> out) {
         Backend b = world.backend();
         int p = world.size();
+        DType gradDType = MoESteps.gradDType();
         try (ProcessGroups groups = new ProcessGroups(world)) {
             Communicator flat = groups.expertParallel(p);
             HierarchicalCommunicator hier = nodeSize > 0 ? new HierarchicalCommunicator(flat, nodeSize) : null;
@@ -143,16 +144,17 @@ public final class EpLayerBench {
                 for (boolean dropless : new boolean[] {false, true}) {
                     String mode = dropless ? "dropless" : "capacity 1.0";
                     try {
-                        Result epr = run(b, ep, c, dropless, reps, overlap);
+                        Result epr = run(b, ep, c, dropless, reps, overlap, gradDType);
                         world.barrier();
-                        Result local = run(b, null, c, dropless, reps, false);
+                        Result local = run(b, null, c, dropless, reps, false, gradDType);
                         world.barrier();
                         if (world.rank() == 0) {
                             out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"ranks\":%d,\"tokens_per_gpu\":%d,"
                                             + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,"
-                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"device\":\"%s\"}",
+                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"grad_dtype\":\"%s\",\"device\":\"%s\"}",
                                     c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms,
-                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", overlap, b.name()));
+                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", overlap,
+                                    gradDType.name().toLowerCase(Locale.ROOT), b.name()));
                         }
                     } catch (RuntimeException | OutOfMemoryError e) {
                         // report and go on; a broken communicator makes the next config fail fast too
@@ -171,10 +173,11 @@ public final class EpLayerBench {
      * One layer's median step time: ep != null: El experts here of El*P in the group (gate over all of them);
      * ep == null: the El local experts alone (gate over El, no communication).
      */
-    static Result run(Backend b, Communicator ep, Config c, boolean dropless, int reps, boolean overlap) {
+    static Result run(Backend b, Communicator ep, Config c, boolean dropless, int reps, boolean overlap, DType gradDType) {
         int epSize = ep == null ? 1 : ep.size();
         // the same seed on every rank: the same gate, and each rank's experts are its rows of the whole tensors
         ModelContext ctx = new ModelContext(b, DType.BF16, 1);
+        ctx.setGradDType(gradDType);
         ctx.setTraining(true);
         MoE.Builder builder = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f)
                 .optNumExperts(c.expertsPerRank * epSize).optK(c.k).optActivation(Activation.GELU)

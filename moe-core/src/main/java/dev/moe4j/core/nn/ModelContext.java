@@ -10,6 +10,7 @@ import dev.moe4j.core.tensor.DType;
 public final class ModelContext {
     private final Backend backend;
     private final DType dtype;
+    private DType gradDType;
     private final Parameters params = new Parameters();
     private final long seed;
     private long rngOffset;
@@ -22,6 +23,7 @@ public final class ModelContext {
         if (!backend.supports(dtype)) throw new IllegalArgumentException("backend " + backend.name() + " does not support dtype " + dtype);
         this.backend = backend;
         this.dtype = dtype;
+        this.gradDType = Parameters.masterDType(dtype);
         this.seed = seed;
     }
 
@@ -31,6 +33,20 @@ public final class ModelContext {
     public DType dtype() { return dtype; }
 
     public Parameters params() { return params; }
+
+    /** The dtype of the flat gradient buffer: the master dtype (F32; F64 in the reference mode) unless set. */
+    public DType gradDType() { return gradDType; }
+
+    /**
+     * Stores the gradients in {@code gradDType} (before {@link #allocateParameters()}): the master dtype, or BF16
+     * when the model dtype is BF16, which halves the gradient memory and traffic (Megatron's and DeepSpeed's bf16
+     * gradient option; the optimizer still updates in fp32).
+     */
+    public void setGradDType(DType gradDType) {
+        if (params.isAllocated()) throw new IllegalStateException("set the gradient dtype before allocating the parameters");
+        Parameters.checkGradDType(dtype, gradDType);
+        this.gradDType = gradDType;
+    }
 
     public long seed() { return seed; }
 
@@ -70,5 +86,5 @@ public final class ModelContext {
     }
 
     /** Allocates and initialises all declared parameters (call once the model is built). */
-    public void allocateParameters() { params.allocate(backend, dtype, seed); }
+    public void allocateParameters() { params.allocate(backend, dtype, gradDType, seed); }
 }

@@ -15,7 +15,7 @@ import java.util.Map;
 /**
  * All parameters of a model in one allocation (llm.c's {@code malloc_and_point_parameters}): layers declare
  * their parameters while the model is built, then {@link #allocate} carves one flat master buffer, one flat
- * gradient buffer (same layout) and, for bf16 models, one flat model-dtype copy into views. Parameters with
+ * gradient buffer (same layout; fp32, or bf16 on request) and, for bf16 models, one flat model-dtype copy into views. Parameters with
  * weight decay come first, so the optimizer runs two fused AdamW calls over two contiguous ranges.
  */
 public final class Parameters implements AutoCloseable {
@@ -47,15 +47,29 @@ public final class Parameters implements AutoCloseable {
 
     public boolean isAllocated() { return master != null; }
 
+    /** The dtype of the master weights of a model of {@code dtype}: F32, or F64 in the float64 reference mode. */
+    public static DType masterDType(DType dtype) { return dtype == DType.F64 ? DType.F64 : DType.F32; }
+
+    /** Throws unless gradients of {@code gradDType} fit a model of {@code dtype}: its master dtype, or BF16 for a BF16 model. */
+    public static void checkGradDType(DType dtype, DType gradDType) {
+        DType master = masterDType(dtype);
+        if (gradDType != master && !(gradDType == DType.BF16 && dtype == DType.BF16)) {
+            throw new IllegalArgumentException("gradient dtype " + gradDType + " does not fit model dtype " + dtype + ": allowed are " + master
+                    + (dtype == DType.BF16 ? " and BF16" : ", or BF16 with a BF16 model"));
+        }
+    }
+
     /**
      * Allocates the flat buffers on {@code backend} and initialises every parameter from (seed, its index),
-     * so the initial weights do not depend on the backend. Master and gradient buffers are F32 (F64 when
-     * {@code dtype} is F64); the forward reads a {@code dtype} copy when dtype is BF16.
+     * so the initial weights do not depend on the backend. The master buffer is F32 (F64 when {@code dtype} is
+     * F64), the gradient buffer {@code gradDType} (see {@link #checkGradDType}); the forward reads a
+     * {@code dtype} copy when dtype is BF16.
      */
-    public void allocate(Backend backend, DType dtype, long seed) {
+    public void allocate(Backend backend, DType dtype, DType gradDType, long seed) {
         if (master != null) throw new IllegalStateException("parameters already allocated");
         if (!dtype.isFloating()) throw new IllegalArgumentException("model dtype must be floating, got " + dtype);
-        DType masterType = dtype == DType.F64 ? DType.F64 : DType.F32;
+        checkGradDType(dtype, gradDType);
+        DType masterType = masterDType(dtype);
         List<Parameter> order = ordered();
         total = 0;
         decayCount = 0;
@@ -65,7 +79,7 @@ public final class Parameters implements AutoCloseable {
         }
         int[] flat = flatShape(total);
         master = Scope.keep(backend.zeros(masterType, flat));
-        grad = Scope.keep(backend.zeros(masterType, flat));
+        grad = Scope.keep(backend.zeros(gradDType, flat));
         value = dtype == masterType ? master : Scope.keep(backend.zeros(dtype, flat));
         long at = 0;
         for (Parameter p : order) {
@@ -144,7 +158,7 @@ public final class Parameters implements AutoCloseable {
     /** The flat F32 (or F64) master weights (elements past {@link #count()} are padding, always zero). */
     public Tensor master() { return master; }
 
-    /** The flat gradients, same layout as {@link #master()}; call {@link #finishGrads()} before reading them. */
+    /** The flat gradients (F32 or BF16, see {@link #allocate}), same layout as {@link #master()}; call {@link #finishGrads()} before reading them. */
     public Tensor grad() { return grad; }
 
     /** The flat weights the forward reads (== master unless the model dtype differs). */

@@ -30,6 +30,33 @@ class ParametersTest {
     }
 
     @Test
+    void gradientsDefaultToTheMasterDTypeAndBf16OnlyForABf16Model() {
+        for (DType model : new DType[] {DType.F32, DType.BF16, DType.F64}) {
+            ModelContext ctx = new ModelContext(new CpuBackend(), model, 1);
+            ctx.params().add("w", Init.normal(1), true, 2, 2);
+            ctx.allocateParameters();
+            DType master = model == DType.F64 ? DType.F64 : DType.F32;
+            assertEquals(master, ctx.gradDType(), "default gradient dtype of a " + model + " model");
+            assertEquals(master, ctx.params().grad().dtype());
+        }
+        ModelContext bf16 = new ModelContext(new CpuBackend(), DType.BF16, 1);
+        bf16.setGradDType(DType.F32);
+        bf16.setGradDType(DType.BF16);
+        bf16.params().add("w", Init.normal(1), true, 2, 2);
+        bf16.allocateParameters();
+        assertEquals(DType.BF16, bf16.params().grad().dtype());
+        var late = assertThrows(IllegalStateException.class, () -> bf16.setGradDType(DType.F32));
+        assertTrue(late.getMessage().contains("before allocating"), late.getMessage());
+
+        var f32 = assertThrows(IllegalArgumentException.class, () -> new ModelContext(new CpuBackend(), DType.F32, 1).setGradDType(DType.BF16));
+        assertEquals("gradient dtype BF16 does not fit model dtype F32: allowed are F32, or BF16 with a BF16 model", f32.getMessage());
+        var f64 = assertThrows(IllegalArgumentException.class, () -> new ModelContext(new CpuBackend(), DType.F64, 1).setGradDType(DType.F32));
+        assertTrue(f64.getMessage().contains("allowed are F64"), f64.getMessage());
+        var i32 = assertThrows(IllegalArgumentException.class, () -> new ModelContext(new CpuBackend(), DType.BF16, 1).setGradDType(DType.I32));
+        assertEquals("gradient dtype I32 does not fit model dtype BF16: allowed are F32 and BF16", i32.getMessage());
+    }
+
+    @Test
     void flatBuffersPastTwoToTheThirtyOneElementsArePaddedMatrices() {
         assertArrayEquals(new int[] {1000}, Parameters.flatShape(1000));
         long n = 4_300_000_000L;
