@@ -593,6 +593,13 @@ public final class CudaBackend implements Backend {
         return groupedKernel == GroupedKernel.CUBLAS || dtype != DType.BF16;
     }
 
+    @Override
+    public boolean prefersEqualGroups(DType dtype) {
+        // equal groups are one strided-batched cuBLAS GEMM; unequal ones a grouped-batched call or a loop of GEMMs
+        // (measured 1.4x-1.8x slower for 64-128 experts, docs/benchmarks.md)
+        return wantsHostOffsets(dtype, 0, 1);
+    }
+
     /** Whether a grouped product over t rows of e groups runs in our own kernel: chosen, and the operands fit it. */
     private boolean useGroupedKernel(Tensor a, Tensor b, Tensor c, int e, int t, int k, int n) {
         if (groupedKernel != GroupedKernel.OWN || a.dtype() != DType.BF16 || b.dtype() != DType.BF16) return false;

@@ -10,8 +10,9 @@ import dev.moe4j.core.testing.MoESteps;
 
 /**
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
- * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...]; bf16 gradients
- * as the PyTorch peer's, {@code -Dmoe4j.bench.gradDType=f32} for fp32.
+ * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...]. The layer is
+ * its PyTorch peer's (moe_layer_reference.py): GeLU experts without bias, bf16 gradients
+ * ({@code -Dmoe4j.bench.gradDType=f32} for fp32).
  * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs). Every figure is the
  * median of the timed iterations after 20 warm-up steps (the JIT compiles the Java path, as in training), each timed with CUDA events on the backend's stream
  * ({@link BenchTiming#medianMs}).
@@ -56,7 +57,7 @@ public final class MoeLayerBench {
         ctx.setGradDType(MoESteps.gradDType());
         ctx.setTraining(true);
         MoE.Builder b = MoE.builder().setContext(ctx).setHiddenSize(c.m).setFfnSize(c.f).optNumExperts(c.e).optK(c.k)
-                .optActivation(Activation.GELU).optCapacityFactor(1.0).optUseRts(Boolean.getBoolean("moe4j.bench.rts")).optInitStd(0.02);
+                .optActivation(Activation.GELU).optExpertBias(false).optCapacityFactor(1.0).optUseRts(Boolean.getBoolean("moe4j.bench.rts")).optInitStd(0.02);
         if (dropless) b.optDropless(true);
         MoE moe = b.build();
         ctx.allocateParameters();

@@ -115,6 +115,13 @@ public interface Backend extends AutoCloseable {
     default boolean wantsHostOffsets(DType dtype, int rows, int groups) { return false; }
 
     /**
+     * Whether {@link #groupedMatmul} over equal groups (offsets given on the host) is so much faster than over
+     * unequal ones that dropless MoE should pad every expert's rows to the largest expert's count (DeepSpeed's
+     * layout, without drops) rather than run variable-size groups. False where unequal groups cost no more.
+     */
+    default boolean prefersEqualGroups(DType dtype) { return false; }
+
+    /**
      * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],
      * dY [T,N], dW [E,K,N]; an expert without rows gets dW[e] = beta * dW[e], zero for beta = 0. (For a transposed
      * weight, call with A and dY swapped.)

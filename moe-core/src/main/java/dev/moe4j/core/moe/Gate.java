@@ -73,7 +73,27 @@ public final class Gate implements AutoCloseable {
         GateSpec probe = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(), 0);
         spec = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(),
                 ctx.nextRandomOffset(probe.randomCount(S, experts)));
-        out = new GateOutputs(
+        out = newOutputs(S, k);
+        b.moeGate(spec, logits, out);
+        return out;
+    }
+
+    /**
+     * Routes the last forward's tokens again with another capacity: the same logits and random draws, so the same
+     * choices and combine weights. Dropless MoE re-routes with capacity = its largest expert count, which drops
+     * nothing and gives every expert an equal (padded) segment. The outputs it returns replace the forward's.
+     */
+    public GateOutputs reroute(int capacity) {
+        if (out == null) throw new IllegalStateException("Gate.reroute called before forward");
+        if (capacity < 1) throw new IllegalArgumentException("Gate.reroute: capacity must be >= 1, got " + capacity);
+        spec = new GateSpec(spec.k(), capacity, spec.useRts(), spec.rsample(), spec.secondSampling(), spec.seed(), spec.offset());
+        out = newOutputs(logits.rows(), spec.k());
+        b.moeGate(spec, logits, out);
+        return out;
+    }
+
+    private GateOutputs newOutputs(int S, int k) {
+        return new GateOutputs(
                 saved.keep(b.empty(gdt, S, experts)),
                 saved.keep(b.empty(DType.I32, S, k)),
                 saved.keep(b.empty(DType.I32, S, k)),
@@ -81,8 +101,6 @@ public final class Gate implements AutoCloseable {
                 saved.keep(b.empty(DType.I32, experts)),
                 saved.keep(b.empty(DType.I32, experts + 1)),
                 saved.keep(b.empty(gdt, 2)));
-        b.moeGate(spec, logits, out);
-        return out;
     }
 
     /** The last forward's outputs (valid until the next forward). */

@@ -14,6 +14,7 @@ import dev.moe4j.core.tensor.SavedTensors;
 import dev.moe4j.core.tensor.Tensor;
 
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.List;
 
 /**
@@ -32,8 +33,9 @@ import java.util.List;
  *
  * <p>Capacity per expert: C = max(ceil(S / E * cf * k), minCapacity), capped at S (no expert can get more),
  * cf = capacityFactor in training and evalCapacityFactor otherwise. {@code dropTokens = false} and
- * {@code dropless = true} both take the dropless path: every choice is kept and the buffer holds exactly
- * S*k rows sorted by expert (DeepSpeed pads to the largest expert load instead; the output is the same).
+ * {@code dropless = true} both take the dropless path: every choice is kept, and the buffer holds either exactly
+ * S*k rows sorted by expert or, as DeepSpeed lays it out, every expert padded to the largest expert's load (the
+ * output is the same; {@link DroplessLayout} says which is used where).
  *
  * <p>Differences from DeepSpeed, all deliberate: noise (Jitter, RSample, second-expert sampling) is applied in
  * training only (DeepSpeed samples the second expert in eval too); RSample applies to the first choice for any
@@ -141,8 +143,21 @@ public final class MoE implements AutoCloseable {
                 train && cfg.noisyGatePolicy == NoisyGatePolicy.RSAMPLE,
                 train && k > 1 && cfg.top2SecondExpertSampling);
 
+        // Dropless in the capacity layout: re-routed with capacity = the largest expert count, nothing is dropped
+        // and every expert owns an equal segment, which backends that prefer equal groups run much faster.
+        int slots = capacity;   // rows per expert in buf; 0: dropless, sorted by expert, unpadded
+        int[] counts = null;    // on the host only where the layout decision needs them
+        if (dropless && ep == null && mayPadDropless()) {
+            counts = g.counts().toInts();   // the one wait of a dropless layer (its offsets would be read anyway)
+            int most = Arrays.stream(counts).max().orElse(0);
+            if (cfg.droplessLayout == DroplessLayout.PADDED || E * (double) most <= MAX_DROPLESS_PADDING * S * k) {
+                slots = most;
+                g = gate.reroute(slots);
+            }
+        }
+
         // dispatch: buf [R, M], R = E*C (slot e*C + c) or S*k (dropless, sorted by expert)
-        int R = dropless ? S * k : E * capacity;
+        int R = slots > 0 ? E * slots : S * k;
         buf = saved.keep(b.zeros(ctx.dtype(), R, M));   // unused capacity rows stay 0
         b.moePermute(x, g.dest(), buf);
         if (ep == null) {
@@ -153,9 +168,12 @@ public final class MoE implements AutoCloseable {
             // layer's six GEMMs (each would otherwise read them itself, waiting for the stream each time), and
             // none where the backend reads them on the device.
             int[] hostOffsets = null;
-            if (!dropless) {
+            if (slots > 0) {
                 hostOffsets = new int[E + 1];
-                for (int e = 0; e <= E; e++) hostOffsets[e] = e * capacity;
+                for (int e = 0; e <= E; e++) hostOffsets[e] = e * slots;
+            } else if (counts != null) {
+                hostOffsets = new int[E + 1];
+                for (int e = 0; e < E; e++) hostOffsets[e + 1] = hostOffsets[e] + counts[e];
             } else if (b.wantsHostOffsets(ctx.dtype(), R, E)) {
                 hostOffsets = g.offsets().toInts();
             }
@@ -200,6 +218,17 @@ public final class MoE implements AutoCloseable {
         }
         last = new MoEOutput(out, g.losses().view(0, 1), g.losses().view(1, 1), g.counts());
         return last;
+    }
+
+    /** AUTO's padding bound: the padded rows E * (largest count) may be at most this many times the S*k routed rows. */
+    static final double MAX_DROPLESS_PADDING = 2.0;
+
+    private boolean mayPadDropless() {
+        return switch (cfg.droplessLayout) {
+            case SORTED -> false;
+            case PADDED -> true;
+            case AUTO -> b.prefersEqualGroups(ctx.dtype());
+        };
     }
 
     /** rowExpert [R] I32: the expert each buffer row belongs to (0 for unused rows), by dispatching the choices. */
@@ -361,13 +390,21 @@ public final class MoE implements AutoCloseable {
 
     // ------------------------------------------------------------------ configuration
 
+    /**
+     * How a dropless layer lays out its experts' rows (expert parallelism always sorts): SORTED packs the S*k
+     * choices expert by expert; PADDED gives every expert the largest expert's count of rows (DeepSpeed's layout
+     * with capacity = the largest load: nothing dropped, equal groups); AUTO pads where the backend prefers equal
+     * groups ({@link Backend#prefersEqualGroups}) and the padding at most doubles the rows. The output is the same.
+     */
+    public enum DroplessLayout { AUTO, SORTED, PADDED }
+
     /** The validated configuration of one MoE layer (see {@link Builder} for each parameter). */
     public record Config(String name, int hiddenSize, int ffnSize, Activation activation, int numExperts, int epSize,
                          int k, double capacityFactor, double evalCapacityFactor, int minCapacity,
                          boolean useResidual, NoisyGatePolicy noisyGatePolicy, boolean dropTokens, boolean useRts,
                          boolean top2SecondExpertSampling, double zLossCoeff, boolean droplessMode,
                          int sharedExperts, int sharedFfnSize, boolean expertBias, double initStd, double outputInitStd,
-                         boolean overlapAllToAll) {
+                         boolean overlapAllToAll, DroplessLayout droplessLayout) {
         /** True when the layer routes without capacity (dropless mode, or dropTokens = false). */
         public boolean dropless() { return droplessMode || !dropTokens; }
     }
@@ -390,6 +427,7 @@ public final class MoE implements AutoCloseable {
         private int sharedExperts = 0, sharedFfnSize = -1;
         private boolean expertBias = true;
         private boolean overlapAllToAll;
+        private DroplessLayout droplessLayout = DroplessLayout.AUTO;
         private double initStd = 0.02, outputInitStd = Double.NaN;
         private String name = "moe";
         private Communicator epGroup;
@@ -459,6 +497,9 @@ public final class MoE implements AutoCloseable {
         /** Dropless routing: variable-size expert batches, never padded or dropped (default false). */
         public Builder optDropless(boolean d) { this.dropless = d; return this; }
 
+        /** The row layout of dropless routing (default AUTO; see {@link DroplessLayout}). */
+        public Builder optDroplessLayout(DroplessLayout layout) { this.droplessLayout = java.util.Objects.requireNonNull(layout, "droplessLayout"); return this; }
+
         /** DeepSeekMoE shared experts: {@code count} always-on experts of FFN width {@code ffnSize} (default none). */
         public Builder optSharedExperts(int count, int ffnSize) { this.sharedExperts = count; this.sharedFfnSize = ffnSize; return this; }
 
@@ -503,7 +544,7 @@ public final class MoE implements AutoCloseable {
             if (name == null || name.isEmpty()) throw new IllegalArgumentException("name must be a non-empty string");
             return new Config(name, hiddenSize, ffnSize, activation, numExperts, epSize, k, capacityFactor, evalCapacityFactor,
                     minCapacity, useResidual, policy, dropTokens, useRts, top2SecondExpertSampling, zLossCoeff, dropless,
-                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd, overlapAllToAll);
+                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd, overlapAllToAll, droplessLayout);
         }
 
         /** Validates and builds the layer, declaring its parameters in the context. */

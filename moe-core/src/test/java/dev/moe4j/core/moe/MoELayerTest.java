@@ -129,6 +129,56 @@ class MoELayerTest {
         }
     }
 
+    @Test
+    void paddedDroplessTop2MatchesFiniteDifferences() {
+        gradCheck("padded", c -> c.optK(2).optDropless(true).optDroplessLayout(MoE.DroplessLayout.PADDED).optZLossCoeff(0.1), true, false);
+    }
+
+    /**
+     * Dropless in the padded layout (capacity = the largest expert count) against the sorted layout, with the
+     * gate's noise on: the same choices, the same output and losses bit for bit, gradients equal up to summation order.
+     */
+    @Test
+    void paddedDroplessLayoutEqualsSorted() {
+        for (int k = 1; k <= 2; k++) {
+            final int kk = k;
+            UnaryOperator<MoE.Builder> cfg = c -> c.optK(kk).optDropless(true).optNoisyGatePolicy("RSample");
+            ModelContext c1 = new ModelContext(b, DType.F32, 5), c2 = new ModelContext(b, DType.F32, 5);
+            c1.setTraining(true);
+            c2.setTraining(true);
+            MoE sorted = build(c1, cfg.apply(base()).optDroplessLayout(MoE.DroplessLayout.SORTED), 3);
+            MoE padded = build(c2, cfg.apply(base()).optDroplessLayout(MoE.DroplessLayout.PADDED), 3);
+            // the first input (by seed) whose routing is uneven, so that the padded layout really pads
+            Tensor x = null;
+            MoEOutput s = null;
+            for (long seed = 8; seed < 100 && s == null; seed++) {
+                if (x != null) x.close();
+                x = Tensors.random(b, DType.F32, new SplittableRandom(seed), 1.0, S, M);
+                long rng = c1.rngOffset();
+                MoEOutput o = sorted.forward(x);
+                if (java.util.Arrays.stream(o.counts().toInts()).max().orElseThrow() * E > S * k) s = o;
+                else c1.setRngOffset(rng);   // the accepted forward and the padded one draw the same noise
+            }
+            assertNotNull(s, "k=" + k + ": no uneven routing found");
+            MoEOutput p = padded.forward(x);
+            int[] counts = s.counts().toInts();
+            assertEquals(0, padded.lastCapacity(), "a padded dropless layer still reports dropless");
+            assertEquals(0.0, padded.droppedFraction(), 0.0);
+            assertArrayEquals(counts, p.counts().toInts(), "k=" + k + ": counts");
+            assertArrayEquals(s.output().toFloats(), p.output().toFloats(), "k=" + k + ": outputs must be bit-identical");
+            assertArrayEquals(s.lAux().toFloats(), p.lAux().toFloats(), "k=" + k + ": l_aux");
+            Tensor r = Tensors.random(b, DType.F32, new SplittableRandom(9), 1.0, S, M);
+            c1.params().zeroGrad();
+            c2.params().zeroGrad();
+            double dxErr = Tensors.relError(padded.backward(r, 0.1f).toDoubles(), sorted.backward(r, 0.1f).toDoubles());
+            c1.params().finishGrads();
+            c2.params().finishGrads();
+            assertTrue(dxErr < 1e-6, "k=" + k + ": dx " + dxErr);
+            double gErr = Tensors.relError(c2.params().grad().toDoubles(), c1.params().grad().toDoubles());
+            assertTrue(gErr < 1e-6, "k=" + k + ": parameter gradients " + gErr);
+        }
+    }
+
     /** A bf16 model gates in fp32 from the fp32 master weights and stays close to the fp32 model. */
     @Test
     void bf16ModelTracksTheF32ModelAndAccumulatesGradients() {
