@@ -62,9 +62,14 @@ class MoELayerExpertParallelTest {
     }
 
     private static void check(boolean dropless, int k, boolean skewed, boolean overlap) {
+        check(dropless, k, skewed, overlap, MoE.DroplessLayout.AUTO);
+    }
+
+    /** layout: the expert-parallel layer's dropless layout; the single-rank reference always sorts. */
+    private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout) {
         // reference: one layer, each rank's batch in turn; expert gradients accumulate over all batches
         ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
-        MoE ref = builder(dropless, k).setContext(rc).build();
+        MoE ref = builder(dropless, k).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
         rc.allocateParameters();
         if (skewed) skewGate(rc, ref);
         rc.params().zeroGrad();
@@ -86,7 +91,7 @@ class MoELayerExpertParallelTest {
                         ? new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new java.util.ArrayList<>())
                         : groups.expertParallel(W);
                 MoE moe = builder(dropless, k).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
-                        .setContext(ctx).build();
+                        .optDroplessLayout(layout).setContext(ctx).build();
                 ctx.allocateParameters();
                 if (skewed) skewGate(ctx, moe);
                 ctx.params().zeroGrad();
@@ -107,7 +112,7 @@ class MoELayerExpertParallelTest {
         });
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
         for (int r = 0; r < W; r++) {
-            String what = (dropless ? "dropless" : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "") + " rank " + r;
+            String what = (dropless ? "dropless " + layout : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "") + " rank " + r;
             assertClose(outs.get(r), got.get(r).out(), 1e-12, what + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, what + ": dx");
             assertEquals(laux.get(r), got.get(r).lAux(), 1e-12, what + ": l_aux stays local");
@@ -133,6 +138,14 @@ class MoELayerExpertParallelTest {
         check(true, 1, true);    // every token to expert 0: ranks 1..3 receive no rows
         check(true, 2, true);
         check(false, 2, true);   // capacity: most tokens dropped, empty slots exchanged
+    }
+
+    /** Dropless with each rank's local experts padded to equal segments after the exchange: the same layer. */
+    @Test
+    void paddedDroplessLayersEqualTheSingleRankLayer() {
+        check(true, 1, false, false, MoE.DroplessLayout.PADDED);
+        check(true, 2, false, false, MoE.DroplessLayout.PADDED);
+        check(true, 2, true, false, MoE.DroplessLayout.PADDED);   // ranks with no rows, and one expert with all of them
     }
 
     /** The self-first pipeline (experts on a rank's own rows while the others travel) computes the same layer. */

@@ -25,7 +25,8 @@ import java.util.List;
  * The backward runs the same four moves on the gradients: all-to-all, transform, expert backward, inverse
  * transform, reverse all-to-all. Capacity mode moves equal splits (El*C rows per peer) and needs no count;
  * dropless mode all-gathers the per-expert counts of the group once per layer (one small collective and one host
- * read, which the variable splits need), and never pads.
+ * read, which the variable splits need); it sends no padding, but may pad the local experts' input to equal
+ * segments after the exchange ({@link MoE.DroplessLayout}).
  */
 final class ExpertParallel {
     private ExpertParallel() {}
@@ -37,6 +38,8 @@ final class ExpertParallel {
         final int localRows;             // Rq: rows this rank's experts process
         final int[] localCounts;         // rows per local expert
         final int capacity;              // capacity mode's C (0: dropless)
+        int expertRows;                  // rows of the experts' input: Rq, or El * (largest local count) when padded
+        boolean padded;                  // dropless, each local expert padded to the largest one's rows (zeros)
         int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
         Tensor packed;                   // one upload holding the index tensors below (views of it)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
@@ -84,9 +87,13 @@ final class ExpertParallel {
     /**
      * The splits and layout transforms for the gate's routing g over E experts; capacity &gt; 0: capacity mode,
      * else dropless (collective: every rank of the group calls it for the same layer); overlap: also the index
-     * tensors of the self-first pipeline ({@link #forward}).
+     * tensors of the self-first pipeline ({@link #forward}). A dropless routing without overlap may pad the
+     * local experts' segments to the largest one ({@link MoE.DroplessLayout}: PADDED always, AUTO where the backend
+     * prefers equal groups for the model's dtype and the padding at most doubles the rows), so that they run as
+     * equal groups.
      */
-    static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap) {
+    static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap,
+                       MoE.DroplessLayout layout, DType dtype) {
         int P = ep.size(), me = ep.rank(), El = numExperts / P;
         Backend b = ep.backend();
         int[][] n = new int[P][El];   // n[p][j]: rows source rank p sends to my local expert j
@@ -120,19 +127,32 @@ final class ExpertParallel {
             rq += localCounts[j];
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
+        r.expertRows = rq;
         if (rq == 0) return r;
-        // positions: source order (p, j, i) and expert order (j, p, i)
+        int most = java.util.Arrays.stream(localCounts).max().orElse(0);
+        r.padded = !equal && !(overlap && P > 1) && switch (layout) {
+            case SORTED -> false;
+            case PADDED -> true;
+            case AUTO -> b.prefersEqualGroups(dtype) && El * (double) most <= MoE.MAX_DROPLESS_PADDING * rq;
+        };
+        // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at j * most
         int[] srcStart = new int[P * El], expStart = new int[P * El];
         int at = 0;
         for (int p = 0; p < P; p++) for (int j = 0; j < El; j++) { srcStart[p * El + j] = at; at += n[p][j]; }
         at = 0;
         int[] offsets = new int[El + 1];
         for (int j = 0; j < El; j++) {
+            if (r.padded) at = j * most;
             offsets[j] = at;
             for (int p = 0; p < P; p++) { expStart[p * El + j] = at; at += n[p][j]; }
         }
+        if (r.padded) {
+            at = El * most;
+            r.expertRows = at;
+        }
         offsets[El] = at;
-        int[] toExpert = new int[rq], toSource = new int[rq], rowExpert = new int[rq];
+        int[] toExpert = new int[r.expertRows], toSource = new int[rq], rowExpert = new int[r.expertRows];
+        if (r.padded) for (int j = 0; j < El; j++) java.util.Arrays.fill(rowExpert, j * most, (j + 1) * most, j);
         for (int p = 0; p < P; p++) {
             for (int j = 0; j < El; j++) {
                 for (int i = 0; i < n[p][j]; i++) {
@@ -190,9 +210,9 @@ final class ExpertParallel {
             pos += parts.get(i).length;
         }
         r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // the MoE layer closes it (it may keep it across steps)
-        r.toExpert = r.packed.view(at2[0], rq);
+        r.toExpert = r.packed.view(at2[0], r.expertRows);
         r.toSource = r.packed.view(at2[1], rq);
-        r.rowExpert = r.packed.view(at2[2], rq);
+        r.rowExpert = r.packed.view(at2[2], r.expertRows);
         r.offsets = r.packed.view(at2[3], El + 1);
         r.hostOffsets = offsets;
         if (r.overlap) {
@@ -219,8 +239,7 @@ final class ExpertParallel {
                 ysrc = b.zeros(dt, 0, M);
             } else {
                 r.releaseActivations();
-                r.xin = b.empty(dt, r.localRows, M);
-                b.gatherRows(recv, r.toExpert, r.xin);
+                r.xin = toExpertOrder(b, r, recv);
                 try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, bank.hasBias() ? r.rowExpert : null)) {
                     ysrc = b.empty(dt, r.localRows, M);
                     b.gatherRows(yl, r.toSource, ysrc);
@@ -323,8 +342,7 @@ final class ExpertParallel {
                 }
                 return dbuf;
             }
-            try (Tensor dyl = b.empty(dt, r.localRows, M); Tensor dsrc = b.empty(dt, r.localRows, M)) {
-                b.gatherRows(drecv, r.toExpert, dyl);
+            try (Tensor dyl = toExpertOrder(b, r, drecv); Tensor dsrc = b.empty(dt, r.localRows, M)) {
                 try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
                     b.gatherRows(dxin, r.toSource, dsrc);
                 }
@@ -334,6 +352,21 @@ final class ExpertParallel {
             }
         }
         return dbuf;
+    }
+
+    /**
+     * Received rows (source order) in the local experts' order (returned): a gather, or when padded a scatter into
+     * zeros, so that the padding rows carry zero activations and gradients and add nothing to the weight gradients.
+     */
+    private static Tensor toExpertOrder(Backend b, Route r, Tensor recv) {
+        if (!r.padded) {
+            Tensor out = b.empty(recv.dtype(), r.localRows, recv.cols());
+            b.gatherRows(recv, r.toExpert, out);
+            return out;
+        }
+        Tensor out = b.zeros(recv.dtype(), r.expertRows, recv.cols());
+        b.moePermute(recv, r.toSource.reshape(r.localRows, 1), out);
+        return out;
     }
 
     /** {@link #exchange} on the communicator's side stream (awaited by the caller). */

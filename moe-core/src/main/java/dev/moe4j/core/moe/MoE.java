@@ -182,7 +182,7 @@ public final class MoE implements AutoCloseable {
             // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
             if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
                 if (route != null) route.close();
-                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll);
+                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll, cfg.droplessLayout, ctx.dtype());
             }
             y = saved.keep(ExpertParallel.forward(ep, route, experts, buf));
         }
