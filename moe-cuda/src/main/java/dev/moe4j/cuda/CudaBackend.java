@@ -48,7 +48,7 @@ public final class CudaBackend implements Backend {
         Cuda.check(cudart.cudaFree(new Pointer()), "cudaFree(0) (context creation)");
         boundThread = Thread.currentThread();
         Cuda.check(cudart.cudaStreamCreate(stream), "cudaStreamCreate");
-        this.allocator = new CudaAllocator(this::synchronize);
+        this.allocator = CudaAllocator.onCuda(this::synchronize);
         Cuda.checkBlas(cublas.cublasCreate_v2(blas), "cublasCreate");
         Cuda.checkBlas(cublas.cublasSetStream_v2(blas, stream), "cublasSetStream");
         this.kernels = new Kernels();
