@@ -16,33 +16,41 @@ __device__ __forceinline__ double gumbel(unsigned long long seed, unsigned long 
     return -log(-log(u));
 }
 
-// Per token (one thread each): gates[s,:] = softmax(logits[s,:]); experts[s,j] = argmax over experts not yet
-// chosen of logits (+ Gumbel noise: choice 0 with rsample, later ones with secondSampling); ties: lowest index.
-// lse[s] saved for the z-loss. logits, gates [S,E]; experts [S,k].
+// Per token (one warp each, its lanes over the experts so that rows are read coalesced): gates[s,:] =
+// softmax(logits[s,:]); experts[s,j] = argmax over experts not yet chosen of logits (+ Gumbel noise: choice 0 with
+// rsample, later ones with secondSampling); ties: lowest index (exact, whatever the reduction order). lse[s] saved
+// for the z-loss. logits, gates [S,E]; experts [S,k].
 __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, int* experts, float* lse, int S, int E, int k,
                             int rsample, int secondSampling, unsigned long long seed, unsigned long long offset) {
-    int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= S) return;
+    int s = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (s >= S) return;   // the whole warp
     i64 base = (i64)s * E;
     float m = -INFINITY;
-    for (int e = 0; e < E; e++) m = fmaxf(m, ld(logits, ldt, base + e));
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, ld(logits, ldt, base + e));
+    m = warpMax(m);
     float sum = 0.f;
-    for (int e = 0; e < E; e++) sum += expf(ld(logits, ldt, base + e) - m);
-    float l = m + logf(sum);
-    lse[s] = l;
-    for (int e = 0; e < E; e++) st(gates, gdt, base + e, expf(ld(logits, ldt, base + e) - l));
+    for (int e = lane; e < E; e += 32) sum += expf(ld(logits, ldt, base + e) - m);
+    float l = m + logf(warpSum(sum));
+    if (lane == 0) lse[s] = l;
+    for (int e = lane; e < E; e += 32) st(gates, gdt, base + e, expf(ld(logits, ldt, base + e) - l));
     for (int j = 0; j < k; j++) {
         bool noisy = j == 0 ? rsample != 0 : secondSampling != 0;
         int best = -1;
         double bv = 0.0;
-        for (int e = 0; e < E; e++) {
+        for (int e = lane; e < E; e += 32) {
             bool taken = false;
             for (int jj = 0; jj < j; jj++) taken |= experts[(i64)s * k + jj] == e;
             if (taken) continue;
             double v = (double)ld(logits, ldt, base + e) + (noisy ? gumbel(seed, offset + (unsigned long long)base + e) : 0.0);
             if (best < 0 || v > bv) { best = e; bv = v; }
         }
-        experts[(i64)s * k + j] = best;
+        for (int o = 16; o > 0; o >>= 1) {
+            int oe = __shfl_xor_sync(0xffffffffu, best, o);
+            double ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            if (oe >= 0 && (best < 0 || ov > bv || (ov == bv && oe < best))) { best = oe; bv = ov; }
+        }
+        if (lane == 0) experts[(i64)s * k + j] = best;
+        __syncwarp();   // the next choice reads this one
     }
 }
 
@@ -171,15 +179,17 @@ __global__ void k_gate_weights(const void* gates, int gdt, const int* experts, c
     }
 }
 
-// Backward of the gate, one thread per token: dlogits [S,E] (assigned) from dweights [S,k], the l_aux term
+// Backward of the gate, one warp per token: dlogits [S,E] (assigned) from dweights [S,k], the l_aux term
 // (d l_aux / d gates[s,e] = E * first[e] / S^2, first = first-choice counts) and the z-loss term (2 * lse * softmax / S).
 __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int gdt, const int* experts, const int* dest,
                            const void* dweights, int dwdt, const int* first, float lauxCoeff, float zlossCoeff,
                            void* dlogits, int dldt, int S, int E, int k) {
-    int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= S) return;
+    // one warp per token, its lanes over the experts: the [S, E] rows are read coalesced (a thread per token
+    // strided through them E elements apart); the sums over experts are warp reductions
+    int s = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (s >= S) return;   // the whole warp
     i64 base = (i64)s * E, kb = (i64)s * k;
-    // renormalisation of the kept gate values (k >= 2)
+    // renormalisation of the kept gate values (k >= 2); k is small, every lane computes it
     float denomRaw = 0.f, wsum = 0.f;
     for (int j = 0; j < k; j++)
         if (dest[kb + j] >= 0) {
@@ -190,15 +200,16 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
     float denom = fmaxf(denomRaw, FLT_EPSILON);
     bool clamped = denomRaw < FLT_EPSILON;
     float m = -INFINITY;
-    for (int e = 0; e < E; e++) m = fmaxf(m, ld(logits, ldt, base + e));
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, ld(logits, ldt, base + e));
+    m = warpMax(m);
     float sum = 0.f;
-    for (int e = 0; e < E; e++) sum += expf(ld(logits, ldt, base + e) - m);
-    float lse = m + logf(sum);
+    for (int e = lane; e < E; e += 32) sum += expf(ld(logits, ldt, base + e) - m);
+    float lse = m + logf(warpSum(sum));
     float lauxScale = lauxCoeff * (float)E / ((float)S * (float)S);
     // dg_e = d loss / d gates[s,e]; two passes: the softmax backward needs sum_e g_e dg_e first
     float dot = 0.f;
     for (int pass = 0; pass < 2; pass++) {
-        for (int e = 0; e < E; e++) {
+        for (int e = lane; e < E; e += 32) {
             float dg = lauxScale * (float)first[e];
             for (int j = 0; j < k; j++) {
                 if (experts[kb + j] != e || dest[kb + j] < 0) continue;
@@ -210,6 +221,7 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
             if (pass == 0) dot += g * dg;
             else st(dlogits, dldt, base + e, g * (dg - dot) + zlossCoeff * 2.f * lse * g / (float)S);
         }
+        if (pass == 0) dot = warpSum(dot);
     }
 }
 

@@ -293,13 +293,21 @@ public final class CudaBackend implements Backend {
             Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(p(dst)), Cuda.ptr(p(src)), src.numel() * src.dtype().bytes(),
                     cudart.cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync(device to device)");
         } else {
-            launchN("k_convert", src.numel(), p(src), dt(src), p(dst), dt(dst), src.numel());
+            long n = src.numel();
+            if (n % 8 == 0 && aligned16(src, dst) && src.dtype() == DType.BF16 && dst.dtype() == DType.F32) launchN("k_convert_bf16_f32_x8", n / 8, p(src), p(dst), n / 8);
+            else if (n % 8 == 0 && aligned16(src, dst) && src.dtype() == DType.F32 && dst.dtype() == DType.BF16) launchN("k_convert_f32_bf16_x8", n / 8, p(src), p(dst), n / 8);
+            else launchN("k_convert", n, p(src), dt(src), p(dst), dt(dst), n);
         }
     }
 
     @Override
     public void fill(Tensor t, double value) {
         Checks.open("fill", "t", t);
+        if (Double.doubleToRawLongBits(value) == 0L && t.numel() > 0) {   // +0 is all zero bytes in every dtype: a memset
+            bind();
+            Cuda.check(cudart.cudaMemsetAsync(Cuda.ptr(p(t)), 0, t.numel() * t.dtype().bytes(), stream), "cudaMemsetAsync(fill 0)");
+            return;
+        }
         launchN("k_fill", t.numel(), p(t), dt(t), t.numel(), value);
     }
 
@@ -692,7 +700,8 @@ public final class CudaBackend implements Backend {
         floating("add", "a", a); floating("add", "b", b); floating("add", "out", out);
         Checks.numel("add", "b", b, a.numel());
         Checks.numel("add", "out", out, a.numel());
-        launchN("k_add", a.numel(), p(a), dt(a), alpha, p(b), dt(b), beta, p(out), dt(out), a.numel());
+        if (bf16x8(a, b, out)) launchN("k_add_bf16x8", a.numel() / 8, p(a), alpha, p(b), beta, p(out), a.numel() / 8);
+        else launchN("k_add", a.numel(), p(a), dt(a), alpha, p(b), dt(b), beta, p(out), dt(out), a.numel());
     }
 
     @Override
@@ -773,6 +782,11 @@ public final class CudaBackend implements Backend {
     /** The bf16 x 8 kernels apply: a non-gated activation, every tensor bf16 and 16-byte aligned, whole 8-element groups. */
     private boolean vec8(Activation act, Tensor... ts) {
         return (act == Activation.GELU || act == Activation.RELU) && bf16x8(ts);
+    }
+
+    private boolean aligned16(Tensor... ts) {
+        for (Tensor t : ts) if (p(t) % 16 != 0) return false;
+        return true;
     }
 
     /** Every tensor bf16, 16-byte aligned, with a multiple of 8 elements (so 8-element groups never straddle rows of width % 8 == 0). */
@@ -1086,8 +1100,9 @@ public final class CudaBackend implements Backend {
         if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
         int cap = spec.dropless() ? 0 : spec.capacity();
         try (Tensor lse = scratch(DType.F32, s); Tensor rankBase = scratch(DType.I32, k * e); Tensor lauxPart = scratch(DType.F32, e)) {
-            launch("k_gate_topk", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()), p(out.experts()), p(lse),
-                    s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
+            // a warp per token
+            launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()),
+                    p(out.experts()), p(lse), s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
             launch("k_gate_counts", e, 1, 256, 0, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k,
                     p(rankBase), p(out.counts()), p(lauxPart));
             launch("k_gate_finish", 1, 1, 256, 0, p(out.counts()), p(lauxPart), p(lse), s, e, cap, p(out.offsets()), p(out.losses()), dt(out.losses()));
@@ -1127,7 +1142,7 @@ public final class CudaBackend implements Backend {
         if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
         try (Tensor first = scratch(DType.I32, e)) {
             launch("k_gate_first_counts", e, 1, 256, 0, p(saved.experts()), s, e, k, p(first));
-            launch("k_gate_bwd", (s + 127) / 128, 1, 128, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
+            launch("k_gate_bwd", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits),   // a warp per token dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
                     p(saved.dest()), p(dweights), dt(dweights), p(first), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
         }
     }

@@ -196,6 +196,25 @@ class CudaOpsTest extends GpuTestBase {
         }
     }
 
+    /** bf16 tensors of whole 8-element groups take the 8-wide add and conversion kernels. */
+    @Test
+    void eightWideAddAndConversions() {
+        Tensor[] a = rand(DType.BF16, 2, 24, 40), b = rand(DType.BF16, 2, 24, 40), out = rand(DType.BF16, 1, 24, 40);
+        for (int i = 0; i < 2; i++) on(i).add(a[i], 0.5, b[i], -1.5, out[i]);
+        check("add bf16 x 8", out, BF16_TOL);
+        for (int i = 0; i < 2; i++) on(i).add(out[i], 1.0, b[i], 2.0, out[i]);
+        check("add bf16 x 8 (aliased out)", out, BF16_TOL);
+        Tensor[] f = {cpu.zeros(DType.F32, 24, 40), gpu.zeros(DType.F32, 24, 40)};
+        for (int i = 0; i < 2; i++) on(i).copy(out[i], f[i]);
+        check("copy bf16 -> f32 x 8", f, 0);
+        Tensor[] g = rand(DType.F32, 3, 24, 40), h = {cpu.zeros(DType.BF16, 24, 40), gpu.zeros(DType.BF16, 24, 40)};
+        for (int i = 0; i < 2; i++) on(i).copy(g[i], h[i]);
+        check("copy f32 -> bf16 x 8 (one rounding)", h, 0);
+        for (int i = 0; i < 2; i++) on(i).fill(g[i], 0);   // a memset on the GPU
+        check("fill 0", g, 0);
+        assertEquals(0.0, java.util.Arrays.stream(g[1].toDoubles()).map(Math::abs).max().orElseThrow());
+    }
+
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void elementwise(DType dt) {
