@@ -1142,8 +1142,9 @@ public final class CudaBackend implements Backend {
         if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
         try (Tensor first = scratch(DType.I32, e)) {
             launch("k_gate_first_counts", e, 1, 256, 0, p(saved.experts()), s, e, k, p(first));
-            launch("k_gate_bwd", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits),   // a warp per token dt(logits), p(saved.gates()), dt(saved.gates()), p(saved.experts()),
-                    p(saved.dest()), p(dweights), dt(dweights), p(first), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
+            // a warp per token
+            launch("k_gate_bwd", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()),
+                    p(saved.experts()), p(saved.dest()), p(dweights), dt(dweights), p(first), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
         }
     }
 
