@@ -234,6 +234,15 @@ __global__ void k_moe_permute(const void* x, int xdt, const int* dest, void* buf
     }
 }
 
+// k_moe_permute on bf16 x and buf with M % 8 == 0, 8 columns per thread (16-byte copies); n8 = S * k * M / 8 (< 2^31).
+__global__ void k_moe_permute_bf16x8(const uint4* x, const int* dest, uint4* buf, int n8, int k, int m8) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+        int sk = i / m8, c = i - sk * m8;
+        int d = dest[sk];
+        if (d >= 0) buf[(i64)d * m8 + c] = x[(i64)(sk / k) * m8 + c];
+    }
+}
+
 // out[s, c] = sum_j w[s,j] * buf[dest[s,j], c] over dest >= 0 (w nullable: 1); n = S*M
 __global__ void k_moe_unpermute(const void* buf, int bdt, const int* dest, const void* w, int wdt, void* out, int odt, i64 n, int k, int M) {
     FOR_N(i, n) {
@@ -311,6 +320,31 @@ __global__ void k_moe_unpermute_bwd_dw(const void* dout, int gdt, const void* bu
         for (int c = threadIdx.x; c < M; c += blockDim.x) acc += ld(dout, gdt, (sk / k) * M + c) * ld(buf, bdt, (i64)d * M + c);
     acc = blockSum(acc);
     if (threadIdx.x == 0) st(dw, dwdt, sk, acc);
+}
+
+
+// k_moe_unpermute_bwd_dw on bf16 dout and buf with M % 8 == 0: a warp per (s, j), 16-byte loads, a warp sum.
+__global__ void k_moe_unpermute_bwd_dw_bf16x8(const uint4* dout, const uint4* buf, const int* dest, void* dw, int dwdt, int SK, int k, int m8) {
+    int sk = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (sk >= SK) return;   // the whole warp
+    int d = dest[sk];
+    float acc = 0.f;
+    if (d >= 0) {
+        const uint4* a = dout + (i64)(sk / k) * m8;
+        const uint4* b = buf + (i64)d * m8;
+        for (int c = lane; c < m8; c += 32) {
+            uint4 va = a[c], vb = b[c];
+            const __nv_bfloat162* ha = (const __nv_bfloat162*)&va;
+            const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float2 x = __bfloat1622float2(ha[q]), y = __bfloat1622float2(hb[q]);
+                acc += x.x * y.x + x.y * y.y;
+            }
+        }
+    }
+    acc = warpSum(acc);
+    if (lane == 0) st(dw, dwdt, sk, acc);
 }
 
 }  // extern "C"

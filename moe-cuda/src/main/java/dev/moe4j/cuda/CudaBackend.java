@@ -1159,7 +1159,12 @@ public final class CudaBackend implements Backend {
         Checks.cols(op, "buf", buf, m);
         int k = dest.cols();
         long n = (long) s * k * m;
-        launchN("k_moe_permute", n, p(x), dt(x), p(dest), p(buf), dt(buf), n, k, m);
+        if (m % 8 == 0 && n / 8 < Integer.MAX_VALUE && bf16x8(x, buf)) {
+            int n8 = (int) (n / 8);
+            launchN("k_moe_permute_bf16x8", n8, p(x), p(dest), p(buf), n8, k, m / 8);
+        } else {
+            launchN("k_moe_permute", n, p(x), dt(x), p(dest), p(buf), dt(buf), n, k, m);
+        }
     }
 
     @Override
@@ -1201,7 +1206,14 @@ public final class CudaBackend implements Backend {
         if (dw != null) {
             floating(op, "dw", dw);
             Checks.matrix(op, "dw", dw, s, k);
-            if ((long) s * k > 0) launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
+            if ((long) s * k > 0) {
+                if (m % 8 == 0 && bf16x8(dout, buf)) {   // a warp per (token, choice)
+                    launch("k_moe_unpermute_bwd_dw_bf16x8", Math.toIntExact((32L * s * k + 255) / 256), 1, 256, 0, p(dout), p(buf), p(dest),
+                            p(dw), dt(dw), s * k, k, m / 8);
+                } else {
+                    launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
+                }
+            }
         }
     }
 
