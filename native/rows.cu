@@ -55,6 +55,16 @@ __global__ void k_gather_rows_raw(const void* src, const int* idx, void* out, in
     }
 }
 
+// k_gather_rows_raw for rows of whole 16-byte chunks (c16 chunks per row, 16-byte aligned): one chunk per thread,
+// the layout transforms of expert parallelism move [rows, hidden] bf16 activations. n16 = rows * c16 (< 2^31).
+__global__ void k_gather_rows_16b(const uint4* src, const int* idx, uint4* out, int n16, int c16) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += gridDim.x * blockDim.x) {
+        int m = i / c16, c = i - m * c16;
+        int from = idx[m];
+        out[i] = from < 0 ? make_uint4(0, 0, 0, 0) : src[(i64)from * c16 + c];
+    }
+}
+
 // F32 dst: dst[idx[m], c] += w[m] * src[m, c] for idx[m] >= 0 (w nullable: 1), one thread per element and fp32
 // atomics (fast when many rows share a destination, e.g. expert-bias gradients; the summation order, so the last
 // bits, may vary). A BF16 dst goes through an F32 copy (CudaBackend.addInF32).

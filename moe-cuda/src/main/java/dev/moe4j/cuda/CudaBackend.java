@@ -1025,8 +1025,14 @@ public final class CudaBackend implements Backend {
         Checks.dtype("gatherRows", "idx", idx, DType.I32);
         Checks.matrix("gatherRows", "out", out, m, c);
         if (src.dtype() == out.dtype() && src.dtype() != DType.F64) {
-            // Same dtype: a bit-exact move (I32 included), no conversion through float.
-            launchN("k_gather_rows_raw", out.numel(), p(src), p(idx), p(out), src.dtype().bytes(), out.numel(), c);
+            // Same dtype: a bit-exact move (I32 included), no conversion through float; 16-byte chunks where rows allow.
+            long rowBytes = (long) c * src.dtype().bytes();
+            if (rowBytes % 16 == 0 && aligned16(src, out) && (long) m * (rowBytes / 16) < Integer.MAX_VALUE) {
+                int c16 = (int) (rowBytes / 16), n16 = m * c16;
+                launchN("k_gather_rows_16b", n16, p(src), p(idx), p(out), n16, c16);
+            } else {
+                launchN("k_gather_rows_raw", out.numel(), p(src), p(idx), p(out), src.dtype().bytes(), out.numel(), c);
+            }
             return;
         }
         floating("gatherRows", "src", src); floating("gatherRows", "out", out);

@@ -355,6 +355,10 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] isrc = of(big, n, c), iout = of(new int[m * c], m, c);
         for (int i = 0; i < 2; i++) on(i).gatherRows(isrc[i], idx[i], iout[i]);
         check("gatherRows I32 (bit-exact)", iout, 0);
+        // rows of whole 16-byte chunks (c = 40: 80 or 160 bytes) take the 16-byte kernel
+        Tensor[] src16 = rand(dt, 1, n, 40), out16 = rand(dt, 1, m, 40);
+        for (int i = 0; i < 2; i++) on(i).gatherRows(src16[i], idx[i], out16[i]);
+        check("gatherRows 16-byte chunks", out16, 0);
         Tensor[] w = rand(DType.F32, 1, m), dst = rand(DType.F32, 1, n, c);
         for (int i = 0; i < 2; i++) on(i).scatterAddRows(out[i], idx[i], w[i], dst[i]);
         check("scatterAddRows (weighted, duplicates)", dst, tol(dt));
