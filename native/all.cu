@@ -7,3 +7,4 @@
 #include "moe.cu"
 #include "attention_tc.cu"
 #include "grouped_gemm.cu"
+#include "attention_fa2.cu"

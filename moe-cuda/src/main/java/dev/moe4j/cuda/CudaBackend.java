@@ -875,6 +875,38 @@ public final class CudaBackend implements Backend {
     /** -Dmoe4j.cuda.noTensorCoreAttention=true: the CUDA-core tiled kernels even for bf16 heads of 64 / 128. */
     private static final boolean NO_TC_ATTENTION = Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention");
 
+    /**
+     * Which tensor-core kernels run bf16 attention with head size 64 / 128: the WMMA kernels (native/attention_tc.cu,
+     * the default for now) or the FlashAttention-2-style mma.sync kernels (native/attention_fa2.cu;
+     * {@code -Dmoe4j.cuda.attention=fa2}). The row / CUDA-core flags above still take precedence.
+     */
+    enum AttentionKernel { FA2, WMMA }
+
+    AttentionKernel attentionKernel = AttentionKernel.valueOf(System.getProperty("moe4j.cuda.attention", "wmma").toUpperCase(java.util.Locale.ROOT));
+
+    /**
+     * Whether this attention call runs the FA2 kernels: chosen, bf16 qkv, D 64 / 128, and the alignment they rely on
+     * (16-byte cp.async / float4 chunks of qkv and dout, pairs of columns stored together in out / dqkv).
+     */
+    private boolean useFa2(Tensor qkv, int hd, Tensor... others) {
+        if (attentionKernel != AttentionKernel.FA2 || qkv.dtype() != DType.BF16 || (hd != 64 && hd != 128)) return false;
+        if (p(qkv) % 16 != 0) return false;
+        for (Tensor x : others) if (p(x) % 16 != 0) return false;
+        return true;
+    }
+
+    // Tile shapes of attention_fa2.cu (its launch table): the forward's query rows per block (16 per warp), the
+    // backward's query tile of the dK/dV kernel and key tile of the dQ kernel; rows padded to D + 8 bf16.
+    private static int fa2FwdRows(int hd) { return hd == 64 ? 64 : 128; }
+    private static int fa2BwdTile(int hd) { return hd == 64 ? 64 : 32; }
+
+    /** k_fa2_fwd: Q [BM][D+8], K and V [2][64][D+8] bf16. */
+    private static int fa2FwdShared(int hd) { return (fa2FwdRows(hd) + 4 * 64) * (hd + 8) * 2; }
+    /** k_fa2_bwd_dkv: K, V [64][D+8], Q and dO [2][BQ][D+8] bf16; lse, delta [2][BQ] f32. */
+    private static int fa2DkvShared(int hd) { return (2 * 64 + 4 * fa2BwdTile(hd)) * (hd + 8) * 2 + 4 * fa2BwdTile(hd) * 4; }
+    /** k_fa2_bwd_dq: Q, dO [64][D+8], K and V [2][BK][D+8] bf16. */
+    private static int fa2DqShared(int hd) { return (2 * 64 + 4 * fa2BwdTile(hd)) * (hd + 8) * 2; }
+
     private static int rowKernelShared(String op, int t, int d) {
         long shared = (2L * t + 2L * d) * 4;
         if (shared > 48 * 1024) {
@@ -889,7 +921,11 @@ public final class CudaBackend implements Backend {
         int[] d = attnDims("attention", qkv, heads, out, lse);
         int b = d[0], t = d[1], hd = d[3];
         if (b == 0 || t == 0) return;
-        if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !ROW_ATTENTION && !NO_TC_ATTENTION) {
+        if (!ROW_ATTENTION && !NO_TC_ATTENTION && useFa2(qkv, hd, out)) {
+            // tensor cores (mma.sync bf16, FlashAttention-2 form): attention_fa2.cu; 4 warps (D 64) or 8 (D 128)
+            int rows = fa2FwdRows(hd);
+            launch("k_fa2_fwd" + hd, (t + rows - 1) / rows, b * heads, 2 * rows, fa2FwdShared(hd), p(qkv), p(out), dt(out), p(lse), dt(lse), t, heads);
+        } else if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !ROW_ATTENTION && !NO_TC_ATTENTION) {
             // tensor cores (WMMA bf16): attention_tc.cu
             int shared = 64 * (hd + 8) * 2 + 4 * 16 * 36 * 4 + 4 * 16 * 40 * 2;
             launch("k_flash_fwd_tc" + hd, (t + 63) / 64, b * heads, 128, shared, p(qkv), p(out), dt(out), p(lse), dt(lse), t, heads);
@@ -913,6 +949,14 @@ public final class CudaBackend implements Backend {
         if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
             try (Tensor delta = scratch(DType.F32, b * heads * t)) {
                 launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
+                if (!NO_TC_ATTENTION && useFa2(qkv, hd, dout, dqkv)) {
+                    // tensor cores (mma.sync bf16, FlashAttention-2 form): attention_fa2.cu, 4 warps per block
+                    launch("k_fa2_bwd_dkv" + hd, (t + 63) / 64, b * heads, 128, fa2DkvShared(hd), p(dout), dt(dout), p(qkv), p(lse),
+                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
+                    launch("k_fa2_bwd_dq" + hd, (t + 63) / 64, b * heads, 128, fa2DqShared(hd), p(dout), dt(dout), p(qkv), p(lse),
+                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
+                    return;
+                }
                 if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !NO_TC_ATTENTION) {
                     // tensor cores (WMMA bf16): attention_tc.cu; D = 128 needs more than 48 KiB of shared memory
                     int tiles = (2 * 64 + 2 * 16) * (hd + 8) * 2;
