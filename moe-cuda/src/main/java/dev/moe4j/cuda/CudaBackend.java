@@ -876,13 +876,14 @@ public final class CudaBackend implements Backend {
     private static final boolean NO_TC_ATTENTION = Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention");
 
     /**
-     * Which tensor-core kernels run bf16 attention with head size 64 / 128: the WMMA kernels (native/attention_tc.cu,
-     * the default for now) or the FlashAttention-2-style mma.sync kernels (native/attention_fa2.cu;
-     * {@code -Dmoe4j.cuda.attention=fa2}). The row / CUDA-core flags above still take precedence.
+     * Which tensor-core kernels run bf16 attention with head size 64 / 128: the FlashAttention-2-style mma.sync
+     * kernels (native/attention_fa2.cu, the default: 10x the WMMA forward and 2.6x its backward on an H100,
+     * docs/benchmarks.md) or the older WMMA kernels (native/attention_tc.cu; {@code -Dmoe4j.cuda.attention=wmma},
+     * also taken for tensors that are not 16-byte aligned). The row / CUDA-core flags above still take precedence.
      */
     enum AttentionKernel { FA2, WMMA }
 
-    AttentionKernel attentionKernel = AttentionKernel.valueOf(System.getProperty("moe4j.cuda.attention", "wmma").toUpperCase(java.util.Locale.ROOT));
+    AttentionKernel attentionKernel = AttentionKernel.valueOf(System.getProperty("moe4j.cuda.attention", "fa2").toUpperCase(java.util.Locale.ROOT));
 
     /**
      * Whether this attention call runs the FA2 kernels: chosen, bf16 qkv, D 64 / 128, and the alignment they rely on
