@@ -5,6 +5,5 @@
 #include "attention.cu"
 #include "rows.cu"
 #include "moe.cu"
-#include "attention_tc.cu"
 #include "grouped_gemm.cu"
 #include "attention_fa2.cu"

@@ -1,9 +1,9 @@
 // Causal attention in the FlashAttention-2 form on bf16 tensor cores: mma.sync m16n8k16 (bf16 x bf16 -> fp32),
 // operands through ldmatrix from padded shared tiles filled by cp.async, softmax statistics in registers.
-// Semantics as attention.cu / attention_tc.cu: qkv [B,T,3C] bf16 (q | k | v, head h at columns h*D..), out [B,T,C],
+// Semantics as attention.cu: qkv [B,T,3C] bf16 (q | k | v, head h at columns h*D..), out [B,T,C],
 // lse [B,H,T] = m + log(l) of each query row's scaled scores (scale 1/sqrt(D)); the backward assigns dqkv [B,T,3C].
 // out, lse, dout, dqkv may be F32 or BF16 (dtype code per argument). Head size D = 64 or 128.
-// Opt-in from Java: -Dmoe4j.cuda.attention=fa2 (CudaBackend.AttentionKernel).
+// CudaBackend runs these for bf16 qkv with D = 64 / 128 (the CUDA-core tiled kernels of attention.cu otherwise).
 //
 // Uses the PTX wrappers of grouped_gemm.cu (gg::cpAsync16, ldmatrix4, ldmatrix4T, mma16816; all.cu includes
 // grouped_gemm.cu first). Requirements the launcher checks: qkv, dout (bf16 or f32) 16-byte aligned (16-byte
@@ -39,7 +39,7 @@
 //   through cp.async (tile kt+1 loads while kt is multiplied). Per tile: S = Q K^T (K tile [keys][D]: B from [n][k]),
 //   the causal mask only where the tile reaches past the warp's first row, online softmax (row max over the quad,
 //   O and l rescaled by exp(m_old - m_new)), P rounded to bf16 and used in registers as the A operand of P V (V tile
-//   [keys][D]: B from [k][n], ldmatrix.trans). l sums the fp32 P (as attention_tc.cu). Tiles entirely above a warp's
+//   [keys][D]: B from [k][n], ldmatrix.trans). l sums the fp32 P (P is rounded to bf16 only for the P V product). Tiles entirely above a warp's
 //   rows are skipped by that warp; tiles above the block's rows are never loaded.
 //   shared: Q [BM][D+8], K [2][64][D+8], V [2][64][D+8] bf16.
 // Backward (delta = rowsum(dO * O) from k_flash_delta; P = exp(S * scale - lse), dS = P (dP - delta)):

@@ -876,21 +876,12 @@ public final class CudaBackend implements Backend {
     private static final boolean NO_TC_ATTENTION = Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention");
 
     /**
-     * Which tensor-core kernels run bf16 attention with head size 64 / 128: the FlashAttention-2-style mma.sync
-     * kernels (native/attention_fa2.cu, the default: 10x the WMMA forward and 2.6x its backward on an H100,
-     * docs/benchmarks.md) or the older WMMA kernels (native/attention_tc.cu; {@code -Dmoe4j.cuda.attention=wmma},
-     * also taken for tensors that are not 16-byte aligned). The row / CUDA-core flags above still take precedence.
-     */
-    enum AttentionKernel { FA2, WMMA }
-
-    AttentionKernel attentionKernel = AttentionKernel.valueOf(System.getProperty("moe4j.cuda.attention", "fa2").toUpperCase(java.util.Locale.ROOT));
-
-    /**
-     * Whether this attention call runs the FA2 kernels: chosen, bf16 qkv, D 64 / 128, and the alignment they rely on
-     * (16-byte cp.async / float4 chunks of qkv and dout, pairs of columns stored together in out / dqkv).
+     * Whether this attention call runs the tensor-core kernels (native/attention_fa2.cu, FlashAttention-2 form on
+     * mma.sync): bf16 qkv, D 64 / 128, and the alignment they rely on (16-byte cp.async / float4 chunks of qkv and
+     * dout, pairs of columns stored together in out / dqkv). Other calls take the CUDA-core tiled kernels.
      */
     private boolean useFa2(Tensor qkv, int hd, Tensor... others) {
-        if (attentionKernel != AttentionKernel.FA2 || qkv.dtype() != DType.BF16 || (hd != 64 && hd != 128)) return false;
+        if (NO_TC_ATTENTION || qkv.dtype() != DType.BF16 || (hd != 64 && hd != 128)) return false;
         if (p(qkv) % 16 != 0) return false;
         for (Tensor x : others) if (p(x) % 16 != 0) return false;
         return true;
@@ -922,14 +913,10 @@ public final class CudaBackend implements Backend {
         int[] d = attnDims("attention", qkv, heads, out, lse);
         int b = d[0], t = d[1], hd = d[3];
         if (b == 0 || t == 0) return;
-        if (!ROW_ATTENTION && !NO_TC_ATTENTION && useFa2(qkv, hd, out)) {
+        if (!ROW_ATTENTION && useFa2(qkv, hd, out)) {
             // tensor cores (mma.sync bf16, FlashAttention-2 form): attention_fa2.cu; 4 warps (D 64) or 8 (D 128)
             int rows = fa2FwdRows(hd);
             launch("k_fa2_fwd" + hd, (t + rows - 1) / rows, b * heads, 2 * rows, fa2FwdShared(hd), p(qkv), p(out), dt(out), p(lse), dt(lse), t, heads);
-        } else if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !ROW_ATTENTION && !NO_TC_ATTENTION) {
-            // tensor cores (WMMA bf16): attention_tc.cu
-            int shared = 64 * (hd + 8) * 2 + 4 * 16 * 36 * 4 + 4 * 16 * 40 * 2;
-            launch("k_flash_fwd_tc" + hd, (t + 63) / 64, b * heads, 128, shared, p(qkv), p(out), dt(out), p(lse), dt(lse), t, heads);
         } else if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
             int shared = (16 * hd + 32 * (hd + 1) + 32 * hd) * 4;
             launch("k_flash_fwd", (t + 15) / 16, b * heads, 128, shared, p(qkv), dt(qkv), p(out), dt(out), p(lse), dt(lse), t, heads, hd);
@@ -950,20 +937,11 @@ public final class CudaBackend implements Backend {
         if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
             try (Tensor delta = scratch(DType.F32, b * heads * t)) {
                 launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
-                if (!NO_TC_ATTENTION && useFa2(qkv, hd, dout, dqkv)) {
+                if (useFa2(qkv, hd, dout, dqkv)) {
                     // tensor cores (mma.sync bf16, FlashAttention-2 form): attention_fa2.cu, 4 warps per block
                     launch("k_fa2_bwd_dkv" + hd, (t + 63) / 64, b * heads, 128, fa2DkvShared(hd), p(dout), dt(dout), p(qkv), p(lse),
                             dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
                     launch("k_fa2_bwd_dq" + hd, (t + 63) / 64, b * heads, 128, fa2DqShared(hd), p(dout), dt(dout), p(qkv), p(lse),
-                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
-                    return;
-                }
-                if (qkv.dtype() == DType.BF16 && (hd == 64 || hd == 128) && !NO_TC_ATTENTION) {
-                    // tensor cores (WMMA bf16): attention_tc.cu; D = 128 needs more than 48 KiB of shared memory
-                    int tiles = (2 * 64 + 2 * 16) * (hd + 8) * 2;
-                    launch("k_flash_bwd_dkv_tc" + hd, (t + 63) / 64, b * heads, 128, tiles + 128 + 10240 + 6144, p(dout), dt(dout), p(qkv), p(lse),
-                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
-                    launch("k_flash_bwd_dq_tc" + hd, (t + 63) / 64, b * heads, 128, tiles + 10240 + 3072, p(dout), dt(dout), p(qkv), p(lse),
                             dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
                     return;
                 }

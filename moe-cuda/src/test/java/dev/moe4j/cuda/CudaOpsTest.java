@@ -302,34 +302,27 @@ class CudaOpsTest extends GpuTestBase {
     }
 
     /**
-     * The bf16 tensor-core attention kernels, each forced (AttentionKernel: attention_fa2.cu's mma.sync kernels and
-     * attention_tc.cu's WMMA ones), for D = 64 and 128: a long sequence (many key tiles, the online softmax across
-     * them, the diagonal tiles) and odd lengths (partial query / key tiles, partial warps, rows past T), several heads
-     * and batches; bf16 outputs, and f32 out / dout / dqkv with bf16 qkv (the f32 store and dO conversion paths).
+     * The bf16 tensor-core attention kernels (attention_fa2.cu's mma.sync kernels) for D = 64 and 128: a long sequence
+     * (many key tiles, the online softmax across them, the diagonal tiles) and odd lengths (partial query / key tiles,
+     * partial warps, rows past T), several heads and batches; bf16 outputs, and f32 out / dout / dqkv with bf16 qkv
+     * (the f32 store and dO conversion paths).
      */
-    @ParameterizedTest
-    @EnumSource(CudaBackend.AttentionKernel.class)
-    void attentionTensorCoreKernels(CudaBackend.AttentionKernel kernel) {
-        CudaBackend.AttentionKernel saved = gpu.attentionKernel;
-        gpu.attentionKernel = kernel;
-        try {
-            // {B, T, H, D}
-            for (int[] cfg : new int[][] {{1, 1024, 2, 64}, {2, 77, 3, 64}, {1, 200, 2, 64}, {1, 1000, 2, 128}, {2, 77, 2, 128}, {1, 200, 1, 128}}) {
-                for (DType io : new DType[] {DType.BF16, DType.F32}) {
-                    if (io == DType.F32 && cfg[1] != 200) continue;
-                    int b = cfg[0], t = cfg[1], h = cfg[2], d = cfg[3], c = h * d;
-                    String name = kernel + " attention B=" + b + " T=" + t + " H=" + h + " D=" + d + " out " + io;
-                    Tensor[] qkv = rand(DType.BF16, 1, b, t, 3 * c), out = rand(io, 1, b, t, c), lse = rand(DType.F32, 1, b, h, t);
-                    for (int i = 0; i < 2; i++) on(i).attention(qkv[i], h, out[i], lse[i]);
-                    check(name + " out", out, BF16_TOL);
-                    check(name + " lse", lse, F32_TOL);
-                    Tensor[] dout = rand(io, 1, b, t, c), dqkv = rand(io, 1, b, t, 3 * c);
-                    for (int i = 0; i < 2; i++) on(i).attentionBackward(dout[i], qkv[i], out[i], lse[i], h, dqkv[i]);
-                    check(name + " dqkv", dqkv, BF16_TOL * 2);
-                }
+    @Test
+    void attentionTensorCoreKernels() {
+        // {B, T, H, D}
+        for (int[] cfg : new int[][] {{1, 1024, 2, 64}, {2, 77, 3, 64}, {1, 200, 2, 64}, {1, 1000, 2, 128}, {2, 77, 2, 128}, {1, 200, 1, 128}}) {
+            for (DType io : new DType[] {DType.BF16, DType.F32}) {
+                if (io == DType.F32 && cfg[1] != 200) continue;
+                int b = cfg[0], t = cfg[1], h = cfg[2], d = cfg[3], c = h * d;
+                String name = "attention B=" + b + " T=" + t + " H=" + h + " D=" + d + " out " + io;
+                Tensor[] qkv = rand(DType.BF16, 1, b, t, 3 * c), out = rand(io, 1, b, t, c), lse = rand(DType.F32, 1, b, h, t);
+                for (int i = 0; i < 2; i++) on(i).attention(qkv[i], h, out[i], lse[i]);
+                check(name + " out", out, BF16_TOL);
+                check(name + " lse", lse, F32_TOL);
+                Tensor[] dout = rand(io, 1, b, t, c), dqkv = rand(io, 1, b, t, 3 * c);
+                for (int i = 0; i < 2; i++) on(i).attentionBackward(dout[i], qkv[i], out[i], lse[i], h, dqkv[i]);
+                check(name + " dqkv", dqkv, BF16_TOL * 2);
             }
-        } finally {
-            gpu.attentionKernel = saved;
         }
     }
 
