@@ -145,6 +145,29 @@ __device__ __forceinline__ void loadA(unsigned (&a)[4], const bf16* sA, int row0
     ldmatrix4(a, sA + (row0 + (lane & 15)) * LD + k0 + (lane >> 4) * 8);
 }
 
+// The two products each backward tile starts with, for one warp's 16 rows: s = A1 B1^T and p = A2 B2^T, A1 / A2
+// rows row0.. of [rows][D] tiles, B1 / B2 the [N][D] tiles (N = 8 * NT columns): S and dP (dQ kernel, queries
+// against keys) or S^T and dP^T (dK/dV kernel, keys against queries).
+template <int NT, int KD, int LD>
+__device__ __forceinline__ void twoProducts(float (&s)[NT][4], float (&p)[NT][4], const bf16* a1, const bf16* a2, int row0,
+                                            const bf16* b1, const bf16* b2) {
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[n][e] = p[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+        unsigned x[4], y[4];
+        loadA<LD>(x, a1, row0, kk * 16);
+        loadA<LD>(y, a2, row0, kk * 16);
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            mmaBnk<LD>(s[2 * np], s[2 * np + 1], x, b1, np * 16, kk * 16);
+            mmaBnk<LD>(p[2 * np], p[2 * np + 1], y, b2, np * 16, kk * 16);
+        }
+    }
+}
+
 // The register trick: the A fragment of columns 16kc..16kc+15 of a 16 x (8 * n8 tiles) accumulator (header comment).
 template <int NT>
 __device__ __forceinline__ void accToA(unsigned (&a)[4], const float (&s)[NT][4], int kc) {
@@ -331,21 +354,7 @@ __device__ __forceinline__ void backwardDkv(const void* dout, int gdt, const bf1
             const float* Dl = sD + buf * BQ;
             // S^T = K Q^T, dP^T = V dO^T: [16 keys][BQ queries]
             float s[NQ][4], dp[NQ][4];
-#pragma unroll
-            for (int n = 0; n < NQ; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KD; kk++) {
-                unsigned ka[4], va[4];
-                loadA<LD>(ka, sK, warp * 16, kk * 16);
-                loadA<LD>(va, sV, warp * 16, kk * 16);
-#pragma unroll
-                for (int np = 0; np < NQ / 2; np++) {
-                    mmaBnk<LD>(s[2 * np], s[2 * np + 1], ka, Q, np * 16, kk * 16);
-                    mmaBnk<LD>(dp[2 * np], dp[2 * np + 1], va, G, np * 16, kk * 16);
-                }
-            }
+            twoProducts<NQ, KD, LD>(s, dp, sK, sV, warp * 16, Q, G);
             // P^T = exp(S * scale - lse), dS^T = P^T (dP^T - delta) (scale applied to dK at the end)
             const bool mask = i0 < wk0 + 16 || i0 + BQ > T || wk0 + 16 > T;
 #pragma unroll
@@ -443,21 +452,7 @@ __device__ __forceinline__ void backwardDq(const void* dout, int gdt, const bf16
             const bf16* V = sV + (kt & 1) * BK * LD;
             // S = Q K^T, dP = dO V^T: [16 queries][64 keys]
             float s[NT][4], dp[NT][4];
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KD; kk++) {
-                unsigned qa[4], ga[4];
-                loadA<LD>(qa, sQ, warp * 16, kk * 16);
-                loadA<LD>(ga, sG, warp * 16, kk * 16);
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    mmaBnk<LD>(s[2 * np], s[2 * np + 1], qa, K, np * 16, kk * 16);
-                    mmaBnk<LD>(dp[2 * np], dp[2 * np + 1], ga, V, np * 16, kk * 16);
-                }
-            }
+            twoProducts<NT, KD, LD>(s, dp, sQ, sG, warp * 16, K, V);
             const bool mask = j0 + BK - 1 > w0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
