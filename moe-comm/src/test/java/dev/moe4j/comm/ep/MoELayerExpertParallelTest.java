@@ -85,11 +85,10 @@ class MoELayerExpertParallelTest {
         List<Result> got = InProcessWorld.run(W, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
-                // overlapped: a communicator that runs each asynchronous exchange only when it is awaited (the latest a
-                // GPU side stream could finish), so a missing or early await shows as a wrong result
-                dev.moe4j.core.comm.Communicator group = overlap
-                        ? new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new java.util.ArrayList<>())
-                        : groups.expertParallel(W);
+                // a communicator that runs each asynchronous exchange only when it is awaited (the latest a GPU side
+                // stream could finish), so a missing or early await shows as a wrong result
+                dev.moe4j.core.comm.Communicator group =
+                        new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new java.util.ArrayList<>());
                 MoE moe = builder(dropless, k).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
                         .optDroplessLayout(layout).setContext(ctx).build();
                 ctx.allocateParameters();

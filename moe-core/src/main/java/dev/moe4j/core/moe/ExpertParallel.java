@@ -325,17 +325,24 @@ final class ExpertParallel {
     }
 
     /**
-     * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. The input gradients go back
-     * by the reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
+     * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. {@code beside} (may be null) is
+     * work that needs nothing of this exchange (the gate's backward): it runs while the dispatch all-to-all of dy
+     * travels on the communicator's side stream. The input gradients go back by the reverse all-to-all while the
+     * experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
-    static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy) {
-        if (r.overlap && r.localRows > 0) return backwardSelfFirst(ep, r, bank, dy);
+    static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
+        if (r.overlap && r.localRows > 0) {
+            if (beside != null) beside.run();
+            return backwardSelfFirst(ep, r, bank, dy);
+        }
         Backend b = ep.backend();
         int M = dy.cols();
         DType dt = dy.dtype();
         Tensor dbuf = b.empty(dt, dy.rows(), M);
         try (Tensor drecv = b.empty(dt, r.localRows, M)) {
-            exchange(ep, r, dy, drecv, false);
+            CommWork dispatch = exchangeAsync(ep, r, dy, drecv, false);
+            if (beside != null) beside.run();
+            dispatch.await();
             if (r.localRows == 0) {
                 try (Tensor dsrc = b.zeros(dt, 0, M)) {
                     exchange(ep, r, dsrc, dbuf, true);

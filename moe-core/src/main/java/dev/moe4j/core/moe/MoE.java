@@ -287,8 +287,16 @@ public final class MoE implements AutoCloseable {
         Tensor dy = tmpAdd(tmp, b.zeros(ctx.dtype(), y.rows(), M));
         Tensor dw = tmpAdd(tmp, b.empty(gate.dtype(), S, k));
         b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
-        // experts backward, then the dispatch's backward (a gather-sum with weight 1)
-        Tensor dbuf = tmpAdd(tmp, ep == null ? experts.backward(dy) : ExpertParallel.backward(ep, route, experts, dy));
+        // experts backward (with expert parallelism the gate's backward runs while dy travels to the experts),
+        // then the dispatch's backward (a gather-sum with weight 1)
+        Tensor[] dxg = new Tensor[1];
+        Runnable gateBackward = () -> dxg[0] = tmpAdd(tmp, gate.backward(dw, auxLossCoeff, zLossCoeff));
+        Tensor dbuf;
+        if (ep == null) {
+            dbuf = tmpAdd(tmp, experts.backward(dy));
+        } else {
+            dbuf = tmpAdd(tmp, ExpertParallel.backward(ep, route, experts, dy, gateBackward));
+        }
         if (route != null && !route.equal) {   // a dropless routing serves one step; a capacity one is kept
             route.close();
             route = null;
@@ -296,9 +304,9 @@ public final class MoE implements AutoCloseable {
         Tensor dxp = tmpAdd(tmp, b.empty(ctx.dtype(), S, M));
         b.moeUnpermute(dbuf, g.dest(), null, dxp);
         b.add(dx, 1, dxp, 1, dx);
-        // gate backward (combine weights, l_aux, z-loss) into the input
-        Tensor dxg = tmpAdd(tmp, gate.backward(dw, auxLossCoeff, zLossCoeff));
-        b.add(dx, 1, dxg, 1, dx);
+        // the gate's input gradient (combine weights, l_aux, z-loss)
+        if (dxg[0] == null) gateBackward.run();
+        b.add(dx, 1, dxg[0], 1, dx);
         for (Tensor t : tmp) t.close();
         return dx;
     }
