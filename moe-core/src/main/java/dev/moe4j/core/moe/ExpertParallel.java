@@ -326,8 +326,8 @@ final class ExpertParallel {
 
     /**
      * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. {@code beside} (may be null) is
-     * work that needs nothing of this exchange (the gate's backward): it runs while the dispatch all-to-all of dy
-     * travels on the communicator's side stream. The input gradients go back by the reverse all-to-all while the
+     * work that needs nothing of this exchange (the gate's backward): with variable splits it runs while the dispatch
+     * all-to-all of dy travels on the communicator's side stream. The input gradients go back by the reverse all-to-all while the
      * experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
@@ -340,9 +340,16 @@ final class ExpertParallel {
         DType dt = dy.dtype();
         Tensor dbuf = b.empty(dt, dy.rows(), M);
         try (Tensor drecv = b.empty(dt, r.localRows, M)) {
-            CommWork dispatch = exchangeAsync(ep, r, dy, drecv, false);
-            if (beside != null) beside.run();
-            dispatch.await();
+            if (r.equal) {
+                // equal splits keep NCCL's own all-to-all (on the side stream they take the send/recv form, which
+                // measured no faster overall); variable splits travel beside the gate's backward
+                exchange(ep, r, dy, drecv, false);
+                if (beside != null) beside.run();
+            } else {
+                CommWork dispatch = exchangeAsync(ep, r, dy, drecv, false);
+                if (beside != null) beside.run();
+                dispatch.await();
+            }
             if (r.localRows == 0) {
                 try (Tensor dsrc = b.zeros(dt, 0, M)) {
                     exchange(ep, r, dsrc, dbuf, true);
