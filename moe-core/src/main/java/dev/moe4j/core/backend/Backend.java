@@ -108,11 +108,11 @@ public interface Backend extends AutoCloseable {
     }
 
     /**
-     * Whether {@link #groupedMatmul} over {@code rows} rows of {@code groups} groups of this dtype runs faster with
-     * the offsets also given on the host, i.e. whether a caller that would have to read them back from the device
-     * (a wait for the stream) should. False where the backend reads them where they are.
+     * Whether {@link #groupedMatmul} of this dtype runs faster with the offsets also given on the host, i.e. whether
+     * a caller that would have to read them back from the device (a wait for the stream) should. False where the
+     * backend reads them where they are.
      */
-    default boolean wantsHostOffsets(DType dtype, int rows, int groups) { return false; }
+    default boolean wantsHostOffsets(DType dtype) { return false; }
 
     /**
      * Whether {@link #groupedMatmul} over equal groups (offsets given on the host) is so much faster than over

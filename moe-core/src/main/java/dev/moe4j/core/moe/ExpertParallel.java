@@ -130,11 +130,7 @@ final class ExpertParallel {
         r.expertRows = rq;
         if (rq == 0) return r;
         int most = java.util.Arrays.stream(localCounts).max().orElse(0);
-        r.padded = !equal && !(overlap && P > 1) && switch (layout) {
-            case SORTED -> false;
-            case PADDED -> true;
-            case AUTO -> b.prefersEqualGroups(dtype) && El * (double) most <= MoE.MAX_DROPLESS_PADDING * rq;
-        };
+        r.padded = !equal && !(overlap && P > 1) && MoE.padsDropless(layout, b, dtype, (long) El * most, rq);
         // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at j * most
         int[] srcStart = new int[P * El], expStart = new int[P * El];
         int at = 0;

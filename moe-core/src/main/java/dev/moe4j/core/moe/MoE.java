@@ -147,10 +147,10 @@ public final class MoE implements AutoCloseable {
         // and every expert owns an equal segment, which backends that prefer equal groups run much faster.
         int slots = capacity;   // rows per expert in buf; 0: dropless, sorted by expert, unpadded
         int[] counts = null;    // on the host only where the layout decision needs them
-        if (dropless && ep == null && mayPadDropless()) {
+        if (dropless && ep == null && padsDropless(cfg.droplessLayout, b, ctx.dtype(), 0, S * k)) {
             counts = g.counts().toInts();   // the one wait of a dropless layer (its offsets would be read anyway)
             int most = Arrays.stream(counts).max().orElse(0);
-            if (cfg.droplessLayout == DroplessLayout.PADDED || E * (double) most <= MAX_DROPLESS_PADDING * S * k) {
+            if (padsDropless(cfg.droplessLayout, b, ctx.dtype(), (long) E * most, S * k)) {
                 slots = most;
                 g = gate.reroute(slots);
             }
@@ -174,7 +174,7 @@ public final class MoE implements AutoCloseable {
             } else if (counts != null) {
                 hostOffsets = new int[E + 1];
                 for (int e = 0; e < E; e++) hostOffsets[e + 1] = hostOffsets[e] + counts[e];
-            } else if (b.wantsHostOffsets(ctx.dtype(), R, E)) {
+            } else if (b.wantsHostOffsets(ctx.dtype())) {
                 hostOffsets = g.offsets().toInts();
             }
             y = saved.keep(experts.forward(buf, g.offsets(), hostOffsets, rowExpert));
@@ -220,14 +220,19 @@ public final class MoE implements AutoCloseable {
         return last;
     }
 
-    /** AUTO's padding bound: the padded rows E * (largest count) may be at most this many times the S*k routed rows. */
+    /** AUTO's padding bound: the padded rows may be at most this many times the routed rows. */
     static final double MAX_DROPLESS_PADDING = 2.0;
 
-    private boolean mayPadDropless() {
-        return switch (cfg.droplessLayout) {
+    /**
+     * Whether a dropless layout pads {@code rows} routed rows to {@code paddedRows} (experts times the largest count;
+     * 0 while the counts are not known yet: whether it may pad at all): SORTED never, PADDED always, AUTO where the
+     * backend prefers equal groups for the dtype and the padding stays within {@link #MAX_DROPLESS_PADDING}.
+     */
+    static boolean padsDropless(DroplessLayout layout, Backend b, DType dtype, long paddedRows, long rows) {
+        return switch (layout) {
             case SORTED -> false;
             case PADDED -> true;
-            case AUTO -> b.prefersEqualGroups(ctx.dtype());
+            case AUTO -> b.prefersEqualGroups(dtype) && paddedRows <= MAX_DROPLESS_PADDING * rows;
         };
     }
 
