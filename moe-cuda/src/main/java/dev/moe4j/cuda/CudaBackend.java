@@ -596,7 +596,7 @@ public final class CudaBackend implements Backend {
     }
 
     @Override
-    public boolean wantsHostOffsets(DType dtype, int rows, int groups) {
+    public boolean wantsHostOffsets(DType dtype) {
         // cuBLAS needs the offsets on the host to size its GEMMs; our own kernel reads them on the device
         return groupedKernel == GroupedKernel.CUBLAS || dtype != DType.BF16;
     }
@@ -605,7 +605,7 @@ public final class CudaBackend implements Backend {
     public boolean prefersEqualGroups(DType dtype) {
         // equal groups are one strided-batched cuBLAS GEMM; unequal ones a grouped-batched call or a loop of GEMMs
         // (measured 1.4x-1.8x slower for 64-128 experts, docs/benchmarks.md)
-        return wantsHostOffsets(dtype, 0, 1);
+        return wantsHostOffsets(dtype);
     }
 
     /** Whether a grouped product over t rows of e groups runs in our own kernel: chosen, and the operands fit it. */
@@ -782,6 +782,14 @@ public final class CudaBackend implements Backend {
     /** The bf16 x 8 kernels apply: a non-gated activation, every tensor bf16 and 16-byte aligned, whole 8-element groups. */
     private boolean vec8(Activation act, Tensor... ts) {
         return (act == Activation.GELU || act == Activation.RELU) && bf16x8(ts);
+    }
+
+    /**
+     * The 8-column bf16 row kernels apply: rows of width m in whole 8-element groups, bf16 tensors 16-byte aligned,
+     * and n elements (0: not indexed per element) within 32-bit indices of 8-element groups.
+     */
+    private boolean rows8(int m, long n, Tensor... ts) {
+        return m % 8 == 0 && n / 8 < Integer.MAX_VALUE && bf16x8(ts);
     }
 
     private boolean aligned16(Tensor... ts) {
@@ -1188,7 +1196,7 @@ public final class CudaBackend implements Backend {
         Checks.cols(op, "buf", buf, m);
         int k = dest.cols();
         long n = (long) s * k * m;
-        if (m % 8 == 0 && n / 8 < Integer.MAX_VALUE && bf16x8(x, buf)) {
+        if (rows8(m, n, x, buf)) {
             int n8 = (int) (n / 8);
             launchN("k_moe_permute_bf16x8", n8, p(x), p(dest), p(buf), n8, k, m / 8);
         } else {
@@ -1206,7 +1214,7 @@ public final class CudaBackend implements Backend {
         if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, out has " + s);
         Checks.cols(op, "buf", buf, m);
         if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
-        if (m % 8 == 0 && out.numel() / 8 < Integer.MAX_VALUE && bf16x8(buf, out)) {
+        if (rows8(m, out.numel(), buf, out)) {
             int n8 = (int) (out.numel() / 8);
             launchN("k_moe_unpermute_bf16x8", n8, p(buf), p(dest), p(w), (int) dtOrZero(w), p(out), n8, k, m / 8);
         } else {
@@ -1226,7 +1234,7 @@ public final class CudaBackend implements Backend {
         Checks.cols(op, "dbuf", dbuf, m);
         if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
         long n = (long) s * k * m;
-        if (m % 8 == 0 && n / 8 < Integer.MAX_VALUE && bf16x8(dout, dbuf)) {
+        if (rows8(m, n, dout, dbuf)) {
             int n8 = (int) (n / 8);
             launchN("k_moe_unpermute_bwd_dbuf_bf16x8", n8, p(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), n8, k, m / 8);
         } else {
@@ -1236,7 +1244,7 @@ public final class CudaBackend implements Backend {
             floating(op, "dw", dw);
             Checks.matrix(op, "dw", dw, s, k);
             if ((long) s * k > 0) {
-                if (m % 8 == 0 && bf16x8(dout, buf)) {   // a warp per (token, choice)
+                if (rows8(m, 0, dout, buf)) {   // a warp per (token, choice)
                     launch("k_moe_unpermute_bwd_dw_bf16x8", Math.toIntExact((32L * s * k + 255) / 256), 1, 256, 0, p(dout), p(buf), p(dest),
                             p(dw), dt(dw), s * k, k, m / 8);
                 } else {
