@@ -38,7 +38,7 @@ cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar moe-examples/ta
 [[ -f moe-cuda/target/classes/dev/moe4j/cuda/moe4j.fatbin ]] || echo "[bundle] WARNING: no kernels fatbin (nvcc missing): the GPU tests will report it"
 cp -r moe-cuda/target/test-classes "$out/test-classes"
 cp -r moe-comm/target/test-classes "$out/comm-test-classes"
-cp moe-cuda/src/test/python/moe_layer_reference.py moe-cuda/src/test/python/train_reference.py "$out/"   # the PyTorch peers of the benchmarks
+cp moe-cuda/src/test/python/moe_layer_reference.py moe-cuda/src/test/python/train_reference.py moe-cuda/src/test/python/cuda_timing.py "$out/"   # the PyTorch peers of the benchmarks and their timing helper
 cp moe-comm/src/test/python/ep_layer_reference.py moe-comm/src/test/python/comm_bench_reference.py "$out/"
 
 # The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart, cuBLAS and NCCL.

@@ -7,25 +7,14 @@ with CUDA events; rank 0 prints one JSON line per size.
 """
 import json
 import os
-import statistics
+import sys
 
 import torch
 import torch.distributed as dist
 
-
-def median_ms(fn, warmup=200, reps=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+# the shared timing helper: beside this script in a GPU bundle, else in moe-cuda's test scripts
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..", "moe-cuda", "src", "test", "python"))
+from cuda_timing import median_ms  # noqa: E402
 
 
 def main():
@@ -40,8 +29,8 @@ def main():
         send = torch.empty(rows, cols, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
         recv = torch.empty_like(send)
         nbytes = rows * cols * 2
-        a2a = median_ms(lambda: dist.all_to_all_single(recv, send))
-        ar = median_ms(lambda: dist.all_reduce(send))
+        a2a = median_ms(lambda: dist.all_to_all_single(recv, send), 20, warmup=200)
+        ar = median_ms(lambda: dist.all_reduce(send), 20, warmup=200)
         if rank == 0:
             print(json.dumps({"impl": "torch.distributed", "ranks": p, "bytes": nbytes,
                               "all_to_all_ms": round(a2a, 4), "all_to_all_busbw": round(nbytes / (a2a * 1e-3) / 1e9 * (p - 1) / p, 2),

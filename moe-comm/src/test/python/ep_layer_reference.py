@@ -23,12 +23,15 @@ the one-rank layer over all experts at small shapes (ep_layer_reference_cpu_chec
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# the shared timing helper: beside this script in a GPU bundle, else in moe-cuda's test scripts
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..", "moe-cuda", "src", "test", "python"))
+from cuda_timing import median_ms  # noqa: E402
 
 # name, S tokens per GPU, M, F, experts per GPU, k
 CONFIGS = [
@@ -38,21 +41,6 @@ CONFIGS = [
 ]
 WARMUP = 20
 bf = torch.bfloat16
-
-
-def median_ms(fn, reps):
-    for _ in range(WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 class AllToAll(torch.autograd.Function):
@@ -154,7 +142,7 @@ def run(name, S, M, Fh, El, k, dropless, P, rank, reps):
             t.grad = None
         moe_layer(x, wg, w1, w2, k, cap, P).backward(dy)
 
-    ms = median_ms(step, reps)
+    ms = median_ms(step, reps, warmup=WARMUP)
     del x, dy, wg, w1, w2
     torch.cuda.empty_cache()
     return ms

@@ -17,6 +17,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import median_ms
+
 CONFIGS = [
     ("350M+MoE-128", 8192, 1024, 4096, 128, 1),
     ("1.3B+MoE-128", 8192, 2048, 8192, 128, 1),
@@ -26,25 +28,6 @@ CONFIGS = [
 ]
 dev = "cuda"
 bf = torch.bfloat16
-
-
-def timed(fn, iters):
-    """Median milliseconds over iters runs after 20 warm-up runs (as MoeLayerBench), each run between two CUDA events
-    (the same method as MoeLayerBench.medianMs)."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    n = len(times)
-    return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
 
 
 def gating(x, wg, k):
@@ -99,11 +82,11 @@ def main():
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=bf)
     b = torch.randn(n, n, device=dev, dtype=bf)
-    gemm_ms = timed(lambda: a @ b, 10)
+    gemm_ms = median_ms(lambda: a @ b, 10, warmup=20)
     gemm_rate = 2 * n ** 3 / gemm_ms / 1e9           # TFLOP/s
     src = torch.empty(1 << 30, device=dev, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    copy_ms = timed(lambda: dst.copy_(src), 10)
+    copy_ms = median_ms(lambda: dst.copy_(src), 10, warmup=20)
     copy_bw = 2 * (1 << 30) / copy_ms / 1e6          # GB/s, bytes read + written
     del a, b, src, dst
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: dense bf16 GEMM {gemm_rate:.1f} TFLOP/s, copy {copy_bw:.0f} GB/s")
@@ -129,7 +112,7 @@ def main():
                     p.grad = None
                 fn().backward(dy)
             try:
-                res[label] = timed(step, iters)
+                res[label] = median_ms(step, iters, warmup=20)
             except Exception as e:  # noqa: BLE001 - report and go on
                 res[label] = float("nan")
                 print(f"{name} {label} failed: {e}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cuda_timing import median_ms
+
 PRESETS = {
     # name: layers, hidden, heads, ffn, vocab, experts, k
     "350M+MoE-16": (24, 1024, 16, 4096, 50304, 16, 1),
@@ -214,21 +216,6 @@ def train_step(model, opt, step, batch, seq_len, vocab, dev, autocast):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return loss.item()                                      # the step's host read, after the update is queued
-
-
-def median_ms(fn, iters):
-    """Median milliseconds of fn over iters runs, each between two CUDA events (TrainBench's BenchTiming.medianMs)."""
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    n = len(times)
-    return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
 
 
 def gemm_tflops(n=8192):
