@@ -1,4 +1,4 @@
-"""How the PyTorch reference scripts time their work, by the method of the Java benchmarks (BenchTiming, BenchTimer):
+"""How the PyTorch reference scripts time their work, by the method of the Java benchmarks (dev.moe4j.core.testing.BenchTiming):
 untimed warm-up runs, then the median of runs each between two CUDA events on the current stream."""
 import statistics
 

@@ -317,6 +317,26 @@ public final class CudaBackend implements Backend {
         Cuda.check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     }
 
+    private CUevent_st timingStart, timingEnd;   // created on first use by timeMs
+
+    @Override
+    public double timeMs(Runnable body) {
+        bind();
+        if (timingStart == null) {
+            timingStart = new CUevent_st();
+            timingEnd = new CUevent_st();
+            Cuda.check(cudart.cudaEventCreate(timingStart), "cudaEventCreate");
+            Cuda.check(cudart.cudaEventCreate(timingEnd), "cudaEventCreate");
+        }
+        Cuda.check(cudart.cudaEventRecord(timingStart, stream), "cudaEventRecord");
+        body.run();
+        Cuda.check(cudart.cudaEventRecord(timingEnd, stream), "cudaEventRecord");
+        Cuda.check(cudart.cudaEventSynchronize(timingEnd), "cudaEventSynchronize");
+        float[] ms = new float[1];
+        Cuda.check(cudart.cudaEventElapsedTime(ms, timingStart, timingEnd), "cudaEventElapsedTime");
+        return ms[0];
+    }
+
     @Override public long allocatedBytes() { return allocator.heldBytes(); }
 
     /** A scratch tensor outside any scope (closed by the caller). */
@@ -1287,6 +1307,10 @@ public final class CudaBackend implements Backend {
                 cudart.cudaEventDestroy(joins[s]);
             }
             cudart.cudaEventDestroy(fork);
+        }
+        if (timingStart != null) {
+            cudart.cudaEventDestroy(timingStart);
+            cudart.cudaEventDestroy(timingEnd);
         }
         allocator.emptyCache();
         cudart.cudaStreamDestroy(stream);

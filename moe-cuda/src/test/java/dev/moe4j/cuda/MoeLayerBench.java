@@ -7,6 +7,7 @@ import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Scope;
 import dev.moe4j.core.tensor.Tensor;
 import dev.moe4j.core.testing.MoESteps;
+import dev.moe4j.core.testing.BenchTiming;
 
 /**
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
@@ -67,7 +68,7 @@ public final class MoeLayerBench {
         double dropped = 0;
         for (int i = 0; i < WARMUP; i++) dropped = MoESteps.forwardBackward(ctx, moe, x, dy, true);
         gpu.profileReport(true);  // profile the timed steps only
-        double ms = BenchTiming.medianMs(gpu, iters, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
+        double ms = BenchTiming.medianMs(gpu, 0, iters, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;
         System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s, %s gradients: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
                 c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0",
@@ -95,8 +96,8 @@ public final class MoeLayerBench {
             gpu.randomNormal(qkv, 0, 1, 1, 0);
             gpu.randomNormal(dout, 0, 1, 2, 0);
             for (int i = 0; i < 2; i++) { gpu.attention(qkv, h, out, lse); gpu.attentionBackward(dout, qkv, out, lse, h, dqkv); }
-            double fwd = BenchTiming.medianMs(gpu, iters, () -> gpu.attention(qkv, h, out, lse));
-            double bwd = BenchTiming.medianMs(gpu, iters, () -> gpu.attentionBackward(dout, qkv, out, lse, h, dqkv));
+            double fwd = BenchTiming.medianMs(gpu, 0, iters, () -> gpu.attention(qkv, h, out, lse));
+            double bwd = BenchTiming.medianMs(gpu, 0, iters, () -> gpu.attentionBackward(dout, qkv, out, lse, h, dqkv));
             double flops = 4.0 * b * h * (double) t * t * d / 2;  // causal: half of QK^T and PV
             System.out.printf("attention B=%d T=%d H=%d D=%d bf16 (%s kernels): forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)%n",
                     b, t, h, d, Boolean.getBoolean("moe4j.cuda.rowAttention") ? "row" : Boolean.getBoolean("moe4j.cuda.noTensorCoreAttention") ? "tiled CUDA-core" : "tiled, tensor cores (FA2 form)", fwd, flops / fwd / 1e9, bwd, 2.5 * flops / bwd / 1e9);

@@ -15,6 +15,7 @@ import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.train.BatchSource;
 import dev.moe4j.core.train.StepMetrics;
 import dev.moe4j.core.train.Trainer;
+import dev.moe4j.core.testing.BenchTiming;
 
 import java.util.List;
 import java.util.Locale;
@@ -97,7 +98,7 @@ public final class TrainBench {
                 last[0] = trainer.trainStep();
                 if (i == 0) firstLoss = last[0].loss();
             }
-            double ms = BenchTiming.medianMs(backend, o.steps, () -> last[0] = trainer.trainStep());
+            double ms = BenchTiming.medianMs(backend, 0, o.steps, () -> last[0] = trainer.trainStep());
             long tokens = (long) o.microBatch * o.seqLen;
             double tokPerS = tokens / (ms / 1e3);
             double mfu = flopsPerToken * tokPerS / (gemmTflops * 1e12);

@@ -2,7 +2,6 @@ package dev.moe4j.comm.ep;
 
 import dev.moe4j.comm.HierarchicalCommunicator;
 import dev.moe4j.comm.InProcessWorld;
-import dev.moe4j.comm.nccl.BenchTimer;
 import dev.moe4j.comm.nccl.NcclCommunicator;
 import dev.moe4j.comm.nccl.NcclLibrary;
 import dev.moe4j.comm.rendezvous.DistributedEnv;
@@ -17,6 +16,7 @@ import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
 import dev.moe4j.core.testing.MoESteps;
+import dev.moe4j.core.testing.BenchTiming;
 
 import java.time.Duration;
 import java.util.ArrayList;
@@ -35,7 +35,7 @@ import java.util.function.Consumer;
  * expert work per GPU (S*k rows); the difference is the gate over E instead of El experts and the four
  * all-to-alls (plus, dropless, one count all-gather and host read per layer).
  *
- * <p>Timing ({@link BenchTimer}): 20 warm-up steps, then the median of 20, each step between CUDA events on the
+ * <p>Timing ({@link BenchTiming}): 20 warm-up steps, then the median of 20, each step between CUDA events on the
  * backend's stream (the NCCL collectives run on it). Rank 0 prints one JSON line per config and mode;
  * moe-comm/src/test/python/ep_layer_reference.py is the PyTorch peer (same configs, same method).
  *
@@ -191,7 +191,7 @@ public final class EpLayerBench {
             // each rank its own tokens (the data-parallel shards of a batch)
             b.randomNormal(x, 0, 1, 3, (long) rank * c.s * c.m);
             b.randomNormal(dy, 0, 1e-3, 4, (long) rank * c.s * c.m);
-            double ms = BenchTimer.medianMs(b, WARMUP, reps, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
+            double ms = BenchTiming.medianMs(b, WARMUP, reps, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
             double dropped = MoESteps.forwardBackward(ctx, moe, x, dy, true);
             return new Result(ms, dropped);
         } finally {

@@ -2,7 +2,6 @@ package dev.moe4j.comm.ep;
 
 import dev.moe4j.comm.HierarchicalCommunicator;
 import dev.moe4j.comm.InProcessWorld;
-import dev.moe4j.comm.nccl.BenchTimer;
 import dev.moe4j.comm.nccl.NcclCommunicator;
 import dev.moe4j.comm.nccl.NcclLibrary;
 import dev.moe4j.comm.rendezvous.DistributedEnv;
@@ -25,6 +24,7 @@ import dev.moe4j.core.train.BatchSource;
 import dev.moe4j.core.train.GradientSync;
 import dev.moe4j.core.train.StepMetrics;
 import dev.moe4j.core.train.Trainer;
+import dev.moe4j.core.testing.BenchTiming;
 
 import java.time.Duration;
 import java.util.ArrayList;
@@ -41,7 +41,7 @@ import java.util.function.IntFunction;
  * degree E a MoE layer has 16 E experts spread over groups of E ranks, and the world is E-way expert parallel
  * times W/E-way data parallel. Each step is the full Trainer step (forward, backward, gradient all-reduce in the
  * expert-data-parallel and data-parallel groups, AdamW), timed with CUDA events on the backend's stream
- * ({@link BenchTimer}: warm-up steps, then the median). Rank 0 prints one JSON line per EP degree with tokens per
+ * ({@link BenchTiming}: warm-up steps, then the median). Rank 0 prints one JSON line per EP degree with tokens per
  * second per GPU; the efficiency is that figure over the same command's figure with a world of one.
  *
  * <pre>
@@ -164,7 +164,7 @@ public final class ScalingBench {
                 trainer.setMoELayers(built.moeLayers());
                 if (groups != null) trainer.setGradientSync(new GradientSync(ctx.params(), groups));
                 StepMetrics[] last = new StepMetrics[1];
-                double ms = BenchTimer.medianMs(backend, o.warmup, o.steps, () -> last[0] = trainer.trainStep());
+                double ms = BenchTiming.medianMs(backend, o.warmup, o.steps, () -> last[0] = trainer.trainStep());
                 int taken = trainer.step();
                 long tokens = (long) o.microBatch * o.seqLen;
                 if (world != null) world.barrier();

@@ -6,6 +6,7 @@ import dev.moe4j.core.backend.Backends;
 import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
+import dev.moe4j.core.testing.BenchTiming;
 
 import java.time.Duration;
 import java.util.Locale;
@@ -15,7 +16,7 @@ import java.util.Locale;
  * torchrun, see GPU-TESTS.md), in nccl-tests' convention: algorithm bandwidth = bytes per rank / time; bus
  * bandwidth = algbw * (p-1)/p for all-to-all and algbw * 2(p-1)/p for all-reduce. Each size: 200 warm-up calls (so
  * that the JIT has compiled the Java path, as in a training loop that has run a while), then
- * the median of 20 calls timed with CUDA events on the backend's stream ({@link BenchTimer}). Rank 0 prints one
+ * the median of 20 calls timed with CUDA events on the backend's stream ({@link BenchTiming}). Rank 0 prints one
  * JSON line per size; moe-comm/src/test/python/comm_bench_reference.py measures torch.distributed the same way.
  */
 public final class CommBench {
@@ -38,9 +39,9 @@ public final class CommBench {
                 try (Tensor send = backend.zeros(DType.BF16, rows, cols); Tensor recv = backend.zeros(DType.BF16, rows, cols)) {
                     backend.randomUniform(send, -1, 1, 7, comm.rank() * (long) rows * cols);
                     long realBytes = (long) rows * cols * 2;
-                    double a2a = BenchTimer.medianMs(backend, WARMUP, 20, () -> comm.allToAll(send, recv));
-                    double ar = BenchTimer.medianMs(backend, WARMUP, 20, () -> comm.allReduce(send));
-                    double h = hier == null ? Double.NaN : BenchTimer.medianMs(backend, WARMUP, 20, () -> hier.allToAll(send, recv));
+                    double a2a = BenchTiming.medianMs(backend, WARMUP, 20, () -> comm.allToAll(send, recv));
+                    double ar = BenchTiming.medianMs(backend, WARMUP, 20, () -> comm.allReduce(send));
+                    double h = hier == null ? Double.NaN : BenchTiming.medianMs(backend, WARMUP, 20, () -> hier.allToAll(send, recv));
                     double algA2a = realBytes / (a2a * 1e-3) / 1e9, algAr = realBytes / (ar * 1e-3) / 1e9;
                     if (comm.rank() == 0) {
                         System.out.printf(Locale.ROOT, "{\"impl\":\"moe4j\",\"ranks\":%d,\"bytes\":%d,\"all_to_all_ms\":%.4f,\"all_to_all_busbw\":%.2f,"

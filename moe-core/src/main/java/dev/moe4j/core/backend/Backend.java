@@ -66,6 +66,19 @@ public interface Backend extends AutoCloseable {
     /** Every element of t = value. */
     void fill(Tensor t, double value);
 
+        /**
+     * Milliseconds of device time of everything {@code body} queues on this backend, waiting for it to finish (for
+     * benchmarks). A backend with a stream times it between two events there; one that runs ops as they are called
+     * (the default) by the wall clock around {@code body} and a {@link #synchronize()}.
+     */
+    default double timeMs(Runnable body) {
+        synchronize();
+        long t0 = System.nanoTime();
+        body.run();
+        synchronize();
+        return (System.nanoTime() - t0) / 1e6;
+    }
+
     /** Waits until all queued work is done. */
     void synchronize();
 

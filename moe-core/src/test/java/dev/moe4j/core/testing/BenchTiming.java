@@ -1,0 +1,45 @@
+package dev.moe4j.core.testing;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Scope;
+import dev.moe4j.core.tensor.Tensor;
+
+import java.util.Arrays;
+
+/**
+ * The timing of every benchmark of the project (MoeLayerBench, TrainBench, EpLayerBench, ScalingBench, CommBench):
+ * untimed warm-up runs, then the median of runs each timed by {@link Backend#timeMs} (on a GPU: device time between
+ * two CUDA events on the backend's stream). The median of an even count is the mean of the middle two, as Python's
+ * statistics.median computes it in the PyTorch peers (cuda_timing.py).
+ */
+public final class BenchTiming {
+    private BenchTiming() {}
+
+    /** Median milliseconds of {@code op} over {@code reps} runs after {@code warmup} untimed ones. */
+    public static double medianMs(Backend backend, int warmup, int reps, Runnable op) {
+        if (reps < 1) throw new IllegalArgumentException("BenchTiming.medianMs: reps must be >= 1, got " + reps);
+        if (warmup < 0) throw new IllegalArgumentException("BenchTiming.medianMs: warmup must be >= 0, got " + warmup);
+        for (int i = 0; i < warmup; i++) op.run();
+        backend.synchronize();
+        double[] ms = new double[reps];
+        for (int i = 0; i < reps; i++) ms[i] = backend.timeMs(op);
+        Arrays.sort(ms);
+        return reps % 2 == 1 ? ms[reps / 2] : (ms[reps / 2 - 1] + ms[reps / 2]) / 2;
+    }
+
+    /**
+     * The dense bf16 GEMM rate in TFLOP/s: C[n,n] = A[n,n] B[n,n] through {@link Backend#matmul} on random normal
+     * data (constant data runs faster on tensor cores), 2 warm-up calls, median of 10.
+     */
+    public static double denseGemmTflops(Backend backend, int n) {
+        if (n < 1) throw new IllegalArgumentException("BenchTiming.denseGemmTflops: n must be >= 1, got " + n);
+        try (Scope s = Scope.open()) {
+            Tensor a = backend.empty(DType.BF16, n, n), b = backend.empty(DType.BF16, n, n), c = backend.empty(DType.BF16, n, n);
+            backend.randomNormal(a, 0, 1, 11, 0);
+            backend.randomNormal(b, 0, 1, 12, 0);
+            double ms = medianMs(backend, 2, 10, () -> backend.matmul(a, false, b, false, c, 1f, 0f));
+            return 2.0 * n * n * (double) n / ms / 1e9;
+        }
+    }
+}
