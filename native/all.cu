@@ -7,3 +7,4 @@
 #include "moe.cu"
 #include "grouped_gemm.cu"
 #include "attention_fa2.cu"
+#include "f32_split.cu"

@@ -375,6 +375,13 @@ public final class CudaBackend implements Backend {
         private Tensor ta, tb, tc;
         private final Tensor cOut;
 
+        /** Operands cuBLAS takes as they are: device addresses and their cudaDataType. */
+        GemmOperands(long a, int at, long b, int bt, long c, int ct) {
+            this.a = a; this.b = b; this.c = c;
+            this.at = at; this.bt = bt; this.ct = ct;
+            this.cOut = null;
+        }
+
         GemmOperands(Tensor a, Tensor b, Tensor c, boolean needC) {
             this.cOut = c;
             boolean bf = a.dtype() == DType.BF16 && b.dtype() == DType.BF16;
@@ -584,10 +591,74 @@ public final class CudaBackend implements Backend {
             else scale(c, beta, c);
             return;
         }
+        if (splitsF32(a, b, c, batch, m, n, k)) {
+            splitMatmul(a, transA, b, transB, c, alpha, beta, m, n, k);
+            return;
+        }
         try (GemmOperands o = new GemmOperands(a, b, c, beta != 0f)) {
             gemm(o, 0, 0, 0, transA, transB, m, n, k, alpha, beta, batch, (long) m * k, (long) k * n, (long) m * n);
             o.finish();
         }
+    }
+
+    /**
+     * fp32 products with a bf16 operand or output (the fp32 gate of a bf16 model: logits = x W^T with x bf16, and
+     * the gate's two gradient products) run on bf16 tensor cores with the fp32 operands split into bf16 pieces
+     * (native/f32_split.cu: fp32 accuracy) instead of converting the bf16 side to fp32 for an SGEMM on CUDA cores.
+     * {@code -Dmoe4j.cuda.f32Split=false} turns it off. Products of two fp32 operands into fp32 stay SGEMMs.
+     */
+    final boolean f32Split = !"false".equals(System.getProperty("moe4j.cuda.f32Split"));
+
+    /** The largest scratch copy (elements) the split path makes; beyond it the product converts as before. */
+    private static final long MAX_SPLIT_ELEMENTS = 1L << 28;
+
+    private boolean splitsF32(Tensor a, Tensor b, Tensor c, int batch, int m, int n, int k) {
+        if (!f32Split || batch != 1) return false;
+        boolean a32 = a.dtype() == DType.F32, b32 = b.dtype() == DType.F32, c32 = c.dtype() == DType.F32;
+        if (!a32 && !b32) return false;        // a bf16 product: cuBLAS takes it as it is
+        if (a32 && b32 && c32) return false;   // an all-fp32 product stays an SGEMM
+        long most = a32 && b32 ? 6L * k * Math.max(m, n) : 3L * Math.max((long) m * n, b32 ? (long) n * k : (long) m * k);
+        return most <= MAX_SPLIT_ELEMENTS;
+    }
+
+    // Which piece of an fp32 operand each of its blocks along the GEMM's dimension holds (2 bits a block). Three
+    // blocks: pieces 0, 1, 2 of the one fp32 operand. Six: the pairs (0,0) (0,1) (1,0) (0,2) (1,1) (2,0) of A's and
+    // B's pieces, every pair whose weight is at least 2^-16 of the leading one.
+    private static final int PIECES_012 = 0 | 1 << 2 | 2 << 4;
+    private static final int SIX_A = 0 | 0 << 2 | 1 << 4 | 0 << 6 | 1 << 8 | 2 << 10;
+    private static final int SIX_B = 0 | 1 << 2 | 0 << 4 | 2 << 6 | 1 << 8 | 0 << 10;
+
+    private void splitMatmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta, int m, int n, int k) {
+        boolean a32 = a.dtype() == DType.F32, b32 = b.dtype() == DType.F32;
+        int bf = cudart.CUDA_R_16BF, f32 = cudart.CUDA_R_32F, ct = c.dtype() == DType.F32 ? f32 : bf;
+        if (a32 && b32) {
+            // six pieces side by side along K: op(A') [m, 6k], op(B') [6k, n], one GEMM into C
+            try (Tensor as = scratch(DType.BF16, 6 * m * k); Tensor bs = scratch(DType.BF16, 6 * k * n)) {
+                splitF32(a, as, transA ? 1 : m, transA ? (long) k * m : k, 6, SIX_A);
+                splitF32(b, bs, transB ? n : 1, transB ? k : (long) k * n, 6, SIX_B);
+                gemm(new GemmOperands(p(as), bf, p(bs), bf, p(c), ct), 0, 0, 0, transA, transB, m, n, 6 * k, alpha, beta, 1, 0, 0, 0);
+            }
+        } else if (b32) {
+            // B's three pieces side by side along N: C' [m, 3n] = op(A) op(B'), then C = alpha * (sum of C's three column blocks) + beta * C
+            try (Tensor bs = scratch(DType.BF16, 3 * n * k); Tensor cs = scratch(DType.F32, m, 3 * n)) {
+                splitF32(b, bs, transB ? 1 : k, transB ? (long) n * k : n, 3, PIECES_012);
+                gemm(new GemmOperands(p(a), bf, p(bs), bf, p(cs), f32), 0, 0, 0, transA, transB, m, 3 * n, k, 1f, 0f, 1, 0, 0, 0);
+                launchN("k_sum_pieces", (long) m * n, p(cs), 3L * n, (long) n, 3, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
+            }
+        } else {
+            // A's three pieces stacked along M: C' [3m, n] = op(A') op(B), then C = alpha * (sum of C's three row blocks) + beta * C
+            try (Tensor as = scratch(DType.BF16, 3 * m * k); Tensor cs = scratch(DType.F32, 3 * m, n)) {
+                splitF32(a, as, transA ? k : 1, transA ? m : (long) m * k, 3, PIECES_012);
+                gemm(new GemmOperands(p(as), bf, p(b), bf, p(cs), f32), 0, 0, 0, transA, transB, 3 * m, n, k, 1f, 0f, 1, 0, 0, 0);
+                launchN("k_sum_pieces", (long) m * n, p(cs), (long) n, (long) m * n, 3, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
+            }
+        }
+    }
+
+    /** dst [outer][blocks][inner] bf16 = the pieces (code) of src [outer][inner] fp32, block by block. */
+    private void splitF32(Tensor src, Tensor dst, long outer, long inner, int blocks, int code) {
+        long n = outer * inner;
+        launchN("k_split_f32_bf16", n, p(src), p(dst), inner, blocks, code, n);
     }
 
     /** The group offsets on the host: the caller's copy when given (no stream wait), else read from the device. */

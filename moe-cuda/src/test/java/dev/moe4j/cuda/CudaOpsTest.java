@@ -75,6 +75,34 @@ class CudaOpsTest extends GpuTestBase {
         check("matmul batched bf16 -> f32", ob, BF16_TOL);
     }
 
+    /**
+     * fp32 products with a bf16 operand or output (the gate's three products) run on bf16 tensor cores with the fp32
+     * operands split into bf16 pieces: fp32 accuracy is the claim, so the fp32 outputs are held to 3e-6 (one bf16
+     * rounding of an operand would give about 2e-3), in every transpose, with alpha and beta.
+     */
+    @Test
+    void matmulF32ProductsSplitIntoBf16Pieces() {
+        int m = 300, n = 64, k = 257;
+        DType[][] cases = {
+            {DType.BF16, DType.F32, DType.F32},    // logits = x W^T
+            {DType.F32, DType.BF16, DType.F32},    // dW = dlogits^T x (fp32 gradient)
+            {DType.F32, DType.BF16, DType.BF16},   // dW in a bf16 gradient buffer
+            {DType.F32, DType.F32, DType.BF16},    // dx += dlogits W
+            {DType.BF16, DType.F32, DType.BF16},
+        };
+        for (DType[] dts : cases) {
+            for (int t = 0; t < 4; t++) {
+                boolean ta = (t & 1) != 0, tb = (t & 2) != 0;
+                Tensor[] a = ta ? rand(dts[0], 1, k, m) : rand(dts[0], 1, m, k);
+                Tensor[] b = tb ? rand(dts[1], 1, n, k) : rand(dts[1], 1, k, n);
+                Tensor[] c = rand(dts[2], 1, m, n);
+                for (int i = 0; i < 2; i++) on(i).matmul(a[i], ta, b[i], tb, c[i], 0.75f, 0.5f);
+                check("matmul " + dts[0] + " x " + dts[1] + " -> " + dts[2] + " tA=" + ta + " tB=" + tb, c,
+                        dts[2] == DType.F32 ? 3e-6 : BF16_TOL);
+            }
+        }
+    }
+
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void groupedMatmulAndWeightGrad(DType dt) {

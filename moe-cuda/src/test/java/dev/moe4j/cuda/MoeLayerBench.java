@@ -69,10 +69,11 @@ public final class MoeLayerBench {
         for (int i = 0; i < WARMUP; i++) dropped = MoESteps.forwardBackward(ctx, moe, x, dy, true);
         gpu.profileReport(true);  // profile the timed steps only
         double ms = BenchTiming.medianMs(gpu, 0, iters, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
+        double hostMs = BenchTiming.medianHostMs(gpu, iters, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
         double flops = 12.0 * c.s * c.k * c.m * c.f;
-        System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s, %s gradients: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), dropped %.3f, device memory %.2f GiB%n",
+        System.out.printf("%-24s S=%d M=%d F=%d E=%d k=%d %s, %s gradients: %8.3f ms fwd+bwd, %6.1f TFLOP/s (expert GEMMs), host issue %.3f ms, dropped %.3f, device memory %.2f GiB%n",
                 c.name, c.s, c.m, c.f, c.e, c.k, dropless ? "dropless" : Boolean.getBoolean("moe4j.bench.rts") ? "capacity 1.0, RTS" : "capacity 1.0",
-                ctx.gradDType().name().toLowerCase(java.util.Locale.ROOT), ms, flops / ms / 1e9, dropped, gpu.allocatedBytes() / (double) (1L << 30));
+                ctx.gradDType().name().toLowerCase(java.util.Locale.ROOT), ms, flops / ms / 1e9, hostMs, dropped, gpu.allocatedBytes() / (double) (1L << 30));
         x.close();
         dy.close();
         moe.close();

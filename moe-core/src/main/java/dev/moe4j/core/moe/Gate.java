@@ -29,9 +29,9 @@ public final class Gate implements AutoCloseable {
     private final Parameter weight;   // [E, M]
     private final DType gdt;
 
-    // saved by forward for backward
+    // saved by forward for backward; xg is the caller's x itself when there is no jitter (not owned, not closed here)
     private final SavedTensors saved = new SavedTensors();
-    private Tensor xg, noise, logits;
+    private Tensor xg, noise, logits, dlogits;
     private GateSpec spec;
     private GateOutputs out;
 
@@ -58,14 +58,17 @@ public final class Gate implements AutoCloseable {
         release();
         int S = x.rows();
         if (x.cols() != hidden) throw new IllegalArgumentException("Gate: x is " + x.shape() + ", expected last dimension hiddenSize = " + hidden);
-        // xg [S,M] fp32 copy of the input, jittered in training
-        xg = saved.keep(b.empty(gdt, S, hidden));
-        b.copy(x, xg);
+        // xg [S,M]: x, or in training with jitter an fp32 copy times the noise. The product below is fp32 either
+        // way: the backend computes a bf16 x times the fp32 weight in fp32 (Backend#matmul).
         noise = null;
         if (policy == NoisyGatePolicy.JITTER && ctx.training()) {
+            xg = saved.keep(b.empty(gdt, S, hidden));
+            b.copy(x, xg);
             noise = saved.keep(b.empty(gdt, S, hidden));
             b.randomUniform(noise, 1 - JITTER_EPS, 1 + JITTER_EPS, ctx.seed(), ctx.nextRandomOffset((long) S * hidden));
             b.mul(xg, noise, xg);
+        } else {
+            xg = x;
         }
         // logits [S,E] = xg [S,M] * W^T [M,E]
         logits = saved.keep(b.empty(gdt, S, experts));
@@ -111,29 +114,44 @@ public final class Gate implements AutoCloseable {
     public Tensor logits() { return logits; }
 
     /**
-     * dweights [S,k] (the gradient of the combine weights) -&gt; the gradient of the gate input, dx [S,M] in the
-     * gate dtype (returned; the caller adds it to its dx). Accumulates the weight gradient.
-     * The loss the gradient is of: f(weights) + lauxCoeff * l_aux + zlossCoeff * z-loss.
+     * The first half of the backward, from dweights [S,k] (the gradient of the combine weights): the logits'
+     * gradient (kept for {@link #addInputGrad}) and the gate weight's gradient (accumulated). x must be unchanged
+     * since the forward. The loss the gradient is of: f(weights) + lauxCoeff * l_aux + zlossCoeff * z-loss.
      */
-    public Tensor backward(Tensor dweights, float lauxCoeff, float zlossCoeff) {
+    public void backward(Tensor dweights, float lauxCoeff, float zlossCoeff) {
         if (out == null) throw new IllegalStateException("Gate.backward called before forward");
         int S = logits.rows();
-        // dlogits [S,E]
-        Tensor dlogits = b.empty(gdt, S, experts);
+        if (dlogits != null) dlogits.close();
+        dlogits = b.empty(gdt, S, experts);
         b.moeGateBackward(spec, logits, out, dweights, lauxCoeff, zlossCoeff, dlogits);
         // dW [E,M] += dlogits^T [E,S] * xg [S,M]
         b.matmul(dlogits, true, xg, false, weight.grad(), 1f, weight.gradBeta());
-        // dxg [S,M] = dlogits [S,E] * W [E,M]; through the jitter: dx = dxg * noise
-        Tensor dx = b.empty(gdt, S, hidden);
-        b.matmul(dlogits, false, weight.master(), false, dx, 1f, 0f);
-        if (noise != null) b.mul(dx, noise, dx);
-        dlogits.close();
-        return dx;
     }
 
+    /**
+     * The second half: dx [S,M] (the caller's input gradient, any float dtype) += the gate input's gradient,
+     * dlogits [S,E] * W [E,M] computed in fp32 (through the jitter: times the noise).
+     */
+    public void addInputGrad(Tensor dx) {
+        if (dlogits == null) throw new IllegalStateException("Gate.addInputGrad called before Gate.backward");
+        if (noise == null) {
+            b.matmul(dlogits, false, weight.master(), false, dx, 1f, 1f);
+        } else {
+            try (Tensor dxg = b.empty(gdt, dlogits.rows(), hidden)) {
+                b.matmul(dlogits, false, weight.master(), false, dxg, 1f, 0f);
+                b.mul(dxg, noise, dxg);
+                b.add(dx, 1, dxg, 1, dx);
+            }
+        }
+        dlogits.close();
+        dlogits = null;
+    }
 
     private void release() {
         saved.close();
+        if (dlogits != null) dlogits.close();
+        dlogits = null;
+        xg = null;
         out = null;
     }
 

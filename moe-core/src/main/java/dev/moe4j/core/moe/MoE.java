@@ -267,7 +267,7 @@ public final class MoE implements AutoCloseable {
         if (dout.rows() != S || dout.cols() != M) throw new IllegalArgumentException("MoE " + cfg.name + ": dout is " + dout.shape() + ", expected [" + S + ", " + M + "]");
         GateOutputs g = gate.outputs();
         List<Tensor> tmp = new ArrayList<>();
-        Tensor dx = b.zeros(ctx.dtype(), S, M);
+        Tensor dxOther = null;   // the residual MLP's and the shared expert's share of dx, added at the end
         Tensor dmoe = dout;
         if (cfg.useResidual) {
             // out = coef0 * moe + coef1 * mlp: dstack rows and dcoef [S,2]
@@ -275,18 +275,18 @@ public final class MoE implements AutoCloseable {
             Tensor dcoef = tmpAdd(tmp, b.empty(ctx.dtype(), S, 2));
             b.moeUnpermuteBackward(dout, stack, resDest, coef, dstack, dcoef);
             dmoe = dstack.rowSlice(0, S);
-            Tensor dxm = tmpAdd(tmp, mlp.backward(dstack.rowSlice(S, S)));
-            b.add(dx, 1, dxm, 1, dx);
+            dxOther = tmpAdd(tmp, mlp.backward(dstack.rowSlice(S, S)));
             // softmax, then Linear(hidden, 2): dWc += dl^T x, dbc += sum dl, dx += dl Wc
             Tensor dl = tmpAdd(tmp, b.empty(ctx.dtype(), S, 2));
             b.softmaxBackward(coef, dcoef, dl);
             b.matmul(dl, true, x, false, coefW.grad(), 1f, coefW.gradBeta());
             b.sumRows(dl, coefB.grad(), coefB.gradBeta());
-            b.matmul(dl, false, coefW.value(), false, dx, 1f, 1f);
+            b.matmul(dl, false, coefW.value(), false, dxOther, 1f, 1f);
         }
         if (shared != null) {
             Tensor dxs = tmpAdd(tmp, shared.backward(dout));
-            b.add(dx, 1, dxs, 1, dx);
+            if (dxOther == null) dxOther = dxs;
+            else b.add(dxOther, 1, dxs, 1, dxOther);
         }
         // combine backward: dy rows addressed by dest (others 0), dweights [S,k] in the gate dtype
         Tensor dy = tmpAdd(tmp, b.zeros(ctx.dtype(), y.rows(), M));
@@ -294,8 +294,11 @@ public final class MoE implements AutoCloseable {
         b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
         // experts backward (with expert parallelism the gate's backward runs while dy travels to the experts),
         // then the dispatch's backward (a gather-sum with weight 1)
-        Tensor[] dxg = new Tensor[1];
-        Runnable gateBackward = () -> dxg[0] = tmpAdd(tmp, gate.backward(dw, auxLossCoeff, zLossCoeff));
+        boolean[] gateDone = new boolean[1];
+        Runnable gateBackward = () -> {
+            gate.backward(dw, auxLossCoeff, zLossCoeff);
+            gateDone[0] = true;
+        };
         Tensor dbuf;
         if (ep == null) {
             dbuf = tmpAdd(tmp, experts.backward(dy));
@@ -306,12 +309,12 @@ public final class MoE implements AutoCloseable {
             route.close();
             route = null;
         }
-        Tensor dxp = tmpAdd(tmp, b.empty(ctx.dtype(), S, M));
-        b.moeUnpermute(dbuf, g.dest(), null, dxp);
-        b.add(dx, 1, dxp, 1, dx);
-        // the gate's input gradient (combine weights, l_aux, z-loss)
-        if (dxg[0] == null) gateBackward.run();
-        b.add(dx, 1, dxg[0], 1, dx);
+        Tensor dx = b.empty(ctx.dtype(), S, M);
+        b.moeUnpermute(dbuf, g.dest(), null, dx);   // writes every row (0 where all choices were dropped)
+        if (dxOther != null) b.add(dx, 1, dxOther, 1, dx);
+        // the gate input's gradient (combine weights, l_aux, z-loss), accumulated into dx by its GEMM
+        if (!gateDone[0]) gateBackward.run();
+        gate.addInputGrad(dx);
         for (Tensor t : tmp) t.close();
         return dx;
     }

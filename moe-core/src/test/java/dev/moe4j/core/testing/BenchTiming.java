@@ -29,6 +29,25 @@ public final class BenchTiming {
     }
 
     /**
+     * Median milliseconds the host takes to issue {@code op} (wall clock from its start to its return, the device
+     * synchronized before and after each run). Next to {@link #medianMs} it tells whether a step is bound by the
+     * host's launches (host time close to device time) or by the device.
+     */
+    public static double medianHostMs(Backend backend, int reps, Runnable op) {
+        if (reps < 1) throw new IllegalArgumentException("BenchTiming.medianHostMs: reps must be >= 1, got " + reps);
+        double[] ms = new double[reps];
+        for (int i = 0; i < reps; i++) {
+            backend.synchronize();
+            long t0 = System.nanoTime();
+            op.run();
+            ms[i] = (System.nanoTime() - t0) / 1e6;
+        }
+        backend.synchronize();
+        Arrays.sort(ms);
+        return reps % 2 == 1 ? ms[reps / 2] : (ms[reps / 2 - 1] + ms[reps / 2]) / 2;
+    }
+
+    /**
      * The dense bf16 GEMM rate in TFLOP/s: C[n,n] = A[n,n] B[n,n] through {@link Backend#matmul} on random normal
      * data (constant data runs faster on tensor cores), 2 warm-up calls, median of 10.
      */
