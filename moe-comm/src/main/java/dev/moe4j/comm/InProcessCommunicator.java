@@ -7,6 +7,7 @@ import dev.moe4j.core.comm.CommTimeoutException;
 import dev.moe4j.core.comm.CommunicationException;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ReduceOp;
+import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.tensor.Tensor;
 
 import java.util.ArrayDeque;
@@ -243,6 +244,42 @@ public final class InProcessCommunicator implements Communicator {
         }
         HostIO.write(recv, out);
     }
+
+    private record BlockDeposit(double[] data, RowBlocks send, RowBlocks recv, int cols, String dtype) {}
+
+    /** Each rank's blocks copied straight from the peers' send tensors; every rank checks every pair's blocks. */
+    @Override
+    public void exchangeRows(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        String op = "exchangeRows";
+        open(op);
+        CommChecks.exchangeRows(op, this, send, sendBlocks, recv, recvBlocks);
+        int cols = send.cols();
+        Round r = exchange(op, new BlockDeposit(HostIO.read(send), sendBlocks, recvBlocks, cols, send.dtype().name()));
+        int n = size();
+        BlockDeposit[] d = new BlockDeposit[n];
+        for (int p = 0; p < n; p++) {
+            d[p] = (BlockDeposit) r.deposits[p];
+            if (!d[p].dtype.equals(send.dtype().name()) || d[p].cols != cols) {
+                throw new IllegalArgumentException(op + ": rank " + p + " passed " + d[p].dtype + " rows of " + d[p].cols + " columns but rank "
+                        + rank + " passed " + send.dtype() + " rows of " + cols);
+            }
+        }
+        // All pairs, in one order: a mismatch fails every rank with the same message.
+        for (int from = 0; from < n; from++) {
+            for (int to = 0; to < n; to++) CommChecks.pairing(op, from, to, d[from].send.rowsWith(to), d[to].recv.rowsWith(from));
+        }
+        double[] out = HostIO.read(recv);   // rows outside the blocks stay as they are
+        for (int p = 0; p < n; p++) {
+            int[] mine = recvBlocks.nonEmptyWith(p), theirs = d[p].send.nonEmptyWith(rank);
+            for (int k = 0; k < mine.length; k++) {
+                System.arraycopy(d[p].data, d[p].send.start(theirs[k]) * cols, out, recvBlocks.start(mine[k]) * cols, recvBlocks.rows(mine[k]) * cols);
+            }
+        }
+        HostIO.write(recv, out);
+    }
+
+    @Override
+    public boolean exchangesRowBlocks() { return true; }
 
     @Override
     public void allReduce(Tensor t, ReduceOp op) {

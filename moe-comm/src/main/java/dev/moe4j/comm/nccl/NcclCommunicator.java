@@ -11,6 +11,7 @@ import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.CommunicationException;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ReduceOp;
+import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
 import org.bytedeco.cuda.cudart.CUevent_st;
@@ -46,7 +47,7 @@ import java.util.concurrent.locks.LockSupport;
  * publishes to the rendezvous store (the last collective it queued).
  *
  * <p>Variable all-to-all is ncclGroupStart + ncclSend/ncclRecv per peer + ncclGroupEnd; empty splits send
- * nothing.
+ * nothing. The block exchange ({@link #exchangeRows}) is the same with one send/recv per block.
  */
 public final class NcclCommunicator implements Communicator {
     private static final Logger log = LoggerFactory.getLogger(NcclCommunicator.class);
@@ -467,6 +468,56 @@ public final class NcclCommunicator implements Communicator {
             }
             return nccl.ncclGroupEnd();
         });
+    }
+
+    @Override
+    public boolean exchangesRowBlocks() { return true; }
+
+    @Override
+    public synchronized void exchangeRows(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        CommChecks.exchangeRows("exchangeRows", this, send, sendBlocks, recv, recvBlocks);
+        sendRecvBlocks("exchangeRows", send, sendBlocks, recv, recvBlocks, stream);
+    }
+
+    /** {@link #exchangeRows} on the side stream, as {@link #allToAllVAsync}. */
+    @Override
+    public synchronized CommWork exchangeRowsAsync(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        String op = "exchangeRows (async)";
+        CommChecks.exchangeRows(op, this, send, sendBlocks, recv, recvBlocks);
+        return onSide(op, on -> sendRecvBlocks(op, send, sendBlocks, recv, recvBlocks, on));
+    }
+
+    /**
+     * One group of ncclSend/ncclRecv, one per non-empty block with another rank (NCCL matches a peer's sends and
+     * receives in order, which is the pairing rule), then the blocks to this rank itself as device copies on the
+     * same stream (consecutive ones merged).
+     */
+    private void sendRecvBlocks(String op, Tensor send, RowBlocks sb, Tensor recv, RowBlocks rb, CUstream_st on) {
+        long cols = send.cols();
+        int dt = type(send);
+        launch(op, on, () -> {
+            int rc = nccl.ncclGroupStart();
+            if (rc != nccl.ncclSuccess) return rc;
+            for (int i = 0; i < sb.count(); i++) {
+                if (sb.rows(i) == 0 || sb.peer(i) == rank) continue;
+                rc = nccl.ncclSend(ptr(send, sb.start(i) * cols), sb.rows(i) * cols, dt, sb.peer(i), comm, on);
+                if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) { nccl.ncclGroupEnd(); return rc; }
+            }
+            for (int i = 0; i < rb.count(); i++) {
+                if (rb.rows(i) == 0 || rb.peer(i) == rank) continue;
+                rc = nccl.ncclRecv(ptr(recv, rb.start(i) * cols), rb.rows(i) * cols, dt, rb.peer(i), comm, on);
+                if (rc != nccl.ncclSuccess && rc != nccl.ncclInProgress) { nccl.ncclGroupEnd(); return rc; }
+            }
+            return nccl.ncclGroupEnd();
+        });
+        int[] from = sb.nonEmptyWith(rank), to = rb.nonEmptyWith(rank);   // paired one to one (checked)
+        long rowBytes = cols * send.dtype().bytes();
+        for (int k = 0; k < from.length; ) {
+            int src = sb.start(from[k]), dst = rb.start(to[k]), rows = sb.rows(from[k]);
+            for (k++; k < from.length && sb.start(from[k]) == src + rows && rb.start(to[k]) == dst + rows; k++) rows += sb.rows(from[k]);
+            cuda("cudaMemcpyAsync (" + op + ", self)", cudart.cudaMemcpyAsync(pointer(addr(recv) + dst * rowBytes),
+                    pointer(addr(send) + src * rowBytes), rows * rowBytes, cudart.cudaMemcpyDeviceToDevice, on));
+        }
     }
 
     @Override

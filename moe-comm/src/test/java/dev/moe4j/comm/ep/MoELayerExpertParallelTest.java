@@ -55,7 +55,7 @@ class MoELayerExpertParallelTest {
         return Tensors.random(ctx.backend(), DType.F64, new SplittableRandom(200 + rank), 1.0, S, M);
     }
 
-    record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow) {}
+    record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow, List<String> calls) {}
 
     private static void check(boolean dropless, int k, boolean skewed) {
         check(dropless, k, skewed, false);
@@ -65,11 +65,23 @@ class MoELayerExpertParallelTest {
         check(dropless, k, skewed, overlap, MoE.DroplessLayout.AUTO);
     }
 
-    /** layout: the expert-parallel layer's dropless layout; the single-rank reference always sorts. */
+    /**
+     * layout: the expert-parallel layer's dropless layout; the single-rank reference always sorts. Both paths: the
+     * block exchange (the in-process communicator places row blocks) and the all-to-alls with layout transforms.
+     */
     private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout) {
+        check(dropless, k, skewed, overlap, layout, true);
+    }
+
+    private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias) {
+        check(dropless, k, skewed, overlap, layout, bias, true);
+        if (!overlap) check(dropless, k, skewed, false, layout, bias, false);   // the overlap pipeline never takes blocks
+    }
+
+    private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias, boolean blocks) {
         // reference: one layer, each rank's batch in turn; expert gradients accumulate over all batches
         ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
-        MoE ref = builder(dropless, k).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
+        MoE ref = builder(dropless, k).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
         rc.allocateParameters();
         if (skewed) skewGate(rc, ref);
         rc.params().zeroGrad();
@@ -87,9 +99,9 @@ class MoELayerExpertParallelTest {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
                 // a communicator that runs each asynchronous exchange only when it is awaited (the latest a GPU side
                 // stream could finish), so a missing or early await shows as a wrong result
-                dev.moe4j.core.comm.Communicator group =
-                        new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new java.util.ArrayList<>());
-                MoE moe = builder(dropless, k).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
+                List<String> calls = new ArrayList<>();
+                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, blocks);
+                MoE moe = builder(dropless, k).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
                         .optDroplessLayout(layout).setContext(ctx).build();
                 ctx.allocateParameters();
                 if (skewed) skewGate(ctx, moe);
@@ -106,12 +118,23 @@ class MoELayerExpertParallelTest {
                     g.add(p.grad().toDoubles());
                     first.add(p.expertShard().firstRow());
                 }
-                return new Result(out, dx, l, g, first);
+                return new Result(out, dx, l, g, first, calls);
             }
         });
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
         for (int r = 0; r < W; r++) {
-            String what = (dropless ? "dropless " + layout : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "") + " rank " + r;
+            String what = (dropless ? "dropless " + layout : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "")
+                    + (bias ? "" : " no bias") + (blocks ? "" : " (all-to-alls)") + " rank " + r;
+            List<String> calls = got.get(r).calls();
+            long rowExchanges = calls.stream().filter("exchangeRows"::equals).count();
+            long allToAlls = calls.stream().filter(c -> c.startsWith("allToAll")).count();
+            if (blocks && !overlap) {
+                assertEquals(4, rowExchanges, what + ": four block exchanges, no all-to-all: " + calls);
+                assertEquals(0, allToAlls, what + ": " + calls);
+            } else {
+                assertEquals(0, rowExchanges, what + ": no block exchange: " + calls);
+                assertEquals(4, allToAlls, what + ": " + calls);
+            }
             assertClose(outs.get(r), got.get(r).out(), 1e-12, what + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, what + ": dx");
             assertEquals(laux.get(r), got.get(r).lAux(), 1e-12, what + ": l_aux stays local");
@@ -145,6 +168,14 @@ class MoELayerExpertParallelTest {
         check(true, 1, false, false, MoE.DroplessLayout.PADDED);
         check(true, 2, false, false, MoE.DroplessLayout.PADDED);
         check(true, 2, true, false, MoE.DroplessLayout.PADDED);   // ranks with no rows, and one expert with all of them
+    }
+
+    /** Experts without biases (as the benchmarks run them): the block path uploads no row-to-expert map. */
+    @Test
+    void layersWithoutExpertBiasesEqualTheSingleRankLayer() {
+        check(false, 2, false, false, MoE.DroplessLayout.AUTO, false);
+        check(true, 1, false, false, MoE.DroplessLayout.SORTED, false);
+        check(true, 2, true, false, MoE.DroplessLayout.PADDED, false);
     }
 
     /** The self-first pipeline (experts on a rank's own rows while the others travel) computes the same layer. */

@@ -6,6 +6,7 @@ import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ProcessGroups;
 import dev.moe4j.core.comm.ReduceOp;
+import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.model.ModelSpec;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.tensor.DType;
@@ -31,19 +32,42 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
  * first, during the backward.
  */
 class OverlappedGradientSyncTest {
-    /** Delegates everything; allReduceAsync is deferred to await and logged. */
+    /**
+     * Delegates everything; the asynchronous calls are deferred to await and logged, and so are the exchanges.
+     * blocks = false hides the inner communicator's block exchange (the MoE layer then takes its all-to-all path).
+     */
     static final class Deferring implements Communicator {
         final Communicator inner;
         final List<String> log;
+        final boolean blocks;
 
-        Deferring(Communicator inner, List<String> log) { this.inner = inner; this.log = log; }
+        Deferring(Communicator inner, List<String> log) { this(inner, log, true); }
+
+        Deferring(Communicator inner, List<String> log, boolean blocks) { this.inner = inner; this.log = log; this.blocks = blocks; }
 
         @Override public int rank() { return inner.rank(); }
         @Override public int size() { return inner.size(); }
         @Override public Backend backend() { return inner.backend(); }
         @Override public String describe() { return "deferring " + inner.describe(); }
-        @Override public void allToAll(Tensor send, Tensor recv) { inner.allToAll(send, recv); }
-        @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { inner.allToAllV(send, sr, recv, rr); }
+        @Override public void allToAll(Tensor send, Tensor recv) { log.add("allToAll"); inner.allToAll(send, recv); }
+        @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { log.add("allToAllV"); inner.allToAllV(send, sr, recv, rr); }
+        @Override public boolean exchangesRowBlocks() { return blocks && inner.exchangesRowBlocks(); }
+
+        @Override
+        public void exchangeRows(Tensor send, RowBlocks sb, Tensor recv, RowBlocks rb) {
+            log.add("exchangeRows");
+            inner.exchangeRows(send, sb, recv, rb);
+        }
+
+        @Override
+        public CommWork exchangeRowsAsync(Tensor send, RowBlocks sb, Tensor recv, RowBlocks rb) {
+            log.add("exchange queued");
+            return () -> {
+                log.add("exchange awaited");
+                log.add("exchangeRows");
+                inner.exchangeRows(send, sb, recv, rb);
+            };
+        }
         @Override public void allReduce(Tensor t, ReduceOp op) { inner.allReduce(t, op); }
         @Override public void allGather(Tensor send, Tensor recv) { inner.allGather(send, recv); }
         @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { inner.reduceScatter(send, recv, op); }
@@ -51,7 +75,7 @@ class OverlappedGradientSyncTest {
         @Override public void barrier() { inner.barrier(); }
         @Override public void send(Tensor t, int peer) { inner.send(t, peer); }
         @Override public void recv(Tensor t, int peer) { inner.recv(t, peer); }
-        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log); }
+        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log, blocks); }
         @Override public void close() { inner.close(); }
 
         @Override
@@ -60,6 +84,7 @@ class OverlappedGradientSyncTest {
             int[] sr = sendRows.clone(), rr = recvRows.clone();
             return () -> {
                 log.add("exchange awaited");
+                log.add("allToAllV");
                 inner.allToAllV(send, sr, recv, rr);
             };
         }

@@ -121,6 +121,30 @@ public final class NcclGpuCheck {
                 }
             }
         }
+        check("exchangesRowBlocks", comm.exchangesRowBlocks(), "NCCL should place row blocks itself");
+        for (DType dt : new DType[] {DType.F32, DType.BF16, DType.I32}) {
+            int bcols = dt == DType.BF16 ? 2048 : 5;   // bf16: blocks of up to 16 KiB
+            long tag = 81 + dt.ordinal();
+            RankData.BlockPlan plan = blockPlan(p, tag);
+            double[] want = blockReference(dt, tag, plan, bcols, r);
+            for (boolean async : new boolean[] {false, true}) {
+                try (Tensor send = tensor(b, dt, blockSendValues(dt, tag, plan, bcols, r), plan.sendTensorRows()[r], bcols);
+                     Tensor recv = tensor(b, dt, blockRecvInitial(dt, tag, plan, bcols, r), plan.recvTensorRows()[r], bcols)) {
+                    if (async) comm.exchangeRowsAsync(send, plan.send()[r], recv, plan.recv()[r]).await();
+                    else comm.exchangeRows(send, plan.send()[r], recv, plan.recv()[r]);
+                    exact("exchangeRows " + dt + (async ? " (async)" : ""), want, read(recv));
+                }
+            }
+            // the SPI's default (pack, all-to-all, unpack), here over the hierarchical all-to-all, gives the same rows
+            for (int nodeSize : nodeSizes()) {
+                try (HierarchicalCommunicator h = new HierarchicalCommunicator(comm, nodeSize);
+                     Tensor send = tensor(b, dt, blockSendValues(dt, tag, plan, bcols, r), plan.sendTensorRows()[r], bcols);
+                     Tensor recv = tensor(b, dt, blockRecvInitial(dt, tag, plan, bcols, r), plan.recvTensorRows()[r], bcols)) {
+                    h.exchangeRows(send, plan.send()[r], recv, plan.recv()[r]);
+                    exact("hierarchical (default) exchangeRows " + dt + " node size " + nodeSize, want, read(recv));
+                }
+            }
+        }
         {
             int n = 4;
             int[][] counts = new int[p][p];

@@ -59,6 +59,61 @@ public final class CommChecks {
         splits(op, "recvRows", c.size(), recvRows, recv);
     }
 
+    /**
+     * Block exchange ({@link Communicator#exchangeRows}): dtypes and columns match, every block names a rank of the
+     * group and fits in its tensor, the received blocks do not overlap, and the blocks to and from this rank itself
+     * pair up. (Pairing with other ranks is the peers' business: only a communicator that sees both sides can check it.)
+     */
+    public static void exchangeRows(String op, Communicator c, Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        tensor(op, "send", c, send);
+        tensor(op, "recv", c, recv);
+        sameDtype(op, send, recv);
+        if (send.cols() != recv.cols()) {
+            throw new IllegalArgumentException(op + ": send " + send.shape() + " and recv " + recv.shape() + " must have the same last dimension");
+        }
+        blocks(op, "sendBlocks", c, sendBlocks, "send", send);
+        blocks(op, "recvBlocks", c, recvBlocks, "recv", recv);
+        long[] spans = new long[recvBlocks.count()];   // (start << 32 | block) of the non-empty received blocks, sorted
+        int n = 0;
+        for (int i = 0; i < recvBlocks.count(); i++) if (recvBlocks.rows(i) > 0) spans[n++] = ((long) recvBlocks.start(i) << 32) | i;
+        Arrays.sort(spans, 0, n);
+        for (int k = 1; k < n; k++) {
+            int a = (int) spans[k - 1], b = (int) spans[k];
+            if (recvBlocks.start(a) + recvBlocks.rows(a) > recvBlocks.start(b)) {
+                throw new IllegalArgumentException(op + ": recvBlocks " + a + " (rows " + span(recvBlocks, a) + ") and " + b + " (rows "
+                        + span(recvBlocks, b) + ") overlap");
+            }
+        }
+        pairing(op, c.rank(), c.rank(), sendBlocks.rowsWith(c.rank()), recvBlocks.rowsWith(c.rank()));
+    }
+
+    private static void blocks(String op, String name, Communicator c, RowBlocks blocks, String tensorName, Tensor t) {
+        if (blocks == null) throw new IllegalArgumentException(op + ": " + name + " is null (use RowBlocks.NONE for no blocks)");
+        for (int i = 0; i < blocks.count(); i++) {
+            int p = blocks.peer(i), s = blocks.start(i), r = blocks.rows(i);
+            if (p < 0 || p >= c.size()) throw new IllegalArgumentException(op + ": " + name + " block " + i + " names peer " + p + ", not in [0, " + c.size() + ")");
+            if (r < 0) throw new IllegalArgumentException(op + ": " + name + " block " + i + " has " + r + " rows (must be >= 0)");
+            if (s < 0 || (long) s + r > t.rows()) {
+                throw new IllegalArgumentException(op + ": " + name + " block " + i + " (rows " + span(blocks, i) + ") does not fit in "
+                        + tensorName + "'s " + t.rows() + " rows " + t.shape());
+            }
+        }
+    }
+
+    private static String span(RowBlocks b, int i) { return "[" + b.start(i) + ", " + ((long) b.start(i) + b.rows(i)) + ")"; }
+
+    /**
+     * The pairing rule of {@link Communicator#exchangeRows}: the non-empty blocks rank {@code from} sends to rank
+     * {@code to} ({@code sent}, row counts in its list order) and those {@code to} lists as received from {@code from}
+     * pair one to one with equal rows.
+     */
+    public static void pairing(String op, int from, int to, int[] sent, int[] received) {
+        if (Arrays.equals(sent, received)) return;
+        throw new IllegalArgumentException(op + ": rank " + from + " sends rank " + to + " blocks of " + Arrays.toString(sent)
+                + " rows, but rank " + to + " lists blocks of " + Arrays.toString(received) + " rows as received from rank " + from
+                + " (the non-empty blocks pair one to one in list order, with equal row counts)");
+    }
+
     static void splits(String op, String name, int size, int[] rows, Tensor t) {
         if (rows == null) throw new IllegalArgumentException(op + ": " + name + " is null");
         if (rows.length != size) {

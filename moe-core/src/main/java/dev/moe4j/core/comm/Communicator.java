@@ -97,6 +97,43 @@ public interface Communicator extends AutoCloseable {
         return CommWork.DONE;
     }
 
+    /**
+     * Block exchange: an all-to-all whose rows come from, and land in, blocks anywhere in send and recv, so that
+     * e.g. the MoE layer receives rows straight in its experts' order. send and recv are [rows, C] (same C and
+     * dtype). Block i of sendBlocks, rows [start, start + rows) of send, goes to rank peer(i); block i of recvBlocks,
+     * rows [start, start + rows) of recv, is filled from rank peer(i).
+     *
+     * <p>Pairing: the non-empty blocks this rank sends to rank q, in list order, pair one to one with the non-empty
+     * blocks q lists as received from this rank, in list order, with equal row counts. Zero-row blocks need no
+     * counterpart (both sides skip them). Blocks to and from this rank itself pair the same way and are local copies.
+     * Lists may interleave peers. Received blocks must not overlap; recv rows outside them are left untouched; send
+     * blocks may overlap. A communicator that sees every rank's lists (in-process) checks the pairing; others
+     * (NCCL) check only this rank's own blocks, and a mismatch with a peer garbles the rows or times out.
+     *
+     * <p>This default packs the blocks per peer, runs {@link #allToAllV} and unpacks (a device copy per block);
+     * {@link #exchangesRowBlocks()} says whether an implementation moves the blocks without those copies.
+     */
+    default void exchangeRows(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        CommChecks.exchangeRows("exchangeRows", this, send, sendBlocks, recv, recvBlocks);
+        RowExchange.viaAllToAllV(this, send, sendBlocks, recv, recvBlocks);
+    }
+
+    /**
+     * {@link #exchangeRows} that may run beside the backend's later work, as {@link #allToAllVAsync}: send and recv
+     * must stay alive and untouched until {@link CommWork#await()}. This default runs it at once.
+     */
+    default CommWork exchangeRowsAsync(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        exchangeRows(send, sendBlocks, recv, recvBlocks);
+        return CommWork.DONE;
+    }
+
+    /**
+     * Whether {@link #exchangeRows} places the blocks directly (no packing copies): then the MoE layer lets the
+     * exchange do its layout transforms. False for this default and for communicators that must keep their own
+     * all-to-all (the hierarchical one).
+     */
+    default boolean exchangesRowBlocks() { return false; }
+
     /** recv (size * send.numel() elements) = the send tensors of ranks 0..size-1, concatenated in rank order. */
     void allGather(Tensor send, Tensor recv);
 

@@ -63,6 +63,16 @@ public final class TimedCommunicator implements Communicator {
         return timed(() -> inner.allToAllVAsync(send, sendRows, recv, recvRows));
     }
 
+    @Override public void exchangeRows(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        timed(() -> inner.exchangeRows(send, sendBlocks, recv, recvBlocks));
+    }
+
+    @Override public CommWork exchangeRowsAsync(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
+        return timed(() -> inner.exchangeRowsAsync(send, sendBlocks, recv, recvBlocks));
+    }
+
+    @Override public boolean exchangesRowBlocks() { return inner.exchangesRowBlocks(); }
+
     @Override public void allGather(Tensor send, Tensor recv) { timed(() -> inner.allGather(send, recv)); }
 
     @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { timed(() -> inner.reduceScatter(send, recv, op)); }

@@ -2,8 +2,8 @@
  * Communication between ranks, as the MoE layer and the trainer see it.
  *
  * <ul>
- *   <li>{@link dev.moe4j.core.comm.Communicator}: rank, size, all-to-all (equal and variable row splits),
- *       all-reduce (sum, max, min), all-gather, reduce-scatter, broadcast, barrier, send/recv, split into
+ *   <li>{@link dev.moe4j.core.comm.Communicator}: rank, size, all-to-all (equal and variable row splits, and
+ *       row blocks placed anywhere: {@link dev.moe4j.core.comm.RowBlocks}), all-reduce (sum, max, min), all-gather, reduce-scatter, broadcast, barrier, send/recv, split into
  *       sub-groups; on backend tensors, queued on the backend's stream.</li>
  *   <li>{@link dev.moe4j.core.comm.ProcessGroups}: DeepSpeed's expert-parallel and expert-data-parallel groups.</li>
  *   <li>{@link dev.moe4j.core.comm.CommOptions}: the watchdog timeout (default 60 s); a peer that fails or hangs

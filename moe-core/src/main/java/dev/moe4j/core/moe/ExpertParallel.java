@@ -4,6 +4,7 @@ import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.GateOutputs;
 import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
 
@@ -27,6 +28,11 @@ import java.util.List;
  * dropless mode all-gathers the per-expert counts of the group once per layer (one small collective and one host
  * read, which the variable splits need); it sends no padding, but may pad the local experts' input to equal
  * segments after the exchange ({@link MoE.DroplessLayout}).
+ *
+ * <p>Where the communicator places row blocks itself ({@link Communicator#exchangesRowBlocks()}, NCCL and
+ * in-process) and the self-first overlap is off, the exchanges move one block per (rank, local expert) straight
+ * between buf's layout and the experts' order ({@link Communicator#exchangeRows}): no layout transforms and no
+ * index tensors.
  */
 final class ExpertParallel {
     private ExpertParallel() {}
@@ -43,6 +49,9 @@ final class ExpertParallel {
         int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
         Tensor packed;                   // one upload holding the index tensors below (views of it)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
+        // Block path: buf's (rank q, q's expert j) blocks and the experts' (source p, my expert j) blocks, paired.
+        boolean blocks;
+        RowBlocks bufBlocks, expertBlocks;
         // Overlap (self first): the rows this rank routes to itself run through the experts while the others travel.
         boolean overlap;
         int selfStart, selfRows, srcSelfStart, remoteRows;   // self rows: buf[selfStart, +selfRows) = recv[srcSelfStart, ...)
@@ -99,6 +108,7 @@ final class ExpertParallel {
         int[][] n = new int[P][El];   // n[p][j]: rows source rank p sends to my local expert j
         int[] sendRows = new int[P], recvRows = new int[P];
         boolean equal = capacity > 0;
+        int[] counts = null;   // dropless: every rank's count per expert, as all below
         if (equal) {
             for (int p = 0; p < P; p++) {
                 java.util.Arrays.fill(n[p], capacity);
@@ -119,6 +129,7 @@ final class ExpertParallel {
                     sendRows[p] += all[me * numExperts + p * El + j];
                 }
             }
+            counts = all;
         }
         int[] localCounts = new int[El];
         int rq = 0;
@@ -128,6 +139,18 @@ final class ExpertParallel {
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
         r.expertRows = rq;
+        r.blocks = ep.exchangesRowBlocks() && !(overlap && P > 1);
+        if (r.blocks) {
+            // buf's block for (rank q, its expert j): global expert q*El + j's rows, in expert order
+            List<int[]> bb = new ArrayList<>();
+            for (int e = 0, at = 0; e < numExperts; e++) {
+                int rows = equal ? capacity : counts[me * numExperts + e];
+                if (rows > 0) bb.add(new int[] {e / El, at, rows});
+                at += rows;
+            }
+            r.bufBlocks = blocks(bb);
+            r.expertBlocks = RowBlocks.NONE;
+        }
         if (rq == 0) return r;
         int most = java.util.Arrays.stream(localCounts).max().orElse(0);
         r.padded = !equal && !(overlap && P > 1) && MoE.padsDropless(layout, b, dtype, (long) El * most, rq);
@@ -147,6 +170,14 @@ final class ExpertParallel {
             r.expertRows = at;
         }
         offsets[El] = at;
+        r.hostOffsets = offsets;
+        if (r.blocks) {
+            // the experts' block for (source p, my expert j), at its place in expert order; the experts read only the offsets
+            List<int[]> eb = new ArrayList<>();
+            for (int p = 0; p < P; p++) for (int j = 0; j < El; j++) if (n[p][j] > 0) eb.add(new int[] {p, expStart[p * El + j], n[p][j]});
+            r.expertBlocks = blocks(eb);
+            return r;   // the experts' index tensors are uploaded by the first forward (expertIndices)
+        }
         int[] toExpert = new int[r.expertRows], toSource = new int[rq], rowExpert = new int[r.expertRows];
         if (r.padded) for (int j = 0; j < El; j++) java.util.Arrays.fill(rowExpert, j * most, (j + 1) * most, j);
         for (int p = 0; p < P; p++) {
@@ -210,7 +241,6 @@ final class ExpertParallel {
         r.toSource = r.packed.view(at2[1], rq);
         r.rowExpert = r.packed.view(at2[2], r.expertRows);
         r.offsets = r.packed.view(at2[3], El + 1);
-        r.hostOffsets = offsets;
         if (r.overlap) {
             r.selfOffsets = r.packed.view(at2[4], El + 1);
             r.selfRowExpert = r.packed.view(at2[5], r.selfRows);
@@ -222,9 +252,35 @@ final class ExpertParallel {
         return r;
     }
 
+    private static RowBlocks blocks(List<int[]> list) {
+        int n = list.size();
+        int[] peer = new int[n], start = new int[n], rows = new int[n];
+        for (int i = 0; i < n; i++) {
+            peer[i] = list.get(i)[0];
+            start[i] = list.get(i)[1];
+            rows[i] = list.get(i)[2];
+        }
+        return new RowBlocks(peer, start, rows);
+    }
+
+    /**
+     * The block path's only upload, once per route: the experts' offsets, and rowExpert (each input row's expert,
+     * padding included) only when the bank has biases to read it.
+     */
+    private static void expertIndices(Backend b, Route r, boolean bias) {
+        if (r.packed != null) return;
+        int El = r.localCounts.length;
+        int[] all = java.util.Arrays.copyOf(r.hostOffsets, El + 1 + (bias ? r.expertRows : 0));
+        if (bias) for (int j = 0; j < El; j++) java.util.Arrays.fill(all, El + 1 + r.hostOffsets[j], El + 1 + r.hostOffsets[j + 1], j);
+        r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // kept with the route (capacity: across steps)
+        r.offsets = r.packed.view(0, El + 1);
+        if (bias) r.rowExpert = r.packed.view(El + 1, r.expertRows);
+    }
+
     /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */
     static Tensor forward(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
         if (r.overlap && r.localRows > 0) return forwardSelfFirst(ep, r, bank, buf);
+        if (r.blocks) return forwardBlocks(ep, r, bank, buf);
         Backend b = ep.backend();
         int M = buf.cols();
         DType dt = buf.dtype();
@@ -247,6 +303,29 @@ final class ExpertParallel {
             exchange(ep, r, ysrc, y, true);
             return y;
         }
+    }
+
+    /** The forward where the exchanges place the blocks: buf straight into expert order, the outputs straight back. */
+    private static Tensor forwardBlocks(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+        Backend b = ep.backend();
+        int M = buf.cols();
+        DType dt = buf.dtype();
+        r.releaseActivations();
+        // padded: the padding rows no block fills stay 0 (no activations, nothing added to the weight gradients)
+        r.xin = r.padded ? b.zeros(dt, r.expertRows, M) : b.empty(dt, r.expertRows, M);
+        ep.exchangeRows(buf, r.bufBlocks, r.xin, r.expertBlocks);
+        Tensor y = b.empty(dt, buf.rows(), M);   // every row is in one block
+        if (r.localRows == 0) {
+            try (Tensor none = b.empty(dt, 0, M)) {
+                ep.exchangeRows(none, r.expertBlocks, y, r.bufBlocks);
+            }
+            return y;
+        }
+        expertIndices(b, r, bank.hasBias());
+        try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, r.rowExpert)) {
+            ep.exchangeRows(yl, r.expertBlocks, y, r.bufBlocks);
+        }
+        return y;
     }
 
     /**
@@ -322,8 +401,8 @@ final class ExpertParallel {
 
     /**
      * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. {@code beside} (may be null) is
-     * work that needs nothing of this exchange (the gate's backward): with variable splits it runs while the dispatch
-     * all-to-all of dy travels on the communicator's side stream. The input gradients go back by the reverse all-to-all while the
+     * work that needs nothing of this exchange (the gate's backward): with variable splits or block exchanges it runs
+     * while the dispatch exchange of dy travels on the communicator's side stream. The input gradients go back by the reverse all-to-all while the
      * experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
@@ -331,6 +410,7 @@ final class ExpertParallel {
             if (beside != null) beside.run();
             return backwardSelfFirst(ep, r, bank, dy);
         }
+        if (r.blocks) return backwardBlocks(ep, r, bank, dy, beside);
         Backend b = ep.backend();
         int M = dy.cols();
         DType dt = dy.dtype();
@@ -359,6 +439,32 @@ final class ExpertParallel {
                 CommWork back = exchangeAsync(ep, r, dsrc, dbuf, true);
                 bank.backwardWeights(bank.mainPass());   // beside the all-to-all
                 back.await();             // before dsrc and dyl are freed and dbuf is read
+            }
+        }
+        return dbuf;
+    }
+
+    /** The backward where the exchanges place the blocks: dy straight into expert order, dxin straight back to dbuf. */
+    private static Tensor backwardBlocks(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
+        Backend b = ep.backend();
+        int M = dy.cols();
+        DType dt = dy.dtype();
+        Tensor dbuf = b.empty(dt, dy.rows(), M);
+        // padded: zero gradients on the padding rows, so that they add nothing to the weight gradients
+        try (Tensor dyl = r.padded ? b.zeros(dt, r.expertRows, M) : b.empty(dt, r.expertRows, M)) {
+            CommWork dispatch = ep.exchangeRowsAsync(dy, r.bufBlocks, dyl, r.expertBlocks);
+            if (beside != null) beside.run();   // the gate's backward while dy travels
+            dispatch.await();
+            if (r.localRows == 0) {
+                try (Tensor none = b.empty(dt, 0, M)) {
+                    ep.exchangeRows(none, r.expertBlocks, dbuf, r.bufBlocks);
+                }
+                return dbuf;
+            }
+            try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
+                CommWork back = ep.exchangeRowsAsync(dxin, r.expertBlocks, dbuf, r.bufBlocks);
+                bank.backwardWeights(bank.mainPass());   // beside the exchange
+                back.await();             // before dxin and dyl are freed and dbuf is read
             }
         }
         return dbuf;
