@@ -418,6 +418,23 @@ public final class CudaBackend implements Backend {
     }
 
     /**
+     * bf16 strided-batched GEMMs (the capacity-padded experts) run the cuBLASLt algorithm measured fastest for their
+     * shape ({@link LtGemmTuner}); {@code -Dmoe4j.cuda.ltTune=false} keeps them on cublasGemmStridedBatchedEx,
+     * {@code =verbose} prints each shape's timings and choice.
+     */
+    private final String ltTune = System.getProperty("moe4j.cuda.ltTune", "true").toLowerCase(java.util.Locale.ROOT);
+    private LtGemmTuner ltTuner;   // created on the first bf16 batched GEMM
+
+    /** The GEMM tuner (created here on first use), or null where -Dmoe4j.cuda.ltTune=false. */
+    LtGemmTuner ltTuner() {
+        if (ltTuner == null && !"false".equals(ltTune) && !closed) {
+            bind();
+            ltTuner = new LtGemmTuner(blas, stream, allocator, "verbose".equals(ltTune));
+        }
+        return ltTuner;
+    }
+
+    /**
      * Row-major C[m,n] = alpha op(A) op(B) + beta C, batched with element strides, through the usual swap:
      * cuBLAS is column-major, so it computes C^T = op(B)^T op(A)^T on the same memory.
      */
@@ -435,10 +452,18 @@ public final class CudaBackend implements Backend {
         scalars.put(0, alpha).put(1, beta);
         Pointer pa = Cuda.ptr(o.a + aOff * o.aBytes()), pb = Cuda.ptr(o.b + bOff * o.bBytes()), pc = Cuda.ptr(o.c + cOff * o.cBytes());
         Pointer al = scalars.getPointer(0), be = scalars.getPointer(1);
+        // bf16 batched: the plan cuBLASLt measured fastest for exactly the cublasGemmStridedBatchedEx call below (the
+        // first beta-0 call of a shape tunes it here, before the profile's clock starts); null: that call itself
+        LtGemmTuner.Plan lt = batch > 1 && blas == this.blas && o.at == cudart.CUDA_R_16BF && o.bt == cudart.CUDA_R_16BF && ltTuner() != null
+                ? ltTuner.plan(opB, opA, n, m, k, al, pb, o.bt, ldb, strideB, pa, o.at, lda, strideA, be, pc, o.ct, ldc, strideC, batch, beta == 0f)
+                : null;
         long t0 = profileStart();
         if (batch == 1) {
             Cuda.checkBlas(cublas.cublasGemmEx(blas, opB, opA, n, m, k, al, pb, o.bt, ldb, pa, o.at, lda, be, pc, o.ct, ldc,
                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT), "cublasGemmEx(m=" + m + ", n=" + n + ", k=" + k + ")");
+        } else if (lt != null && lt.run(al, pb, pa, be, pc)) {
+            profileEnd("cublasLtMatmul", t0);
+            return;
         } else {
             Cuda.checkBlas(cublas.cublasGemmStridedBatchedEx(blas, opB, opA, n, m, k, al, pb, o.bt, ldb, strideB, pa, o.at, lda, strideA,
                     be, pc, o.ct, ldc, strideC, batch, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT),
@@ -1383,6 +1408,7 @@ public final class CudaBackend implements Backend {
             cudart.cudaEventDestroy(timingStart);
             cudart.cudaEventDestroy(timingEnd);
         }
+        if (ltTuner != null) ltTuner.close();   // its workspace goes back to the allocator, freed next
         allocator.emptyCache();
         cudart.cudaStreamDestroy(stream);
         scalars.close();
