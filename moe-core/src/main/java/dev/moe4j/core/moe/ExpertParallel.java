@@ -37,6 +37,9 @@ import java.util.List;
 final class ExpertParallel {
     private ExpertParallel() {}
 
+    /** {@code -Dmoe4j.ep.rowBlocks=false}: the all-to-all and layout-transform path even where blocks are placed directly (to compare the two). */
+    static final boolean ROW_BLOCKS = !"false".equals(System.getProperty("moe4j.ep.rowBlocks"));
+
     /** The routing of one forward, kept for its backward. */
     static final class Route implements AutoCloseable {
         final int[] sendRows, recvRows;  // rows to / from each rank of the group
@@ -139,7 +142,7 @@ final class ExpertParallel {
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
         r.expertRows = rq;
-        r.blocks = ep.exchangesRowBlocks() && !(overlap && P > 1);
+        r.blocks = ROW_BLOCKS && ep.exchangesRowBlocks() && !(overlap && P > 1);
         if (r.blocks) {
             // buf's block for (rank q, its expert j): global expert q*El + j's rows, in expert order
             List<int[]> bb = new ArrayList<>();
