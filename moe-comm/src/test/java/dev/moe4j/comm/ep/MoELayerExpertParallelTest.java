@@ -94,33 +94,15 @@ class MoELayerExpertParallelTest {
             dxs.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
         }
         rc.params().finishGrads();
-        List<Result> got = InProcessWorld.run(W, comm -> {
-            try (ProcessGroups groups = new ProcessGroups(comm)) {
-                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
-                // a communicator that runs each asynchronous exchange only when it is awaited (the latest a GPU side
-                // stream could finish), so a missing or early await shows as a wrong result
-                List<String> calls = new ArrayList<>();
-                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, blocks);
-                MoE moe = builder(dropless, k).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
-                        .optDroplessLayout(layout).setContext(ctx).build();
-                ctx.allocateParameters();
-                if (skewed) skewGate(ctx, moe);
-                ctx.params().zeroGrad();
-                MoEOutput o = moe.forward(tokens(ctx, comm.rank(), skewed));
-                double[] out = o.output().toDoubles();
-                double l = o.lAux().toDoubles()[0];
-                double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
-                ctx.params().finishGrads();
-                List<double[]> g = new ArrayList<>();
-                List<Integer> first = new ArrayList<>();
-                for (Parameter p : ctx.params().all()) {
-                    if (!p.isExpert()) continue;
-                    g.add(p.grad().toDoubles());
-                    first.add(p.expertShard().firstRow());
-                }
-                return new Result(out, dx, l, g, first, calls);
-            }
-        });
+        // the block path is opt-in (ExpertParallel.rowBlocks); the route reads the property when it is built
+        if (blocks) System.setProperty("moe4j.ep.rowBlocks", "true");
+        else System.clearProperty("moe4j.ep.rowBlocks");
+        List<Result> got;
+        try {
+            got = runRanks(dropless, k, skewed, overlap, layout, bias, blocks);
+        } finally {
+            System.clearProperty("moe4j.ep.rowBlocks");
+        }
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
         for (int r = 0; r < W; r++) {
             String what = (dropless ? "dropless " + layout : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "")
@@ -202,6 +184,36 @@ class MoELayerExpertParallelTest {
                 var div = assertThrows(IllegalArgumentException.class, () -> MoE.builder().setHiddenSize(M).setFfnSize(F).optNumExperts(6).optEpSize(4).setContext(ctx).build());
                 assertTrue(div.getMessage().contains("epSize (4) must divide numExperts (6)"), div.getMessage());
                 return null;
+            }
+        });
+    }
+
+    private static List<Result> runRanks(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias, boolean blocks) {
+        return InProcessWorld.run(W, comm -> {
+            try (ProcessGroups groups = new ProcessGroups(comm)) {
+                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                // a communicator that runs each asynchronous exchange only when it is awaited (the latest a GPU side
+                // stream could finish), so a missing or early await shows as a wrong result
+                List<String> calls = new ArrayList<>();
+                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, blocks);
+                MoE moe = builder(dropless, k).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
+                        .optDroplessLayout(layout).setContext(ctx).build();
+                ctx.allocateParameters();
+                if (skewed) skewGate(ctx, moe);
+                ctx.params().zeroGrad();
+                MoEOutput o = moe.forward(tokens(ctx, comm.rank(), skewed));
+                double[] out = o.output().toDoubles();
+                double l = o.lAux().toDoubles()[0];
+                double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
+                ctx.params().finishGrads();
+                List<double[]> g = new ArrayList<>();
+                List<Integer> first = new ArrayList<>();
+                for (Parameter p : ctx.params().all()) {
+                    if (!p.isExpert()) continue;
+                    g.add(p.grad().toDoubles());
+                    first.add(p.expertShard().firstRow());
+                }
+                return new Result(out, dx, l, g, first, calls);
             }
         });
     }

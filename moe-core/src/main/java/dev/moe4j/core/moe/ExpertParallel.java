@@ -37,8 +37,13 @@ import java.util.List;
 final class ExpertParallel {
     private ExpertParallel() {}
 
-    /** {@code -Dmoe4j.ep.rowBlocks=false}: the all-to-all and layout-transform path even where blocks are placed directly (to compare the two). */
-    static final boolean ROW_BLOCKS = !"false".equals(System.getProperty("moe4j.ep.rowBlocks"));
+    /**
+     * {@code -Dmoe4j.ep.rowBlocks=true}: place every (source, expert) block directly where the communicator can
+     * ({@link Communicator#exchangesRowBlocks()}) instead of all-to-all plus layout transforms. Off by default: on two
+     * H200s over NVLink NCCL's per-block send/recv (0.5-8 MB blocks) was slower than one all-to-all and a gather
+     * (docs/benchmarks.md, EP section).
+     */
+    static boolean rowBlocks() { return Boolean.getBoolean("moe4j.ep.rowBlocks"); }
 
     /** The routing of one forward, kept for its backward. */
     static final class Route implements AutoCloseable {
@@ -142,7 +147,7 @@ final class ExpertParallel {
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
         r.expertRows = rq;
-        r.blocks = ROW_BLOCKS && ep.exchangesRowBlocks() && !(overlap && P > 1);
+        r.blocks = rowBlocks() && ep.exchangesRowBlocks() && !(overlap && P > 1);
         if (r.blocks) {
             // buf's block for (rank q, its expert j): global expert q*El + j's rows, in expert order
             List<int[]> bb = new ArrayList<>();
