@@ -3,7 +3,8 @@
 // h2 = bf16(v - h0 - h1)), exact up to the last bit or two of v's 24-bit significand. A product of two bf16
 // values is exact in fp32, so a bf16 GEMM with fp32 accumulation over the pieces computes the fp32 product to
 // fp32 accuracy: x * W = x * h0(W) + x * h1(W) + x * h2(W) when x is bf16 already (three terms), and six terms
-// (the pieces whose weights sum to at least 2^-16 of the leading one) when both operands are fp32.
+// (the pieces whose weights sum to at least 2^-16 of the leading one) when both operands are fp32. Into a bf16
+// output, whose own rounding (2^-9) dwarfs the rest, the terms down to 2^-8 of the leading one suffice.
 #include "common.cuh"
 
 // Piece p (0, 1, 2) of v.

@@ -646,36 +646,40 @@ public final class CudaBackend implements Backend {
         return most <= MAX_SPLIT_ELEMENTS;
     }
 
-    // Which piece of an fp32 operand each of its blocks along the GEMM's dimension holds (2 bits a block). Three
-    // blocks: pieces 0, 1, 2 of the one fp32 operand. Six: the pairs (0,0) (0,1) (1,0) (0,2) (1,1) (2,0) of A's and
-    // B's pieces, every pair whose weight is at least 2^-16 of the leading one.
+    // Which piece of an fp32 operand each of its blocks along the GEMM's dimension holds (2 bits a block). One fp32
+    // operand: its pieces 0, 1, 2 (0, 1 into a bf16 output, whose rounding is 2^-9 against their 2^-16). Two: the
+    // pairs (0,0) (0,1) (1,0) (0,2) (1,1) (2,0) of A's and B's pieces, every pair weighing at least 2^-16 of the
+    // leading one (the first three into a bf16 output).
     private static final int PIECES_012 = 0 | 1 << 2 | 2 << 4;
     private static final int SIX_A = 0 | 0 << 2 | 1 << 4 | 0 << 6 | 1 << 8 | 2 << 10;
     private static final int SIX_B = 0 | 1 << 2 | 0 << 4 | 2 << 6 | 1 << 8 | 0 << 10;
 
     private void splitMatmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta, int m, int n, int k) {
-        boolean a32 = a.dtype() == DType.F32, b32 = b.dtype() == DType.F32;
-        int bf = cudart.CUDA_R_16BF, f32 = cudart.CUDA_R_32F, ct = c.dtype() == DType.F32 ? f32 : bf;
+        boolean a32 = a.dtype() == DType.F32, b32 = b.dtype() == DType.F32, c32 = c.dtype() == DType.F32;
+        int bf = cudart.CUDA_R_16BF, f32 = cudart.CUDA_R_32F, ct = c32 ? f32 : bf;
         if (a32 && b32) {
-            // six pieces side by side along K: op(A') [m, 6k], op(B') [6k, n], one GEMM into C
-            try (Tensor as = scratch(DType.BF16, 6 * m * k); Tensor bs = scratch(DType.BF16, 6 * k * n)) {
-                splitF32(a, as, transA ? 1 : m, transA ? (long) k * m : k, 6, SIX_A);
-                splitF32(b, bs, transB ? n : 1, transB ? k : (long) k * n, 6, SIX_B);
-                gemm(new GemmOperands(p(as), bf, p(bs), bf, p(c), ct), 0, 0, 0, transA, transB, m, n, 6 * k, alpha, beta, 1, 0, 0, 0);
+            // the pairs side by side along K: op(A') [m, t*k], op(B') [t*k, n], one GEMM into C
+            int t = c32 ? 6 : 3;
+            try (Tensor as = scratch(DType.BF16, t * m * k); Tensor bs = scratch(DType.BF16, t * k * n)) {
+                splitF32(a, as, transA ? 1 : m, transA ? (long) k * m : k, t, SIX_A);
+                splitF32(b, bs, transB ? n : 1, transB ? k : (long) k * n, t, SIX_B);
+                gemm(new GemmOperands(p(as), bf, p(bs), bf, p(c), ct), 0, 0, 0, transA, transB, m, n, t * k, alpha, beta, 1, 0, 0, 0);
             }
         } else if (b32) {
-            // B's three pieces side by side along N: C' [m, 3n] = op(A) op(B'), then C = alpha * (sum of C's three column blocks) + beta * C
-            try (Tensor bs = scratch(DType.BF16, 3 * n * k); Tensor cs = scratch(DType.F32, m, 3 * n)) {
-                splitF32(b, bs, transB ? 1 : k, transB ? (long) n * k : n, 3, PIECES_012);
-                gemm(new GemmOperands(p(a), bf, p(bs), bf, p(cs), f32), 0, 0, 0, transA, transB, m, 3 * n, k, 1f, 0f, 1, 0, 0, 0);
-                launchN("k_sum_pieces", (long) m * n, p(cs), 3L * n, (long) n, 3, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
+            // B's pieces side by side along N: C' [m, t*n] = op(A) op(B'), then C = alpha * (sum of C's column blocks) + beta * C
+            int t = c32 ? 3 : 2;
+            try (Tensor bs = scratch(DType.BF16, t * n * k); Tensor cs = scratch(DType.F32, m, t * n)) {
+                splitF32(b, bs, transB ? 1 : k, transB ? (long) n * k : n, t, PIECES_012);
+                gemm(new GemmOperands(p(a), bf, p(bs), bf, p(cs), f32), 0, 0, 0, transA, transB, m, t * n, k, 1f, 0f, 1, 0, 0, 0);
+                launchN("k_sum_pieces", (long) m * n, p(cs), (long) t * n, (long) n, t, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
             }
         } else {
-            // A's three pieces stacked along M: C' [3m, n] = op(A') op(B), then C = alpha * (sum of C's three row blocks) + beta * C
-            try (Tensor as = scratch(DType.BF16, 3 * m * k); Tensor cs = scratch(DType.F32, 3 * m, n)) {
-                splitF32(a, as, transA ? k : 1, transA ? m : (long) m * k, 3, PIECES_012);
-                gemm(new GemmOperands(p(as), bf, p(b), bf, p(cs), f32), 0, 0, 0, transA, transB, 3 * m, n, k, 1f, 0f, 1, 0, 0, 0);
-                launchN("k_sum_pieces", (long) m * n, p(cs), (long) n, (long) m * n, 3, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
+            // A's pieces stacked along M: C' [t*m, n] = op(A') op(B), then C = alpha * (sum of C's row blocks) + beta * C
+            int t = c32 ? 3 : 2;
+            try (Tensor as = scratch(DType.BF16, t * m * k); Tensor cs = scratch(DType.F32, t * m, n)) {
+                splitF32(a, as, transA ? k : 1, transA ? m : (long) m * k, t, PIECES_012);
+                gemm(new GemmOperands(p(as), bf, p(b), bf, p(cs), f32), 0, 0, 0, transA, transB, t * m, n, k, 1f, 0f, 1, 0, 0, 0);
+                launchN("k_sum_pieces", (long) m * n, p(cs), (long) n, (long) m * n, t, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
             }
         }
     }

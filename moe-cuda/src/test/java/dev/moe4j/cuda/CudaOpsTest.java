@@ -78,7 +78,8 @@ class CudaOpsTest extends GpuTestBase {
     /**
      * fp32 products with a bf16 operand or output (the gate's three products) run on bf16 tensor cores with the fp32
      * operands split into bf16 pieces: fp32 accuracy is the claim, so the fp32 outputs are held to 3e-6 (one bf16
-     * rounding of an operand would give about 2e-3), in every transpose, with alpha and beta.
+     * rounding of an operand would give about 2e-3), bf16 outputs to 4e-3 (their own rounding, about 2.7e-3 here),
+     * in every transpose, with alpha and beta.
      */
     @Test
     void matmulF32ProductsSplitIntoBf16Pieces() {
@@ -98,7 +99,7 @@ class CudaOpsTest extends GpuTestBase {
                 Tensor[] c = rand(dts[2], 1, m, n);
                 for (int i = 0; i < 2; i++) on(i).matmul(a[i], ta, b[i], tb, c[i], 0.75f, 0.5f);
                 check("matmul " + dts[0] + " x " + dts[1] + " -> " + dts[2] + " tA=" + ta + " tB=" + tb, c,
-                        dts[2] == DType.F32 ? 3e-6 : BF16_TOL);
+                        dts[2] == DType.F32 ? 3e-6 : 4e-3);
             }
         }
     }
