@@ -54,81 +54,157 @@ __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, i
     }
 }
 
-// One block per expert e (grid E): per choice rank j, cnt[j*E+e] = tokens whose choice j is e, and
-// rankBase[j*E+e] = choices of ranks < j sent to e (before dropping); counts[e] over all ranks;
-// lauxPart[e] = mean_s(gates[s,e]) * first-choice count / S. Block reductions in a fixed order: deterministic.
-__global__ void k_gate_counts(const int* experts, const void* gates, int gdt, int S, int E, int k,
-                              int* rankBase, int* counts, float* lauxPart) {
-    int e = blockIdx.x;
-    int total = 0, first = 0;
-    for (int j = 0; j < k; j++) {
-        float c = 0.f;
-        for (int s = threadIdx.x; s < S; s += blockDim.x) c += experts[(i64)s * k + j] == e ? 1.f : 0.f;
-        int cj = (int)(blockSum(c) + 0.5f);
-        if (threadIdx.x == 0) rankBase[j * E + e] = total;
-        if (j == 0) first = cj;
-        total += cj;
+// Slots, counts, offsets and losses take three kernels after k_gate_topk: k_gate_tile (per tile of T tokens),
+// k_gate_scan (one block, across tiles) and k_gate_dest (per token). All sums are in fixed orders, so every
+// result is deterministic and the integer results do not depend on the tile size.
+
+// sum_{i < n} p[i0 + i * stride] in order; the dtype test sits outside the loop so that the loads can go out together.
+__device__ __forceinline__ float stridedSum(const void* p, int dt, i64 i0, i64 stride, int n) {
+    float v = 0.f;
+    if (dt == DT_F32) {
+        const float* f = (const float*)p + i0;
+#pragma unroll 8
+        for (int i = 0; i < n; i++) v += f[i * stride];
+    } else {
+#pragma unroll 8
+        for (int i = 0; i < n; i++) v += ld(p, dt, i0 + i * stride);
     }
-    float me = 0.f;
-    for (int s = threadIdx.x; s < S; s += blockDim.x) me += ld(gates, gdt, (i64)s * E + e);
-    me = blockSum(me);
-    if (threadIdx.x == 0) {
-        counts[e] = total;
-        lauxPart[e] = (me / S) * ((float)first / S);
+    return v;
+}
+
+// Routing 1/3, one block per tile of T tokens (T a multiple of 32 that divides blockDim <= 256). The threads form
+// G = blockDim / T groups of T, one token each; group g takes the choices j = g, g + G, ... For each (s, j): the
+// rank of s among the tile's tokens whose choice j is the same expert, in token order (__match_any_sync in the
+// warp plus the counts of the group's earlier warps), parked in dest[s,j] for k_gate_dest; cnt[tile][j][e] =
+// the tile's tokens whose choice j is e. gsum[tile][e] = sum of gates[s,e] over the tile's rows (rows read
+// coalesced; fixed order). Dynamic shared memory: (blockDim / 32) * E ints.
+__global__ void k_gate_tile(const int* __restrict__ experts, const void* __restrict__ gates, int gdt, int S, int E, int k, int T,
+                            int* __restrict__ dest, int* __restrict__ cnt, float* __restrict__ gsum) {
+    extern __shared__ int gateWarpCount[];   // [warp][e]: the warp's tokens sent to e at its group's current choice
+    __shared__ float colPart[256];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, nw = nt >> 5;
+    int tile = blockIdx.x, s0 = tile * T, rows = min(T, S - s0);
+    if (E <= nt) {   // R = nt / E row groups of E threads, then the R partial sums in order
+        int R = nt / E, r = tid / E, e = tid - r * E;
+        colPart[tid] = r < R && r < rows ? stridedSum(gates, gdt, (i64)(s0 + r) * E + e, (i64)R * E, (rows - r + R - 1) / R) : 0.f;
+        __syncthreads();
+        if (tid < E) {
+            float t = 0.f;
+            for (int q = 0; q < R; q++) t += colPart[q * E + tid];
+            gsum[(i64)tile * E + tid] = t;
+        }
+    } else {
+        for (int e = tid; e < E; e += nt) gsum[(i64)tile * E + e] = stridedSum(gates, gdt, (i64)s0 * E + e, E, rows);
+    }
+    for (int i = tid; i < nw * E; i += nt) gateWarpCount[i] = 0;
+    __syncthreads();
+    int G = nt / T, g = tid / T, wpg = T >> 5, w0 = g * wpg;   // w0: the group's first warp
+    int s = s0 + (tid - g * T);
+    for (int j0 = 0; j0 < k; j0 += G) {   // the same trip count in every thread: the barriers below are block-wide
+        int j = j0 + g;
+        int e = j < k && s < S ? experts[(i64)s * k + j] : -1;
+        unsigned peers = __match_any_sync(0xffffffffu, e);
+        int rank = __popc(peers & ((1u << lane) - 1u));
+        if (e >= 0 && rank == 0) gateWarpCount[warp * E + e] = __popc(peers);
+        __syncthreads();
+        if (e >= 0) {
+            for (int w = w0; w < warp; w++) rank += gateWarpCount[w * E + e];
+            dest[(i64)s * k + j] = rank;
+        }
+        __syncthreads();   // every rank read before the counts are summed and cleared
+        for (int i = tid; i < G * E; i += nt) {
+            int gg = i / E, ee = i - gg * E, t = 0;
+            for (int w = gg * wpg; w < (gg + 1) * wpg; w++) {
+                t += gateWarpCount[w * E + ee];
+                gateWarpCount[w * E + ee] = 0;
+            }
+            if (j0 + gg < k) cnt[((i64)tile * k + j0 + gg) * E + ee] = t;
+        }
+        __syncthreads();
     }
 }
 
-// One block: offsets (capacity: e*C; dropless: exclusive cumsum of counts), l_aux = E * sum_e lauxPart[e],
-// z-loss = mean_s lse[s]^2.
-__global__ void k_gate_finish(const int* counts, const float* lauxPart, const float* lse, int S, int E, int capacity,
-                              int* offsets, void* losses, int lodt) {
+// Routing 2/3, one block of 1024 threads. Per expert e (a group of L lanes of one warp, each lane over a
+// contiguous range of tiles), choice by choice: base[tile][j][e] = rankBase[j][e] + the choice-j tokens sent to e
+// by earlier tiles, rankBase[j][e] = choices of ranks < j sent to e (before dropping; base[0] is the [k][E]
+// rankBase that k_gate_slots reads); counts[e] over all ranks. Then offsets (capacity: e*C; dropless: exclusive
+// cumsum of counts, a block scan), l_aux = E * sum_e mean_s(gates[s,e]) * first-choice count[e] / S from the
+// tiles' column sums, z-loss = mean_s lse[s]^2.
+__global__ void k_gate_scan(const int* __restrict__ cnt, const float* __restrict__ gsum, const float* __restrict__ lse,
+                            int S, int E, int k, int nTiles, int capacity, int* __restrict__ base, int* counts, int* offsets,
+                            void* losses, int lodt) {
+    __shared__ int warpTotal[32];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, nw = nt >> 5;
+    int L = 32;
+    while (L > 1 && L * E > nt) L >>= 1;
+    int q = tid & (L - 1), groups = nt / L;
+    int per = (nTiles + L - 1) / L, c0 = min(nTiles, q * per), c1 = min(nTiles, c0 + per);
     float laux = 0.f;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) laux += lauxPart[e];
-    laux = blockSum(laux) * E;
-    float z = 0.f;
-    for (int s = threadIdx.x; s < S; s += blockDim.x) z += lse[s] * lse[s];
-    z = blockSum(z) / S;
-    if (threadIdx.x == 0) {
-        int acc = 0;
-        for (int e = 0; e < E; e++) {
-            offsets[e] = capacity > 0 ? e * capacity : acc;
-            acc += counts[e];
+    for (int e0 = 0; e0 < E; e0 += groups) {   // the same trip count in every thread: whole warps shuffle
+        int e = e0 + tid / L;
+        bool on = e < E;
+        int total = 0, first = 0;
+        for (int j = 0; j < k; j++) {
+            int part = 0;
+            if (on)
+                for (int c = c0; c < c1; c++) part += cnt[((i64)c * k + j) * E + e];
+            int inc = part;   // inclusive scan over the group's lanes
+            for (int o = 1; o < L; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, inc, o, L);
+                if (q >= o) inc += v;
+            }
+            int b = total + inc - part;
+            if (on)
+                for (int c = c0; c < c1; c++) {
+                    i64 i = ((i64)c * k + j) * E + e;
+                    base[i] = b;
+                    b += cnt[i];
+                }
+            int tj = __shfl_sync(0xffffffffu, inc, L - 1, L);
+            if (j == 0) first = tj;
+            total += tj;
         }
-        offsets[E] = capacity > 0 ? E * capacity : acc;
+        float me = 0.f;
+        if (on)
+            for (int c = c0; c < c1; c++) me += gsum[(i64)c * E + e];
+        for (int o = L >> 1; o > 0; o >>= 1) me += __shfl_xor_sync(0xffffffffu, me, o, L);
+        if (on && q == 0) {
+            counts[e] = total;
+            laux += (me / S) * ((float)first / S);
+        }
+    }
+    laux = blockSum(laux) * E;   // its barriers also publish counts[] to the whole block
+    float z = 0.f;
+    for (int s = tid; s < S; s += nt) z += lse[s] * lse[s];
+    z = blockSum(z) / S;
+    if (tid == 0) {
         st(losses, lodt, 0, laux);
         st(losses, lodt, 1, z);
     }
-}
-
-// Position-order slots (no RTS), grid (E, k), 1024 threads: block (e, j) walks the tokens in order in chunks
-// of blockDim and gives each rank-j token sent to e the next slot (a block-wide exclusive scan of the flags).
-__global__ void k_gate_slots_scan(const int* experts, const int* rankBase, const int* offsets, int S, int E, int k,
-                                  int capacity, int* dest) {
-    __shared__ int warpCount[32];
-    __shared__ int running;
-    int e = blockIdx.x, j = blockIdx.y;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (threadIdx.x == 0) running = rankBase[j * E + e];
-    __syncthreads();
-    for (int base = 0; base < S; base += blockDim.x) {
-        int s = base + threadIdx.x;
-        bool flag = s < S && experts[(i64)s * k + j] == e;
-        unsigned ballot = __ballot_sync(0xffffffffu, flag);
-        if (lane == 0) warpCount[warp] = __popc(ballot);
-        __syncthreads();
-        int before = running;
-        for (int w = 0; w < warp; w++) before += warpCount[w];
-        before += __popc(ballot & ((1u << lane) - 1u));
-        if (flag) {
-            int slot = before;
-            dest[(i64)s * k + j] = capacity > 0 ? (slot < capacity ? e * capacity + slot : -1) : offsets[e] + slot;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) { int t = 0; for (int w = 0; w < nw; w++) t += warpCount[w]; running += t; }
-        __syncthreads();
+    if (capacity > 0) {
+        for (int e = tid; e <= E; e += nt) offsets[e] = e * capacity;
+        return;
     }
+    int run = 0;   // counts of the earlier pieces, the same in every thread
+    for (int e0 = 0; e0 < E; e0 += nt) {
+        int e = e0 + tid, v = e < E ? counts[e] : 0, inc = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            int u = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o) inc += u;
+        }
+        if (lane == 31) warpTotal[warp] = inc;
+        __syncthreads();
+        int before = run, piece = 0;
+        for (int w = 0; w < nw; w++) {
+            if (w == warp) before += piece;
+            piece += warpTotal[w];
+        }
+        if (e < E) offsets[e] = before + inc - v;
+        run += piece;
+        __syncthreads();   // warpTotal is rewritten by the next piece
+    }
+    if (tid == 0) offsets[E] = run;
 }
-
 // RTS priorities, one thread per (s, j): prio[s*k + j] = uniform(seed, offset + S*E + s*k + j) (GateSpec's counters)
 __global__ void k_gate_priorities(int S, int E, int k, unsigned long long seed, unsigned long long offset, float* prio) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -155,30 +231,48 @@ __global__ void k_gate_slots(const int* experts, const int* rankBase, const int*
     dest[i] = capacity > 0 ? (slot < capacity ? e * capacity + slot : -1) : offsets[e] + slot;
 }
 
-// first[e] = number of tokens whose first choice is e (the l_aux statistic); one block per expert
-__global__ void k_gate_first_counts(const int* experts, int S, int E, int k, int* first) {
-    int e = blockIdx.x;
-    float c = 0.f;
-    for (int s = threadIdx.x; s < S; s += blockDim.x) c += experts[(i64)s * k] == e ? 1.f : 0.f;
-    c = blockSum(c);
-    if (threadIdx.x == 0) first[e] = (int)(c + 0.5f);
-}
-
-// Combine weights per token: k = 1: the gate value if kept, else 0; k >= 2: renormalised over the kept
-// choices, denominator clamped at FLT_EPSILON (DeepSpeed clamps at the dtype's eps). weights [S,k].
-__global__ void k_gate_weights(const void* gates, int gdt, const int* experts, const int* dest, void* weights, int wdt, int S, int E, int k) {
+// Routing 3/3, one thread per token. Unless ranked (RTS: k_gate_slots wrote dest): slot = base[tile][j][e] + the
+// rank k_gate_tile parked in dest[s,j]; dest = e*C + slot if slot < C else -1 (capacity C), offsets[e] + slot
+// (dropless). Then the combine weights: k = 1: the gate value if kept, else 0; k >= 2: renormalised over the
+// kept choices, denominator clamped at FLT_EPSILON (DeepSpeed clamps at the dtype's eps). weights [S,k].
+__global__ void k_gate_dest(const void* gates, int gdt, const int* experts, const int* base, const int* offsets, int* dest,
+                            void* weights, int wdt, int S, int E, int k, int T, int capacity, int ranked) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= S) return;
+    i64 kb = (i64)s * k;
+    if (!ranked) {
+        i64 tb = (i64)(s / T) * k;
+        for (int j = 0; j < k; j++) {
+            int e = experts[kb + j], slot = base[(tb + j) * E + e] + dest[kb + j];
+            dest[kb + j] = capacity > 0 ? (slot < capacity ? e * capacity + slot : -1) : offsets[e] + slot;
+        }
+    }
     float denom = 0.f;
     for (int j = 0; j < k; j++)
-        if (dest[(i64)s * k + j] >= 0) denom += ld(gates, gdt, (i64)s * E + experts[(i64)s * k + j]);
+        if (dest[kb + j] >= 0) denom += ld(gates, gdt, (i64)s * E + experts[kb + j]);
     denom = fmaxf(denom, FLT_EPSILON);
     for (int j = 0; j < k; j++) {
-        float g = dest[(i64)s * k + j] >= 0 ? ld(gates, gdt, (i64)s * E + experts[(i64)s * k + j]) : 0.f;
-        st(weights, wdt, (i64)s * k + j, k == 1 ? g : g / denom);
+        float g = dest[kb + j] >= 0 ? ld(gates, gdt, (i64)s * E + experts[kb + j]) : 0.f;
+        st(weights, wdt, kb + j, k == 1 ? g : g / denom);
     }
 }
 
+// first[e] = number of tokens whose first choice is e (the l_aux statistic; for k = 1 the backward uses counts
+// instead). One block: a shared histogram, each warp's tokens of one expert added at once by their lowest lane
+// (integer adds: the result is exact in any order). Dynamic shared memory: E ints.
+__global__ void k_gate_first_counts(const int* experts, int S, int E, int k, int* first) {
+    extern __shared__ int gateHist[];
+    int lane = threadIdx.x & 31;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) gateHist[e] = 0;
+    __syncthreads();
+    for (int s0 = 0; s0 < S; s0 += blockDim.x) {   // whole warps: __match_any_sync
+        int s = s0 + threadIdx.x, e = s < S ? experts[(i64)s * k] : -1;
+        unsigned peers = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && (peers & ((1u << lane) - 1u)) == 0) atomicAdd(&gateHist[e], __popc(peers));
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) first[e] = gateHist[e];
+}
 // Backward of the gate, one warp per token: dlogits [S,E] (assigned) from dweights [S,k], the l_aux term
 // (d l_aux / d gates[s,e] = E * first[e] / S^2, first = first-choice counts) and the z-loss term (2 * lse * softmax / S).
 __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int gdt, const int* experts, const int* dest,

@@ -1256,24 +1256,33 @@ public final class CudaBackend implements Backend {
         checkGateOutputs(op, out, s, e, k);
         if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
         int cap = spec.dropless() ? 0 : spec.capacity();
-        try (Tensor lse = scratch(DType.F32, s); Tensor rankBase = scratch(DType.I32, k * e); Tensor lauxPart = scratch(DType.F32, e)) {
+        // k_gate_tile: blocks of `threads` (256, fewer where (threads / 32) * E ints of shared memory pass 48 KiB), tiles of
+        // `tile` tokens (64; larger where there would be more than 256 tiles or 4M tile counts, to keep k_gate_scan short)
+        int threads = 256;
+        while (threads > 32 && (threads / 32) * 4L * e > 48 * 1024) threads /= 2;
+        int tile = Math.min(64, threads);
+        while (tile < threads && ((s + tile - 1) / tile > 256 || (long) ((s + tile - 1) / tile) * k * e > (1L << 22))) tile *= 2;
+        int tiles = (s + tile - 1) / tile;
+        int tileCounts = Math.toIntExact((long) tiles * k * e);
+        try (Tensor lse = scratch(DType.F32, s); Tensor cnt = scratch(DType.I32, tileCounts); Tensor base = scratch(DType.I32, tileCounts);
+             Tensor gsum = scratch(DType.F32, Math.toIntExact((long) tiles * e))) {
             // a warp per token
             launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()),
                     p(out.experts()), p(lse), s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
-            launch("k_gate_counts", e, 1, 256, 0, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k,
-                    p(rankBase), p(out.counts()), p(lauxPart));
-            launch("k_gate_finish", 1, 1, 256, 0, p(out.counts()), p(lauxPart), p(lse), s, e, cap, p(out.offsets()), p(out.losses()), dt(out.losses()));
+            launch("k_gate_tile", tiles, 1, threads, (threads / 32) * 4 * e, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k, tile,
+                    p(out.dest()), p(cnt), p(gsum));
+            launch("k_gate_scan", 1, 1, 1024, 0, p(cnt), p(gsum), p(lse), s, e, k, tiles, cap, p(base), p(out.counts()), p(out.offsets()),
+                    p(out.losses()), dt(out.losses()));
             if (spec.useRts()) {
                 int blocksSk = (int) (((long) s * k + 127) / 128);
                 try (Tensor prio = scratch(DType.F32, s * k)) {
                     launch("k_gate_priorities", blocksSk, 1, 128, 0, s, e, k, spec.seed(), spec.offset(), p(prio));
-                    launch("k_gate_slots", blocksSk, 1, 128, 0, p(out.experts()), p(rankBase), p(out.offsets()), p(prio), s, e, k, cap, p(out.dest()));
+                    // base's first tile is rankBase [k][E]
+                    launch("k_gate_slots", blocksSk, 1, 128, 0, p(out.experts()), p(base), p(out.offsets()), p(prio), s, e, k, cap, p(out.dest()));
                 }
-            } else {
-                launch("k_gate_slots_scan", e, k, 1024, 0, p(out.experts()), p(rankBase), p(out.offsets()), s, e, k, cap, p(out.dest()));
             }
-            launch("k_gate_weights", (s + 127) / 128, 1, 128, 0, p(out.gates()), dt(out.gates()), p(out.experts()), p(out.dest()),
-                    p(out.weights()), dt(out.weights()), s, e, k);
+            launch("k_gate_dest", (s + 127) / 128, 1, 128, 0, p(out.gates()), dt(out.gates()), p(out.experts()), p(base), p(out.offsets()),
+                    p(out.dest()), p(out.weights()), dt(out.weights()), s, e, k, tile, cap, spec.useRts() ? 1 : 0);
         }
     }
 
@@ -1297,11 +1306,13 @@ public final class CudaBackend implements Backend {
         floating(op, "dlogits", dlogits);
         Checks.matrix(op, "dlogits", dlogits, s, e);
         if (s == 0) throw new IllegalArgumentException(op + ": logits has no rows (S = 0 tokens)");
-        try (Tensor first = scratch(DType.I32, e)) {
-            launch("k_gate_first_counts", e, 1, 256, 0, p(saved.experts()), s, e, k, p(first));
+        // first-choice counts: for k = 1 they are the forward's counts (all choices, before dropping)
+        try (Tensor first = k == 1 ? null : scratch(DType.I32, e)) {
+            if (first != null) launch("k_gate_first_counts", 1, 1, 1024, 4 * e, p(saved.experts()), s, e, k, p(first));
             // a warp per token
             launch("k_gate_bwd", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(saved.gates()), dt(saved.gates()),
-                    p(saved.experts()), p(saved.dest()), p(dweights), dt(dweights), p(first), lauxCoeff, zlossCoeff, p(dlogits), dt(dlogits), s, e, k);
+                    p(saved.experts()), p(saved.dest()), p(dweights), dt(dweights), p(first != null ? first : saved.counts()), lauxCoeff, zlossCoeff,
+                    p(dlogits), dt(dlogits), s, e, k);
         }
     }
 

@@ -24,7 +24,12 @@ class CudaMoeVsCpuTest extends GpuTestBase {
     @ParameterizedTest
     @CsvSource({"1, 6, 37, 9, false, false, false", "2, 6, 37, 9, false, false, false", "2, 5, 41, 0, false, false, false",
                 "1, 8, 64, 5, true, true, false", "2, 8, 64, 9, true, true, true", "3, 7, 50, 0, true, false, true",
-                "2, 16, 300, 30, true, false, false"})
+                "2, 16, 300, 30, true, false, false",
+                // the tiled routing kernels: many tiles, a partial last tile, E above a block (256) and above 1024
+                // (fewer threads per tile block, several pieces in the offsets scan), tiles of 128 tokens (S > 16384)
+                "1, 128, 8192, 80, false, true, false", "2, 16, 8192, 1100, false, false, false", "2, 64, 1000, 0, false, true, true",
+                "1, 300, 777, 3, false, false, false", "2, 300, 5000, 20, true, false, false", "3, 1030, 700, 0, false, false, false",
+                "1, 2000, 300, 0, false, false, false", "2, 16, 20000, 2600, false, false, false"})
     void gateForwardBackwardAndPermuteMatchTheCpu(int k, int e, int s, int capacity, boolean rts, boolean rsample, boolean second) {
         GateSpec spec = new GateSpec(k, capacity, rts, rsample, second, 0x5eedL, 1L << 34);
         Tensor[] logits = rand(DType.F32, 2, s, e);

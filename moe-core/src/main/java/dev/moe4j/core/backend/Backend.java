@@ -256,7 +256,7 @@ public interface Backend extends AutoCloseable {
      * Backward of {@link #moeGate}: dlogits [S,E] (assigned) of loss = f(weights) + lauxCoeff * l_aux +
      * zlossCoeff * z-loss, given dweights = df/dweights [S,k]. Flows through the softmax, the top-k
      * renormalisation over kept choices (nothing through the discrete choices, slots or l_aux's mask) and the
-     * z-loss. Saved: gates, experts, dest, weights from the forward.
+     * z-loss. Saved: the forward's outputs (gates, experts, dest, weights, and counts: for k = 1 the first-choice counts of l_aux).
      */
     void moeGateBackward(GateSpec spec, Tensor logits, GateOutputs saved, Tensor dweights,
                          float lauxCoeff, float zlossCoeff, Tensor dlogits);
