@@ -47,7 +47,8 @@ for j in "$out"/lib/cuda-*-linux-x86_64.jar; do
   zip -q -d "$j" $(unzip -Z1 "$j" | grep -E '^org/bytedeco/cuda/linux-x86_64/libjni' | grep -vE '/libjni(cudart|cublas|nccl)\.so$') >/dev/null || true
 done
 
-# The Java runtime (the logic of shared/gpu/make-jre.sh): jlink of the newest JDK 21+ found here.
+# The Java runtime (the logic of shared/gpu/make-jre.sh): jlink of the newest JDK 21+ found here, with JFR (jdk.jfr)
+# so that host-side time can be profiled on the GPU host (-XX:StartFlightRecording).
 if [[ ! -f $out/jre.tgz ]]; then
   jdk=""
   for cand in "${JAVA_HOME:-}" /usr/lib/jvm/*; do
@@ -57,7 +58,7 @@ if [[ ! -f $out/jre.tgz ]]; then
   done
   [[ -n $jdk ]] || { echo "[bundle] no JDK 21+ with jlink found (set JAVA_HOME)" >&2; exit 1; }
   tmp=$(mktemp -d)
-  "$jdk/bin/jlink" --add-modules java.base,java.logging,java.management,jdk.unsupported,jdk.incubator.vector,java.xml,java.naming,jdk.zipfs \
+  "$jdk/bin/jlink" --add-modules java.base,java.logging,java.management,jdk.unsupported,jdk.incubator.vector,java.xml,java.naming,jdk.zipfs,jdk.jfr \
     --strip-debug --no-header-files --no-man-pages --compress=zip-9 --output "$tmp/jre" 2>&1 | grep -v 'incubator modules' || true
   tar czf "$out/jre.tgz" -C "$tmp" jre
   rm -rf "$tmp"

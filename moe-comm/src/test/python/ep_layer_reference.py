@@ -16,7 +16,7 @@ and its backward the same all-to-alls reversed (autograd). Capacity mode sends o
 of an [E, C, M] buffer is zeros), so both modes run the same code. The no-communication layer is the same layer
 over the El local experts only (gate over El, P = 1): the figure EP=2 is compared against.
 
-Timing as EpLayerBench (BenchTiming): 20 warm-up steps, then the median of 20, each between two CUDA events on the
+Timing as EpLayerBench (BenchTiming): 200 warm-up steps, then the median of 20, each between two CUDA events on the
 current stream. Rank 0 prints one JSON line per config and mode, after a line from check(): the EP layer against
 the one-rank layer over all experts at small shapes (ep_layer_reference_cpu_check.py runs that check on CPU ranks).
 """
@@ -39,7 +39,7 @@ CONFIGS = [
     ("1.3B+MoE-128", 8192, 2048, 8192, 16, 1),
     ("1.3B+MoE-64-top2", 8192, 2048, 8192, 8, 2),
 ]
-WARMUP = 20
+WARMUP = 200
 bf = torch.bfloat16
 
 

@@ -112,7 +112,7 @@ def main():
                     p.grad = None
                 fn().backward(dy)
             try:
-                res[label] = median_ms(step, iters, warmup=20)
+                res[label] = median_ms(step, iters, warmup=200)  # as many as MoeLayerBench
             except Exception as e:  # noqa: BLE001 - report and go on
                 res[label] = float("nan")
                 print(f"{name} {label} failed: {e}")

@@ -35,7 +35,7 @@ import java.util.function.Consumer;
  * expert work per GPU (S*k rows); the difference is the gate over E instead of El experts and the four
  * all-to-alls (plus, dropless, one count all-gather and host read per layer).
  *
- * <p>Timing ({@link BenchTiming}): 20 warm-up steps, then the median of 20, each step between CUDA events on the
+ * <p>Timing ({@link BenchTiming}): 200 warm-up steps, then the median of 20, each step between CUDA events on the
  * backend's stream (the NCCL collectives run on it). Rank 0 prints one JSON line per config and mode;
  * moe-comm/src/test/python/ep_layer_reference.py is the PyTorch peer (same configs, same method).
  *
@@ -59,7 +59,7 @@ public final class EpLayerBench {
         new Config("smoke-top2", 64, 16, 32, 2, 2),
     };
 
-    static final int WARMUP = 20;   // enough for the JIT to compile the step's Java path, as in a training run
+    static final int WARMUP = 200;   // enough for the JIT to finish the step's Java path (20 was not: MoeLayerBench)
 
     public static void main(String[] args) throws Exception {
         boolean smoke = System.getenv("WORLD_SIZE") == null;
