@@ -198,7 +198,8 @@ final class ExpertParallel {
                 }
             }
         }
-        List<int[]> parts = new ArrayList<>(List.of(toExpert, toSource, rowExpert, offsets));
+        // a padded route scatters by toSource and never reads toExpert: an empty part keeps the positions below
+        List<int[]> parts = new ArrayList<>(List.of(r.padded ? new int[0] : toExpert, toSource, rowExpert, offsets));
         r.overlap = overlap && P > 1;
         if (r.overlap) {
             // self rows: my tokens for my experts, (j, i) ordered in buf and in recv's block of source me
@@ -245,7 +246,7 @@ final class ExpertParallel {
             pos += parts.get(i).length;
         }
         r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // the MoE layer closes it (it may keep it across steps)
-        r.toExpert = r.packed.view(at2[0], r.expertRows);
+        r.toExpert = r.padded ? null : r.packed.view(at2[0], r.expertRows);
         r.toSource = r.packed.view(at2[1], rq);
         r.rowExpert = r.packed.view(at2[2], r.expertRows);
         r.offsets = r.packed.view(at2[3], El + 1);
