@@ -7,15 +7,16 @@
 // output, whose own rounding (2^-9) dwarfs the rest, the terms down to 2^-8 of the leading one suffice.
 #include "common.cuh"
 
-// Piece p (0, 1, 2) of v.
-__device__ __forceinline__ __nv_bfloat16 f32Piece(float v, int p) {
-    __nv_bfloat16 h = __float2bfloat16_rn(v);
-    if (!isfinite(v)) return p == 0 ? h : __float2bfloat16_rn(0.f);   // inf/NaN: the leading piece carries it
-    for (int q = 0; q < p; q++) {
-        v -= __bfloat162float(h);   // exact: the residual fits fp32
-        h = __float2bfloat16_rn(v);
+// The three pieces of v, each from the residual of the one before (exact: the residual fits fp32).
+__device__ __forceinline__ void f32Pieces(float v, __nv_bfloat16 h[3]) {
+    h[0] = __float2bfloat16_rn(v);
+    if (!isfinite(v)) {   // inf/NaN: the leading piece carries it
+        h[1] = h[2] = __float2bfloat16_rn(0.f);
+        return;
     }
-    return h;
+    float r = v - __bfloat162float(h[0]);
+    h[1] = __float2bfloat16_rn(r);
+    h[2] = __float2bfloat16_rn(r - __bfloat162float(h[1]));
 }
 
 // src viewed as [outer][inner] fp32; dst [outer][blocks][inner] bf16 with dst[o][t][i] = piece (code >> 2t & 3)
@@ -27,7 +28,8 @@ __device__ __forceinline__ void splitF32(const float* src, __nv_bfloat16* dst, I
     for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
         I o = i / inner, c = i - o * inner;
         float v = src[i];
-        __nv_bfloat16 h[3] = {f32Piece(v, 0), f32Piece(v, 1), f32Piece(v, 2)};
+        __nv_bfloat16 h[3];
+        f32Pieces(v, h);
         __nv_bfloat16* d = dst + (i64)o * blocks * inner + c;
         for (int t = 0; t < blocks; t++) d[(i64)t * inner] = h[(code >> (2 * t)) & 3];
     }
