@@ -294,16 +294,13 @@ public final class MoE implements AutoCloseable {
         b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
         // experts backward (with expert parallelism the gate's backward runs while dy travels to the experts),
         // then the dispatch's backward (a gather-sum with weight 1)
-        boolean[] gateDone = new boolean[1];
-        Runnable gateBackward = () -> {
-            gate.backward(dw, auxLossCoeff, zLossCoeff);
-            gateDone[0] = true;
-        };
+        Runnable gateBackward = () -> gate.backward(dw, auxLossCoeff, zLossCoeff);
         Tensor dbuf;
         if (ep == null) {
             dbuf = tmpAdd(tmp, experts.backward(dy));
+            gateBackward.run();
         } else {
-            dbuf = tmpAdd(tmp, ExpertParallel.backward(ep, route, experts, dy, gateBackward));
+            dbuf = tmpAdd(tmp, ExpertParallel.backward(ep, route, experts, dy, gateBackward));   // runs gateBackward on every path
         }
         if (route != null && !route.equal) {   // a dropless routing serves one step; a capacity one is kept
             route.close();
@@ -313,7 +310,6 @@ public final class MoE implements AutoCloseable {
         b.moeUnpermute(dbuf, g.dest(), null, dx);   // writes every row (0 where all choices were dropped)
         if (dxOther != null) b.add(dx, 1, dxOther, 1, dx);
         // the gate input's gradient (combine weights, l_aux, z-loss), accumulated into dx by its GEMM
-        if (!gateDone[0]) gateBackward.run();
         gate.addInputGrad(dx);
         for (Tensor t : tmp) t.close();
         return dx;
