@@ -4,6 +4,7 @@ import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.tensor.Tensor;
 
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.List;
 
 /**
@@ -21,8 +22,8 @@ final class RowExchange {
         List<int[]> packs = packing(sendBlocks, P), unpacks = packing(recvBlocks, P);   // {block row, packed row, rows}
         Tensor s2 = send.reshape(send.rows(), cols), r2 = recv.reshape(recv.rows(), cols);
         // Freed on return while a GPU may still run the copies: the allocator reuses them only for later work on the stream.
-        Tensor packed = inPlace(packs, s2.rows()) ? null : b.empty(send.dtype(), sum(sendRows), cols);
-        Tensor landed = inPlace(unpacks, r2.rows()) ? null : b.empty(recv.dtype(), sum(recvRows), cols);
+        Tensor packed = inPlace(packs, s2.rows()) ? null : b.empty(send.dtype(), Arrays.stream(sendRows).sum(), cols);
+        Tensor landed = inPlace(unpacks, r2.rows()) ? null : b.empty(recv.dtype(), Arrays.stream(recvRows).sum(), cols);
         try {
             if (packed != null) for (int[] m : packs) b.copy(s2.rowSlice(m[0], m[2]), packed.rowSlice(m[1], m[2]));
             c.allToAllV(packed == null ? s2 : packed, sendRows, landed == null ? r2 : landed, recvRows);
@@ -54,11 +55,5 @@ final class RowExchange {
             covered += m[2];
         }
         return covered == rows;
-    }
-
-    private static int sum(int[] a) {
-        int s = 0;
-        for (int x : a) s += x;
-        return s;
     }
 }
