@@ -5,7 +5,6 @@ import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.CommunicationException;
 import dev.moe4j.core.comm.Communicator;
-import dev.moe4j.core.comm.ReduceOp;
 import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.comm.TimedCommunicator;
 import dev.moe4j.core.tensor.DType;
@@ -31,24 +30,10 @@ class ExchangeRowsTest {
     static final DType[] DTYPES = {DType.F32, DType.BF16, DType.I32, DType.F64};
 
     /** Delegates all but the block exchange, so that the SPI's default runs (over the delegate's allToAllV). */
-    static final class Plain implements Communicator {
-        final Communicator inner;
+    static final class Plain extends ForwardingCommunicator {
+        Plain(Communicator inner) { super(inner); }
 
-        Plain(Communicator inner) { this.inner = inner; }
-
-        @Override public int rank() { return inner.rank(); }
-        @Override public int size() { return inner.size(); }
-        @Override public Backend backend() { return inner.backend(); }
         @Override public String describe() { return "plain " + inner.describe(); }
-        @Override public void allToAll(Tensor send, Tensor recv) { inner.allToAll(send, recv); }
-        @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { inner.allToAllV(send, sr, recv, rr); }
-        @Override public void allReduce(Tensor t, ReduceOp op) { inner.allReduce(t, op); }
-        @Override public void allGather(Tensor send, Tensor recv) { inner.allGather(send, recv); }
-        @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { inner.reduceScatter(send, recv, op); }
-        @Override public void broadcast(Tensor t, int root) { inner.broadcast(t, root); }
-        @Override public void barrier() { inner.barrier(); }
-        @Override public void send(Tensor t, int peer) { inner.send(t, peer); }
-        @Override public void recv(Tensor t, int peer) { inner.recv(t, peer); }
         @Override public Communicator split(int color, int key) { return new Plain(inner.split(color, key)); }
         @Override public void close() { }
     }

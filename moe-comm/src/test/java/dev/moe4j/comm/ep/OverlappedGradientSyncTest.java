@@ -1,7 +1,7 @@
 package dev.moe4j.comm.ep;
 
+import dev.moe4j.comm.ForwardingCommunicator;
 import dev.moe4j.comm.InProcessWorld;
-import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
 import dev.moe4j.core.comm.ProcessGroups;
@@ -36,18 +36,14 @@ class OverlappedGradientSyncTest {
      * Delegates everything; the asynchronous calls are deferred to await and logged, and so are the exchanges.
      * blocks = false hides the inner communicator's block exchange (the MoE layer then takes its all-to-all path).
      */
-    static final class Deferring implements Communicator {
-        final Communicator inner;
+    static final class Deferring extends ForwardingCommunicator {
         final List<String> log;
         final boolean blocks;
 
         Deferring(Communicator inner, List<String> log) { this(inner, log, true); }
 
-        Deferring(Communicator inner, List<String> log, boolean blocks) { this.inner = inner; this.log = log; this.blocks = blocks; }
+        Deferring(Communicator inner, List<String> log, boolean blocks) { super(inner); this.log = log; this.blocks = blocks; }
 
-        @Override public int rank() { return inner.rank(); }
-        @Override public int size() { return inner.size(); }
-        @Override public Backend backend() { return inner.backend(); }
         @Override public String describe() { return "deferring " + inner.describe(); }
         @Override public void allToAll(Tensor send, Tensor recv) { log.add("allToAll"); inner.allToAll(send, recv); }
         @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { log.add("allToAllV"); inner.allToAllV(send, sr, recv, rr); }
@@ -68,13 +64,6 @@ class OverlappedGradientSyncTest {
                 inner.exchangeRows(send, sb, recv, rb);
             };
         }
-        @Override public void allReduce(Tensor t, ReduceOp op) { inner.allReduce(t, op); }
-        @Override public void allGather(Tensor send, Tensor recv) { inner.allGather(send, recv); }
-        @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { inner.reduceScatter(send, recv, op); }
-        @Override public void broadcast(Tensor t, int root) { inner.broadcast(t, root); }
-        @Override public void barrier() { inner.barrier(); }
-        @Override public void send(Tensor t, int peer) { inner.send(t, peer); }
-        @Override public void recv(Tensor t, int peer) { inner.recv(t, peer); }
         @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log, blocks); }
         @Override public void close() { inner.close(); }
 
