@@ -37,9 +37,8 @@ import java.util.List;
  * relies on the backend's allocator reusing freed memory only for work queued later on the same stream (as a
  * stream-ordered caching allocator does).
  *
- * <p>The block exchange ({@link #exchangeRows}) keeps the interface's default (packed around this all-to-all) and
- * {@link #exchangesRowBlocks()} stays false: the MoE layer then keeps its layout transforms around the
- * hierarchical exchange, which the configuration chose.
+ * <p>The block exchange ({@link #exchangeRows}) keeps the interface's default: the blocks packed around this
+ * hierarchical all-to-all, which the configuration chose.
  *
  * <p>The node size G is declared (default: LOCAL_WORLD_SIZE), so the path can be tested on one host with G
  * smaller than the number of GPUs. Creating this communicator is collective (it splits the world twice).

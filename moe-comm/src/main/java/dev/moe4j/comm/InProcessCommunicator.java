@@ -279,9 +279,6 @@ public final class InProcessCommunicator implements Communicator {
     }
 
     @Override
-    public boolean exchangesRowBlocks() { return true; }
-
-    @Override
     public void allReduce(Tensor t, ReduceOp op) {
         open("allReduce");
         CommChecks.allReduce(this, t, op);

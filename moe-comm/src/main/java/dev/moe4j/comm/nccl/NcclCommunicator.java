@@ -471,9 +471,6 @@ public final class NcclCommunicator implements Communicator {
     }
 
     @Override
-    public boolean exchangesRowBlocks() { return true; }
-
-    @Override
     public synchronized void exchangeRows(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
         CommChecks.exchangeRows("exchangeRows", this, send, sendBlocks, recv, recvBlocks);
         sendRecvBlocks("exchangeRows", send, sendBlocks, recv, recvBlocks, stream);

@@ -131,7 +131,7 @@ public final class EpLayerBench {
     }
 
     /** As above; nodeSize > 0: the expert-parallel group's all-to-alls hierarchical with that many ranks per node. */
-    /** overlap: the EP layer runs its experts on the rows a rank keeps while the others travel (MoE.Builder.optOverlapAllToAll). */
+    /** overlap: the EP layer pipelines its exchanges with its experts in stages (MoE.Builder.optOverlapAllToAll; -Dmoe4j.ep.chunks stages). */
     static void bench(Communicator world, List<Config> configs, int reps, int nodeSize, boolean overlap, Consumer<String> out) {
         Backend b = world.backend();
         int p = world.size();
@@ -151,9 +151,10 @@ public final class EpLayerBench {
                         if (world.rank() == 0) {
                             out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"ranks\":%d,\"tokens_per_gpu\":%d,"
                                             + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,"
-                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"grad_dtype\":\"%s\",\"device\":\"%s\"}",
+                                            + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"stages\":%d,\"grad_dtype\":\"%s\",\"device\":\"%s\"}",
                                     c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms,
                                     epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", overlap,
+                                    overlap ? Math.min(Math.max(1, Integer.getInteger("moe4j.ep.chunks", 2)), c.expertsPerRank) : 1,
                                     gradDType.name().toLowerCase(Locale.ROOT), b.name()));
                         }
                     } catch (RuntimeException | OutOfMemoryError e) {

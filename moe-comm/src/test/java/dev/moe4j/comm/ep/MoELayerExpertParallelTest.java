@@ -65,20 +65,12 @@ class MoELayerExpertParallelTest {
         check(dropless, k, skewed, overlap, MoE.DroplessLayout.AUTO);
     }
 
-    /**
-     * layout: the expert-parallel layer's dropless layout; the single-rank reference always sorts. Both paths: the
-     * block exchange (the in-process communicator places row blocks) and the all-to-alls with layout transforms.
-     */
+    /** layout: the expert-parallel layer's dropless layout; the single-rank reference always sorts. */
     private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout) {
         check(dropless, k, skewed, overlap, layout, true);
     }
 
     private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias) {
-        check(dropless, k, skewed, overlap, layout, bias, true);
-        if (!overlap) check(dropless, k, skewed, false, layout, bias, false);   // the overlap pipeline never takes blocks
-    }
-
-    private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias, boolean blocks) {
         // reference: one layer, each rank's batch in turn; expert gradients accumulate over all batches
         ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
         MoE ref = builder(dropless, k).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
@@ -94,24 +86,17 @@ class MoELayerExpertParallelTest {
             dxs.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
         }
         rc.params().finishGrads();
-        // the block path is opt-in (ExpertParallel.rowBlocks); the route reads the property when it is built
-        if (blocks) System.setProperty("moe4j.ep.rowBlocks", "true");
-        else System.clearProperty("moe4j.ep.rowBlocks");
-        List<Result> got;
-        try {
-            got = runRanks(dropless, k, skewed, overlap, layout, bias, blocks);
-        } finally {
-            System.clearProperty("moe4j.ep.rowBlocks");
-        }
+        List<Result> got = runRanks(dropless, k, skewed, overlap, layout, bias);
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
         for (int r = 0; r < W; r++) {
             String what = (dropless ? "dropless " + layout : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "")
-                    + (bias ? "" : " no bias") + (blocks ? "" : " (all-to-alls)") + " rank " + r;
+                    + (bias ? "" : " no bias") + " rank " + r;
             List<String> calls = got.get(r).calls();
             long rowExchanges = calls.stream().filter("exchangeRows"::equals).count();
             long allToAlls = calls.stream().filter(c -> c.startsWith("allToAll")).count();
-            if (blocks && !overlap) {
-                assertEquals(4, rowExchanges, what + ": four block exchanges, no all-to-all: " + calls);
+            if (overlap) {
+                // two stages (one expert each): a block exchange per stage and direction, forward and backward
+                assertEquals(8, rowExchanges, what + ": " + calls);
                 assertEquals(0, allToAlls, what + ": " + calls);
             } else {
                 assertEquals(0, rowExchanges, what + ": no block exchange: " + calls);
@@ -152,7 +137,7 @@ class MoELayerExpertParallelTest {
         check(true, 2, true, false, MoE.DroplessLayout.PADDED);   // ranks with no rows, and one expert with all of them
     }
 
-    /** Experts without biases (as the benchmarks run them): the block path uploads no row-to-expert map. */
+    /** Experts without biases, as the benchmarks run them. */
     @Test
     void layersWithoutExpertBiasesEqualTheSingleRankLayer() {
         check(false, 2, false, false, MoE.DroplessLayout.AUTO, false);
@@ -160,15 +145,20 @@ class MoELayerExpertParallelTest {
         check(true, 2, true, false, MoE.DroplessLayout.PADDED, false);
     }
 
-    /** The self-first pipeline (experts on a rank's own rows while the others travel) computes the same layer. */
+    /**
+     * The pipeline over expert stages (each stage's rows travel while the previous stage's experts run) computes
+     * the same layer; the communicator runs each exchange only at its await, so an early read shows.
+     */
     @Test
     void overlappedLayersEqualTheSingleRankLayer() {
         check(false, 1, false, true);
         check(false, 2, false, true);
         check(true, 1, false, true);
         check(true, 2, false, true);
-        check(true, 1, true, true);     // ranks with no rows at all, and ranks with only their own
+        check(true, 1, true, true);     // ranks and stages with no rows at all
         check(false, 2, true, true);
+        check(true, 2, true, true, MoE.DroplessLayout.PADDED);
+        check(true, 1, false, true, MoE.DroplessLayout.PADDED, false);
     }
 
     @Test
@@ -188,18 +178,20 @@ class MoELayerExpertParallelTest {
         });
     }
 
-    private static List<Result> runRanks(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias, boolean blocks) {
+    private static List<Result> runRanks(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias) {
         return InProcessWorld.run(W, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
                 // a communicator that runs each asynchronous exchange only when it is awaited (the latest a GPU side
                 // stream could finish), so a missing or early await shows as a wrong result
                 List<String> calls = new ArrayList<>();
-                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, blocks);
+                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls);
                 MoE moe = builder(dropless, k).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
                         .optDroplessLayout(layout).setContext(ctx).build();
                 ctx.allocateParameters();
                 if (skewed) skewGate(ctx, moe);
+                // stale gradients as after a step: a write the layer misses after zeroGrad shows as a wrong value
+                for (Parameter p : ctx.params().all()) ctx.backend().fill(p.grad(), 1e6);
                 ctx.params().zeroGrad();
                 MoEOutput o = moe.forward(tokens(ctx, comm.rank(), skewed));
                 double[] out = o.output().toDoubles();

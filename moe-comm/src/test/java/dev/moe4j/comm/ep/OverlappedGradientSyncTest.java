@@ -34,20 +34,15 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 class OverlappedGradientSyncTest {
     /**
      * Delegates everything; the asynchronous calls are deferred to await and logged, and so are the exchanges.
-     * blocks = false hides the inner communicator's block exchange (the MoE layer then takes its all-to-all path).
      */
     static final class Deferring extends ForwardingCommunicator {
         final List<String> log;
-        final boolean blocks;
 
-        Deferring(Communicator inner, List<String> log) { this(inner, log, true); }
-
-        Deferring(Communicator inner, List<String> log, boolean blocks) { super(inner); this.log = log; this.blocks = blocks; }
+        Deferring(Communicator inner, List<String> log) { super(inner); this.log = log; }
 
         @Override public String describe() { return "deferring " + inner.describe(); }
         @Override public void allToAll(Tensor send, Tensor recv) { log.add("allToAll"); inner.allToAll(send, recv); }
         @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { log.add("allToAllV"); inner.allToAllV(send, sr, recv, rr); }
-        @Override public boolean exchangesRowBlocks() { return blocks && inner.exchangesRowBlocks(); }
 
         @Override
         public void exchangeRows(Tensor send, RowBlocks sb, Tensor recv, RowBlocks rb) {
@@ -64,7 +59,7 @@ class OverlappedGradientSyncTest {
                 inner.exchangeRows(send, sb, recv, rb);
             };
         }
-        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log, blocks); }
+        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log); }
         @Override public void close() { inner.close(); }
 
         @Override

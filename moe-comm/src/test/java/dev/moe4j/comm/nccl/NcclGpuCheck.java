@@ -121,7 +121,6 @@ public final class NcclGpuCheck {
                 }
             }
         }
-        check("exchangesRowBlocks", comm.exchangesRowBlocks(), "NCCL should place row blocks itself");
         for (DType dt : new DType[] {DType.F32, DType.BF16, DType.I32}) {
             int bcols = dt == DType.BF16 ? 2048 : 5;   // bf16: blocks of up to 16 KiB
             long tag = 81 + dt.ordinal();

@@ -111,7 +111,7 @@ public interface Communicator extends AutoCloseable {
      * (NCCL) check only this rank's own blocks, and a mismatch with a peer garbles the rows or times out.
      *
      * <p>This default packs the blocks per peer, runs {@link #allToAllV} and unpacks (a device copy per block);
-     * {@link #exchangesRowBlocks()} says whether an implementation moves the blocks without those copies.
+     * NCCL and the in-process communicator move the blocks without those copies.
      */
     default void exchangeRows(Tensor send, RowBlocks sendBlocks, Tensor recv, RowBlocks recvBlocks) {
         CommChecks.exchangeRows("exchangeRows", this, send, sendBlocks, recv, recvBlocks);
@@ -126,13 +126,6 @@ public interface Communicator extends AutoCloseable {
         exchangeRows(send, sendBlocks, recv, recvBlocks);
         return CommWork.DONE;
     }
-
-    /**
-     * Whether {@link #exchangeRows} places the blocks directly (no packing copies): then the MoE layer lets the
-     * exchange do its layout transforms. False for this default and for communicators that must keep their own
-     * all-to-all (the hierarchical one).
-     */
-    default boolean exchangesRowBlocks() { return false; }
 
     /** recv (size * send.numel() elements) = the send tensors of ranks 0..size-1, concatenated in rank order. */
     void allGather(Tensor send, Tensor recv);

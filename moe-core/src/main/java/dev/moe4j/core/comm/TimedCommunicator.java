@@ -71,7 +71,6 @@ public final class TimedCommunicator implements Communicator {
         return timed(() -> inner.exchangeRowsAsync(send, sendBlocks, recv, recvBlocks));
     }
 
-    @Override public boolean exchangesRowBlocks() { return inner.exchangesRowBlocks(); }
 
     @Override public void allGather(Tensor send, Tensor recv) { timed(() -> inner.allGather(send, recv)); }
 

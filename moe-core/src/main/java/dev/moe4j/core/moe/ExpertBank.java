@@ -35,6 +35,7 @@ public final class ExpertBank implements AutoCloseable {
      */
     public static final class Pass implements AutoCloseable {
         private final SavedTensors saved = new SavedTensors();
+        private int first, count;      // the experts this pass runs: [first, first + count)
         private Tensor x, h1, a, offsets, rowExpert;
         private int[] hostOffsets;     // offsets on the host when the caller knew them, else null
         private Tensor dh1, dy;        // between backwardData and backwardWeights
@@ -113,11 +114,23 @@ public final class ExpertBank implements AutoCloseable {
 
     /** The forward into pass {@code p} (its previous contents are released first). */
     public Tensor forward(Pass p, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
+        return forward(p, 0, experts, x, offsets, hostOffsets, rowExpert);
+    }
+
+    /**
+     * The forward of experts [first, first + count) only, into pass {@code p}: offsets [count + 1] and rowExpert
+     * count from {@code first} (expert-parallel pipelines run the bank in parts while other rows travel). Their
+     * weight gradients are written by {@link #backwardWeights(Pass, float[])} with betas claimed once for all parts.
+     */
+    public Tensor forward(Pass p, int first, int count, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
         p.close();
         int R = x.rows();
+        if (first < 0 || count < 1 || first + count > experts) throw new IllegalArgumentException("ExpertBank: experts [" + first + ", " + (first + count) + ") out of [0, " + experts + ")");
         if (x.cols() != hidden) throw new IllegalArgumentException("ExpertBank: x is " + x.shape() + ", expected last dimension " + hidden);
         if (offsets == null && experts != 1) throw new IllegalArgumentException("ExpertBank: offsets are required for a bank of " + experts + " experts");
         if (offsets != null && b1 != null && rowExpert == null) throw new IllegalArgumentException("ExpertBank: rowExpert is required for the biases of a multi-expert bank");
+        p.first = first;
+        p.count = count;
         p.x = x;
         p.offsets = offsets;
         p.hostOffsets = hostOffsets;
@@ -134,6 +147,15 @@ public final class ExpertBank implements AutoCloseable {
         return y;
     }
 
+    /** Experts [p.first, + p.count) of an [E, ...] expert tensor (the tensor itself when the pass runs them all). */
+    private Tensor part(Pass p, Tensor t) {
+        if (p.count == experts) return t;
+        long per = t.numel() / experts;
+        int[] dims = t.shape().dims();
+        dims[0] = p.count;
+        return t.view(p.first * per, dims);
+    }
+
     /** out = in * W[e] (+ bias[e]) per row segment of pass p; W [E,K,N] (or [E,N,K] transposed). */
     private void linear(Pass p, Tensor in, Parameter w, boolean transW, Parameter bias, Tensor out) {
         if (p.offsets == null) {
@@ -141,26 +163,26 @@ public final class ExpertBank implements AutoCloseable {
             b.matmul(in, false, w2, transW, out, 1f, 0f);
             if (bias != null) b.addBias(out, bias.value().reshape(out.cols()), out);
         } else {
-            b.groupedMatmul(in, w.value(), transW, p.offsets, p.hostOffsets, out, 0f);
+            b.groupedMatmul(in, part(p, w.value()), transW, p.offsets, p.hostOffsets, out, 0f);
             if (bias != null) {
                 try (Tensor rows = b.empty(ctx.dtype(), out.rows(), out.cols())) {
-                    b.gatherRows(bias.value(), p.rowExpert, rows);
+                    b.gatherRows(part(p, bias.value()), p.rowExpert, rows);
                     b.add(out, 1, rows, 1, out);
                 }
             }
         }
     }
 
-    /** dW += in^T * dout per segment of pass p; dbias += row sums per expert. */
-    private void linearWeightGrad(Pass p, Tensor in, Tensor dout, Parameter w, Parameter bias) {
+    /** dW = beta * dW + in^T * dout per segment of pass p; dbias += row sums per expert. */
+    private void linearWeightGrad(Pass p, Tensor in, Tensor dout, Parameter w, float beta, Parameter bias) {
         if (p.offsets == null) {
             Tensor g = w.grad().reshape(w.shape().dim(1), w.shape().dim(2));
-            b.matmul(in, true, dout, false, g, 1f, w.gradBeta());
+            b.matmul(in, true, dout, false, g, 1f, beta);
             if (bias != null) b.sumRows(dout, bias.grad().reshape(dout.cols()), bias.gradBeta());
         } else {
             // beta 0 also zeroes the gradient of an expert without rows
-            b.groupedMatmulWeightGrad(in, dout, p.offsets, p.hostOffsets, w.grad(), w.gradBeta());
-            if (bias != null) b.scatterAddRows(dout, p.rowExpert, null, bias.definedGrad());
+            b.groupedMatmulWeightGrad(in, dout, p.offsets, p.hostOffsets, part(p, w.grad()), beta);
+            if (bias != null) b.scatterAddRows(dout, p.rowExpert, null, part(p, bias.definedGrad()));
         }
     }
 
@@ -194,12 +216,35 @@ public final class ExpertBank implements AutoCloseable {
 
     /** Accumulates the weight (and bias) gradients of pass p's {@link #backwardData}: dW2 += a^T dy, dW1 += x^T dh1. */
     public void backwardWeights(Pass p) {
+        if (p.count != experts) throw new IllegalStateException("ExpertBank.backwardWeights: a pass over part of the experts takes the betas of claimGradBetas()");
+        backwardWeights(p, claimGradBetas());
+    }
+
+    /**
+     * The betas {fc1, fc2} of this backward's weight-gradient writes (0: the first since zeroGrad, see
+     * {@link Parameter#gradBeta()}), claimed once for passes that each write part of the experts; marks them written.
+     */
+    public float[] claimGradBetas() {
+        return new float[] {fc1.gradBeta(), fc2.gradBeta()};
+    }
+
+    /** {@link #backwardWeights(Pass)} with betas from {@link #claimGradBetas()}. */
+    public void backwardWeights(Pass p, float[] betas) {
         if (p.dh1 == null) throw new IllegalStateException("ExpertBank.backwardWeights called before backwardData");
-        linearWeightGrad(p, p.a, p.dy, fc2, b2);
-        linearWeightGrad(p, p.x, p.dh1, fc1, b1);
+        linearWeightGrad(p, p.a, p.dy, fc2, betas[1], b2);
+        linearWeightGrad(p, p.x, p.dh1, fc1, betas[0], b1);
         p.dh1.close();
         p.dh1 = null;
         p.dy = null;
+    }
+
+    /** The weight gradients of experts [first, first + count), which no pass ran this backward: zeroed where betas say they are written first. */
+    public void zeroWeightGrads(int first, int count, float[] betas) {
+        Pass p = new Pass();
+        p.first = first;
+        p.count = count;
+        if (betas[0] == 0f) b.fill(part(p, fc1.grad()), 0);
+        if (betas[1] == 0f) b.fill(part(p, fc2.grad()), 0);
     }
 
     /** The bank's own pass (what {@link #forward(Tensor, Tensor, int[], Tensor)} fills). */

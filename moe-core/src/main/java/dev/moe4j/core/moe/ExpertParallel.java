@@ -29,21 +29,20 @@ import java.util.List;
  * read, which the variable splits need); it sends no padding, but may pad the local experts' input to equal
  * segments after the exchange ({@link MoE.DroplessLayout}).
  *
- * <p>Where the communicator places row blocks itself ({@link Communicator#exchangesRowBlocks()}, NCCL and
- * in-process) and the self-first overlap is off, the exchanges move one block per (rank, local expert) straight
- * between buf's layout and the experts' order ({@link Communicator#exchangeRows}): no layout transforms and no
- * index tensors.
+ * <p>With overlap ({@link MoE.Builder#optOverlapAllToAll}) the local experts run in {@link #chunks()} groups of
+ * consecutive experts, each a pipeline stage: every group's rows travel by their own block exchange
+ * ({@link Communicator#exchangeRowsAsync}, one block per rank) on the communicator's side stream, so that group
+ * g + 1's rows arrive while group g's experts run, and group g's outputs travel back while group g + 1's run. Each
+ * group's GEMMs stay whole grouped GEMMs over its experts.
  */
 final class ExpertParallel {
     private ExpertParallel() {}
 
     /**
-     * {@code -Dmoe4j.ep.rowBlocks=true}: place every (source, expert) block directly where the communicator can
-     * ({@link Communicator#exchangesRowBlocks()}) instead of all-to-all plus layout transforms. Off by default: on two
-     * H200s over NVLink NCCL's per-block send/recv (0.5-8 MB blocks) was slower than one all-to-all and a gather
-     * (docs/benchmarks.md, EP section).
+     * {@code -Dmoe4j.ep.chunks=N} (default 2): the pipeline stages of the overlapped layer, at most one per local
+     * expert. More stages hide more of the first dispatch and the last combine, but each moves smaller blocks.
      */
-    static boolean rowBlocks() { return Boolean.getBoolean("moe4j.ep.rowBlocks"); }
+    static int chunks() { return Math.max(1, Integer.getInteger("moe4j.ep.chunks", 2)); }
 
     /** The routing of one forward, kept for its backward. */
     static final class Route implements AutoCloseable {
@@ -57,15 +56,7 @@ final class ExpertParallel {
         int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
         Tensor packed;                   // one upload holding the index tensors below (views of it)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
-        // Block path: buf's (rank q, q's expert j) blocks and the experts' (source p, my expert j) blocks, paired.
-        boolean blocks;
-        RowBlocks bufBlocks, expertBlocks;
-        // Overlap (self first): the rows this rank routes to itself run through the experts while the others travel.
-        boolean overlap;
-        int selfStart, selfRows, srcSelfStart, remoteRows;   // self rows: buf[selfStart, +selfRows) = recv[srcSelfStart, ...)
-        int[] selfHostOffsets, remoteHostOffsets;
-        Tensor selfOffsets, selfRowExpert, remoteOffsets, remoteRowExpert, toRemote, fromRemote, xinRemote;
-        final ExpertBank.Pass selfPass = new ExpertBank.Pass(), remotePass = new ExpertBank.Pass();
+        Stage[] stages;                  // overlap: the pipeline's stages (null without)
 
         Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts, int capacity) {
             this.sendRows = sendRows;
@@ -87,10 +78,8 @@ final class ExpertParallel {
         /** Frees what one forward saved for its backward (the expert input). */
         void releaseActivations() {
             if (xin != null) xin.close();
-            if (xinRemote != null) xinRemote.close();
-            xin = xinRemote = null;
-            selfPass.close();
-            remotePass.close();
+            xin = null;
+            if (stages != null) for (Stage st : stages) st.release();
         }
 
         @Override
@@ -102,12 +91,39 @@ final class ExpertParallel {
     }
 
     /**
+     * One stage of the overlapped pipeline: local experts [first, first + count), their rows in source order
+     * (p, j, i) as they arrive and in expert order (j, p, i) for the GEMMs, padded like the route.
+     */
+    static final class Stage {
+        final int first, count;
+        RowBlocks bufBlocks;    // buf's rows for every rank's experts of this stage: (rank q, start in buf, rows)
+        RowBlocks recvBlocks;   // the rows from every source rank: (source p, start in the stage's input, rows)
+        int rows, expertRows;   // rows received; rows of the experts' input (count * largest count when padded)
+        boolean padded;
+        int[] hostOffsets;      // [count + 1], into the experts' input
+        int part;               // the first of its index arrays in the route's upload
+        Tensor toExpert, toSource, offsets, rowExpert;   // views of the route's upload (toExpert null when padded)
+        Tensor xin;             // the experts' input, kept for the backward
+        final ExpertBank.Pass pass = new ExpertBank.Pass();
+
+        Stage(int first, int count) {
+            this.first = first;
+            this.count = count;
+        }
+
+        void release() {
+            if (xin != null) xin.close();
+            xin = null;
+            pass.close();
+        }
+    }
+
+    /**
      * The splits and layout transforms for the gate's routing g over E experts; capacity &gt; 0: capacity mode,
-     * else dropless (collective: every rank of the group calls it for the same layer); overlap: also the index
-     * tensors of the self-first pipeline ({@link #forward}). A dropless routing without overlap may pad the
-     * local experts' segments to the largest one ({@link MoE.DroplessLayout}: PADDED always, AUTO where the backend
-     * prefers equal groups for the model's dtype and the padding at most doubles the rows), so that they run as
-     * equal groups.
+     * else dropless (collective: every rank of the group calls it for the same layer); overlap: as pipeline stages
+     * ({@link #forward}). A dropless routing may pad the local experts' segments (of the whole rank, or of each
+     * stage) to the largest one ({@link MoE.DroplessLayout}: PADDED always, AUTO where the backend prefers equal
+     * groups for the model's dtype and the padding at most doubles the rows), so that they run as equal groups.
      */
     static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap,
                        MoE.DroplessLayout layout, DType dtype) {
@@ -116,13 +132,14 @@ final class ExpertParallel {
         int[][] n = new int[P][El];   // n[p][j]: rows source rank p sends to my local expert j
         int[] sendRows = new int[P], recvRows = new int[P];
         boolean equal = capacity > 0;
-        int[] counts = null;   // dropless: every rank's count per expert, as all below
+        int[] mine = new int[numExperts];   // rows of my buf per global expert
         if (equal) {
             for (int p = 0; p < P; p++) {
                 java.util.Arrays.fill(n[p], capacity);
                 sendRows[p] = El * capacity;
                 recvRows[p] = El * capacity;
             }
+            java.util.Arrays.fill(mine, capacity);
         } else {
             // all[p*E + e]: rank p's count for expert e (all kept: dropless), one host read for the layer
             int[] all;
@@ -137,7 +154,7 @@ final class ExpertParallel {
                     sendRows[p] += all[me * numExperts + p * El + j];
                 }
             }
-            counts = all;
+            System.arraycopy(all, me * numExperts, mine, 0, numExperts);
         }
         int[] localCounts = new int[El];
         int rq = 0;
@@ -147,149 +164,120 @@ final class ExpertParallel {
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
         r.expertRows = rq;
-        r.blocks = rowBlocks() && ep.exchangesRowBlocks() && !(overlap && P > 1);
-        if (r.blocks) {
-            // buf's block for (rank q, its expert j): global expert q*El + j's rows, in expert order
-            List<int[]> bb = new ArrayList<>();
-            for (int e = 0, at = 0; e < numExperts; e++) {
-                int rows = equal ? capacity : counts[me * numExperts + e];
-                if (rows > 0) bb.add(new int[] {e / El, at, rows});
-                at += rows;
-            }
-            r.bufBlocks = blocks(bb);
-            r.expertBlocks = RowBlocks.NONE;
-        }
-        if (rq == 0) return r;
-        int most = java.util.Arrays.stream(localCounts).max().orElse(0);
-        r.padded = !equal && !(overlap && P > 1) && MoE.padsDropless(layout, b, dtype, (long) El * most, rq);
-        // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at j * most
-        int[] srcStart = new int[P * El], expStart = new int[P * El];
-        int at = 0;
-        for (int p = 0; p < P; p++) for (int j = 0; j < El; j++) { srcStart[p * El + j] = at; at += n[p][j]; }
-        at = 0;
-        int[] offsets = new int[El + 1];
-        for (int j = 0; j < El; j++) {
-            if (r.padded) at = j * most;
-            offsets[j] = at;
-            for (int p = 0; p < P; p++) { expStart[p * El + j] = at; at += n[p][j]; }
-        }
-        if (r.padded) {
-            at = El * most;
-            r.expertRows = at;
-        }
-        offsets[El] = at;
-        r.hostOffsets = offsets;
-        if (r.blocks) {
-            // the experts' block for (source p, my expert j), at its place in expert order; the experts read only the offsets
-            List<int[]> eb = new ArrayList<>();
-            for (int p = 0; p < P; p++) for (int j = 0; j < El; j++) if (n[p][j] > 0) eb.add(new int[] {p, expStart[p * El + j], n[p][j]});
-            r.expertBlocks = blocks(eb);
-            return r;   // the experts' index tensors are uploaded by the first forward (expertIndices)
-        }
-        int[] toExpert = new int[r.expertRows], toSource = new int[rq], rowExpert = new int[r.expertRows];
-        if (r.padded) for (int j = 0; j < El; j++) java.util.Arrays.fill(rowExpert, j * most, (j + 1) * most, j);
-        for (int p = 0; p < P; p++) {
-            for (int j = 0; j < El; j++) {
-                for (int i = 0; i < n[p][j]; i++) {
-                    int src = srcStart[p * El + j] + i, dst = expStart[p * El + j] + i;
-                    toExpert[dst] = src;
-                    toSource[src] = dst;
-                    rowExpert[dst] = j;
+        List<int[]> parts = new ArrayList<>();
+        if (overlap && P > 1) {
+            int G = Math.min(chunks(), El);
+            r.stages = new Stage[G];
+            int[] bufStart = new int[numExperts + 1];
+            for (int e = 0; e < numExperts; e++) bufStart[e + 1] = bufStart[e] + mine[e];
+            for (int c = 0; c < G; c++) {
+                int j0 = c * El / G, j1 = (c + 1) * El / G;
+                Stage st = r.stages[c] = new Stage(j0, j1 - j0);
+                int[] peer = new int[P], start = new int[P], rows = new int[P], recvStart = new int[P], recvRowsOf = new int[P];
+                for (int q = 0; q < P; q++) {
+                    peer[q] = q;
+                    start[q] = bufStart[q * El + j0];
+                    rows[q] = bufStart[q * El + j1] - start[q];
+                    recvStart[q] = st.rows;
+                    for (int j = j0; j < j1; j++) recvRowsOf[q] += n[q][j];
+                    st.rows += recvRowsOf[q];
                 }
+                st.bufBlocks = new RowBlocks(peer, start, rows);
+                st.recvBlocks = new RowBlocks(peer, recvStart, recvRowsOf);
+                st.part = parts.size();
+                parts.addAll(layout(r, st, n, j0, j1, st.rows, !equal, layout, b, dtype));
             }
+        } else if (rq > 0) {
+            parts.addAll(layout(r, null, n, 0, El, rq, !equal, layout, b, dtype));
         }
-        // a padded route scatters by toSource and never reads toExpert: an empty part keeps the positions below
-        List<int[]> parts = new ArrayList<>(List.of(r.padded ? new int[0] : toExpert, toSource, rowExpert, offsets));
-        r.overlap = overlap && P > 1;
-        if (r.overlap) {
-            // self rows: my tokens for my experts, (j, i) ordered in buf and in recv's block of source me
-            int[] sendOff = dev.moe4j.core.comm.CommChecks.offsets(sendRows);
-            r.selfStart = sendOff[me];
-            r.selfRows = sendRows[me];
-            r.srcSelfStart = srcStart[me * El];
-            r.remoteRows = rq - r.selfRows;
-            int[] selfOffsets = new int[El + 1], selfRowExpert = new int[r.selfRows];
-            for (int j = 0, k = 0; j < El; j++) {
-                selfOffsets[j + 1] = selfOffsets[j] + n[me][j];
-                for (int i = 0; i < n[me][j]; i++) selfRowExpert[k++] = j;
-            }
-            // remote rows in expert order (j, p != me, i); fromRemote: each recv row's place there, -1 for self rows
-            int[] remoteOffsets = new int[El + 1], toRemote = new int[r.remoteRows], remoteRowExpert = new int[r.remoteRows];
-            int[] fromRemote = new int[rq];
-            java.util.Arrays.fill(fromRemote, -1);
-            int k = 0;
-            for (int j = 0; j < El; j++) {
-                for (int p = 0; p < P; p++) {
-                    if (p == me) continue;
-                    for (int i = 0; i < n[p][j]; i++) {
-                        int src = srcStart[p * El + j] + i;
-                        toRemote[k] = src;
-                        fromRemote[src] = k;
-                        remoteRowExpert[k++] = j;
-                    }
-                }
-                remoteOffsets[j + 1] = k;
-            }
-            r.selfHostOffsets = selfOffsets;
-            r.remoteHostOffsets = remoteOffsets;
-            parts.addAll(List.of(selfOffsets, selfRowExpert, remoteOffsets, toRemote, fromRemote, remoteRowExpert));
-        }
-        // one host-to-device copy for all of them (each upload waits for the stream)
+        if (parts.isEmpty()) return r;
+        // one host-to-device copy for all index tensors (each upload waits for the stream)
         int total = 0;
         for (int[] a : parts) total += a.length;
         int[] all = new int[total];
-        long[] at2 = new long[parts.size()];
+        long[] at = new long[parts.size()];
         int pos = 0;
         for (int i = 0; i < parts.size(); i++) {
-            at2[i] = pos;
+            at[i] = pos;
             System.arraycopy(parts.get(i), 0, all, pos, parts.get(i).length);
             pos += parts.get(i).length;
         }
         r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // the MoE layer closes it (it may keep it across steps)
-        r.toExpert = r.padded ? null : r.packed.view(at2[0], r.expertRows);
-        r.toSource = r.packed.view(at2[1], rq);
-        r.rowExpert = r.packed.view(at2[2], r.expertRows);
-        r.offsets = r.packed.view(at2[3], El + 1);
-        if (r.overlap) {
-            r.selfOffsets = r.packed.view(at2[4], El + 1);
-            r.selfRowExpert = r.packed.view(at2[5], r.selfRows);
-            r.remoteOffsets = r.packed.view(at2[6], El + 1);
-            r.toRemote = r.packed.view(at2[7], r.remoteRows);
-            r.fromRemote = r.packed.view(at2[8], rq);
-            r.remoteRowExpert = r.packed.view(at2[9], r.remoteRows);
+        if (r.stages == null) {
+            r.toExpert = r.padded ? null : r.packed.view(at[0], r.expertRows);
+            r.toSource = r.packed.view(at[1], rq);
+            r.rowExpert = r.packed.view(at[2], r.expertRows);
+            r.offsets = r.packed.view(at[3], El + 1);
+        } else {
+            for (Stage st : r.stages) {
+                if (st.rows == 0) continue;
+                int i = st.part;
+                st.toExpert = st.padded ? null : r.packed.view(at[i], st.expertRows);
+                st.toSource = r.packed.view(at[i + 1], st.rows);
+                st.rowExpert = r.packed.view(at[i + 2], st.expertRows);
+                st.offsets = r.packed.view(at[i + 3], st.count + 1);
+            }
         }
         return r;
     }
 
-    private static RowBlocks blocks(List<int[]> list) {
-        int n = list.size();
-        int[] peer = new int[n], start = new int[n], rows = new int[n];
-        for (int i = 0; i < n; i++) {
-            peer[i] = list.get(i)[0];
-            start[i] = list.get(i)[1];
-            rows[i] = list.get(i)[2];
-        }
-        return new RowBlocks(peer, start, rows);
-    }
-
     /**
-     * The block path's only upload, once per route: the experts' offsets, and rowExpert (each input row's expert,
-     * padding included) only when the bank has biases to read it.
+     * The layout transform of local experts [j0, j1) receiving {@code rows} rows in source order (p, j, i): the
+     * experts' order (j, p, i), padded when dropless and the layout says so. Fills the stage's (or without one, the
+     * route's) sizes and host offsets; returns its index arrays toExpert (empty when padded: a padded layout
+     * scatters by toSource), toSource, rowExpert (counted from j0) and offsets; none for a stage without rows.
      */
-    private static void expertIndices(Backend b, Route r, boolean bias) {
-        if (r.packed != null) return;
-        int El = r.localCounts.length;
-        int[] all = java.util.Arrays.copyOf(r.hostOffsets, El + 1 + (bias ? r.expertRows : 0));
-        if (bias) for (int j = 0; j < El; j++) java.util.Arrays.fill(all, El + 1 + r.hostOffsets[j], El + 1 + r.hostOffsets[j + 1], j);
-        r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // kept with the route (capacity: across steps)
-        r.offsets = r.packed.view(0, El + 1);
-        if (bias) r.rowExpert = r.packed.view(El + 1, r.expertRows);
+    private static List<int[]> layout(Route r, Stage st, int[][] n, int j0, int j1, int rows, boolean dropless,
+                                      MoE.DroplessLayout layout, Backend b, DType dtype) {
+        if (rows == 0) return List.of();
+        int P = n.length, count = j1 - j0;
+        int most = 0;
+        for (int j = j0; j < j1; j++) {
+            int c = 0;
+            for (int p = 0; p < P; p++) c += n[p][j];
+            most = Math.max(most, c);
+        }
+        boolean padded = dropless && MoE.padsDropless(layout, b, dtype, (long) count * most, rows);
+        // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at (j - j0) * most
+        int[][] srcStart = new int[P][j1], expStart = new int[P][j1];
+        int at = 0;
+        for (int p = 0; p < P; p++) for (int j = j0; j < j1; j++) { srcStart[p][j] = at; at += n[p][j]; }
+        at = 0;
+        int[] offsets = new int[count + 1];
+        for (int j = j0; j < j1; j++) {
+            if (padded) at = (j - j0) * most;
+            offsets[j - j0] = at;
+            for (int p = 0; p < P; p++) { expStart[p][j] = at; at += n[p][j]; }
+        }
+        int expertRows = padded ? count * most : rows;
+        offsets[count] = expertRows;
+        int[] toExpert = new int[expertRows], toSource = new int[rows], rowExpert = new int[expertRows];
+        if (padded) for (int j = j0; j < j1; j++) java.util.Arrays.fill(rowExpert, (j - j0) * most, (j - j0 + 1) * most, j - j0);
+        for (int p = 0; p < P; p++) {
+            for (int j = j0; j < j1; j++) {
+                for (int i = 0; i < n[p][j]; i++) {
+                    int src = srcStart[p][j] + i, dst = expStart[p][j] + i;
+                    toExpert[dst] = src;
+                    toSource[src] = dst;
+                    rowExpert[dst] = j - j0;
+                }
+            }
+        }
+        if (st == null) {
+            r.padded = padded;
+            r.expertRows = expertRows;
+            r.hostOffsets = offsets;
+        } else {
+            st.padded = padded;
+            st.expertRows = expertRows;
+            st.hostOffsets = offsets;
+        }
+        return List.of(padded ? new int[0] : toExpert, toSource, rowExpert, offsets);
     }
 
     /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */
     static Tensor forward(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
-        if (r.overlap && r.localRows > 0) return forwardSelfFirst(ep, r, bank, buf);
-        if (r.blocks) return forwardBlocks(ep, r, bank, buf);
+        if (r.stages != null) return forwardPipelined(ep, r, bank, buf);
         Backend b = ep.backend();
         int M = buf.cols();
         DType dt = buf.dtype();
@@ -300,7 +288,7 @@ final class ExpertParallel {
                 ysrc = b.zeros(dt, 0, M);
             } else {
                 r.releaseActivations();
-                r.xin = toExpertOrder(b, r, recv);
+                r.xin = toExpertOrder(b, recv, r.padded, r.expertRows, r.toExpert, r.toSource);
                 try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, bank.hasBias() ? r.rowExpert : null)) {
                     ysrc = b.empty(dt, r.localRows, M);
                     b.gatherRows(yl, r.toSource, ysrc);
@@ -314,112 +302,99 @@ final class ExpertParallel {
         }
     }
 
-    /** The forward where the exchanges place the blocks: buf straight into expert order, the outputs straight back. */
-    private static Tensor forwardBlocks(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+    /**
+     * The overlapped forward: every stage's dispatch is queued on the side stream at once (each a block exchange
+     * that the next stage's experts need not wait for), then stage by stage: wait for its rows, run its experts,
+     * queue its outputs' way back.
+     */
+    private static Tensor forwardPipelined(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
         Backend b = ep.backend();
-        int M = buf.cols();
+        int M = buf.cols(), G = r.stages.length;
         DType dt = buf.dtype();
         r.releaseActivations();
-        // padded: the padding rows no block fills stay 0 (no activations, nothing added to the weight gradients)
-        r.xin = r.padded ? b.zeros(dt, r.expertRows, M) : b.empty(dt, r.expertRows, M);
-        ep.exchangeRows(buf, r.bufBlocks, r.xin, r.expertBlocks);
-        Tensor y = b.empty(dt, buf.rows(), M);   // every row is in one block
-        if (r.localRows == 0) {
-            try (Tensor none = b.empty(dt, 0, M)) {
-                ep.exchangeRows(none, r.expertBlocks, y, r.bufBlocks);
+        Tensor y = b.empty(dt, buf.rows(), M);   // every row of buf is in one stage's blocks
+        Tensor[] recv = new Tensor[G], ysrc = new Tensor[G];
+        CommWork[] dispatch = new CommWork[G], combine = new CommWork[G];
+        try {
+            for (int c = 0; c < G; c++) {
+                recv[c] = b.empty(dt, r.stages[c].rows, M);
+                dispatch[c] = ep.exchangeRowsAsync(buf, r.stages[c].bufBlocks, recv[c], r.stages[c].recvBlocks);
             }
-            return y;
-        }
-        expertIndices(b, r, bank.hasBias());
-        try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, r.rowExpert)) {
-            ep.exchangeRows(yl, r.expertBlocks, y, r.bufBlocks);
+            for (int c = 0; c < G; c++) {
+                Stage st = r.stages[c];
+                dispatch[c].await();
+                if (st.rows == 0) {
+                    ysrc[c] = b.empty(dt, 0, M);
+                } else {
+                    st.xin = toExpertOrder(b, recv[c], st.padded, st.expertRows, st.toExpert, st.toSource);
+                    recv[c].close();
+                    try (Tensor yl = bank.forward(st.pass, st.first, st.count, st.xin, st.offsets, st.hostOffsets, bank.hasBias() ? st.rowExpert : null)) {
+                        ysrc[c] = b.empty(dt, st.rows, M);
+                        b.gatherRows(yl, st.toSource, ysrc[c]);
+                    }
+                }
+                combine[c] = ep.exchangeRowsAsync(ysrc[c], st.recvBlocks, y, st.bufBlocks);
+            }
+            for (CommWork w : combine) w.await();   // before ysrc is freed and y is read
+        } finally {
+            for (Tensor t : recv) if (t != null) t.close();
+            for (Tensor t : ysrc) if (t != null) t.close();
         }
         return y;
     }
 
     /**
-     * The forward with overlap: the dispatch all-to-all runs on the communicator's side stream while the local
-     * experts process the rows this rank routed to itself (they never leave buf); then the rows that arrived, in
-     * expert order; the two outputs meet in source order for the combine all-to-all.
+     * The overlapped backward, stage by stage as the forward: every stage's output gradients queued at once (the
+     * gate's backward runs meanwhile), then for each stage its input gradients, queued back, beside its weight
+     * gradients. The stages write disjoint experts' gradients with betas claimed once.
      */
-    private static Tensor forwardSelfFirst(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+    private static Tensor backwardPipelined(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
         Backend b = ep.backend();
-        int M = buf.cols();
-        DType dt = buf.dtype();
-        boolean bias = bank.hasBias();
-        try (Tensor recv = b.empty(dt, r.localRows, M); Tensor ysrc = b.empty(dt, r.localRows, M)) {
-            CommWork dispatch = exchangeAsync(ep, r, buf, recv, false);
-            Tensor ySelf = r.selfRows == 0 ? null
-                    : bank.forward(r.selfPass, buf.rowSlice(r.selfStart, r.selfRows), r.selfOffsets, r.selfHostOffsets, bias ? r.selfRowExpert : null);
-            dispatch.await();
-            if (r.remoteRows > 0) {
-                r.xinRemote = b.empty(dt, r.remoteRows, M);
-                b.gatherRows(recv, r.toRemote, r.xinRemote);
-                try (Tensor yRemote = bank.forward(r.remotePass, r.xinRemote, r.remoteOffsets, r.remoteHostOffsets, bias ? r.remoteRowExpert : null)) {
-                    b.gatherRows(yRemote, r.fromRemote, ysrc);   // self rows get 0 here, their values below
-                }
-            }
-            if (ySelf != null) {
-                try (ySelf) {
-                    b.copy(ySelf, ysrc.rowSlice(r.srcSelfStart, r.selfRows));
-                }
-            }
-            Tensor y = b.empty(dt, buf.rows(), M);
-            exchange(ep, r, ysrc, y, true);
-            return y;
-        }
-    }
-
-    /**
-     * The backward with overlap: while the output gradients travel, the self rows' backward (data and weights);
-     * then the arrived rows' input gradients, sent back beside their weight gradients.
-     */
-    private static Tensor backwardSelfFirst(Communicator ep, Route r, ExpertBank bank, Tensor dy) {
-        Backend b = ep.backend();
-        int M = dy.cols();
+        int M = dy.cols(), G = r.stages.length;
         DType dt = dy.dtype();
         Tensor dbuf = b.empty(dt, dy.rows(), M);
-        try (Tensor drecv = b.empty(dt, r.localRows, M); Tensor dsrc = b.empty(dt, r.localRows, M)) {
-            CommWork dispatch = exchangeAsync(ep, r, dy, drecv, false);
-            Tensor dxSelf = null;
-            if (r.selfRows > 0) {
-                dxSelf = bank.backwardData(r.selfPass, dy.rowSlice(r.selfStart, r.selfRows));
-                bank.backwardWeights(r.selfPass);
+        Tensor[] drecv = new Tensor[G], dyl = new Tensor[G], dsrc = new Tensor[G];
+        CommWork[] dispatch = new CommWork[G], back = new CommWork[G];
+        try {
+            for (int c = 0; c < G; c++) {
+                drecv[c] = b.empty(dt, r.stages[c].rows, M);
+                dispatch[c] = ep.exchangeRowsAsync(dy, r.stages[c].bufBlocks, drecv[c], r.stages[c].recvBlocks);
             }
-            dispatch.await();
-            Tensor dyRemote = null;
-            try {
-                if (r.remoteRows > 0) {
-                    dyRemote = b.empty(dt, r.remoteRows, M);
-                    b.gatherRows(drecv, r.toRemote, dyRemote);
-                    try (Tensor dxRemote = bank.backwardData(r.remotePass, dyRemote)) {
-                        b.gatherRows(dxRemote, r.fromRemote, dsrc);
-                    }
+            if (beside != null) beside.run();
+            float[] betas = bank.claimGradBetas();
+            for (int c = 0; c < G; c++) {
+                Stage st = r.stages[c];
+                dispatch[c].await();
+                if (st.rows == 0) {
+                    dsrc[c] = b.empty(dt, 0, M);
+                    back[c] = ep.exchangeRowsAsync(dsrc[c], st.recvBlocks, dbuf, st.bufBlocks);
+                    bank.zeroWeightGrads(st.first, st.count, betas);
+                    continue;
                 }
-                if (dxSelf != null) b.copy(dxSelf, dsrc.rowSlice(r.srcSelfStart, r.selfRows));
-                CommWork back = exchangeAsync(ep, r, dsrc, dbuf, true);
-                if (r.remoteRows > 0) bank.backwardWeights(r.remotePass);   // beside the all-to-all
-                back.await();
-            } finally {
-                if (dxSelf != null) dxSelf.close();
-                if (dyRemote != null) dyRemote.close();
+                dyl[c] = toExpertOrder(b, drecv[c], st.padded, st.expertRows, st.toExpert, st.toSource);
+                drecv[c].close();
+                try (Tensor dxin = bank.backwardData(st.pass, dyl[c])) {
+                    dsrc[c] = b.empty(dt, st.rows, M);
+                    b.gatherRows(dxin, st.toSource, dsrc[c]);
+                }
+                back[c] = ep.exchangeRowsAsync(dsrc[c], st.recvBlocks, dbuf, st.bufBlocks);
+                bank.backwardWeights(st.pass, betas);   // beside the exchange
             }
+            for (CommWork w : back) w.await();   // before dsrc is freed and dbuf is read
+        } finally {
+            for (Tensor[] ts : new Tensor[][] {drecv, dyl, dsrc}) for (Tensor t : ts) if (t != null) t.close();
         }
         return dbuf;
     }
 
     /**
      * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. {@code beside} (may be null) is
-     * work that needs nothing of this exchange (the gate's backward): with variable splits or block exchanges it runs
-     * while the dispatch exchange of dy travels on the communicator's side stream. The input gradients go back by the reverse all-to-all while the
-     * experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
+     * work that needs nothing of this exchange (the gate's backward): with variable splits or stages it runs while
+     * the dispatch exchange of dy travels on the communicator's side stream. The input gradients go back by the
+     * reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
-        if (r.overlap && r.localRows > 0) {
-            if (beside != null) beside.run();
-            return backwardSelfFirst(ep, r, bank, dy);
-        }
-        if (r.blocks) return backwardBlocks(ep, r, bank, dy, beside);
+        if (r.stages != null) return backwardPipelined(ep, r, bank, dy, beside);
         Backend b = ep.backend();
         int M = dy.cols();
         DType dt = dy.dtype();
@@ -441,7 +416,7 @@ final class ExpertParallel {
                 }
                 return dbuf;
             }
-            try (Tensor dyl = toExpertOrder(b, r, drecv); Tensor dsrc = b.empty(dt, r.localRows, M)) {
+            try (Tensor dyl = toExpertOrder(b, drecv, r.padded, r.expertRows, r.toExpert, r.toSource); Tensor dsrc = b.empty(dt, r.localRows, M)) {
                 try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
                     b.gatherRows(dxin, r.toSource, dsrc);
                 }
@@ -453,44 +428,18 @@ final class ExpertParallel {
         return dbuf;
     }
 
-    /** The backward where the exchanges place the blocks: dy straight into expert order, dxin straight back to dbuf. */
-    private static Tensor backwardBlocks(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
-        Backend b = ep.backend();
-        int M = dy.cols();
-        DType dt = dy.dtype();
-        Tensor dbuf = b.empty(dt, dy.rows(), M);
-        // padded: zero gradients on the padding rows, so that they add nothing to the weight gradients
-        try (Tensor dyl = r.padded ? b.zeros(dt, r.expertRows, M) : b.empty(dt, r.expertRows, M)) {
-            CommWork dispatch = ep.exchangeRowsAsync(dy, r.bufBlocks, dyl, r.expertBlocks);
-            if (beside != null) beside.run();   // the gate's backward while dy travels
-            dispatch.await();
-            if (r.localRows == 0) {
-                try (Tensor none = b.empty(dt, 0, M)) {
-                    ep.exchangeRows(none, r.expertBlocks, dbuf, r.bufBlocks);
-                }
-                return dbuf;
-            }
-            try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
-                CommWork back = ep.exchangeRowsAsync(dxin, r.expertBlocks, dbuf, r.bufBlocks);
-                bank.backwardWeights(bank.mainPass());   // beside the exchange
-                back.await();             // before dxin and dyl are freed and dbuf is read
-            }
-        }
-        return dbuf;
-    }
-
     /**
      * Received rows (source order) in the local experts' order (returned): a gather, or when padded a scatter into
      * zeros, so that the padding rows carry zero activations and gradients and add nothing to the weight gradients.
      */
-    private static Tensor toExpertOrder(Backend b, Route r, Tensor recv) {
-        if (!r.padded) {
-            Tensor out = b.empty(recv.dtype(), r.localRows, recv.cols());
-            b.gatherRows(recv, r.toExpert, out);
+    private static Tensor toExpertOrder(Backend b, Tensor recv, boolean padded, int expertRows, Tensor toExpert, Tensor toSource) {
+        if (!padded) {
+            Tensor out = b.empty(recv.dtype(), recv.rows(), recv.cols());
+            b.gatherRows(recv, toExpert, out);
             return out;
         }
-        Tensor out = b.zeros(recv.dtype(), r.expertRows, recv.cols());
-        b.moePermute(recv, r.toSource.reshape(r.localRows, 1), out);
+        Tensor out = b.zeros(recv.dtype(), expertRows, recv.cols());
+        b.moePermute(recv, toSource.reshape(recv.rows(), 1), out);
         return out;
     }
 
