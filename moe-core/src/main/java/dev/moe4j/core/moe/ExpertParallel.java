@@ -57,6 +57,9 @@ final class ExpertParallel {
         Tensor packed;                   // one upload holding the index tensors below (views of it)
         Tensor toExpert, toSource, offsets, rowExpert, xin;
         Stage[] stages;                  // overlap: the pipeline's stages (null without)
+        int[][] n;                       // rows from source p for local expert j, until indices() has used them
+        MoE.DroplessLayout layout;
+        DType dtype;
 
         Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts, int capacity) {
             this.sendRows = sendRows;
@@ -164,7 +167,9 @@ final class ExpertParallel {
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
         r.expertRows = rq;
-        List<int[]> parts = new ArrayList<>();
+        r.n = n;
+        r.layout = layout;
+        r.dtype = dtype;
         if (overlap && P > 1) {
             int G = Math.min(chunks(), El);
             r.stages = new Stage[G];
@@ -184,13 +189,30 @@ final class ExpertParallel {
                 }
                 st.bufBlocks = new RowBlocks(peer, start, rows);
                 st.recvBlocks = new RowBlocks(peer, recvStart, recvRowsOf);
+            }
+        }
+        return r;
+    }
+
+    /**
+     * The layout transforms' index tensors of route r, built and uploaded on first use: after the dispatch exchange
+     * is queued (it needs only the splits), so that the host builds them while the rows travel.
+     */
+    private static void indices(Backend b, Route r) {
+        if (r.n == null) return;
+        int[][] n = r.n;
+        r.n = null;
+        int El = r.localCounts.length, rq = r.localRows;
+        List<int[]> parts = new ArrayList<>();
+        if (r.stages != null) {
+            for (Stage st : r.stages) {
                 st.part = parts.size();
-                parts.addAll(layout(r, st, n, j0, j1, st.rows, !equal, layout, b, dtype));
+                parts.addAll(layout(r, st, n, st.first, st.first + st.count, st.rows, !r.equal, r.layout, b, r.dtype));
             }
         } else if (rq > 0) {
-            parts.addAll(layout(r, null, n, 0, El, rq, !equal, layout, b, dtype));
+            parts.addAll(layout(r, null, n, 0, El, rq, !r.equal, r.layout, b, r.dtype));
         }
-        if (parts.isEmpty()) return r;
+        if (parts.isEmpty()) return;
         // one host-to-device copy for all index tensors (each upload waits for the stream)
         int total = 0;
         for (int[] a : parts) total += a.length;
@@ -218,7 +240,6 @@ final class ExpertParallel {
                 st.offsets = r.packed.view(at[i + 3], st.count + 1);
             }
         }
-        return r;
     }
 
     /**
@@ -284,6 +305,7 @@ final class ExpertParallel {
         Tensor ysrc;
         try (Tensor recv = b.empty(dt, r.localRows, M)) {
             exchange(ep, r, buf, recv, false);
+            indices(b, r);
             if (r.localRows == 0) {
                 ysrc = b.zeros(dt, 0, M);
             } else {
@@ -320,6 +342,7 @@ final class ExpertParallel {
                 recv[c] = b.empty(dt, r.stages[c].rows, M);
                 dispatch[c] = ep.exchangeRowsAsync(buf, r.stages[c].bufBlocks, recv[c], r.stages[c].recvBlocks);
             }
+            indices(b, r);
             for (int c = 0; c < G; c++) {
                 Stage st = r.stages[c];
                 dispatch[c].await();
