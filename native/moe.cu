@@ -55,7 +55,7 @@ __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, i
 }
 
 // Slots, counts, offsets and losses take three kernels after k_gate_topk: k_gate_tile (per tile of T tokens),
-// k_gate_scan (one block, across tiles) and k_gate_dest (per token). All sums are in fixed orders, so every
+// k_gate_scan (per expert, across tiles) and k_gate_dest (per token). All sums are in fixed orders, so every
 // result is deterministic and the integer results do not depend on the tile size.
 
 // sum_{i < n} p[i0 + i * stride] in order; the dtype test sits outside the loop so that the loads can go out together.
@@ -77,13 +77,15 @@ __device__ __forceinline__ float stridedSum(const void* p, int dt, i64 i0, i64 s
 // rank of s among the tile's tokens whose choice j is the same expert, in token order (__match_any_sync in the
 // warp plus the counts of the group's earlier warps), parked in dest[s,j] for k_gate_dest; cnt[tile][j][e] =
 // the tile's tokens whose choice j is e. gsum[tile][e] = sum of gates[s,e] over the tile's rows (rows read
-// coalesced; fixed order). Dynamic shared memory: (blockDim / 32) * E ints.
+// coalesced; fixed order). Dynamic shared memory: (blockDim / 32) * E ints. Also zeroes k_gate_scan's ticket (it
+// runs next on the stream), which saves a memset.
 __global__ void k_gate_tile(const int* __restrict__ experts, const void* __restrict__ gates, int gdt, int S, int E, int k, int T,
-                            int* __restrict__ dest, int* __restrict__ cnt, float* __restrict__ gsum) {
+                            int* __restrict__ dest, int* __restrict__ cnt, float* __restrict__ gsum, int* __restrict__ scanTicket) {
     extern __shared__ int gateWarpCount[];   // [warp][e]: the warp's tokens sent to e at its group's current choice
     __shared__ float colPart[256];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, nw = nt >> 5;
     int tile = blockIdx.x, s0 = tile * T, rows = min(T, S - s0);
+    if (tile == 0 && tid == 0) *scanTicket = 0;
     if (E <= nt) {   // R = nt / E row groups of E threads, then the R partial sums in order
         int R = nt / E, r = tid / E, e = tid - r * E;
         colPart[tid] = r < R && r < rows ? stridedSum(gates, gdt, (i64)(s0 + r) * E + e, (i64)R * E, (rows - r + R - 1) / R) : 0.f;
@@ -124,70 +126,76 @@ __global__ void k_gate_tile(const int* __restrict__ experts, const void* __restr
     }
 }
 
-// Routing 2/3, one block of 1024 threads. Per expert e (a group of L lanes of one warp, each lane over a
-// contiguous range of tiles), choice by choice: base[tile][j][e] = rankBase[j][e] + the choice-j tokens sent to e
-// by earlier tiles, rankBase[j][e] = choices of ranks < j sent to e (before dropping; base[0] is the [k][E]
-// rankBase that k_gate_slots reads); counts[e] over all ranks. Then offsets (capacity: e*C; dropless: exclusive
-// cumsum of counts, a block scan), l_aux = E * sum_e mean_s(gates[s,e]) * first-choice count[e] / S from the
-// tiles' column sums, z-loss = mean_s lse[s]^2.
+// Routing 2/3, a warp per expert e (8 per block of 256 threads), its lanes over contiguous ranges of tiles,
+// choice by choice: base[tile][j][e] = rankBase[j][e] + the choice-j tokens sent to e by earlier tiles, rankBase[j][e]
+// = choices of ranks < j sent to e (before dropping; base[0] is the [k][E] rankBase that k_gate_slots reads);
+// counts[e] over all ranks; laux[e] = mean_s(gates[s,e]) * first-choice count[e] / S from the tiles' column sums.
+// Every block also sums lse^2 over its share of the tokens into zpart[block]. The last block to finish (ticket,
+// zeroed by k_gate_tile) adds them up: l_aux = E * sum_e laux[e], z-loss = sum zpart / S, and writes the offsets
+// (capacity: e*C; dropless: exclusive cumsum of counts, a block scan). All sums in fixed orders: deterministic.
 __global__ void k_gate_scan(const int* __restrict__ cnt, const float* __restrict__ gsum, const float* __restrict__ lse,
                             int S, int E, int k, int nTiles, int capacity, int* __restrict__ base, int* counts, int* offsets,
-                            void* losses, int lodt) {
+                            void* losses, int lodt, float* laux, float* zpart, int* ticket) {
     __shared__ int warpTotal[32];
+    __shared__ bool last;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, nw = nt >> 5;
-    int L = 32;
-    while (L > 1 && L * E > nt) L >>= 1;
-    int q = tid & (L - 1), groups = nt / L;
-    int per = (nTiles + L - 1) / L, c0 = min(nTiles, q * per), c1 = min(nTiles, c0 + per);
-    float laux = 0.f;
-    for (int e0 = 0; e0 < E; e0 += groups) {   // the same trip count in every thread: whole warps shuffle
-        int e = e0 + tid / L;
-        bool on = e < E;
+    int e = blockIdx.x * nw + warp;
+    if (e < E) {   // the whole warp
+        int per = (nTiles + 31) / 32, c0 = min(nTiles, lane * per), c1 = min(nTiles, c0 + per);
         int total = 0, first = 0;
         for (int j = 0; j < k; j++) {
             int part = 0;
-            if (on)
-                for (int c = c0; c < c1; c++) part += cnt[((i64)c * k + j) * E + e];
-            int inc = part;   // inclusive scan over the group's lanes
-            for (int o = 1; o < L; o <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, inc, o, L);
-                if (q >= o) inc += v;
+            for (int c = c0; c < c1; c++) part += cnt[((i64)c * k + j) * E + e];
+            int inc = part;   // inclusive scan over the lanes
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += v;
             }
             int b = total + inc - part;
-            if (on)
-                for (int c = c0; c < c1; c++) {
-                    i64 i = ((i64)c * k + j) * E + e;
-                    base[i] = b;
-                    b += cnt[i];
-                }
-            int tj = __shfl_sync(0xffffffffu, inc, L - 1, L);
+            for (int c = c0; c < c1; c++) {
+                i64 i = ((i64)c * k + j) * E + e;
+                base[i] = b;
+                b += cnt[i];
+            }
+            int tj = __shfl_sync(0xffffffffu, inc, 31);
             if (j == 0) first = tj;
             total += tj;
         }
         float me = 0.f;
-        if (on)
-            for (int c = c0; c < c1; c++) me += gsum[(i64)c * E + e];
-        for (int o = L >> 1; o > 0; o >>= 1) me += __shfl_xor_sync(0xffffffffu, me, o, L);
-        if (on && q == 0) {
+        for (int c = c0; c < c1; c++) me += gsum[(i64)c * E + e];
+        me = warpSum(me);
+        if (lane == 0) {
             counts[e] = total;
-            laux += (me / S) * ((float)first / S);
+            laux[e] = (me / S) * ((float)first / S);
         }
     }
-    laux = blockSum(laux) * E;   // its barriers also publish counts[] to the whole block
     float z = 0.f;
-    for (int s = tid; s < S; s += nt) z += lse[s] * lse[s];
+    for (int s = blockIdx.x * nt + tid; s < S; s += gridDim.x * nt) z += lse[s] * lse[s];
+    z = blockSum(z);
+    if (tid == 0) zpart[blockIdx.x] = z;
+    __threadfence();   // this block's counts, laux and zpart visible before its ticket
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(ticket, 1) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    // the last block: every other block's results are in L2 (read past L1 with __ldcg)
+    float l = 0.f;
+    for (int i = tid; i < E; i += nt) l += __ldcg(laux + i);
+    l = blockSum(l) * E;
+    z = 0.f;
+    for (int i = tid; i < gridDim.x; i += nt) z += __ldcg(zpart + i);
     z = blockSum(z) / S;
     if (tid == 0) {
-        st(losses, lodt, 0, laux);
+        st(losses, lodt, 0, l);
         st(losses, lodt, 1, z);
     }
     if (capacity > 0) {
-        for (int e = tid; e <= E; e += nt) offsets[e] = e * capacity;
+        for (int i = tid; i <= E; i += nt) offsets[i] = i * capacity;
         return;
     }
     int run = 0;   // counts of the earlier pieces, the same in every thread
     for (int e0 = 0; e0 < E; e0 += nt) {
-        int e = e0 + tid, v = e < E ? counts[e] : 0, inc = v;
+        int i = e0 + tid, v = i < E ? __ldcg(counts + i) : 0, inc = v;
         for (int o = 1; o < 32; o <<= 1) {
             int u = __shfl_up_sync(0xffffffffu, inc, o);
             if (lane >= o) inc += u;
@@ -199,7 +207,7 @@ __global__ void k_gate_scan(const int* __restrict__ cnt, const float* __restrict
             if (w == warp) before += piece;
             piece += warpTotal[w];
         }
-        if (e < E) offsets[e] = before + inc - v;
+        if (i < E) offsets[i] = before + inc - v;
         run += piece;
         __syncthreads();   // warpTotal is rewritten by the next piece
     }
@@ -319,6 +327,30 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
     }
 }
 
+}  // extern "C" (a template follows)
+
+// The rows of buf [E*C, rowLen units of T] that no choice took: e*C + c for c >= min(counts[e], C), as the gate gives
+// expert e's choices the slots 0 .. counts[e] - 1 (counts before dropping). Zeroed so that a dispatch writes every
+// row of the buffer (the expert GEMMs read them; no zero fill of the whole buffer first). A warp per row, over
+// blocks b of nb of the launch; the rows the choices took are left to the dispatch's own copy.
+template <typename T>
+__device__ __forceinline__ void zeroFreeSlots(T* buf, int rowLen, const int* counts, int C, int R, int b, int nb) {
+    int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    for (int r = b * wpb + (threadIdx.x >> 5); r < R; r += nb * wpb) {
+        int e = r / C;
+        if (r - e * C < min(counts[e], C)) continue;   // the whole warp
+        T* row = buf + (i64)r * rowLen;
+        for (int c = lane; c < rowLen; c += 32) row[c] = T{};
+    }
+}
+
+extern "C" {
+
+// zeroFreeSlots for the dtype-generic dispatch paths: rows of rowLen 16-bit units (any F32 or BF16 row).
+__global__ void k_moe_zero_free_slots(unsigned short* buf, int rowLen, const int* counts, int C, int R) {
+    zeroFreeSlots(buf, rowLen, counts, C, R, blockIdx.x, gridDim.x);
+}
+
 // buf[dest[s,j], c] = x[s, c] for dest >= 0; x [S,M], dest [S,k], buf [R,M]; n = S*k*M
 __global__ void k_moe_permute(const void* x, int xdt, const int* dest, void* buf, int bdt, i64 n, int k, int M) {
     FOR_N(i, n) {
@@ -328,9 +360,16 @@ __global__ void k_moe_permute(const void* x, int xdt, const int* dest, void* buf
     }
 }
 
-// k_moe_permute on bf16 x and buf with M % 8 == 0, 8 columns per thread (16-byte copies); n8 = S * k * M / 8 (< 2^31).
-__global__ void k_moe_permute_bf16x8(const uint4* x, const int* dest, uint4* buf, int n8, int k, int m8) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+// k_moe_permute on bf16 x and buf with M % 8 == 0, 8 columns per thread (16-byte copies) in the first copyBlocks
+// blocks; n8 = S * k * M / 8 (< 2^31). The launch's further blocks (counts not null) zero the free slots of buf
+// [R = E*C, M] (zeroFreeSlots), so that every row is written.
+__global__ void k_moe_permute_bf16x8(const uint4* x, const int* dest, uint4* buf, int n8, int k, int m8, int copyBlocks,
+                                     const int* counts, int C, int R) {
+    if ((int)blockIdx.x >= copyBlocks) {
+        zeroFreeSlots(buf, m8, counts, C, R, blockIdx.x - copyBlocks, gridDim.x - copyBlocks);
+        return;
+    }
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += copyBlocks * blockDim.x) {
         int sk = i / m8, c = i - sk * m8;
         int d = dest[sk];
         if (d >= 0) buf[(i64)d * m8 + c] = x[(i64)(sk / k) * m8 + c];
@@ -387,24 +426,6 @@ __global__ void k_moe_unpermute_bwd_dbuf(const void* dout, int gdt, const int* d
     }
 }
 
-// k_moe_unpermute_bwd_dbuf on bf16 dout and dbuf with M % 8 == 0, 8 columns per thread; n8 = S * k * M / 8 (< 2^31).
-__global__ void k_moe_unpermute_bwd_dbuf_bf16x8(const uint4* dout, const int* dest, const void* w, int wdt, uint4* dbuf, int n8, int k, int m8) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
-        int sk = i / m8, c = i - sk * m8;
-        int d = dest[sk];
-        if (d < 0) continue;
-        float wj = w == nullptr ? 1.f : ld(w, wdt, sk);
-        uint4 v = dout[(i64)(sk / k) * m8 + c];
-        __nv_bfloat162* h = (__nv_bfloat162*)&v;
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            float2 f = __bfloat1622float2(h[q]);
-            h[q] = __floats2bfloat162_rn(wj * f.x, wj * f.y);
-        }
-        dbuf[(i64)d * m8 + c] = v;
-    }
-}
-
 // dw[s,j] = dot(dout[s], buf[dest[s,j]]), 0 where dest < 0; one block per (s, j)
 __global__ void k_moe_unpermute_bwd_dw(const void* dout, int gdt, const void* buf, int bdt, const int* dest, void* dw, int dwdt, int k, int M) {
     i64 sk = blockIdx.x;
@@ -417,28 +438,53 @@ __global__ void k_moe_unpermute_bwd_dw(const void* dout, int gdt, const void* bu
 }
 
 
-// k_moe_unpermute_bwd_dw on bf16 dout and buf with M % 8 == 0: a warp per (s, j), 16-byte loads, a warp sum.
-__global__ void k_moe_unpermute_bwd_dw_bf16x8(const uint4* dout, const uint4* buf, const int* dest, void* dw, int dwdt, int SK, int k, int m8) {
-    int sk = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (sk >= SK) return;   // the whole warp
-    int d = dest[sk];
-    float acc = 0.f;
-    if (d >= 0) {
-        const uint4* a = dout + (i64)(sk / k) * m8;
-        const uint4* b = buf + (i64)d * m8;
-        for (int c = lane; c < m8; c += 32) {
-            uint4 va = a[c], vb = b[c];
-            const __nv_bfloat162* ha = (const __nv_bfloat162*)&va;
-            const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
+// The combine's backward on bf16 dout, buf and dbuf with M % 8 == 0: a warp per (s, j) in the first workBlocks
+// blocks reads dout's row once for both outputs, dbuf[dest[s,j]] = w[s,j] * dout[s] (w nullable: 1) and dw[s,j] =
+// dot(dout[s], buf[dest[s,j]]) (fp32, a warp sum; 0 where dest < 0; dw null: not computed, buf not read), 16-byte
+// loads and stores. SK = S * k. The launch's further blocks (counts not null) zero the free slots of dbuf [R = E*C, M]
+// as k_moe_permute_bf16x8 does.
+__global__ void k_moe_unpermute_bwd_bf16x8(const uint4* dout, const uint4* buf, const int* dest, const void* w, int wdt,
+                                           uint4* dbuf, void* dw, int dwdt, int SK, int k, int m8, int workBlocks,
+                                           const int* counts, int C, int R) {
+    if ((int)blockIdx.x >= workBlocks) {
+        zeroFreeSlots(dbuf, m8, counts, C, R, blockIdx.x - workBlocks, gridDim.x - workBlocks);
+        return;
+    }
+    int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    for (int sk = blockIdx.x * wpb + (threadIdx.x >> 5); sk < SK; sk += workBlocks * wpb) {   // the whole warp
+        int d = dest[sk];
+        float acc = 0.f;
+        if (d >= 0) {
+            float wj = w == nullptr ? 1.f : ld(w, wdt, sk);
+            const uint4* a = dout + (i64)(sk / k) * m8;
+            const uint4* b = buf + (i64)d * m8;
+            uint4* o = dbuf + (i64)d * m8;
+#pragma unroll 4
+            for (int c = lane; c < m8; c += 32) {
+                uint4 va = a[c];
+                __nv_bfloat162* ha = (__nv_bfloat162*)&va;
+                if (dw != nullptr) {
+                    uint4 vb = b[c];
+                    const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
 #pragma unroll
-            for (int q = 0; q < 4; q++) {
-                float2 x = __bfloat1622float2(ha[q]), y = __bfloat1622float2(hb[q]);
-                acc += x.x * y.x + x.y * y.y;
+                    for (int q = 0; q < 4; q++) {
+                        float2 x = __bfloat1622float2(ha[q]), y = __bfloat1622float2(hb[q]);
+                        acc += x.x * y.x + x.y * y.y;
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    float2 f = __bfloat1622float2(ha[q]);
+                    ha[q] = __floats2bfloat162_rn(wj * f.x, wj * f.y);
+                }
+                o[c] = va;
             }
         }
+        if (dw != nullptr) {
+            acc = warpSum(acc);
+            if (lane == 0) st(dw, dwdt, sk, acc);
+        }
     }
-    acc = warpSum(acc);
-    if (lane == 0) st(dw, dwdt, sk, acc);
 }
 
 }  // extern "C"

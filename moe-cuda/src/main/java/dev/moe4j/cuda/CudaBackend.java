@@ -20,6 +20,8 @@ import org.bytedeco.javacpp.IntPointer;
 import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.javacpp.ShortPointer;
 
+import java.util.Objects;
+
 /**
  * The Backend SPI on one NVIDIA GPU: cuBLAS for the matrix products, the kernels of native/ for the rest.
  *
@@ -1264,15 +1266,18 @@ public final class CudaBackend implements Backend {
         while (tile < threads && ((s + tile - 1) / tile > 256 || (long) ((s + tile - 1) / tile) * k * e > (1L << 22))) tile *= 2;
         int tiles = (s + tile - 1) / tile;
         int tileCounts = Math.toIntExact((long) tiles * k * e);
+        // k_gate_scan: a warp per expert, 8 a block, and at least one block per 2048 tokens (up to 64) for the z-loss's sum
+        int scanBlocks = Math.max((e + 7) / 8, Math.min((s + 2047) / 2048, 64));
         try (Tensor lse = scratch(DType.F32, s); Tensor cnt = scratch(DType.I32, tileCounts); Tensor base = scratch(DType.I32, tileCounts);
-             Tensor gsum = scratch(DType.F32, Math.toIntExact((long) tiles * e))) {
+             Tensor gsum = scratch(DType.F32, Math.toIntExact((long) tiles * e)); Tensor parts = scratch(DType.F32, e + scanBlocks);
+             Tensor ticket = scratch(DType.I32, 1)) {
             // a warp per token
             launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()),
                     p(out.experts()), p(lse), s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
             launch("k_gate_tile", tiles, 1, threads, (threads / 32) * 4 * e, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k, tile,
-                    p(out.dest()), p(cnt), p(gsum));
-            launch("k_gate_scan", 1, 1, 1024, 0, p(cnt), p(gsum), p(lse), s, e, k, tiles, cap, p(base), p(out.counts()), p(out.offsets()),
-                    p(out.losses()), dt(out.losses()));
+                    p(out.dest()), p(cnt), p(gsum), p(ticket));
+            launch("k_gate_scan", scanBlocks, 1, 256, 0, p(cnt), p(gsum), p(lse), s, e, k, tiles, cap, p(base), p(out.counts()), p(out.offsets()),
+                    p(out.losses()), dt(out.losses()), p(parts), p(parts) + 4L * e, p(ticket));
             if (spec.useRts()) {
                 int blocksSk = (int) (((long) s * k + 127) / 128);
                 try (Tensor prio = scratch(DType.F32, s * k)) {
@@ -1318,6 +1323,16 @@ public final class CudaBackend implements Backend {
 
     @Override
     public void moePermute(Tensor x, Tensor dest, Tensor buf) {
+        permute(x, dest, null, 0, buf);
+    }
+
+    @Override
+    public void moePermute(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor buf) {
+        permute(x, dest, Objects.requireNonNull(counts, "counts"), capacity, buf);
+    }
+
+    /** The dispatch; with counts also zeroes buf's free slots (capacity &gt; 0) so that every row is written. */
+    private void permute(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor buf) {
         String op = "moePermute";
         floating(op, "x", x); floating(op, "buf", buf);
         Checks.open(op, "dest", dest);
@@ -1326,13 +1341,40 @@ public final class CudaBackend implements Backend {
         if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, x has " + s);
         Checks.cols(op, "buf", buf, m);
         int k = dest.cols();
+        boolean zero = counts != null && freeSlots(op, counts, capacity, s, k, buf);
         long n = (long) s * k * m;
         if (rows8(m, n, x, buf)) {
-            int n8 = (int) (n / 8);
-            launchN("k_moe_permute_bf16x8", n8, p(x), p(dest), p(buf), n8, k, m / 8);
+            int n8 = (int) (n / 8), copyBlocks = blocks(n8);
+            launch("k_moe_permute_bf16x8", copyBlocks + (zero ? zeroBlocks(buf) : 0), 1, THREADS, 0, p(x), p(dest), p(buf), n8, k, m / 8,
+                    copyBlocks, p(counts), capacity, buf.rows());
         } else {
             launchN("k_moe_permute", n, p(x), dt(x), p(dest), p(buf), dt(buf), n, k, m);
+            if (zero) zeroFreeSlots(buf, counts, capacity);
         }
+    }
+
+    /**
+     * Checks the layout of the counts forms of the dispatch and its backward (buf [E*C, M] for capacity C &gt; 0, else
+     * [S*k, M]) and says whether it has free slots to zero (capacity &gt; 0).
+     */
+    private static boolean freeSlots(String op, Tensor counts, int capacity, int s, int k, Tensor buf) {
+        Checks.open(op, "counts", counts);
+        Checks.dtype(op, "counts", counts, DType.I32);
+        long rows = capacity > 0 ? counts.numel() * capacity : (long) s * k;
+        if (buf.rows() != rows) {
+            throw new IllegalArgumentException(op + ": the buffer has " + buf.rows() + " rows, expected " + rows
+                    + (capacity > 0 ? " (" + counts.numel() + " experts x capacity " + capacity + ")" : " (S*k, dropless)"));
+        }
+        return capacity > 0 && rows > 0;
+    }
+
+    /** Blocks of THREADS that zero the free slots of buf: a warp per row. */
+    private static int zeroBlocks(Tensor buf) { return blocks(32L * buf.rows()); }
+
+    /** The free slots of buf [E*C, M] zeroed on their own (the dtype-generic paths). */
+    private void zeroFreeSlots(Tensor buf, Tensor counts, int capacity) {
+        launch("k_moe_zero_free_slots", zeroBlocks(buf), 1, THREADS, 0, p(buf), Math.toIntExact(buf.cols() * (long) buf.dtype().bytes() / 2),
+                p(counts), capacity, buf.rows());
     }
 
     @Override
@@ -1355,6 +1397,16 @@ public final class CudaBackend implements Backend {
 
     @Override
     public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw) {
+        unpermuteBackward(dout, buf, dest, w, null, 0, dbuf, dw);
+    }
+
+    @Override
+    public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor dbuf, Tensor dw) {
+        unpermuteBackward(dout, buf, dest, w, Objects.requireNonNull(counts, "counts"), capacity, dbuf, dw);
+    }
+
+    /** The combine's backward; with counts also zeroes dbuf's free slots (capacity &gt; 0) so that every row is written. */
+    private void unpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor dbuf, Tensor dw) {
         String op = "moeUnpermuteBackward";
         floating(op, "dout", dout); floating(op, "dbuf", dbuf);
         Checks.open(op, "dest", dest);
@@ -1364,24 +1416,23 @@ public final class CudaBackend implements Backend {
         if (dw != null) { floating(op, "buf", buf); Checks.matrix(op, "buf", buf, dbuf.rows(), m); }
         Checks.cols(op, "dbuf", dbuf, m);
         if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
+        if (dw != null) { floating(op, "dw", dw); Checks.matrix(op, "dw", dw, s, k); }
+        boolean zero = counts != null && freeSlots(op, counts, capacity, s, k, dbuf);
         long n = (long) s * k * m;
-        if (rows8(m, n, dout, dbuf)) {
-            int n8 = (int) (n / 8);
-            launchN("k_moe_unpermute_bwd_dbuf_bf16x8", n8, p(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), n8, k, m / 8);
+        boolean fast = rows8(m, n, dout, dbuf), fastDw = dw != null && fast && bf16x8(buf);
+        if (fast) {   // dbuf and (bf16 buf) dw in one pass over dout, a warp per (token, choice)
+            int sk = s * k, workBlocks = blocks(32L * sk);
+            if (sk > 0 || zero) {
+                launch("k_moe_unpermute_bwd_bf16x8", workBlocks + (zero ? zeroBlocks(dbuf) : 0), 1, THREADS, 0, p(dout), p(fastDw ? buf : null),
+                        p(dest), p(w), (int) dtOrZero(w), p(dbuf), p(fastDw ? dw : null), (int) (fastDw ? dt(dw) : 0), sk, k, m / 8, workBlocks,
+                        p(counts), capacity, dbuf.rows());
+            }
         } else {
             launchN("k_moe_unpermute_bwd_dbuf", n, p(dout), dt(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), dt(dbuf), n, k, m);
+            if (zero) zeroFreeSlots(dbuf, counts, capacity);
         }
-        if (dw != null) {
-            floating(op, "dw", dw);
-            Checks.matrix(op, "dw", dw, s, k);
-            if ((long) s * k > 0) {
-                if (rows8(m, 0, dout, buf)) {   // a warp per (token, choice)
-                    launch("k_moe_unpermute_bwd_dw_bf16x8", Math.toIntExact((32L * s * k + 255) / 256), 1, 256, 0, p(dout), p(buf), p(dest),
-                            p(dw), dt(dw), s * k, k, m / 8);
-                } else {
-                    launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
-                }
-            }
+        if (dw != null && !fastDw && (long) s * k > 0) {
+            launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
         }
     }
 

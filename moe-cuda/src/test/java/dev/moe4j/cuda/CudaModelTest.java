@@ -41,12 +41,15 @@ class CudaModelTest extends GpuTestBase {
     static double tolFor(DType dt) { return dt == DType.F32 ? 1e-4 : 5e-2; }
 
     @ParameterizedTest
-    @CsvSource({"1, 0.6, true, false, F32", "2, 0.5, false, true, F32", "2, -1, false, false, F32", "1, 0.6, true, true, BF16"})
-    void moeLayerForwardBackwardMatchesTheCpu(int k, double capacityFactor, boolean rts, boolean noise, DType dt) {
+    // BF16 with hidden 32 takes the 8-column dispatch and combine kernels; the layout matters for dropless (cf -1) only
+    @CsvSource({"1, 0.6, true, false, F32, AUTO", "2, 0.5, false, true, F32, AUTO", "2, -1, false, false, F32, AUTO",
+                "1, 0.6, true, true, BF16, AUTO", "2, 0.8, false, false, BF16, AUTO", "1, -1, false, false, BF16, PADDED",
+                "2, -1, false, false, BF16, SORTED"})
+    void moeLayerForwardBackwardMatchesTheCpu(int k, double capacityFactor, boolean rts, boolean noise, DType dt, MoE.DroplessLayout layout) {
         int s = 48, m = 32, f = 40, e = 6;
         UnaryOperator<MoE.Builder> cfg = bl -> {
             bl.setHiddenSize(m).setFfnSize(f).optNumExperts(e).optK(k).optMinCapacity(0).optUseRts(rts).optZLossCoeff(0.01)
-                    .optActivation(Activation.GELU);
+                    .optActivation(Activation.GELU).optDroplessLayout(layout);
             if (capacityFactor > 0) bl.optCapacityFactor(capacityFactor); else bl.optDropTokens(false);
             if (noise) bl.optNoisyGatePolicy("RSample");
             return bl;
@@ -69,7 +72,7 @@ class CudaModelTest extends GpuTestBase {
             dx[i] = moe[i].backward(r[i], 0.5f);
             ctx[i].params().finishGrads();
         }
-        String name = "MoE layer k=" + k + " cf=" + capacityFactor + " rts=" + rts + " noise=" + noise;
+        String name = "MoE layer k=" + k + " cf=" + capacityFactor + " rts=" + rts + " noise=" + noise + " " + dt + " " + layout;
         System.out.printf("%s: dropped %.3f (cpu) %.3f (gpu)%n", name, moe[0].droppedFraction(), moe[1].droppedFraction());
         check(name + " out", out, tolFor(dt));
         check(name + " l_aux", laux, 1e-5);

@@ -9,6 +9,10 @@ import org.junit.jupiter.api.Tag;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.CsvSource;
 
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
 /**
  * The MoE routing ops of the GPU against CpuBackend's (CpuMoE, the reference), including Gumbel sampling and
  * random token selection, which must pick the same experts and slots on both (same Philox counters).
@@ -29,7 +33,9 @@ class CudaMoeVsCpuTest extends GpuTestBase {
                 // (fewer threads per tile block, several pieces in the offsets scan), tiles of 128 tokens (S > 16384)
                 "1, 128, 8192, 80, false, true, false", "2, 16, 8192, 1100, false, false, false", "2, 64, 1000, 0, false, true, true",
                 "1, 300, 777, 3, false, false, false", "2, 300, 5000, 20, true, false, false", "3, 1030, 700, 0, false, false, false",
-                "1, 2000, 300, 0, false, false, false", "2, 16, 20000, 2600, false, false, false"})
+                "1, 2000, 300, 0, false, false, false", "2, 16, 20000, 2600, false, false, false",
+                // the 350M+MoE-128 layer's routing (RTS, capacity factor 1.0) and an E below a scan block's 8 warps
+                "1, 128, 8192, 64, true, false, false", "2, 5, 3000, 1000, false, false, false"})
     void gateForwardBackwardAndPermuteMatchTheCpu(int k, int e, int s, int capacity, boolean rts, boolean rsample, boolean second) {
         GateSpec spec = new GateSpec(k, capacity, rts, rsample, second, 0x5eedL, 1L << 34);
         Tensor[] logits = rand(DType.F32, 2, s, e);
@@ -43,6 +49,11 @@ class CudaMoeVsCpuTest extends GpuTestBase {
         checkInts("moeGate offsets", new Tensor[] {out[0].offsets(), out[1].offsets()});
         check("moeGate weights", new Tensor[] {out[0].weights(), out[1].weights()}, F32_TOL);
         check("moeGate losses", new Tensor[] {out[0].losses(), out[1].losses()}, F32_TOL);
+        // the multi-block scan sums l_aux and the z-loss in a fixed order: a second call gives the same bits
+        GateOutputs again = outputs(gpu, s, e, k);
+        gpu.moeGate(spec, logits[1], again);
+        assertArrayEquals(out[1].losses().toFloats(), again.losses().toFloats(), "moeGate losses, run to run");
+        assertArrayEquals(out[1].dest().toInts(), again.dest().toInts(), "moeGate dest, run to run");
         Tensor[] dw = rand(DType.F32, 1, s, k), dl = rand(DType.F32, 1, s, e);
         for (int i = 0; i < 2; i++) on(i).moeGateBackward(spec, logits[i], out[i], dw[i], 0.5f, 0.1f, dl[i]);
         check("moeGateBackward", dl, 1e-5);
@@ -58,5 +69,59 @@ class CudaMoeVsCpuTest extends GpuTestBase {
         for (int i = 0; i < 2; i++) on(i).moeUnpermuteBackward(dout[i], buf[i], dest[i], w[i], dbuf[i], dwt[i]);
         check("moeUnpermuteBackward dbuf", dbuf, BF16_TOL);
         check("moeUnpermuteBackward dw", dwt, 1e-5);
+    }
+
+    /**
+     * The counts forms of the dispatch and of the combine's backward (dbuf and dw in one pass over dout) against the
+     * CPU's, into NaN-filled buffers so that a row left unwritten fails: capped with drops and free slots (top-1 with
+     * RTS, top-2), padded dropless, sorted dropless; bf16 widths of the 8-column kernels (48, 64, 1024) and the
+     * generic kernels (F32, bf16 width 45). Then the plain backward (rows not addressed untouched) without dw.
+     */
+    @ParameterizedTest
+    @CsvSource({"1, 8, 200, 20, CAPPED, BF16, 64", "2, 8, 200, 40, CAPPED, BF16, 48", "1, 6, 90, 13, CAPPED, F32, 40",
+                "2, 6, 90, 26, CAPPED, BF16, 45", "1, 8, 200, 0, PADDED, BF16, 64", "2, 6, 90, 0, PADDED, F32, 33",
+                "2, 8, 200, 0, SORTED, BF16, 64", "1, 128, 8192, 64, CAPPED, BF16, 1024"})
+    void countsFormsOfDispatchAndCombineBackwardMatchTheCpu(int k, int e, int s, int capacity, String layout, DType dt, int m) {
+        boolean rts = k == 1 && capacity > 0;
+        Tensor[] logits = rand(DType.F32, 2, s, e);
+        GateOutputs[] out = {outputs(cpu, s, e, k), outputs(gpu, s, e, k)};
+        for (int i = 0; i < 2; i++) on(i).moeGate(new GateSpec(k, capacity, rts, false, false, 0x5eedL, 0), logits[i], out[i]);
+        // PADDED: MoE's padded dropless layout, re-routed with capacity = the largest count
+        int c = layout.equals("PADDED") ? java.util.Arrays.stream(out[0].counts().toInts()).max().orElseThrow() : capacity;
+        if (c != capacity) {
+            for (int i = 0; i < 2; i++) {
+                out[i] = outputs(on(i), s, e, k);
+                on(i).moeGate(new GateSpec(k, c, false, false, false, 0x5eedL, 0), logits[i], out[i]);
+            }
+        }
+        Tensor[] dest = {out[0].dest(), out[1].dest()}, counts = {out[0].counts(), out[1].counts()}, w = {out[0].weights(), out[1].weights()};
+        checkInts("moeGate dest", dest);
+        checkInts("moeGate counts", counts);
+        int rows = c > 0 ? e * c : s * k;
+        long kept = java.util.Arrays.stream(dest[0].toInts()).filter(d -> d >= 0).count();
+        System.out.printf("counts forms k=%d E=%d S=%d C=%d %s %s M=%d: %d of %d rows free, %d choices dropped%n",
+                k, e, s, c, layout, dt, m, rows - kept, rows, (long) s * k - kept);
+        if (c > 0) assertTrue(kept < rows, "the case should leave free rows");
+        assertEquals(layout.equals("CAPPED"), kept < (long) s * k, "drops exactly when capped");
+
+        Tensor[] x = rand(dt, 1, s, m), buf = {cpu.zeros(dt, rows, m), gpu.zeros(dt, rows, m)};
+        for (int i = 0; i < 2; i++) {
+            on(i).fill(buf[i], Double.NaN);
+            on(i).moePermute(x[i], dest[i], counts[i], c, buf[i]);
+        }
+        check("moePermute, counts form", buf, 0);
+
+        Tensor[] dout = rand(dt, 1, s, m), y = rand(dt, 1, rows, m), dbuf = {cpu.zeros(dt, rows, m), gpu.zeros(dt, rows, m)};
+        Tensor[] dw = {cpu.zeros(DType.F32, s, k), gpu.zeros(DType.F32, s, k)};
+        for (int i = 0; i < 2; i++) {
+            on(i).fill(dbuf[i], Double.NaN);
+            on(i).moeUnpermuteBackward(dout[i], y[i], dest[i], w[i], counts[i], c, dbuf[i], dw[i]);
+        }
+        check("moeUnpermuteBackward, counts form: dbuf", dbuf, tol(dt));
+        check("moeUnpermuteBackward, counts form: dw", dw, 1e-5);
+
+        Tensor[] stale = rand(dt, 1, rows, m);
+        for (int i = 0; i < 2; i++) on(i).moeUnpermuteBackward(dout[i], null, dest[i], w[i], stale[i], null);
+        check("moeUnpermuteBackward, plain form without dw", stale, tol(dt));
     }
 }

@@ -265,6 +265,24 @@ public interface Backend extends AutoCloseable {
     void moePermute(Tensor x, Tensor dest, Tensor buf);
 
     /**
+     * Dispatch into the buffer of one {@link #moeGate} call that writes <em>every</em> row of buf, so that buf needs no
+     * zero fill first (its unused rows feed the expert GEMMs and must be 0): buf[dest[s,j]] = x[s] for dest[s,j] &gt;= 0,
+     * every other row 0. dest and counts (I32 [E], {@link GateOutputs#counts}) are that call's outputs and capacity its
+     * spec's capacity C:
+     * <ul>
+     *   <li>C &gt; 0: buf is [E*C, M]. The gate gives expert e's choices the slots 0 .. counts[e]-1 (counts before
+     *       dropping) and keeps those below C, so the rows set to 0 are e*C + c for min(counts[e], C) &lt;= c &lt; C:
+     *       the unused capacity, or the padding of a padded dropless layout (C = the largest count).</li>
+     *   <li>C &lt;= 0 (dropless, sorted by expert): buf is [S*k, M] and dest addresses every row; counts is not read.</li>
+     * </ul>
+     * Other dest or counts break the promise (the CPU backend checks and throws; a GPU backend may not).
+     */
+    default void moePermute(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor buf) {
+        if (capacity > 0) fill(buf, 0);
+        moePermute(x, dest, buf);
+    }
+
+    /**
      * Combine: out[s] = sum_j w[s,j] * buf[dest[s,j]] over dest[s,j] &gt;= 0 (w null: weight 1). Assigned.
      * With w null it is also the backward of {@link #moePermute}.
      */
@@ -275,6 +293,16 @@ public interface Backend extends AutoCloseable {
      * dw[s,j] = dot(dout[s], buf[dest[s,j]]) (0 where dest &lt; 0). dw (and then buf) may be null: not computed.
      */
     void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw);
+
+    /**
+     * {@link #moeUnpermuteBackward} that writes <em>every</em> row of dbuf (0 where dest addresses none), so that dbuf
+     * needs no zero fill first; dest, counts and capacity are one {@link #moeGate} call's, as in the counts form of
+     * {@link #moePermute}, which says which rows are set to 0.
+     */
+    default void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor dbuf, Tensor dw) {
+        if (capacity > 0) fill(dbuf, 0);
+        moeUnpermuteBackward(dout, buf, dest, w, dbuf, dw);
+    }
 
     // ---------------------------------------------------------------- optimizer
 

@@ -749,6 +749,13 @@ public final class CpuBackend implements Backend {
     }
 
     @Override
+    public void moePermute(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor buf) {
+        boolean[] free = CpuMoE.freeSlots("moePermute", dest, counts, capacity, "buf", buf);
+        CpuMoE.permute(x, dest, buf);
+        CpuMoE.zeroRows(buf, free);
+    }
+
+    @Override
     public void moeUnpermute(Tensor buf, Tensor dest, Tensor w, Tensor out) {
         CpuMoE.unpermute(buf, dest, w, out);
     }
@@ -756,6 +763,13 @@ public final class CpuBackend implements Backend {
     @Override
     public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor dbuf, Tensor dw) {
         CpuMoE.unpermuteBackward(dout, buf, dest, w, dbuf, dw);
+    }
+
+    @Override
+    public void moeUnpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor dbuf, Tensor dw) {
+        boolean[] free = CpuMoE.freeSlots("moeUnpermuteBackward", dest, counts, capacity, "dbuf", dbuf);
+        CpuMoE.unpermuteBackward(dout, buf, dest, w, dbuf, dw);
+        CpuMoE.zeroRows(dbuf, free);
     }
 
     // ------------------------------------------------------------------ optimizer

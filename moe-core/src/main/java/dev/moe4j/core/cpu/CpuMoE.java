@@ -247,6 +247,55 @@ final class CpuMoE {
         return dest.cols();
     }
 
+    /**
+     * The rows of buf that the counts forms of moePermute and moeUnpermuteBackward set to 0 (Backend#moePermute):
+     * capacity C &gt; 0: e*C + c for min(counts[e], C) &lt;= c &lt; C; C &lt;= 0: none. Checks that dest addresses every
+     * other row exactly once and none of these, i.e. that dest, counts and capacity are one moeGate call's.
+     */
+    static boolean[] freeSlots(String op, Tensor dest, Tensor counts, int capacity, String bufName, Tensor buf) {
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        Checks.open(op, "counts", counts);
+        Checks.dtype(op, "counts", counts, DType.I32);
+        Checks.open(op, bufName, buf);
+        int R = buf.rows(), n = Math.toIntExact(dest.numel());
+        boolean[] free = new boolean[R];
+        if (capacity > 0) {
+            int E = Math.toIntExact(counts.numel());
+            if ((long) E * capacity != R) throw new IllegalArgumentException(op + ": " + bufName + " has " + R + " rows, expected " + E + " experts x capacity " + capacity);
+            double[] CT = data(counts);
+            int co = off(counts);
+            for (int e = 0; e < E; e++) {
+                int used = (int) Math.min(CT[co + e], capacity);
+                for (int c = used; c < capacity; c++) free[e * capacity + c] = true;
+            }
+        } else if (R != n) {
+            throw new IllegalArgumentException(op + ": " + bufName + " has " + R + " rows, expected S*k = " + n + " (dropless)");
+        }
+        boolean[] hit = new boolean[R];
+        double[] D = data(dest);
+        int o = off(dest);
+        for (int i = 0; i < n; i++) {
+            int r = (int) D[o + i];
+            if (r < 0) continue;
+            if (r >= R || free[r] || hit[r]) {
+                throw new IllegalArgumentException(op + ": dest[" + i + "] = " + r + " is not a row the counts leave to one choice (dest and counts of different gate calls?)");
+            }
+            hit[r] = true;
+        }
+        for (int r = 0; r < R; r++) {
+            if (!free[r] && !hit[r]) throw new IllegalArgumentException(op + ": no choice takes buffer row " + r + ", which the counts say is used (dest and counts of different gate calls?)");
+        }
+        return free;
+    }
+
+    /** buf's rows where free is set = 0. */
+    static void zeroRows(Tensor buf, boolean[] free) {
+        double[] B = data(buf);
+        int bo = off(buf), M = buf.cols();
+        for (int r = 0; r < free.length; r++) if (free[r]) Arrays.fill(B, bo + r * M, bo + (r + 1) * M, 0);
+    }
+
     static void permute(Tensor x, Tensor dest, Tensor buf) {
         String op = "moePermute";
         Checks.open(op, "x", x);

@@ -68,6 +68,7 @@ public final class MoE implements AutoCloseable {
     private final SavedTensors saved = new SavedTensors();
     private Tensor x, buf, y, rowExpert, stack, coef, resDest;
     private int capacity, tokens;
+    private int slots;   // rows per expert in buf (0: dropless, sorted by expert)
     private MoEOutput last;
 
     private MoE(ModelContext ctx, Config c, Communicator ep) {
@@ -156,10 +157,12 @@ public final class MoE implements AutoCloseable {
             }
         }
 
-        // dispatch: buf [R, M], R = E*C (slot e*C + c) or S*k (dropless, sorted by expert)
+        // dispatch: buf [R, M], R = E*C (slot e*C + c) or S*k (dropless, sorted by expert); the counts form writes every
+        // row (unused capacity and padding rows 0), so buf needs no zero fill
         int R = slots > 0 ? E * slots : S * k;
-        buf = saved.keep(b.zeros(ctx.dtype(), R, M));   // unused capacity rows stay 0
-        b.moePermute(x, g.dest(), buf);
+        this.slots = slots;
+        buf = saved.keep(b.empty(ctx.dtype(), R, M));
+        b.moePermute(x, g.dest(), g.counts(), slots, buf);
         if (ep == null) {
             if (experts.hasBias()) rowExpert = saved.keep(rowExperts(g, S, k, R));
             // experts: y [R, M]
@@ -271,7 +274,7 @@ public final class MoE implements AutoCloseable {
         Tensor dmoe = dout;
         if (cfg.useResidual) {
             // out = coef0 * moe + coef1 * mlp: dstack rows and dcoef [S,2]
-            Tensor dstack = tmpAdd(tmp, b.zeros(ctx.dtype(), 2 * S, M));
+            Tensor dstack = tmpAdd(tmp, b.empty(ctx.dtype(), 2 * S, M));   // resDest addresses every row
             Tensor dcoef = tmpAdd(tmp, b.empty(ctx.dtype(), S, 2));
             b.moeUnpermuteBackward(dout, stack, resDest, coef, dstack, dcoef);
             dmoe = dstack.rowSlice(0, S);
@@ -288,10 +291,11 @@ public final class MoE implements AutoCloseable {
             if (dxOther == null) dxOther = dxs;
             else b.add(dxOther, 1, dxs, 1, dxOther);
         }
-        // combine backward: dy rows addressed by dest (others 0), dweights [S,k] in the gate dtype
-        Tensor dy = tmpAdd(tmp, b.zeros(ctx.dtype(), y.rows(), M));
+        // combine backward: dy rows addressed by dest, the others 0 (the counts form writes every row), and dweights
+        // [S,k] in the gate dtype
+        Tensor dy = tmpAdd(tmp, b.empty(ctx.dtype(), y.rows(), M));
         Tensor dw = tmpAdd(tmp, b.empty(gate.dtype(), S, k));
-        b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), dy, dw);
+        b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), g.counts(), slots, dy, dw);
         // experts backward (with expert parallelism the gate's backward runs while dy travels to the experts),
         // then the dispatch's backward (a gather-sum with weight 1)
         Runnable gateBackward = () -> gate.backward(dw, auxLossCoeff, zLossCoeff);
@@ -519,9 +523,9 @@ public final class MoE implements AutoCloseable {
         public Builder optExpertBias(boolean bias) { this.expertBias = bias; return this; }
 
         /**
-         * Expert parallelism: run the local experts first on the rows this rank routes to itself while the
-         * dispatch all-to-all carries the others, and in the backward likewise (default false until measured to
-         * pay on GPUs: the expert GEMMs are split in two).
+         * Expert parallelism: pipeline the exchanges with the experts in stages of local experts (each stage's
+         * rows travel while the previous stage's experts run; {@code -Dmoe4j.ep.chunks}, default 2). Default
+         * false: on two NVLink GPUs it measured no faster (docs/benchmarks.md, expert parallelism).
          */
         public Builder optOverlapAllToAll(boolean overlap) { this.overlapAllToAll = overlap; return this; }
 

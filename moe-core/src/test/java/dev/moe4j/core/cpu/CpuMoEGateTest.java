@@ -1,5 +1,6 @@
 package dev.moe4j.core.cpu;
 
+import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.GateOutputs;
 import dev.moe4j.core.backend.GateSpec;
 import dev.moe4j.core.backend.Philox;
@@ -8,7 +9,11 @@ import dev.moe4j.core.tensor.Tensor;
 import dev.moe4j.core.testing.GradCheck;
 import dev.moe4j.core.testing.Tensors;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.params.ParameterizedTest;
+import org.junit.jupiter.params.provider.CsvSource;
 
+import java.lang.reflect.InvocationHandler;
+import java.lang.reflect.Proxy;
 import java.util.Arrays;
 import java.util.HashSet;
 import java.util.Set;
@@ -198,6 +203,68 @@ class CpuMoEGateTest {
         Tensor l = b.fromDoubles(DType.F32, new double[] {1, 2, 3, 4}, 2, 2);
         var ex = assertThrows(IllegalArgumentException.class, () -> b.moeGate(new GateSpec(3, 2, false, false, false, 0, 0), l, outputs(DType.F32, 2, 2, 3)));
         assertTrue(ex.getMessage().contains("k"), ex.getMessage());
+    }
+
+    /**
+     * The counts forms of moePermute and moeUnpermuteBackward into NaN-filled buffers give what the plain forms give
+     * into zeroed ones: every row written, the unused capacity (CAPPED, with drops) and the padding (PADDED) 0. Backend's
+     * default (fill, then the plain form) gives the same. Counts or a buffer of another routing are rejected.
+     */
+    @ParameterizedTest
+    @CsvSource({"1, 5, 40, 9, CAPPED", "2, 5, 40, 17, CAPPED", "1, 5, 40, 0, PADDED", "2, 4, 30, 0, PADDED", "2, 4, 30, 0, SORTED"})
+    void countsFormsWriteEveryRowOfTheBuffer(int k, int e, int s, int capacity, String layout) {
+        SplittableRandom rnd = new SplittableRandom(31L * k + e);
+        Tensor logits = Tensors.random(b, DType.F32, rnd, 2, s, e);
+        GateOutputs first = outputs(DType.F32, s, e, k);
+        b.moeGate(new GateSpec(k, capacity, false, false, false, 5, 0), logits, first);
+        // PADDED: MoE's padded dropless layout, re-routed with capacity = the largest count
+        int c = layout.equals("PADDED") ? Arrays.stream(first.counts().toInts()).max().orElseThrow() : capacity;
+        GateOutputs o = c == capacity ? first : outputs(DType.F32, s, e, k);
+        if (o != first) b.moeGate(new GateSpec(k, c, false, false, false, 5, 0), logits, o);
+        int m = 7, rows = c > 0 ? e * c : s * k;
+        int[] dest = o.dest().toInts(), counts = o.counts().toInts();
+        long addressed = Arrays.stream(dest).filter(d -> d >= 0).count();
+        if (c > 0) assertTrue(addressed < rows, "the case should leave rows of the buffer free");
+        assertEquals(layout.equals("CAPPED"), addressed < (long) s * k, "drops exactly when capped");
+        Backend viaDefaults = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
+                (proxy, method, args) -> method.isDefault() && method.getName().startsWith("moe")
+                        ? InvocationHandler.invokeDefault(proxy, method, args) : method.invoke(b, args));
+
+        Tensor x = Tensors.random(b, DType.F32, rnd, 1, s, m), want = b.zeros(DType.F32, rows, m);
+        b.moePermute(x, o.dest(), want);
+        for (int i = 0; i < 2; i++) {
+            Tensor buf = b.zeros(DType.F32, rows, m);
+            b.fill(buf, Double.NaN);
+            (i == 0 ? b : viaDefaults).moePermute(x, o.dest(), o.counts(), c, buf);
+            assertArrayEquals(want.toDoubles(), buf.toDoubles(), "moePermute's counts form, " + (i == 0 ? "CpuBackend" : "Backend's default"));
+        }
+
+        Tensor dout = Tensors.random(b, DType.F32, rnd, 1, s, m), y = Tensors.random(b, DType.F32, rnd, 1, rows, m);
+        Tensor wantDbuf = b.zeros(DType.F32, rows, m), wantDw = b.zeros(DType.F32, s, k);
+        b.moeUnpermuteBackward(dout, y, o.dest(), o.weights(), wantDbuf, wantDw);
+        for (int i = 0; i < 2; i++) {
+            Tensor dbuf = b.zeros(DType.F32, rows, m), dw = b.zeros(DType.F32, s, k);
+            b.fill(dbuf, Double.NaN);
+            (i == 0 ? b : viaDefaults).moeUnpermuteBackward(dout, y, o.dest(), o.weights(), o.counts(), c, dbuf, dw);
+            String on = i == 0 ? "CpuBackend" : "Backend's default";
+            assertArrayEquals(wantDbuf.toDoubles(), dbuf.toDoubles(), "moeUnpermuteBackward's counts form, " + on + ": dbuf");
+            assertArrayEquals(wantDw.toDoubles(), dw.toDoubles(), "moeUnpermuteBackward's counts form, " + on + ": dw");
+        }
+
+        // another routing's counts (one more choice for an expert with free slots), or a buffer of another size
+        Tensor buf = b.zeros(DType.F32, rows, m);
+        if (c > 0) {
+            int[] bad = counts.clone();
+            int free = 0;
+            while (bad[free] >= c) free++;
+            bad[free]++;
+            var ex = assertThrows(IllegalArgumentException.class, () -> b.moePermute(x, o.dest(), b.fromInts(bad, e), c, buf));
+            assertTrue(ex.getMessage().contains("row"), ex.getMessage());
+            assertThrows(IllegalArgumentException.class, () -> b.moeUnpermuteBackward(dout, y, o.dest(), o.weights(), b.fromInts(bad, e), c, buf, null));
+        }
+        Tensor other = b.zeros(DType.F32, rows + 1, m);
+        var ex = assertThrows(IllegalArgumentException.class, () -> b.moePermute(x, o.dest(), o.counts(), c, other));
+        assertTrue(ex.getMessage().contains("buf"), ex.getMessage());
     }
 
     // ---------------------------------------------------------------- gradients

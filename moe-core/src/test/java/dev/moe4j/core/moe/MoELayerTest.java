@@ -1,6 +1,7 @@
 package dev.moe4j.core.moe;
 
 import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.cpu.CpuBackend;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.nn.Parameter;
@@ -10,6 +11,7 @@ import dev.moe4j.core.testing.GradCheck;
 import dev.moe4j.core.testing.Tensors;
 import org.junit.jupiter.api.Test;
 
+import java.lang.reflect.Proxy;
 import java.util.SplittableRandom;
 import java.util.function.UnaryOperator;
 
@@ -177,6 +179,52 @@ class MoELayerTest {
             double gErr = Tensors.relError(c2.params().grad().toDoubles(), c1.params().grad().toDoubles());
             assertTrue(gErr < 1e-6, "k=" + k + ": parameter gradients " + gErr);
         }
+    }
+
+    /**
+     * The layer writes every buffer before reading it (the dispatch buffer and its gradient are no longer zero-filled:
+     * the counts forms of moePermute / moeUnpermuteBackward zero the unused capacity and the padding): on a backend
+     * whose {@code empty} tensors hold NaN, as a GPU's may hold garbage, the output, dx and every gradient equal the
+     * plain CPU backend's bit for bit. Capped with drops (top-1 RTS, top-2), padded and sorted dropless, residual.
+     */
+    @Test
+    void readsNoUnwrittenMemory() {
+        Backend garbage = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
+                (proxy, method, args) -> {
+                    if (!method.getName().equals("empty")) return method.invoke(b, args);
+                    Tensor t = b.zeros((DType) args[0], (int[]) args[1]);
+                    b.fill(t, Double.NaN);
+                    return t;
+                });
+        java.util.Map<String, UnaryOperator<MoE.Builder>> cases = new java.util.LinkedHashMap<>();
+        cases.put("capped top-1 RTS", c -> c.optK(1));
+        cases.put("capped top-2", c -> c.optK(2));
+        cases.put("padded dropless top-2", c -> c.optK(2).optDropless(true).optDroplessLayout(MoE.DroplessLayout.PADDED));
+        cases.put("sorted dropless top-1", c -> c.optK(1).optDropless(true).optDroplessLayout(MoE.DroplessLayout.SORTED));
+        cases.put("residual, capped top-1", c -> c.optK(1).optUseResidual(true));
+        cases.forEach((name, cfg) -> {
+            double[][] got = new double[2][];
+            for (int i = 0; i < 2; i++) {
+                ModelContext ctx = new ModelContext(i == 0 ? b : garbage, DType.F32, 5);
+                ctx.setTraining(true);
+                MoE moe = build(ctx, cfg.apply(base()).optZLossCoeff(0.1), 3);
+                int tokens = 48;   // enough for uneven loads: drops and free rows at capacity factor 1
+                Tensor x = Tensors.random(b, DType.F32, new SplittableRandom(8), 1.0, tokens, M);
+                Tensor r = Tensors.random(b, DType.F32, new SplittableRandom(9), 1.0, tokens, M);
+                double[] out = moe.forward(x).output().toDoubles();
+                int k = moe.config().k(), rows = moe.lastCapacity() * E;
+                double kept = (1 - moe.droppedFraction()) * tokens * k;
+                if (rows > 0) assertTrue(moe.droppedFraction() > 0 && kept < rows, name + ": the case should drop and leave rows free");
+                ctx.params().zeroGrad();
+                double[] dx = moe.backward(r, 0.1f).toDoubles();
+                ctx.params().finishGrads();
+                got[i] = java.util.stream.DoubleStream.concat(java.util.stream.DoubleStream.concat(
+                        java.util.Arrays.stream(out), java.util.Arrays.stream(dx)), java.util.Arrays.stream(ctx.params().grad().toDoubles())).toArray();
+                moe.close();
+                ctx.params().close();
+            }
+            assertArrayEquals(got[0], got[1], name + ": output, dx and gradients with NaN-filled empty tensors");
+        });
     }
 
     /** A bf16 model gates in fp32 from the fp32 master weights and stays close to the fp32 model. */
