@@ -177,8 +177,17 @@ public final class CudaBackend implements Backend {
         return Tensor.owning(this, new CudaStorage(this, a, CudaAllocator.roundUp(bytes)), dtype, s);
     }
 
+    /**
+     * {@code -Dmoe4j.cuda.uploadRing} bytes of pinned memory (default 16 MiB; 0: none) through which uploads are
+     * queued without waiting for the stream ({@link UploadRing}); created on the first upload.
+     */
+    private final long uploadRingBytes = Long.getLong("moe4j.cuda.uploadRing", 16L << 20);
+    private UploadRing uploads;
+
     private void upload(Tensor t, Pointer host, long bytes) {
         bind();
+        if (uploads == null && uploadRingBytes > 0) uploads = new UploadRing(uploadRingBytes);
+        if (uploads != null && uploads.upload(p(t), host, bytes, stream)) return;
         Cuda.check(cudart.cudaMemcpyAsync(Cuda.ptr(p(t)), host, bytes, cudart.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(host to device)");
         synchronize();  // the host buffer is freed when this returns
     }
@@ -1475,6 +1484,7 @@ public final class CudaBackend implements Backend {
             cudart.cudaEventDestroy(timingEnd);
         }
         if (ltTuner != null) ltTuner.close();   // its workspace goes back to the allocator, freed next
+        if (uploads != null) uploads.close();
         allocator.emptyCache();
         cudart.cudaStreamDestroy(stream);
         scalars.close();

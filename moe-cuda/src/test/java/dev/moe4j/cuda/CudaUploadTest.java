@@ -1,0 +1,67 @@
+package dev.moe4j.cuda;
+
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import org.bytedeco.cuda.cudart.CUstream_st;
+import org.bytedeco.cuda.global.cudart;
+import org.junit.jupiter.api.Tag;
+import org.junit.jupiter.api.Test;
+
+import java.util.ArrayList;
+import java.util.List;
+import java.util.SplittableRandom;
+
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+
+/**
+ * Uploads through the pinned ring ({@link UploadRing}): queued behind a long GEMM they return before the stream has
+ * run (the host does not wait), and many uploads that wrap the ring several times while their copies are still
+ * queued each arrive intact (a region is written again only after the copy that read it ran); an upload larger
+ * than the ring takes the synchronous path and arrives intact too.
+ */
+@Tag("gpu")
+class CudaUploadTest extends GpuTestBase {
+
+    /** An 8192^3 fp32 GEMM (milliseconds), so that what follows is queued behind it. */
+    private static void busy(Tensor a, Tensor c) {
+        gpu.matmul(a, false, a, false, c, 1f, 0f);
+    }
+
+    private static boolean streamIdle() {
+        return cudart.cudaStreamQuery(new CUstream_st(Cuda.ptr(gpu.nativeStream()))) == 0;
+    }
+
+    @Test
+    void uploadsAreQueuedWithoutWaitingAndArriveIntact() {
+        SplittableRandom r = new SplittableRandom(7);
+        try (Tensor a = gpu.empty(DType.F32, 8192, 8192);
+             Tensor c = gpu.empty(DType.F32, 8192, 8192)) {
+            gpu.randomUniform(a, -1, 1, 3, 0);
+            gpu.synchronize();
+            busy(a, c);
+            int[] small = r.ints(1000, -1000, 1000).toArray();
+            try (Tensor t = gpu.fromInts(small, small.length)) {
+                assertEquals(false, streamIdle(), "the upload returned only after the stream had run: it waited for the GEMM");
+                assertArrayEquals(small, t.toInts(), "small upload");
+            }
+            // far more than the ring holds, all queued behind one GEMM: the ring wraps while copies are pending
+            busy(a, c);
+            List<int[]> want = new ArrayList<>();
+            List<Tensor> got = new ArrayList<>();
+            for (int i = 0; i < 40; i++) {
+                int n = 1 + r.nextInt(2 << 20);   // up to 8 MiB each
+                int[] v = r.ints(n, Integer.MIN_VALUE, Integer.MAX_VALUE).toArray();
+                want.add(v);
+                got.add(gpu.fromInts(v, n));
+            }
+            int[] huge = r.ints(20 << 20, 0, 1 << 30).toArray();   // 80 MiB: larger than the ring
+            want.add(huge);
+            got.add(gpu.fromInts(huge, huge.length));
+            for (int i = 0; i < got.size(); i++) {
+                assertArrayEquals(want.get(i), got.get(i).toInts(), "upload " + i + " of " + got.size());
+                got.get(i).close();
+            }
+        }
+    }
+}
