@@ -150,9 +150,9 @@ public final class EpLayerBench {
                         world.barrier();
                         if (world.rank() == 0) {
                             out.accept(String.format(Locale.ROOT, "{\"impl\":\"moe4j\",\"config\":\"%s\",\"mode\":\"%s\",\"ranks\":%d,\"tokens_per_gpu\":%d,"
-                                            + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,"
+                                            + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,\"ep_fwd_ms\":%.3f,\"ep_bwd_ms\":%.3f,\"local_fwd_ms\":%.3f,\"local_bwd_ms\":%.3f,\"ep_fwd_host_ms\":%.3f,\"local_fwd_host_ms\":%.3f,"
                                             + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"stages\":%d,\"grad_dtype\":\"%s\",\"device\":\"%s\"}",
-                                    c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms,
+                                    c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms, epr.fwdMs, epr.bwdMs, local.fwdMs, local.bwdMs, epr.fwdHostMs, local.fwdHostMs,
                                     epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", overlap,
                                     overlap ? Math.min(Math.max(1, Integer.getInteger("moe4j.ep.chunks", 2)), c.expertsPerRank) : 1,
                                     gradDType.name().toLowerCase(Locale.ROOT), b.name()));
@@ -168,7 +168,8 @@ public final class EpLayerBench {
         }
     }
 
-    record Result(double ms, double dropped) {}
+    /** ms: the step's median; fwdMs, bwdMs: forward and backward medians, each timed on its own (a wait between them). */
+    record Result(double ms, double dropped, double fwdMs, double bwdMs, double fwdHostMs) {}
 
     /**
      * One layer's median step time: ep != null: El experts here of El*P in the group (gate over all of them);
@@ -194,7 +195,24 @@ public final class EpLayerBench {
             b.randomNormal(dy, 0, 1e-3, 4, (long) rank * c.s * c.m);
             double ms = BenchTiming.medianMs(b, WARMUP, reps, () -> MoESteps.forwardBackward(ctx, moe, x, dy, false));
             double dropped = MoESteps.forwardBackward(ctx, moe, x, dy, true);
-            return new Result(ms, dropped);
+            // where the step's time goes: forward and backward apart (each waits for the other; a diagnostic)
+            double[] fwd = new double[reps], bwd = new double[reps], host = new double[reps];
+            for (int i = 0; i < reps; i++) {
+                ctx.params().zeroGrad();
+                try (dev.moe4j.core.tensor.Scope s = dev.moe4j.core.tensor.Scope.open()) {
+                    int at = i;
+                    fwd[i] = b.timeMs(() -> {
+                        long t0 = System.nanoTime();
+                        moe.forward(x);
+                        host[at] = (System.nanoTime() - t0) / 1e6;   // the host's time to issue it (waits included)
+                    });
+                    bwd[i] = b.timeMs(() -> moe.backward(dy, 0.01f));
+                }
+            }
+            java.util.Arrays.sort(fwd);
+            java.util.Arrays.sort(bwd);
+            java.util.Arrays.sort(host);
+            return new Result(ms, dropped, fwd[reps / 2], bwd[reps / 2], host[reps / 2]);
         } finally {
             moe.close();
             ctx.params().close();
