@@ -208,13 +208,18 @@ public final class NcclCommunicator implements Communicator {
 
     /** A config, non-blocking unless asked: every other field "undefined" (NCCL's defaults), as NCCL_CONFIG_INITIALIZER does. */
     private static ncclConfig_t config(boolean blocking) {
+        return config(blocking, Integer.MIN_VALUE);
+    }
+
+    /** As {@link #config(boolean)} with a CTA policy ({@code nccl.NCCL_CTA_POLICY_*}; Integer.MIN_VALUE: NCCL's default). */
+    static ncclConfig_t config(boolean blocking, int ctaPolicy) {
         int undef = Integer.MIN_VALUE;   // NCCL_CONFIG_UNDEF_INT
         int[] v = new int[1];
         nccl.ncclGetVersion(v);
         ncclConfig_t c = new ncclConfig_t();
         c.size(Pointer.sizeof(ncclConfig_t.class)).magic(0xcafebeef).version(Math.min(v[0], nccl.NCCL_VERSION_CODE));
         c.blocking(blocking ? 1 : 0).cgaClusterSize(undef).minCTAs(undef).maxCTAs(undef).netName((BytePointer) null).splitShare(undef)
-                .trafficClass(undef).commName((BytePointer) null).collnetEnable(undef).CTAPolicy(undef).shrinkShare(undef)
+                .trafficClass(undef).commName((BytePointer) null).collnetEnable(undef).CTAPolicy(ctaPolicy).shrinkShare(undef)
                 .nvlsCTAs(undef).nChannelsPerNetPeer(undef).nvlinkCentricSched(undef).graphUsageMode(undef).numRmaCtx(undef);
         return c;
     }

@@ -8,7 +8,6 @@ import org.bytedeco.cuda.cudart.CUstream_st;
 import org.bytedeco.cuda.global.cudart;
 import org.bytedeco.cuda.global.nccl;
 import org.bytedeco.cuda.nccl.ncclComm;
-import org.bytedeco.cuda.nccl.ncclConfig_t;
 import org.bytedeco.cuda.nccl.ncclUniqueId;
 import org.bytedeco.cuda.nccl.ncclWindow_vidmem;
 import org.bytedeco.javacpp.BytePointer;
@@ -121,16 +120,8 @@ public final class NcclCeProbe {
         } else {
             u.internal().put(store.get("ceprobe/" + name));
         }
-        int undef = Integer.MIN_VALUE;
-        int[] v = new int[1];
-        nccl.ncclGetVersion(v);
-        ncclConfig_t cfg = new ncclConfig_t();
-        cfg.size(Pointer.sizeof(ncclConfig_t.class)).magic(0xcafebeef).version(Math.min(v[0], nccl.NCCL_VERSION_CODE));
-        cfg.blocking(1).cgaClusterSize(undef).minCTAs(undef).maxCTAs(undef).netName((BytePointer) null).splitShare(undef)
-                .trafficClass(undef).commName((BytePointer) null).collnetEnable(undef).CTAPolicy(ctaPolicy).shrinkShare(undef)
-                .nvlsCTAs(undef).nChannelsPerNetPeer(undef).nvlinkCentricSched(undef).graphUsageMode(undef).numRmaCtx(undef);
         ncclComm c = new ncclComm();
-        check("ncclCommInitRankConfig " + name, nccl.ncclCommInitRankConfig(c, P, u, rank, cfg));
+        check("ncclCommInitRankConfig " + name, nccl.ncclCommInitRankConfig(c, P, u, rank, NcclCommunicator.config(true, ctaPolicy)));
         return c;
     }
 
