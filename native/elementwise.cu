@@ -108,7 +108,8 @@ __global__ void k_sum_rows_partial(const void* x, int xdt, float* partial, int N
     if (c >= C) return;
     int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
     float acc = 0.f;
-    for (int r = r0; r < r1; r++) acc += ld(x, xdt, (i64)r * C + c);
+#pragma unroll 8
+    for (int r = r0; r < r1; r++) acc += ld(x, xdt, (i64)r * C + c);   // unrolled: eight loads in flight per thread
     partial[(i64)blockIdx.y * C + c] = acc;
 }
 

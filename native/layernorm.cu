@@ -67,6 +67,7 @@ __global__ void k_layernorm_bwd_dgb_partial(const void* dout, int ddt, const voi
     if (c >= C) return;
     int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
     float dg = 0.f, db = 0.f;
+#pragma unroll 4
     for (int r = r0; r < r1; r++) {
         float g = ld(dout, ddt, (i64)r * C + c);
         float xh = (ld(x, xdt, (i64)r * C + c) - ld(mean, mdt, r)) * ld(rstd, rdt, r);

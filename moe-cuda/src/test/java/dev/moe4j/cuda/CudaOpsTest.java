@@ -265,6 +265,9 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] tall = rand(dt, 1, 3001, 45), srt = rand(DType.F32, 1, 45);
         for (int i = 0; i < 2; i++) on(i).sumRows(tall[i], srt[i], 0.5f);
         check("sumRows tall (two-pass)", srt, tol(dt) * 10);
+        Tensor[] step = rand(dt, 1, 8192, 1024), srs = rand(DType.F32, 1, 1024);   // a bias gradient of a 350M step
+        for (int i = 0; i < 2; i++) on(i).sumRows(step[i], srs[i], 0f);
+        check("sumRows 8192 x 1024 (64 row blocks)", srs, tol(dt) * 10);
         Tensor[] rd = rand(DType.F32, 1, 33);
         for (int i = 0; i < 2; i++) on(i).rowDot(a[i], b[i], rd[i]);
         check("rowDot", rd, tol(dt));
