@@ -259,6 +259,9 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] bias = rand(dt, 1, 17);
         for (int i = 0; i < 2; i++) on(i).addBias(a[i], bias[i], out[i]);
         check("addBias", out, tol(dt));
+        Tensor[] wide = rand(dt, 2, 300, 48), wideBias = rand(dt, 1, 48), wideOut = rand(dt, 1, 300, 48);   // bf16: the 8-wide kernel
+        for (int i = 0; i < 2; i++) on(i).addBias(wide[i], wideBias[i], wideOut[i]);
+        check("addBias width 48", wideOut, tol(dt));
         Tensor[] sr = rand(DType.F32, 1, 17);
         for (int i = 0; i < 2; i++) on(i).sumRows(a[i], sr[i], 1f);
         check("sumRows (accumulate)", sr, tol(dt));
