@@ -131,6 +131,29 @@ __global__ void k_sum_rows_partial(const void* x, int xdt, float* partial, int N
     partial[(i64)blockIdx.y * C + c] = acc;
 }
 
+// k_sum_rows_partial for bf16 x, 8 columns a thread (16-byte loads; C % 8 == 0, c8 = C / 8): the same row order
+// per column, so the same partial sums.
+__global__ void k_sum_rows_partial_bf16x8(const uint4* x, float* partial, int N, int c8, int chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c8) return;
+    int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+    for (int r = r0; r < r1; r++) {
+        uint4 v = x[(i64)r * c8 + j];
+        const __nv_bfloat162* h = (const __nv_bfloat162*)&v;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float2 f = __bfloat1622float2(h[q]);
+            acc[2 * q] += f.x;
+            acc[2 * q + 1] += f.y;
+        }
+    }
+    float4* out = (float4*)(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
+    out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+}
+
 // out[c] = beta * out[c] + sum_p partial[p, c]
 __global__ void k_sum_rows_final(const float* partial, int P, void* out, int odt, int C, float beta) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -294,6 +317,50 @@ __global__ void k_adamw(void* param, int pdt, const void* grad, int gdt, void* m
         p = roundTo(pdt, p);
         st(param, pdt, i, p);
         if (copy != nullptr) st(copy, cdt, i, p);
+    }
+}
+
+// k_adamw for fp32 param, m and v, 4 elements a thread (16-byte accesses; n4 = n / 4), grad fp32 or bf16, copy bf16
+// or none: the generic kernel reads each element through dtype branches and 64-bit indexing. The same float math.
+__global__ void k_adamw_f32x4(float4* param, const void* grad, int gdt, float4* m, float4* v, uint2* copy, i64 n4,
+                              float lr, float b1, float b2, float eps, float wd, double c1, double c2,
+                              const void* normSq, int nsdt, float maxNorm) {
+    float clip = 1.f;
+    if (normSq != nullptr) {
+        float sq = ld(normSq, nsdt, 0);
+        if (!isfinite(sq)) return;
+        float norm = sqrtf(sq);
+        if (maxNorm > 0.f && norm > maxNorm) clip = maxNorm / norm;
+    }
+    float ic1 = (float)(1.0 / c1), ic2 = (float)(1.0 / c2);
+    FOR_N(i, n4) {
+        float g[4];
+        if (gdt == DT_F32) {
+            float4 t = ((const float4*)grad)[i];
+            g[0] = t.x; g[1] = t.y; g[2] = t.z; g[3] = t.w;
+        } else {
+            uint2 t = ((const uint2*)grad)[i];
+            const __nv_bfloat162* h = (const __nv_bfloat162*)&t;
+            float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+            g[0] = a.x; g[1] = a.y; g[2] = b.x; g[3] = b.y;
+        }
+        float4 m4 = m[i], v4 = v[i], p4 = param[i];
+        float* mm = &m4.x; float* vv = &v4.x; float* pp = &p4.x;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float gq = g[q] * clip;
+            mm[q] = b1 * mm[q] + (1.f - b1) * gq;
+            vv[q] = b2 * vv[q] + (1.f - b2) * gq * gq;
+            pp[q] -= lr * ((mm[q] * ic1) / (sqrtf(vv[q] * ic2) + eps) + wd * pp[q]);
+        }
+        m[i] = m4; v[i] = v4; param[i] = p4;
+        if (copy != nullptr) {
+            uint2 c;
+            __nv_bfloat162* hc = (__nv_bfloat162*)&c;
+            hc[0] = __floats2bfloat162_rn(pp[0], pp[1]);
+            hc[1] = __floats2bfloat162_rn(pp[2], pp[3]);
+            copy[i] = c;
+        }
     }
 }
 

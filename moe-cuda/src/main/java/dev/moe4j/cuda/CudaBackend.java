@@ -888,7 +888,11 @@ public final class CudaBackend implements Backend {
         }
         int chunk = (n + parts - 1) / parts;
         try (Tensor partial = scratch(DType.F32, parts * c)) {
-            launch("k_sum_rows_partial", (c + 127) / 128, parts, 128, 0, p(x), dt(x), p(partial), n, c, chunk);
+            if (rows8(c, (long) n * c, x)) {
+                launch("k_sum_rows_partial_bf16x8", (c / 8 + 127) / 128, parts, 128, 0, p(x), p(partial), n, c / 8, chunk);
+            } else {
+                launch("k_sum_rows_partial", (c + 127) / 128, parts, 128, 0, p(x), dt(x), p(partial), n, c, chunk);
+            }
             launch("k_sum_rows_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(out), dt(out), c, beta);
         }
     }
@@ -990,8 +994,13 @@ public final class CudaBackend implements Backend {
         } else {
             int chunk = (n + parts - 1) / parts;
             try (Tensor partial = scratch(DType.F32, 2 * parts * c)) {
-                launch("k_layernorm_bwd_dgb_partial", (c + 127) / 128, parts, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
-                        p(rstd), dt(rstd), p(partial), n, c, chunk);
+                if (rows8(c, (long) n * c, dout, x)) {
+                    launch("k_layernorm_bwd_dgb_partial_bf16x8", (c / 8 + 127) / 128, parts, 128, 0, p(dout), p(x), p(mean), dt(mean),
+                            p(rstd), dt(rstd), p(partial), n, c / 8, chunk);
+                } else {
+                    launch("k_layernorm_bwd_dgb_partial", (c + 127) / 128, parts, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
+                            p(rstd), dt(rstd), p(partial), n, c, chunk);
+                }
                 launch("k_layernorm_bwd_dgb_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), c);
             }
         }
@@ -1473,6 +1482,14 @@ public final class CudaBackend implements Backend {
         if (modelCopy != null) { floating("adamw", "modelCopy", modelCopy); Checks.numel("adamw", "modelCopy", modelCopy, n); }
         if (normSq != null) { floating("adamw", "normSq", normSq); Checks.numel("adamw", "normSq", normSq, 1); }
         double c1 = 1 - Math.pow(h.beta1(), h.step()), c2 = 1 - Math.pow(h.beta2(), h.step());
+        boolean f32x4 = n % 4 == 0 && param.dtype() == DType.F32 && m.dtype() == DType.F32 && v.dtype() == DType.F32 && aligned16(param, m, v)
+                && (grad.dtype() == DType.F32 ? aligned16(grad) : grad.dtype() == DType.BF16 && p(grad) % 8 == 0)
+                && (modelCopy == null || modelCopy.dtype() == DType.BF16 && p(modelCopy) % 8 == 0);
+        if (f32x4) {
+            launchN("k_adamw_f32x4", n / 4, p(param), p(grad), dt(grad), p(m), p(v), p(modelCopy), n / 4,
+                    h.lr(), h.beta1(), h.beta2(), h.eps(), h.weightDecay(), c1, c2, p(normSq), (int) dtOrZero(normSq), h.maxGradNorm());
+            return;
+        }
         launchN("k_adamw", n, p(param), dt(param), p(grad), dt(grad), p(m), dt(m), p(v), dt(v), p(modelCopy), (int) dtOrZero(modelCopy), n,
                 h.lr(), h.beta1(), h.beta2(), h.eps(), h.weightDecay(), c1, c2, p(normSq), (int) dtOrZero(normSq), h.maxGradNorm());
     }

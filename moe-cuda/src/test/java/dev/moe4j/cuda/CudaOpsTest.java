@@ -438,14 +438,18 @@ class CudaOpsTest extends GpuTestBase {
 
     @Test
     void adamwWithClipSkipAndModelCopy() {
-        int n = 4099;
-        Tensor[] p = rand(DType.F32, 1, n), g = rand(DType.BF16, 1, n), m = rand(DType.F32, 0.1, n), v = rand(DType.F32, 0.1, n);
+        // n % 4 == 0: the 4-wide kernel (fp32 or bf16 gradients); 4099: the generic one
+        for (int n : new int[] {4099, 4096}) for (DType gdt : new DType[] {DType.BF16, DType.F32}) adamwCase(n, gdt);
+    }
+
+    private void adamwCase(int n, DType gdt) {
+        Tensor[] p = rand(DType.F32, 1, n), g = rand(gdt, 1, n), m = rand(DType.F32, 0.1, n), v = rand(DType.F32, 0.1, n);
         for (int i = 0; i < 2; i++) { on(i).mul(v[i], v[i], v[i]); }  // v >= 0
         Tensor[] norm = rand(DType.F32, 1, 1), copy = rand(DType.BF16, 1, n);
         for (int i = 0; i < 2; i++) on(i).sumSquares(g[i], norm[i], 0f);
         AdamWParams h = new AdamWParams(1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 1.0f);  // the clip is active (norm >> 1)
         for (int i = 0; i < 2; i++) on(i).adamw(p[i], g[i], m[i], v[i], h, norm[i], copy[i]);
-        check("adamw param", p, 1e-5);
+        check("adamw param n=" + n + " grad " + gdt, p, 1e-5);
         check("adamw m", m, 1e-5);
         check("adamw v", v, 1e-5);
         check("adamw bf16 model copy", copy, BF16_TOL);
@@ -454,7 +458,7 @@ class CudaOpsTest extends GpuTestBase {
         gpu.adamw(p[1], g[1], m[1], v[1], h, norm[1], null);
         assertArrayEquals(before, p[1].toDoubles(), "a NaN norm must skip the update");
         for (int i = 0; i < 2; i++) on(i).adamw(p[i], g[i], m[i], v[i], h, null, null);
-        check("adamw without clipping", p, 1e-5);
+        check("adamw without clipping n=" + n + " grad " + gdt, p, 1e-5);
     }
 
     @Test
