@@ -103,9 +103,11 @@ class MoE(nn.Module):
     def experts_grouped(self, xs, eid, offs):
         """xs [R,C] sorted by expert eid [R]; offs [E] int32 end offsets. One grouped GEMM per weight."""
         dt = torch.bfloat16
-        h = torch._grouped_mm(xs.to(dt), self.w1.to(dt), offs=offs) + self.b1.to(dt)[eid]
+        # index_select, not b[eid]: the advanced-indexing backward (a sort-based index_put_ over 8192 rows into E
+        # biases) took 6 ms a call on an H100, 150 ms of the 350M+MoE-16 step; index_select's is an index_add_
+        h = torch._grouped_mm(xs.to(dt), self.w1.to(dt), offs=offs) + self.b1.to(dt).index_select(0, eid)
         h = F.gelu(h, approximate="tanh")
-        return torch._grouped_mm(h, self.w2.to(dt), offs=offs) + self.b2.to(dt)[eid]
+        return torch._grouped_mm(h, self.w2.to(dt), offs=offs) + self.b2.to(dt).index_select(0, eid)
 
     def experts_loop(self, xs, eid, counts):
         """The CPU check's fallback (no _grouped_mm before torch 2.8): one GEMM per expert (host-read counts)."""
