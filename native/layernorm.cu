@@ -107,13 +107,21 @@ __global__ void k_layernorm_bwd_dgb_partial_bf16x8(const uint4* dout, const uint
     pb[0] = make_float4(db[0], db[1], db[2], db[3]); pb[1] = make_float4(db[4], db[5], db[6], db[7]);
 }
 
+// 32 columns a block of 256 threads, as k_sum_rows_final: the 8 warps take every 8th partial, warp 0 adds in order.
 __global__ void k_layernorm_bwd_dgb_final(const float* partial, int P, void* dgamma, int dgdt, void* dbeta, int dbdt, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+    __shared__ float pg[8][33], pb[8][33];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, c = blockIdx.x * 32 + lane;
     float dg = 0.f, db = 0.f;
-    for (int p = 0; p < P; p++) { dg += partial[(i64)p * C + c]; db += partial[((i64)P + p) * C + c]; }
-    st(dgamma, dgdt, c, ld(dgamma, dgdt, c) + dg);
-    st(dbeta, dbdt, c, ld(dbeta, dbdt, c) + db);
+    if (c < C) for (int p = w; p < P; p += 8) { dg += partial[(i64)p * C + c]; db += partial[((i64)P + p) * C + c]; }
+    pg[w][lane] = dg;
+    pb[w][lane] = db;
+    __syncthreads();
+    if (w == 0 && c < C) {
+        float g = 0.f, b = 0.f;
+        for (int q = 0; q < 8; q++) { g += pg[q][lane]; b += pb[q][lane]; }
+        st(dgamma, dgdt, c, ld(dgamma, dgdt, c) + g);
+        st(dbeta, dbdt, c, ld(dbeta, dbdt, c) + b);
+    }
 }
 
 }  // extern "C"

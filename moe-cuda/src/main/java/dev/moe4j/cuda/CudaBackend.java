@@ -149,15 +149,16 @@ public final class CudaBackend implements Backend {
     }
 
     /**
-     * Row blocks of a column reduction (bias gradients, LayerNorm's dgamma/dbeta): one thread per column and block,
-     * each summing its block's rows in order. Enough blocks that some 128K threads keep loads in flight: with 8K
-     * threads (the earlier rule) a [8192, 1024] reduction took 1 ms, a hundred times its bytes' time, and bias and
-     * LayerNorm gradients were half of a 350M training step. At most 64 blocks, so that the final pass stays short.
+     * Row blocks of a column reduction (bias gradients, LayerNorm's dgamma/dbeta) whose rows take {@code rowThreads}
+     * threads each (a column, or 8 with the 8-wide kernels), each thread summing its block's rows in order. Enough
+     * blocks that some 128K threads keep loads in flight: with 8K threads (the earlier rule) a [8192, 1024] reduction
+     * took 1 ms, a hundred times its bytes' time, and bias and LayerNorm gradients were half of a 350M training step.
+     * At least 32 rows a block and at most 256 blocks, so that the final pass over the partial sums stays short.
      */
-    private static int rowParts(int n, int c) {
+    private static int rowParts(int n, int rowThreads) {
         if (n < 256) return 1;
-        int want = Math.max(1, (1 << 17) / Math.max(1, c));
-        return Math.max(1, Math.min(want, Math.min(64, n / 32)));
+        int want = Math.max(1, (1 << 17) / Math.max(1, rowThreads));
+        return Math.max(1, Math.min(want, Math.min(256, n / 32)));
     }
 
     private static int rowThreads(int cols) { return cols >= 1024 ? 1024 : cols >= 256 ? 256 : 128; }
@@ -881,19 +882,20 @@ public final class CudaBackend implements Backend {
         int c = x.cols(), n = x.rows();
         Checks.numel("sumRows", "out", out, c);
         if (c == 0) return;
-        int parts = rowParts(n, c);
+        boolean wide = rows8(c, (long) n * c, x);
+        int parts = rowParts(n, wide ? c / 8 : c);
         if (parts == 1) {
             launch("k_sum_rows", (c + 127) / 128, 1, 128, 0, p(x), dt(x), p(out), dt(out), n, c, beta);
             return;
         }
         int chunk = (n + parts - 1) / parts;
         try (Tensor partial = scratch(DType.F32, parts * c)) {
-            if (rows8(c, (long) n * c, x)) {
+            if (wide) {
                 launch("k_sum_rows_partial_bf16x8", (c / 8 + 127) / 128, parts, 128, 0, p(x), p(partial), n, c / 8, chunk);
             } else {
                 launch("k_sum_rows_partial", (c + 127) / 128, parts, 128, 0, p(x), dt(x), p(partial), n, c, chunk);
             }
-            launch("k_sum_rows_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(out), dt(out), c, beta);
+            launch("k_sum_rows_final", (c + 31) / 32, 1, 256, 0, p(partial), parts, p(out), dt(out), c, beta);
         }
     }
 
@@ -987,21 +989,22 @@ public final class CudaBackend implements Backend {
         if (n == 0 || c == 0) return;
         launch("k_layernorm_bwd_dx", n, 1, normThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
                 p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
-        int parts = rowParts(n, c);
+        boolean wide = rows8(c, (long) n * c, dout, x);
+        int parts = rowParts(n, wide ? c / 8 : c);
         if (parts == 1) {
             launch("k_layernorm_bwd_dgb", (c + 127) / 128, 1, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
                     p(rstd), dt(rstd), p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), n, c);
         } else {
             int chunk = (n + parts - 1) / parts;
             try (Tensor partial = scratch(DType.F32, 2 * parts * c)) {
-                if (rows8(c, (long) n * c, dout, x)) {
+                if (wide) {
                     launch("k_layernorm_bwd_dgb_partial_bf16x8", (c / 8 + 127) / 128, parts, 128, 0, p(dout), p(x), p(mean), dt(mean),
                             p(rstd), dt(rstd), p(partial), n, c / 8, chunk);
                 } else {
                     launch("k_layernorm_bwd_dgb_partial", (c + 127) / 128, parts, 128, 0, p(dout), dt(dout), p(x), dt(x), p(mean), dt(mean),
                             p(rstd), dt(rstd), p(partial), n, c, chunk);
                 }
-                launch("k_layernorm_bwd_dgb_final", (c + 127) / 128, 1, 128, 0, p(partial), parts, p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), c);
+                launch("k_layernorm_bwd_dgb_final", (c + 31) / 32, 1, 256, 0, p(partial), parts, p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), c);
             }
         }
     }
@@ -1257,11 +1260,16 @@ public final class CudaBackend implements Backend {
 
     // ------------------------------------------------------------------ reductions
 
-    private static final int REDUCE_BLOCKS = 256;
+    private static final int REDUCE_BLOCKS = 1024;
 
     private void reduce(Tensor x, Tensor out, boolean squares, float beta) {
         try (Tensor partial = scratch(DType.F32, 2 * REDUCE_BLOCKS)) {  // REDUCE_BLOCKS doubles
-            launch("k_reduce_partial", REDUCE_BLOCKS, 1, THREADS, 0, p(x), dt(x), x.numel(), squares ? 1 : 0, p(partial));
+            int per = x.dtype() == DType.BF16 ? 8 : x.dtype() == DType.F32 ? 4 : 0;
+            if (per > 0 && x.numel() % per == 0 && aligned16(x)) {
+                launch("k_reduce_partial_x16", REDUCE_BLOCKS, 1, THREADS, 0, p(x), dt(x), x.numel() / per, squares ? 1 : 0, p(partial));
+            } else {
+                launch("k_reduce_partial", REDUCE_BLOCKS, 1, THREADS, 0, p(x), dt(x), x.numel(), squares ? 1 : 0, p(partial));
+            }
             launch("k_reduce_final", 1, 1, THREADS, 0, p(partial), REDUCE_BLOCKS, p(out), dt(out), beta);
         }
     }

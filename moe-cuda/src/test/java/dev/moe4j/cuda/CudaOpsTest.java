@@ -429,11 +429,14 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void reductions(DType dt) {
-        Tensor[] x = rand(dt, 1, 100_003), s = rand(DType.F32, 1, 1);
-        for (int i = 0; i < 2; i++) on(i).sum(x[i], s[i]);
-        check("sum", s, 1e-5);
-        for (int i = 0; i < 2; i++) on(i).sumSquares(x[i], s[i], 1f);
-        check("sumSquares (accumulate)", s, 1e-6);
+        // 100,003: the generic kernel; 100,000 (a multiple of 8): the 16-byte one
+        for (int n : new int[] {100_003, 100_000}) {
+            Tensor[] x = rand(dt, 1, n), s = rand(DType.F32, 1, 1);
+            for (int i = 0; i < 2; i++) on(i).sum(x[i], s[i]);
+            check("sum n=" + n, s, 1e-5);
+            for (int i = 0; i < 2; i++) on(i).sumSquares(x[i], s[i], 1f);
+            check("sumSquares (accumulate) n=" + n, s, 1e-6);
+        }
     }
 
     @Test
