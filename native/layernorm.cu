@@ -24,6 +24,103 @@ __global__ void k_layernorm(const void* x, int xdt, const void* gamma, int gdt, 
     if (threadIdx.x == 0) { st(mean, mdt, r, mu); st(rstd, rdt, r, rs); }
 }
 
+// LayerNorm with a warp per row for bf16 x, gamma, beta and out, C = 256 v with v <= 8 (each lane keeps its C/32
+// values in registers, loaded 8 at a time): the same two passes as k_layernorm (mean, then the variance about it),
+// summed by the warp instead of the block, so no block synchronisation.
+__global__ void k_layernorm_warp_bf16x8(const uint4* x, const uint4* gamma, const uint4* beta, float eps, uint4* out,
+                                        void* mean, int mdt, void* rstd, int rdt, int N, int v) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const uint4* xr = x + (i64)row * v * 32;
+    float f[64];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i < v) {
+            uint4 q = xr[i * 32 + lane];
+            const __nv_bfloat162* h = (const __nv_bfloat162*)&q;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                float2 a = __bfloat1622float2(h[t]);
+                f[i * 8 + 2 * t] = a.x;
+                f[i * 8 + 2 * t + 1] = a.y;
+                s += a.x + a.y;
+            }
+        }
+    }
+    float C = 256.f * v;
+    float mu = warpSum(s) / C;
+    float var = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i < v) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) { float d = f[i * 8 + e] - mu; var += d * d; }
+        }
+    }
+    var = warpSum(var) / C;
+    float rs = rsqrtf(var + eps);
+    mu = roundTo(mdt, mu);   // normalise with the statistics as their tensors store them (the backward reads those)
+    rs = roundTo(rdt, rs);
+    uint4* orow = out + (i64)row * v * 32;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i < v) {
+            uint4 g = gamma[i * 32 + lane], b = beta[i * 32 + lane], r;
+            const __nv_bfloat162* hg = (const __nv_bfloat162*)&g;
+            const __nv_bfloat162* hb = (const __nv_bfloat162*)&b;
+            __nv_bfloat162* hr = (__nv_bfloat162*)&r;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                float2 gg = __bfloat1622float2(hg[t]), bb = __bfloat1622float2(hb[t]);
+                hr[t] = __floats2bfloat162_rn((f[i * 8 + 2 * t] - mu) * rs * gg.x + bb.x, (f[i * 8 + 2 * t + 1] - mu) * rs * gg.y + bb.y);
+            }
+            orow[i * 32 + lane] = r;
+        }
+    }
+    if (lane == 0) { st(mean, mdt, row, mu); st(rstd, rdt, row, rs); }
+}
+
+// k_layernorm_bwd_dx with a warp per row, bf16 dout, x, gamma and dx, C = 256 v (v <= 8): the same formula; the second
+// pass reads the row again (from cache) rather than holding it.
+__global__ void k_layernorm_bwd_dx_warp_bf16x8(const uint4* dout, const uint4* x, const uint4* gamma, const void* mean, int mdt,
+                                               const void* rstd, int rdt, uint4* dx, int N, int v) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    i64 base = (i64)row * v * 32;
+    float mu = ld(mean, mdt, row), rs = ld(rstd, rdt, row);
+    float a = 0.f, b = 0.f;
+    for (int i = 0; i < v; i++) {
+        uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane];
+        const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
+        const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
+        const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
+            float dn0 = d.x * g.x, dn1 = d.y * g.y;
+            a += dn0 + dn1;
+            b += dn0 * ((xv.x - mu) * rs) + dn1 * ((xv.y - mu) * rs);
+        }
+    }
+    float C = 256.f * v;
+    float mdn = warpSum(a) / C, mdnx = warpSum(b) / C;
+    for (int i = 0; i < v; i++) {
+        uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane], r;
+        const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
+        const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
+        const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+        __nv_bfloat162* hr = (__nv_bfloat162*)&r;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
+            float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
+            hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs, (d.y * g.y - mdn - xh1 * mdnx) * rs);
+        }
+        dx[base + i * 32 + lane] = r;
+    }
+}
+
 // dx (assigned), one block per row: dx = rstd * (dn - mean(dn) - xhat * mean(dn * xhat)), dn = dout * gamma
 __global__ void k_layernorm_bwd_dx(const void* dout, int ddt, const void* x, int xdt, const void* gamma, int gdt,
                                    const void* mean, int mdt, const void* rstd, int rdt, void* dx, int dxdt, int C) {

@@ -93,7 +93,7 @@ def moe_layer(x, wg, w1, w2, k, cap, P):
     if P == 1:
         kept = int(counts.sum()) if cap > 0 else tok.shape[0]
         tok, w = tok[:kept], w[:kept]
-        xs = x[tok]                                      # [R,M] sorted by expert
+        xs = x.index_select(0, tok)                                    # [R,M] sorted by expert
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = F.gelu(torch._grouped_mm(xs, w1, offs=offs), approximate="tanh")
         ys = torch._grouped_mm(h, w2, offs=offs)
@@ -105,7 +105,7 @@ def moe_layer(x, wg, w1, w2, k, cap, P):
         splits = torch.stack([sc.sum(1), rc.sum(1)]).tolist()   # the one host read of the layer
         send, recv = splits[0], splits[1]
         tok, w = tok[:sum(send)], w[:sum(send)]
-        xs = x[tok]                                      # [R,M] sorted by global expert: one block per rank
+        xs = x.index_select(0, tok)                                    # [R,M] sorted by global expert: one block per rank
         xr = AllToAll.apply(xs, recv, send)              # [Rq,M] ordered (source p, local expert j, row)
         Rq = sum(recv)
         # layout transform (p, j) -> (j, p): one segment per local expert for the grouped GEMM

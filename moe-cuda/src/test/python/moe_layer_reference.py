@@ -66,7 +66,7 @@ def grouped_layer(x, wg, w1, w2, k):
     tok = order // k
     counts = torch.bincount(flat, minlength=E)
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    xs = x[tok]                                      # [S*k, M] sorted by expert
+    xs = x.index_select(0, tok)                      # [S*k, M] sorted by expert (index_select: its backward is an index_add_)
     h = F.gelu(torch._grouped_mm(xs, w1, offs=offs), approximate="tanh")
     ys = torch._grouped_mm(h, w2, offs=offs)
     w = topv.reshape(-1)[order].to(bf).unsqueeze(1)

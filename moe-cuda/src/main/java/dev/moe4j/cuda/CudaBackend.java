@@ -169,6 +169,11 @@ public final class CudaBackend implements Backend {
      */
     private static int normThreads(int cols) { return Math.min(256, rowThreads(cols)); }
 
+    /** LayerNorm's warp-per-row kernels apply: bf16 rows of 256 to 2048 columns in whole 256-column steps, 16-byte aligned. */
+    private boolean warpNorm(int c, int n, Tensor... ts) {
+        return c % 256 == 0 && c <= 2048 && rows8(c, (long) n * c, ts);
+    }
+
     // ------------------------------------------------------------------ memory and host transfer
 
     @Override
@@ -970,6 +975,11 @@ public final class CudaBackend implements Backend {
         Checks.numel(op, "mean", mean, n);
         Checks.numel(op, "rstd", rstd, n);
         if (n == 0) return;
+        if (warpNorm(c, n, x, gamma, beta, out)) {
+            launch("k_layernorm_warp_bf16x8", (n + 7) / 8, 1, 256, 0, p(x), p(gamma), p(beta), eps, p(out),
+                    p(mean), dt(mean), p(rstd), dt(rstd), n, c / 256);
+            return;
+        }
         launch("k_layernorm", n, 1, normThreads(c), 0, p(x), dt(x), p(gamma), dt(gamma), p(beta), dt(beta), eps,
                 p(out), dt(out), p(mean), dt(mean), p(rstd), dt(rstd), c);
     }
@@ -987,8 +997,13 @@ public final class CudaBackend implements Backend {
         Checks.numel(op, "mean", mean, n);
         Checks.numel(op, "rstd", rstd, n);
         if (n == 0 || c == 0) return;
-        launch("k_layernorm_bwd_dx", n, 1, normThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
-                p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
+        if (warpNorm(c, n, dout, x, gamma, dx)) {
+            launch("k_layernorm_bwd_dx_warp_bf16x8", (n + 7) / 8, 1, 256, 0, p(dout), p(x), p(gamma), p(mean), dt(mean),
+                    p(rstd), dt(rstd), p(dx), n, c / 256);
+        } else {
+            launch("k_layernorm_bwd_dx", n, 1, normThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
+                    p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
+        }
         boolean wide = rows8(c, (long) n * c, dout, x);
         int parts = rowParts(n, wide ? c / 8 : c);
         if (parts == 1) {

@@ -292,7 +292,8 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void layerNormForwardBackward(DType dt) {
-        for (int[] nc : new int[][] {{11, 7}, {11, 129}, {11, 1030}, {2003, 96}}) {
+        // bf16 C = 256 ... 2048 in 256-column steps: the warp-per-row kernels
+        for (int[] nc : new int[][] {{11, 7}, {11, 129}, {11, 1030}, {2003, 96}, {300, 1024}, {37, 256}, {65, 2048}}) {
             int n = nc[0], c = nc[1];
             Tensor[] x = rand(dt, 2, n, c), g = rand(dt, 1, c), b = rand(dt, 1, c), out = rand(dt, 1, n, c);
             Tensor[] mean = rand(DType.F32, 1, n), rstd = rand(DType.F32, 1, n);
