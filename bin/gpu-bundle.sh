@@ -15,6 +15,7 @@
 #   OUT/run-scaling-bench.sh weak scaling of a GPT-MoE training step over EP degrees (dev.moe4j.comm.ep.ScalingBench)
 #   OUT/run-train-bench.sh the end-to-end training benchmark on one GPU (dev.moe4j.cuda.TrainBench), then its
 #                          PyTorch peer train_reference.py
+#   OUT/run-train-profile.sh the training step's time per kernel (Nsight Compute over TrainBench, ncu_summary.py)
 #   OUT/moe_layer_reference.py, ep_layer_reference.py, comm_bench_reference.py, train_reference.py  the PyTorch
 #                          peers of the benchmarks (python3 there has PyTorch)
 # Usage: bin/gpu-bundle.sh [OUT_DIR]   (default .gpu/). MVN_FLAGS="-o" builds offline. Stays under 64 MiB.
@@ -39,6 +40,7 @@ cp moe-cuda/target/moe-cuda-*.jar moe-comm/target/moe-comm-*.jar moe-examples/ta
 cp -r moe-cuda/target/test-classes "$out/test-classes"
 cp -r moe-comm/target/test-classes "$out/comm-test-classes"
 cp moe-cuda/src/test/python/moe_layer_reference.py moe-cuda/src/test/python/train_reference.py moe-cuda/src/test/python/cuda_timing.py "$out/"   # the PyTorch peers of the benchmarks and their timing helper
+cp moe-cuda/src/test/python/ncu_summary.py "$out/"   # per-kernel summary of an Nsight Compute CSV (run-train-profile.sh)
 cp moe-comm/src/test/python/ep_layer_reference.py moe-comm/src/test/python/comm_bench_reference.py "$out/"
 
 # The bytedeco CUDA natives jar holds JNI libraries for every CUDA library; keep cudart, cuBLAS and NCCL.
@@ -111,6 +113,24 @@ python3 "$here/train_reference.py" "${pyargs[@]}" 2>&1 | tee "$reports/train_tor
 rc2=${PIPESTATUS[0]}
 echo "[run-train-bench] moe4j exit $rc1, torch exit $rc2"
 [[ $rc1 -eq 0 && $rc2 -eq 0 ]]
+RUN
+cat > "$out/run-train-profile.sh" <<'RUN'
+#!/usr/bin/env bash
+# Where a training step's GPU time goes, kernel by kernel: run-train-profile.sh [preset] [micro_batch] [seq_len]
+# (defaults 350M+MoE-16 8 1024). Nsight Compute times every kernel of TrainBench's 3 warm-up steps and 1 timed step
+# (ncu serialises them, so this says which kernels cost what, not the step's time); ncu_summary.py prints each
+# kernel's time per step, largest first. The CSV stays in $OUT (or ./reports).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+ncu --clock-control none --target-processes all --metrics gpu__time_duration.sum --csv --print-units base \
+  /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" \
+  dev.moe4j.cuda.TrainBench "${1:-350M+MoE-16}" "${2:-8}" "${3:-1024}" 1 > "$reports/train_profile.csv" 2> "$reports/train_profile.err"
+rc=$?
+[[ $rc -eq 0 ]] || { echo "[run-train-profile] ncu exit $rc:"; tail -5 "$reports/train_profile.err"; exit $rc; }
+python3 "$here/ncu_summary.py" "$reports/train_profile.csv" 4
 RUN
 cat > "$out/run-nccl-checks.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -198,5 +218,5 @@ cp=""
 for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* || $j == *-tests.jar ]] || cp=$cp:$j; done
 exec /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED ${JAVA_OPTS:-} -cp "${cp#:}" dev.moe4j.examples.Main "$@"
 RUN
-chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-train-bench.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/run-scaling-bench.sh" "$out/moe4j"
+chmod +x "$out/run-gpu-tests.sh" "$out/run-bench.sh" "$out/run-train-bench.sh" "$out/run-train-profile.sh" "$out/run-nccl-checks.sh" "$out/run-ep-bench.sh" "$out/run-comm-bench.sh" "$out/run-scaling-bench.sh" "$out/moe4j"
 echo "[bundle] $out: $(du -sh "$out" | cut -f1) ($(du -sb "$out" | cut -f1) bytes; limit 64 MiB)"
