@@ -154,6 +154,60 @@ __global__ void k_sum_rows_partial_bf16x8(const uint4* x, float* partial, int N,
     out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
 }
 
+// Column sums per row group (Backend.sumRowsGrouped, the bias gradient of grouped experts): group g's rows
+// offsets[g] .. offsets[g+1] split into P parts, grid (ceil(C/128), P * G); partial [G, P, C]. The generic form
+// (a column a thread) and the bf16 one (8 columns a thread, c8 = C / 8).
+__global__ void k_sum_rows_grouped_partial(const void* x, int xdt, const int* offsets, float* partial, int C, int P) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int g = blockIdx.y / P, p = blockIdx.y % P;
+    int first = offsets[g], n = offsets[g + 1] - first, chunk = (n + P - 1) / P;
+    int r0 = first + p * chunk, r1 = min(first + n, r0 + chunk);
+    float acc = 0.f;
+#pragma unroll 8
+    for (int r = r0; r < r1; r++) acc += ld(x, xdt, (i64)r * C + c);
+    partial[((i64)g * P + p) * C + c] = acc;
+}
+
+__global__ void k_sum_rows_grouped_partial_bf16x8(const uint4* x, const int* offsets, float* partial, int c8, int P) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c8) return;
+    int g = blockIdx.y / P, p = blockIdx.y % P;
+    int first = offsets[g], n = offsets[g + 1] - first, chunk = (n + P - 1) / P;
+    int r0 = first + p * chunk, r1 = min(first + n, r0 + chunk);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+    for (int r = r0; r < r1; r++) {
+        uint4 v = x[(i64)r * c8 + j];
+        const __nv_bfloat162* h = (const __nv_bfloat162*)&v;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float2 f = __bfloat1622float2(h[q]);
+            acc[2 * q] += f.x;
+            acc[2 * q + 1] += f.y;
+        }
+    }
+    float4* out = (float4*)(partial + ((i64)g * P + p) * c8 * 8 + (i64)j * 8);
+    out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+}
+
+// out[g, c] += sum_p partial[g, p, c]; grid (ceil(C/32), G), 256 threads as k_sum_rows_final (deterministic order).
+__global__ void k_sum_rows_grouped_final(const float* partial, int P, void* out, int odt, int C) {
+    __shared__ float part[8][33];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, c = blockIdx.x * 32 + lane, g = blockIdx.y;
+    float acc = 0.f;
+    if (c < C) for (int p = w; p < P; p += 8) acc += partial[((i64)g * P + p) * C + c];
+    part[w][lane] = acc;
+    __syncthreads();
+    if (w == 0 && c < C) {
+        float t = 0.f;
+        for (int q = 0; q < 8; q++) t += part[q][lane];
+        i64 o = (i64)g * C + c;
+        st(out, odt, o, ld(out, odt, o) + t);
+    }
+}
+
 // out[c] = beta * out[c] + sum_p partial[p, c]; 32 columns a block of 256 threads: the 8 warps take every 8th
 // partial (loads coalesced across the 32 columns), then warp 0 adds the 8 sums in order (deterministic).
 __global__ void k_sum_rows_final(const float* partial, int P, void* out, int odt, int C, float beta) {

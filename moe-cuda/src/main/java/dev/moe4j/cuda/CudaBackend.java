@@ -904,6 +904,27 @@ public final class CudaBackend implements Backend {
         }
     }
 
+    /** The groups' sums on the device (no read of the offsets): each group's rows in P parts sized by the mean group. */
+    @Override
+    public void sumRowsGrouped(Tensor x, Tensor offsets, Tensor out) {
+        String op = "sumRowsGrouped";
+        floating(op, "x", x); floating(op, "out", out);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        int c = x.cols(), groups = Math.toIntExact(offsets.numel() - 1);
+        Checks.matrix(op, "out", out, groups, c);
+        if (groups <= 0 || c == 0 || x.rows() == 0) return;
+        boolean wide = rows8(c, x.numel(), x);
+        int parts = Math.max(1, Math.min(64, x.rows() / groups / 32));
+        try (Tensor partial = scratch(DType.F32, Math.toIntExact((long) groups * parts * c))) {
+            if (wide) {
+                launch("k_sum_rows_grouped_partial_bf16x8", (c / 8 + 127) / 128, parts * groups, 128, 0, p(x), p(offsets), p(partial), c / 8, parts);
+            } else {
+                launch("k_sum_rows_grouped_partial", (c + 127) / 128, parts * groups, 128, 0, p(x), dt(x), p(offsets), p(partial), c, parts);
+            }
+            launch("k_sum_rows_grouped_final", (c + 31) / 32, groups, 256, 0, p(partial), parts, p(out), dt(out), c);
+        }
+    }
+
     @Override
     public void rowDot(Tensor a, Tensor b, Tensor out) {
         floating("rowDot", "a", a); floating("rowDot", "b", b); floating("rowDot", "out", out);

@@ -425,6 +425,14 @@ class CudaOpsTest extends GpuTestBase {
         check("scatterAddRows (weighted, duplicates)", dst, tol(dt));
         for (int i = 0; i < 2; i++) on(i).scatterAddRows(out[i], idx[i], null, dst[i]);
         check("scatterAddRows (unweighted)", dst, tol(dt));
+        // row groups as the grouped GEMMs take them: uneven, one empty, rows past the last offset not read;
+        // widths 48 (bf16: the 8-wide kernel) and 45
+        for (int width : new int[] {48, 45}) {
+            int[] offs = {0, 300, 300, 1000, 1003, 2400};
+            Tensor[] gx = rand(dt, 1, 2500, width), o = of(offs, offs.length), acc = rand(DType.F32, 1, offs.length - 1, width);
+            for (int i = 0; i < 2; i++) on(i).sumRowsGrouped(gx[i], o[i], acc[i]);
+            check("sumRowsGrouped width " + width, acc, tol(dt) * 10);
+        }
     }
 
     @ParameterizedTest

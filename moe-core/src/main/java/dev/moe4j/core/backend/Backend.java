@@ -236,6 +236,24 @@ public interface Backend extends AutoCloseable {
     /** dst[idx[m]] += w[m] * src[m] for idx[m] &gt;= 0 (w may be null: 1). Accumulates. */
     void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst);
 
+    /**
+     * out[g] += the sum of rows offsets[g] .. offsets[g+1] of x, for each group g: x [R, C], offsets I32 [G+1] (the
+     * grouped GEMMs' offsets: non-decreasing, offsets[G] &lt;= R; rows past it are not read), out [G, C]. Accumulates.
+     * The bias gradient of grouped experts. This default reads the offsets to the host and sums each group with
+     * {@link #sumRows}; a backend with a stream does it on the device.
+     */
+    default void sumRowsGrouped(Tensor x, Tensor offsets, Tensor out) {
+        int[] off = offsets.toInts();
+        int groups = off.length - 1, c = x.cols();
+        Checks.matrix("sumRowsGrouped", "out", out, groups, c);
+        for (int g = 0; g < groups; g++) {
+            if (off[g] < 0 || off[g] > off[g + 1] || off[g + 1] > x.rows()) {
+                throw new IllegalArgumentException("sumRowsGrouped: offsets must be non-decreasing within [0, " + x.rows() + "], got " + java.util.Arrays.toString(off));
+            }
+            if (off[g + 1] > off[g]) sumRows(x.rowSlice(off[g], off[g + 1] - off[g]), out.view((long) g * c, c), 1f);
+        }
+    }
+
     // ---------------------------------------------------------------- reductions
 
     /** out[0] = sum of all elements of x (out: 1 element). */

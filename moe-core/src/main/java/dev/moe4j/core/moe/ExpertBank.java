@@ -182,7 +182,7 @@ public final class ExpertBank implements AutoCloseable {
         } else {
             // beta 0 also zeroes the gradient of an expert without rows
             b.groupedMatmulWeightGrad(in, dout, p.offsets, p.hostOffsets, part(p, w.grad()), beta);
-            if (bias != null) b.scatterAddRows(dout, p.rowExpert, null, part(p, bias.definedGrad()));
+            if (bias != null) b.sumRowsGrouped(dout, p.offsets, part(p, bias.definedGrad()));
         }
     }
 

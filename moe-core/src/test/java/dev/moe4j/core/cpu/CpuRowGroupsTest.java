@@ -1,0 +1,43 @@
+package dev.moe4j.core.cpu;
+
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+import dev.moe4j.core.testing.Tensors;
+import org.junit.jupiter.api.Test;
+
+import java.util.SplittableRandom;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+/** Backend.sumRowsGrouped (the bias gradient of grouped experts) against plain loops, on the CPU's default form. */
+class CpuRowGroupsTest {
+    private final Backend cpu = new CpuBackend();
+
+    @Test
+    void eachGroupsRowsAreAddedToItsRowOfOut() {
+        SplittableRandom rnd = new SplittableRandom(5);
+        int rows = 23, c = 4;
+        int[] off = {0, 5, 5, 12, 20};   // an empty group; rows 20..22 are past the last offset and not read
+        Tensor x = Tensors.random(cpu, DType.F64, rnd, 1, rows, c), out = Tensors.random(cpu, DType.F64, rnd, 1, off.length - 1, c);
+        double[] X = x.toDoubles(), before = out.toDoubles();
+        cpu.sumRowsGrouped(x, cpu.fromInts(off, off.length), out);
+        double[] got = out.toDoubles();
+        for (int g = 0; g + 1 < off.length; g++) {
+            for (int j = 0; j < c; j++) {
+                double s = before[g * c + j];
+                for (int r = off[g]; r < off[g + 1]; r++) s += X[r * c + j];
+                assertEquals(s, got[g * c + j], 1e-12, "group " + g + " column " + j);
+            }
+        }
+    }
+
+    @Test
+    void offsetsOutsideTheRowsAreRefused() {
+        Tensor x = cpu.zeros(DType.F64, 6, 2), out = cpu.zeros(DType.F64, 2, 2);
+        var e = assertThrows(IllegalArgumentException.class, () -> cpu.sumRowsGrouped(x, cpu.fromInts(new int[] {0, 4, 7}, 3), out));
+        assertTrue(e.getMessage().contains("non-decreasing within [0, 6]"), e.getMessage());
+    }
+}
