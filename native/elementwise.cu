@@ -321,18 +321,22 @@ __global__ void k_reduce_final(const double* partial, int P, void* out, int odt,
 
 // ------------------------------------------------------------------ optimizer
 
+// The gradient clip factor min(1, maxNorm / sqrt(normSq)) of AdamW (1 without a norm), or -1 where normSq is not finite.
+__device__ __forceinline__ float adamClip(const void* normSq, int nsdt, float maxNorm) {
+    if (normSq == nullptr) return 1.f;
+    float sq = ld(normSq, nsdt, 0);
+    if (!isfinite(sq)) return -1.f;
+    float norm = sqrtf(sq);
+    return maxNorm > 0.f && norm > maxNorm ? maxNorm / norm : 1.f;
+}
+
 // Fused AdamW over a flat range. normSq (nullable) is the global squared gradient norm on the device:
 // clip = min(1, maxNorm / sqrt(normSq)); a non-finite normSq skips the whole update (no host sync needed).
 __global__ void k_adamw(void* param, int pdt, const void* grad, int gdt, void* m, int mdt, void* v, int vdt,
                         void* copy, int cdt, i64 n, float lr, float b1, float b2, float eps, float wd,
                         double c1, double c2, const void* normSq, int nsdt, float maxNorm) {
-    float clip = 1.f;
-    if (normSq != nullptr) {
-        float sq = ld(normSq, nsdt, 0);
-        if (!isfinite(sq)) return;
-        float norm = sqrtf(sq);
-        if (maxNorm > 0.f && norm > maxNorm) clip = maxNorm / norm;
-    }
+    float clip = adamClip(normSq, nsdt, maxNorm);
+    if (clip < 0.f) return;   // a non-finite norm: skip the whole update
     float ic1 = (float)(1.0 / c1), ic2 = (float)(1.0 / c2);
     FOR_N(i, n) {
         float g = ld(grad, gdt, i) * clip;
@@ -353,13 +357,8 @@ __global__ void k_adamw(void* param, int pdt, const void* grad, int gdt, void* m
 __global__ void k_adamw_f32x4(float4* param, const void* grad, int gdt, float4* m, float4* v, uint2* copy, i64 n4,
                               float lr, float b1, float b2, float eps, float wd, double c1, double c2,
                               const void* normSq, int nsdt, float maxNorm) {
-    float clip = 1.f;
-    if (normSq != nullptr) {
-        float sq = ld(normSq, nsdt, 0);
-        if (!isfinite(sq)) return;
-        float norm = sqrtf(sq);
-        if (maxNorm > 0.f && norm > maxNorm) clip = maxNorm / norm;
-    }
+    float clip = adamClip(normSq, nsdt, maxNorm);
+    if (clip < 0.f) return;   // a non-finite norm: skip the whole update
     float ic1 = (float)(1.0 / c1), ic2 = (float)(1.0 / c2);
     FOR_N(i, n4) {
         float g[4];
