@@ -29,9 +29,8 @@ public final class ExpertBank implements AutoCloseable {
     private final Pass main = new Pass();   // the pass of forward/backward without an explicit one
 
     /**
-     * What one forward keeps for its backward. A layer that runs the bank on several row sets in one step (e.g.
-     * the rows a rank sends itself, then the ones that travelled) gives each its own pass; the weight gradients
-     * of all of them accumulate.
+     * What one forward keeps for its backward. A layer that runs the bank on several row sets in one step (the
+     * expert-parallel stages, each over its own experts) gives each its own pass.
      */
     public static final class Pass implements AutoCloseable {
         private final SavedTensors saved = new SavedTensors();
@@ -109,18 +108,14 @@ public final class ExpertBank implements AutoCloseable {
      * (hostOffsets, same values; null: none): the GPU then sizes its grouped GEMMs without waiting for the stream.
      */
     public Tensor forward(Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
-        return forward(main, x, offsets, hostOffsets, rowExpert);
-    }
-
-    /** The forward into pass {@code p} (its previous contents are released first). */
-    public Tensor forward(Pass p, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
-        return forward(p, 0, experts, x, offsets, hostOffsets, rowExpert);
+        return forward(main, 0, experts, x, offsets, hostOffsets, rowExpert);
     }
 
     /**
-     * The forward of experts [first, first + count) only, into pass {@code p}: offsets [count + 1] and rowExpert
-     * count from {@code first} (expert-parallel pipelines run the bank in parts while other rows travel). Their
-     * weight gradients are written by {@link #backwardWeights(Pass, float[])} with betas claimed once for all parts.
+     * The forward of experts [first, first + count) into pass {@code p} (its previous contents released first):
+     * offsets [count + 1] and rowExpert count from {@code first}. A pass over part of the experts (an
+     * expert-parallel stage) writes its weight gradients by {@link #backwardWeights(Pass, float[])}, with betas
+     * claimed once for all parts.
      */
     public Tensor forward(Pass p, int first, int count, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
         p.close();
@@ -246,9 +241,6 @@ public final class ExpertBank implements AutoCloseable {
         if (betas[0] == 0f) b.fill(part(p, fc1.grad()), 0);
         if (betas[1] == 0f) b.fill(part(p, fc2.grad()), 0);
     }
-
-    /** The bank's own pass (what {@link #forward(Tensor, Tensor, int[], Tensor)} fills). */
-    public Pass mainPass() { return main; }
 
     @Override
     public void close() { main.close(); }

@@ -51,12 +51,9 @@ final class ExpertParallel {
         final int localRows;             // Rq: rows this rank's experts process
         final int[] localCounts;         // rows per local expert
         final int capacity;              // capacity mode's C (0: dropless)
-        int expertRows;                  // rows of the experts' input: Rq, or El * (largest local count) when padded
-        boolean padded;                  // dropless, each local expert padded to the largest one's rows (zeros)
-        int[] hostOffsets;               // the offsets below, on the host (the grouped GEMMs need no device read)
-        Tensor packed;                   // one upload holding the index tensors below (views of it)
-        Tensor toExpert, toSource, offsets, rowExpert, xin;
-        Stage[] stages;                  // overlap: the pipeline's stages (null without)
+        Tensor packed;                   // one upload holding the stages' index tensors (views of it)
+        Stage[] stages;                  // all local experts in one stage, or (overlap) the pipeline's stages
+        boolean pipelined;               // overlap: each stage travels by its own block exchange
         int[][] n;                       // rows from source p for local expert j, until indices() has used them
         MoE.DroplessLayout layout;
         DType dtype;
@@ -78,31 +75,30 @@ final class ExpertParallel {
             return equal && capacity > 0 && capacity == this.capacity;
         }
 
-        /** Frees what one forward saved for its backward (the expert input). */
+        /** Frees what one forward saved for its backward (the experts' inputs and passes). */
         void releaseActivations() {
-            if (xin != null) xin.close();
-            xin = null;
-            if (stages != null) for (Stage st : stages) st.release();
+            for (Stage st : stages) st.release();
         }
 
         @Override
         public void close() {
             releaseActivations();
-            for (Tensor t : new Tensor[] {toExpert, toSource, offsets, rowExpert, packed}) if (t != null) t.close();
-            toExpert = toSource = offsets = rowExpert = packed = null;
+            if (packed != null) packed.close();   // the stages' index tensors are views of it
+            packed = null;
         }
     }
 
     /**
-     * One stage of the overlapped pipeline: local experts [first, first + count), their rows in source order
-     * (p, j, i) as they arrive and in expert order (j, p, i) for the GEMMs, padded like the route.
+     * Local experts [first, first + count) and the rows they process: in source order (p, j, i) as they arrive and in
+     * expert order (j, p, i) for the GEMMs. Without overlap one stage holds all local experts; with it, each stage
+     * of the pipeline travels by its own block exchange.
      */
     static final class Stage {
         final int first, count;
-        RowBlocks bufBlocks;    // buf's rows for every rank's experts of this stage: (rank q, start in buf, rows)
-        RowBlocks recvBlocks;   // the rows from every source rank: (source p, start in the stage's input, rows)
+        RowBlocks bufBlocks;    // pipelined: buf's rows for every rank's experts of this stage: (rank q, start in buf, rows)
+        RowBlocks recvBlocks;   // pipelined: the rows from every source rank: (source p, start in the stage's input, rows)
         int rows, expertRows;   // rows received; rows of the experts' input (count * largest count when padded)
-        boolean padded;
+        boolean padded;         // dropless, each expert padded to the stage's largest one's rows (zeros)
         int[] hostOffsets;      // [count + 1], into the experts' input
         int part;               // the first of its index arrays in the route's upload
         Tensor toExpert, toSource, offsets, rowExpert;   // views of the route's upload (toExpert null when padded)
@@ -166,11 +162,14 @@ final class ExpertParallel {
             rq += localCounts[j];
         }
         Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
-        r.expertRows = rq;
         r.n = n;
         r.layout = layout;
         r.dtype = dtype;
-        if (overlap && P > 1) {
+        r.pipelined = overlap && P > 1;
+        if (!r.pipelined) {
+            r.stages = new Stage[] {new Stage(0, El)};
+            r.stages[0].rows = rq;
+        } else {
             int G = Math.min(chunks(), El);
             r.stages = new Stage[G];
             int[] bufStart = new int[numExperts + 1];
@@ -202,18 +201,13 @@ final class ExpertParallel {
         if (r.n == null) return;
         int[][] n = r.n;
         r.n = null;
-        int El = r.localCounts.length, rq = r.localRows;
         List<int[]> parts = new ArrayList<>();
-        if (r.stages != null) {
-            for (Stage st : r.stages) {
-                st.part = parts.size();
-                parts.addAll(layout(r, st, n, st.first, st.first + st.count, st.rows, !r.equal, r.layout, b, r.dtype));
-            }
-        } else if (rq > 0) {
-            parts.addAll(layout(r, null, n, 0, El, rq, !r.equal, r.layout, b, r.dtype));
+        for (Stage st : r.stages) {
+            st.part = parts.size();
+            parts.addAll(layout(r, st, n, b));
         }
         if (parts.isEmpty()) return;
-        // one host-to-device copy for all index tensors (each upload waits for the stream)
+        // one host-to-device copy for all index tensors
         int total = 0;
         for (int[] a : parts) total += a.length;
         int[] all = new int[total];
@@ -225,40 +219,28 @@ final class ExpertParallel {
             pos += parts.get(i).length;
         }
         r.packed = dev.moe4j.core.tensor.Scope.detach(b.fromInts(all, all.length));   // the MoE layer closes it (it may keep it across steps)
-        if (r.stages == null) {
-            r.toExpert = r.padded ? null : r.packed.view(at[0], r.expertRows);
-            r.toSource = r.packed.view(at[1], rq);
-            r.rowExpert = r.packed.view(at[2], r.expertRows);
-            r.offsets = r.packed.view(at[3], El + 1);
-        } else {
-            for (Stage st : r.stages) {
-                if (st.rows == 0) continue;
-                int i = st.part;
-                st.toExpert = st.padded ? null : r.packed.view(at[i], st.expertRows);
-                st.toSource = r.packed.view(at[i + 1], st.rows);
-                st.rowExpert = r.packed.view(at[i + 2], st.expertRows);
-                st.offsets = r.packed.view(at[i + 3], st.count + 1);
-            }
+        for (Stage st : r.stages) {
+            if (st.rows == 0) continue;
+            int i = st.part;
+            st.toExpert = st.padded ? null : r.packed.view(at[i], st.expertRows);
+            st.toSource = r.packed.view(at[i + 1], st.rows);
+            st.rowExpert = r.packed.view(at[i + 2], st.expertRows);
+            st.offsets = r.packed.view(at[i + 3], st.count + 1);
         }
     }
 
     /**
-     * The layout transform of local experts [j0, j1) receiving {@code rows} rows in source order (p, j, i): the
-     * experts' order (j, p, i), padded when dropless and the layout says so. Fills the stage's (or without one, the
-     * route's) sizes and host offsets; returns its index arrays toExpert (empty when padded: a padded layout
-     * scatters by toSource), toSource, rowExpert (counted from j0) and offsets; none for a stage without rows.
+     * The layout transform of stage st's local experts [j0, j1) receiving st.rows rows in source order (p, j, i):
+     * the experts' order (j, p, i), padded when dropless and the route's layout says so. Fills the stage's sizes and
+     * host offsets; returns its index arrays toExpert (empty when padded: a padded layout scatters by toSource),
+     * toSource, rowExpert (counted from j0) and offsets; none for a stage without rows.
      */
-    private static List<int[]> layout(Route r, Stage st, int[][] n, int j0, int j1, int rows, boolean dropless,
-                                      MoE.DroplessLayout layout, Backend b, DType dtype) {
+    private static List<int[]> layout(Route r, Stage st, int[][] n, Backend b) {
+        int rows = st.rows, j0 = st.first, j1 = st.first + st.count, P = n.length, count = st.count;
         if (rows == 0) return List.of();
-        int P = n.length, count = j1 - j0;
         int most = 0;
-        for (int j = j0; j < j1; j++) {
-            int c = 0;
-            for (int p = 0; p < P; p++) c += n[p][j];
-            most = Math.max(most, c);
-        }
-        boolean padded = dropless && MoE.padsDropless(layout, b, dtype, (long) count * most, rows);
+        for (int j = j0; j < j1; j++) most = Math.max(most, r.localCounts[j]);
+        boolean padded = !r.equal && MoE.padsDropless(r.layout, b, r.dtype, (long) count * most, rows);
         // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at (j - j0) * most
         int[][] srcStart = new int[P][j1], expStart = new int[P][j1];
         int at = 0;
@@ -284,24 +266,19 @@ final class ExpertParallel {
                 }
             }
         }
-        if (st == null) {
-            r.padded = padded;
-            r.expertRows = expertRows;
-            r.hostOffsets = offsets;
-        } else {
-            st.padded = padded;
-            st.expertRows = expertRows;
-            st.hostOffsets = offsets;
-        }
+        st.padded = padded;
+        st.expertRows = expertRows;
+        st.hostOffsets = offsets;
         return List.of(padded ? new int[0] : toExpert, toSource, rowExpert, offsets);
     }
 
     /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */
     static Tensor forward(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
-        if (r.stages != null) return forwardPipelined(ep, r, bank, buf);
+        if (r.pipelined) return forwardPipelined(ep, r, bank, buf);
         Backend b = ep.backend();
         int M = buf.cols();
         DType dt = buf.dtype();
+        Stage st = r.stages[0];
         Tensor ysrc;
         try (Tensor recv = b.empty(dt, r.localRows, M)) {
             exchange(ep, r, buf, recv, false);
@@ -310,10 +287,10 @@ final class ExpertParallel {
                 ysrc = b.zeros(dt, 0, M);
             } else {
                 r.releaseActivations();
-                r.xin = toExpertOrder(b, recv, r.padded, r.expertRows, r.toExpert, r.toSource);
-                try (Tensor yl = bank.forward(r.xin, r.offsets, r.hostOffsets, bank.hasBias() ? r.rowExpert : null)) {
+                st.xin = toExpertOrder(b, recv, st);
+                try (Tensor yl = expertsForward(bank, st)) {
                     ysrc = b.empty(dt, r.localRows, M);
-                    b.gatherRows(yl, r.toSource, ysrc);
+                    b.gatherRows(yl, st.toSource, ysrc);
                 }
             }
         }
@@ -349,9 +326,9 @@ final class ExpertParallel {
                 if (st.rows == 0) {
                     ysrc[c] = b.empty(dt, 0, M);
                 } else {
-                    st.xin = toExpertOrder(b, recv[c], st.padded, st.expertRows, st.toExpert, st.toSource);
+                    st.xin = toExpertOrder(b, recv[c], st);
                     recv[c].close();
-                    try (Tensor yl = bank.forward(st.pass, st.first, st.count, st.xin, st.offsets, st.hostOffsets, bank.hasBias() ? st.rowExpert : null)) {
+                    try (Tensor yl = expertsForward(bank, st)) {
                         ysrc[c] = b.empty(dt, st.rows, M);
                         b.gatherRows(yl, st.toSource, ysrc[c]);
                     }
@@ -394,7 +371,7 @@ final class ExpertParallel {
                     bank.zeroWeightGrads(st.first, st.count, betas);
                     continue;
                 }
-                dyl[c] = toExpertOrder(b, drecv[c], st.padded, st.expertRows, st.toExpert, st.toSource);
+                dyl[c] = toExpertOrder(b, drecv[c], st);
                 drecv[c].close();
                 try (Tensor dxin = bank.backwardData(st.pass, dyl[c])) {
                     dsrc[c] = b.empty(dt, st.rows, M);
@@ -417,7 +394,8 @@ final class ExpertParallel {
      * reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
-        if (r.stages != null) return backwardPipelined(ep, r, bank, dy, beside);
+        if (r.pipelined) return backwardPipelined(ep, r, bank, dy, beside);
+        Stage st = r.stages[0];
         Backend b = ep.backend();
         int M = dy.cols();
         DType dt = dy.dtype();
@@ -439,12 +417,12 @@ final class ExpertParallel {
                 }
                 return dbuf;
             }
-            try (Tensor dyl = toExpertOrder(b, drecv, r.padded, r.expertRows, r.toExpert, r.toSource); Tensor dsrc = b.empty(dt, r.localRows, M)) {
-                try (Tensor dxin = bank.backwardData(bank.mainPass(), dyl)) {
-                    b.gatherRows(dxin, r.toSource, dsrc);
+            try (Tensor dyl = toExpertOrder(b, drecv, st); Tensor dsrc = b.empty(dt, r.localRows, M)) {
+                try (Tensor dxin = bank.backwardData(st.pass, dyl)) {
+                    b.gatherRows(dxin, st.toSource, dsrc);
                 }
                 CommWork back = exchangeAsync(ep, r, dsrc, dbuf, true);
-                bank.backwardWeights(bank.mainPass());   // beside the all-to-all
+                bank.backwardWeights(st.pass);   // beside the all-to-all
                 back.await();             // before dsrc and dyl are freed and dbuf is read
             }
         }
@@ -455,15 +433,20 @@ final class ExpertParallel {
      * Received rows (source order) in the local experts' order (returned): a gather, or when padded a scatter into
      * zeros, so that the padding rows carry zero activations and gradients and add nothing to the weight gradients.
      */
-    private static Tensor toExpertOrder(Backend b, Tensor recv, boolean padded, int expertRows, Tensor toExpert, Tensor toSource) {
-        if (!padded) {
+    private static Tensor toExpertOrder(Backend b, Tensor recv, Stage st) {
+        if (!st.padded) {
             Tensor out = b.empty(recv.dtype(), recv.rows(), recv.cols());
-            b.gatherRows(recv, toExpert, out);
+            b.gatherRows(recv, st.toExpert, out);
             return out;
         }
-        Tensor out = b.zeros(recv.dtype(), expertRows, recv.cols());
-        b.moePermute(recv, toSource.reshape(recv.rows(), 1), out);
+        Tensor out = b.zeros(recv.dtype(), st.expertRows, recv.cols());
+        b.moePermute(recv, st.toSource.reshape(recv.rows(), 1), out);
         return out;
+    }
+
+    /** Stage st's experts on its input (in expert order), into its pass. */
+    private static Tensor expertsForward(ExpertBank bank, Stage st) {
+        return bank.forward(st.pass, st.first, st.count, st.xin, st.offsets, st.hostOffsets, bank.hasBias() ? st.rowExpert : null);
     }
 
     /** {@link #exchange} on the communicator's side stream (awaited by the caller). */
