@@ -42,16 +42,20 @@
 //   [keys][D]: B from [k][n], ldmatrix.trans). l sums the fp32 P (P is rounded to bf16 only for the P V product). Tiles entirely above a warp's
 //   rows are skipped by that warp; tiles above the block's rows are never loaded.
 //   shared: Q [BM][D+8], K [2][64][D+8], V [2][64][D+8] bf16.
-// Backward (delta = rowsum(dO * O) from k_flash_delta; P = exp(S * scale - lse), dS = P (dP - delta)):
-//   k_fa2_bwd_dkv<D>: grid (ceil(T / 64), B*H), 4 warps; warp w owns keys k0 + 16w .. +15 and accumulates
+// Backward (P = exp(S * scale - lse), dS = P (dP - delta)), three launches:
+//   k_fa2_bwd_prep: delta = rowsum(dO * O) per query row, and the fp32 dQ accumulator [B][T][H][D] zeroed.
+//   k_fa2_bwd<D>: grid (ceil(T / 64), B*H), 4 warps; warp w owns keys k0 + 16w .. +15 and accumulates
 //     dV += P^T dO and dK += dS^T Q (times scale at the end) over query tiles of BQ (D 64: 64, D 128: 32) from the
 //     diagonal on. S^T = K Q^T and dP^T = V dO^T put the keys on the accumulator rows, so P^T / dS^T feed the next
 //     products straight from registers (reduction over the queries); Q and dO tiles [queries][D] are B from [n][k]
-//     for S^T / dP^T and B from [k][n] (ldmatrix.trans) for dK / dV. Query tiles double-buffered.
-//     shared: K [64][D+8], V [64][D+8], Q [2][BQ][D+8], dO [2][BQ][D+8] bf16, lse * log2(e) [2][BQ], delta [2][BQ] f32.
-//   k_fa2_bwd_dq<D>: grid (ceil(T / 64), B*H), 4 warps; warp w owns queries q0 + 16w .. +15: S = Q K^T, dP = dO V^T,
-//     dS in registers as the A operand of dQ += dS K (K tile: B from [k][n], ldmatrix.trans); key tiles of BK
-//     (D 64: 64, D 128: 32) double-buffered. shared: Q [64][D+8], dO [64][D+8], K [2][BK][D+8], V [2][BK][D+8] bf16.
+//     for S^T / dP^T and B from [k][n] (ldmatrix.trans) for dK / dV. Each tile's dS^T also goes to shared memory
+//     (bf16, [keys][queries]); after a barrier the warps compute that tile's dQ share dS K over the block's 64 keys
+//     (A = dS through ldmatrix.trans, B = the K tile) and add it to the accumulator with fp32 atomics. One kernel
+//     computes S and dP once for all three gradients (the earlier separate dQ kernel recomputed both). The atomics'
+//     order varies, so dQ's last bits differ from run to run (as in FlashAttention-2's default backward).
+//     Query tiles double-buffered. shared: K [64][D+8], V [64][D+8], Q [2][BQ][D+8], dO [2][BQ][D+8],
+//     dS [64][BQ+8] bf16, lse * log2(e) [2][BQ], delta [2][BQ] f32.
+//   k_fa2_bwd_dq: the q part of dqkv = scale * the accumulator.
 // Rows past T are zero-filled on load (cp.async with source size 0), masked out of every softmax / gradient term, and
 // never written. CudaBackend computes the same shared sizes (attention section).
 #include "common.cuh"
@@ -73,6 +77,13 @@ constexpr float LOG2E = 1.4426950408889634f;
 __device__ __forceinline__ unsigned pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
+}
+
+// 2^x (ex2.approx.ftz: 2^-inf = 0, the masked scores' probability).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 // out[i], out[i + 1] = a, b (i even; F32 or BF16).
@@ -250,7 +261,7 @@ __device__ __forceinline__ void forward(const bf16* qkv, void* out, int odt, voi
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 ms[hh] = mx == -INFINITY ? 0.f : mx * sl2;   // never -inf here (key 0 is in every row's tile 0); safe anyway
-                alpha[hh] = exp2f(m[hh] * sl2 - ms[hh]);     // m_old = -inf: 0
+                alpha[hh] = ex2(m[hh] * sl2 - ms[hh]);     // m_old = -inf: 0
                 m[hh] = mx;
                 l[hh] *= alpha[hh];
             }
@@ -258,7 +269,7 @@ __device__ __forceinline__ void forward(const bf16* qkv, void* out, int odt, voi
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    float p = exp2f(fmaf(s[n][e], sl2, -ms[e >> 1]));   // exp((s - m) * scale); masked: 0
+                    float p = ex2(fmaf(s[n][e], sl2, -ms[e >> 1]));   // exp((s - m) * scale); masked: 0
                     s[n][e] = p;
                     l[e >> 1] += p;
                 }
@@ -297,26 +308,95 @@ __device__ __forceinline__ void forward(const bf16* qkv, void* out, int odt, voi
     }
 }
 
-// ------------------------------------------------------------------------------------------------ backward dK, dV
+// ------------------------------------------------------------------------------------------------ backward
+// delta[bh][i] = rowsum(dO * O) of each query row, and the dQ accumulator (fp32 [B][T][H][D], the layout of dO)
+// zeroed: one thread per 8-column chunk, D / 8 threads a row (a divisor of 32, so a row's lanes share a warp).
+__device__ __forceinline__ void load8(float (&x)[8], const void* p, int dt, i64 i) {
+    if (dt == DT_BF16) {
+        uint4 v = *reinterpret_cast<const uint4*>((const bf16*)p + i);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int k = 0; k < 4; k++) { float2 f = __bfloat1622float2(h[k]); x[2 * k] = f.x; x[2 * k + 1] = f.y; }
+    } else {
+        float4 a = *reinterpret_cast<const float4*>((const float*)p + i), b = *reinterpret_cast<const float4*>((const float*)p + i + 4);
+        x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    }
+}
+
+__device__ __forceinline__ void backwardPrep(const void* dout, int gdt, const void* out, int odt, float* delta, float* dqAcc,
+                                             int B, int T, int H, int D) {
+    const int cpr = D / 8, lane = threadIdx.x & 31;
+    const i64 chunks = (i64)B * T * H * cpr;
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) << 5; base < chunks; base += warps << 5) {
+        const i64 x = base + lane;   // every lane takes part in the shuffles; chunks is a multiple of cpr
+        float acc = 0.f;
+        if (x < chunks) {
+            float a[8], o[8];
+            load8(a, dout, gdt, x * 8);
+            load8(o, out, odt, x * 8);
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc = fmaf(a[k], o[k], acc);
+            float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+            *reinterpret_cast<float4*>(dqAcc + x * 8) = z;
+            *reinterpret_cast<float4*>(dqAcc + x * 8 + 4) = z;
+        }
+        for (int w = 1; w < cpr; w <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, w);
+        if (x < chunks && lane % cpr == 0) {
+            i64 r = x / cpr;   // (b * T + i) * H + h
+            int h = (int)(r % H), i = (int)((r / H) % T), b = (int)(r / ((i64)H * T));
+            delta[((i64)b * H + h) * T + i] = acc;
+        }
+    }
+}
+
+// dQ of the backward (q part of dqkv) = scale * the accumulator, 4 columns a thread.
+__device__ __forceinline__ void backwardStoreDq(const float* dqAcc, void* dqkv, int dxdt, i64 rows, int C, float scale) {
+    const i64 n = rows * C / 4;
+    for (i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x; x < n; x += (i64)gridDim.x * blockDim.x) {
+        i64 r = x * 4 / C;
+        int c = (int)(x * 4 - r * C);
+        float4 v = *reinterpret_cast<const float4*>(dqAcc + x * 4);
+        i64 o = r * 3 * C + c;
+        st2(dqkv, dxdt, o, v.x * scale, v.y * scale);
+        st2(dqkv, dxdt, o + 2, v.z * scale, v.w * scale);
+    }
+}
+
+// dqAcc[i] += a, dqAcc[i + 1] += b (one vector atomic where the GPU has it).
+__device__ __forceinline__ void atomicAdd2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// One block per 64 keys: dK and dV accumulate in registers over the query tiles from the diagonal on (header comment),
+// and each tile's dS, staged in shared memory, gives that tile's share of dQ = dS K, added to the fp32 accumulator.
 template <int D, int BQ>
-__device__ __forceinline__ void backwardDkv(const void* dout, int gdt, const bf16* qkv, const void* lse, int ldt,
-                                            const float* delta, void* dqkv, int dxdt, int T, int H) {
-    constexpr int LD = D + 8, THREADS = 128, KD = D / 16, ND = D / 8, NQ = BQ / 8;
+__device__ __forceinline__ void backward(const void* dout, int gdt, const bf16* qkv, const void* lse, int ldt,
+                                         const float* delta, float* dqAcc, void* dqkv, int dxdt, int T, int H) {
+    constexpr int LD = D + 8, LDS = BQ + 8, THREADS = 128, KD = D / 16, ND = D / 8, NQ = BQ / 8;
+    constexpr int QW = BQ / 16, DW = D / (4 / QW);   // dQ: warps as QW query blocks x (4 / QW) column groups of DW
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* sK = (bf16*)smem;          // [BN][LD]
     bf16* sV = sK + BN * LD;         // [BN][LD]
     bf16* sQ = sV + BN * LD;         // [2][BQ][LD]
     bf16* sG = sQ + 2 * BQ * LD;     // [2][BQ][LD]  dO
-    float* sL = (float*)(sG + 2 * BQ * LD);   // [2][BQ]  lse * log2(e)
-    float* sD = sL + 2 * BQ;                  // [2][BQ]  delta
+    bf16* sS = sG + 2 * BQ * LD;     // [BN][LDS]    dS^T (keys x queries) of the current tile
+    float* sL = (float*)(sS + BN * LDS);   // [2][BQ]  lse * log2(e)
+    float* sD = sL + 2 * BQ;               // [2][BQ]  delta
     const int C = H * D, bh = blockIdx.y, b = bh / H, h = bh % H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * BN, wk0 = k0 + warp * 16;
     const i64 stride = 3LL * C;
     const bf16* gQ = qkv + (i64)b * T * stride + (i64)h * D;
-    const i64 gBase = (i64)b * T * C + (i64)h * D;   // dO slice
+    const i64 gBase = (i64)b * T * C + (i64)h * D;   // dO slice, and the dQ accumulator's
     const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
     const int qt0 = k0 / BQ, nQ = (T + BQ - 1) / BQ;   // query tiles from the one holding query k0
+    const int dq0 = (warp % QW) * 16, dc0 = (warp / QW) * DW;
 
     auto loadQueries = [&](int buf, int qt) {
         int i0 = qt * BQ;
@@ -347,26 +427,36 @@ __device__ __forceinline__ void backwardDkv(const void* dout, int gdt, const bf1
         cpAsyncWait<1>();
         __syncthreads();
         const int i0 = qt * BQ;
+        const bf16* Q = sQ + buf * BQ * LD;
+        const bf16* G = sG + buf * BQ * LD;
+        bf16* S = sS + warp * 16 * LDS;   // this warp's 16 key rows of dS^T
         if (active && i0 + BQ - 1 >= wk0) {   // some query of the tile at or after the warp's first key
-            const bf16* Q = sQ + buf * BQ * LD;
-            const bf16* G = sG + buf * BQ * LD;
             const float* L = sL + buf * BQ;
             const float* Dl = sD + buf * BQ;
             // S^T = K Q^T, dP^T = V dO^T: [16 keys][BQ queries]
             float s[NQ][4], dp[NQ][4];
             twoProducts<NQ, KD, LD>(s, dp, sK, sV, warp * 16, Q, G);
-            // P^T = exp(S * scale - lse), dS^T = P^T (dP^T - delta) (scale applied to dK at the end)
+            // P^T = exp(S * scale - lse), dS^T = P^T (dP^T - delta) (scale applied to dK and dQ at the end); masked
+            // scores become -inf before the exponential (a branch-free 0)
             const bool mask = i0 < wk0 + 16 || i0 + BQ > T || wk0 + 16 > T;
 #pragma unroll
-            for (int n = 0; n < NQ; n++)
+            for (int n = 0; n < NQ; n++) {
+                const float2 l2 = *reinterpret_cast<const float2*>(L + n * 8 + 2 * t);
+                const float2 d2 = *reinterpret_cast<const float2*>(Dl + n * 8 + 2 * t);
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    int c = n * 8 + 2 * t + (e & 1), i = i0 + c, j = wk0 + g + (e >> 1) * 8;
-                    bool ok = !mask || (i >= j && i < T && j < T);
-                    float p = ok ? exp2f(fmaf(s[n][e], sl2, -L[c])) : 0.f;
+                    float x = fmaf(s[n][e], sl2, -((e & 1) ? l2.y : l2.x));
+                    if (mask) {
+                        int i = i0 + n * 8 + 2 * t + (e & 1), j = wk0 + g + (e >> 1) * 8;
+                        x = (i >= j && i < T && j < T) ? x : -INFINITY;
+                    }
+                    float p = ex2(x);
                     s[n][e] = p;
-                    dp[n][e] = ok ? p * (dp[n][e] - Dl[c]) : 0.f;
+                    dp[n][e] = p * (dp[n][e] - ((e & 1) ? d2.y : d2.x));
                 }
+                *reinterpret_cast<unsigned*>(S + g * LDS + n * 8 + 2 * t) = pack(dp[n][0], dp[n][1]);
+                *reinterpret_cast<unsigned*>(S + (g + 8) * LDS + n * 8 + 2 * t) = pack(dp[n][2], dp[n][3]);
+            }
             // dV += P^T dO, dK += dS^T Q: [16 keys][D], reduction over the BQ queries
 #pragma unroll
             for (int kc = 0; kc < BQ / 16; kc++) {
@@ -379,8 +469,35 @@ __device__ __forceinline__ void backwardDkv(const void* dout, int gdt, const bf1
                     mmaBkn<LD>(dk[2 * np], dk[2 * np + 1], da, Q, kc * 16, np * 16);
                 }
             }
+        } else {
+            // no query of the tile sees these keys: their dS rows are 0 for the dQ product
+            for (int x = lane; x < 16 * BQ / 2; x += 32)
+                reinterpret_cast<unsigned*>(S + (x / (BQ / 2)) * LDS)[x % (BQ / 2)] = 0u;
         }
-        __syncthreads();
+        __syncthreads();   // dS^T of all 64 keys in shared memory
+        // dQ[BQ queries][D] += dS K: this warp's 16 queries (dq0..) and DW columns (dc0..), reduction over the 64 keys;
+        // A = dS from the [keys][queries] tile through ldmatrix.trans, B = K from [keys][D] (ldmatrix.trans)
+        if (i0 + dq0 < T) {
+            float dq[DW / 8][4];
+#pragma unroll
+            for (int n = 0; n < DW / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < BN / 16; kc++) {
+                unsigned a[4];
+                ldmatrix4T(a, sS + (kc * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + dq0 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int np = 0; np < DW / 16; np++) mmaBkn<LD>(dq[2 * np], dq[2 * np + 1], a, sK, kc * 16, dc0 + np * 16);
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+                int i = i0 + dq0 + g + hh * 8;
+                if (i >= T) continue;
+                float* row = dqAcc + gBase + (i64)i * C + dc0 + 2 * t;
+#pragma unroll
+                for (int n = 0; n < DW / 8; n++) atomicAdd2(row + n * 8, dq[n][2 * hh], dq[n][2 * hh + 1]);
+            }
+        }
+        __syncthreads();   // every warp is done with buffer buf and with dS before the next tile
     }
     cpAsyncWait<0>();
 
@@ -398,104 +515,15 @@ __device__ __forceinline__ void backwardDkv(const void* dout, int gdt, const bf1
     }
 }
 
-// ------------------------------------------------------------------------------------------------ backward dQ
-template <int D, int BK>
-__device__ __forceinline__ void backwardDq(const void* dout, int gdt, const bf16* qkv, const void* lse, int ldt,
-                                           const float* delta, void* dqkv, int dxdt, int T, int H) {
-    constexpr int LD = D + 8, THREADS = 128, BM = 64, KD = D / 16, ND = D / 8, NT = BK / 8;
-    extern __shared__ __align__(16) unsigned char smem[];
-    bf16* sQ = (bf16*)smem;        // [BM][LD]
-    bf16* sG = sQ + BM * LD;       // [BM][LD]  dO
-    bf16* sK = sG + BM * LD;       // [2][BK][LD]
-    bf16* sV = sK + 2 * BK * LD;   // [2][BK][LD]
-    const int C = H * D, bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, w0 = q0 + warp * 16;   // heaviest tiles first
-    const i64 stride = 3LL * C;
-    const bf16* gQ = qkv + (i64)b * T * stride + (i64)h * D;
-    const bf16* gK = gQ + C;
-    const bf16* gV = gQ + 2 * C;
-    const i64 gBase = (i64)b * T * C + (i64)h * D;
-    const int nT = (min(T, q0 + BM) + BK - 1) / BK;
-    const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
-
-    loadRows<BM, D, THREADS>(sQ, gQ, stride, q0, T);
-    loadDout<BM, D, THREADS>(sG, dout, gdt, gBase, C, q0, T);
-    loadRows<BK, D, THREADS>(sK, gK, stride, 0, T);
-    loadRows<BK, D, THREADS>(sV, gV, stride, 0, T);
-    cpAsyncCommit();
-
-    const bool active = w0 < T;
-    float lseL2[2], del[2];   // rows g, g+8
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        int i = w0 + g + hh * 8;
-        lseL2[hh] = i < T ? ld(lse, ldt, (i64)bh * T + i) * LOG2E : 0.f;
-        del[hh] = i < T ? delta[(i64)bh * T + i] : 0.f;
-    }
-    float dq[ND][4];
-#pragma unroll
-    for (int n = 0; n < ND; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-
-    for (int kt = 0; kt < nT; kt++) {
-        if (kt + 1 < nT) {
-            int nb = (kt + 1) & 1;
-            loadRows<BK, D, THREADS>(sK + nb * BK * LD, gK, stride, (kt + 1) * BK, T);
-            loadRows<BK, D, THREADS>(sV + nb * BK * LD, gV, stride, (kt + 1) * BK, T);
-        }
-        cpAsyncCommit();
-        cpAsyncWait<1>();
-        __syncthreads();
-        const int j0 = kt * BK;
-        if (active && j0 <= w0 + 15) {
-            const bf16* K = sK + (kt & 1) * BK * LD;
-            const bf16* V = sV + (kt & 1) * BK * LD;
-            // S = Q K^T, dP = dO V^T: [16 queries][64 keys]
-            float s[NT][4], dp[NT][4];
-            twoProducts<NT, KD, LD>(s, dp, sQ, sG, warp * 16, K, V);
-            const bool mask = j0 + BK - 1 > w0;
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int j = j0 + n * 8 + 2 * t + (e & 1), i = w0 + g + (e >> 1) * 8;
-                    bool ok = !mask || j <= min(i, T - 1);
-                    float p = ok ? exp2f(fmaf(s[n][e], sl2, -lseL2[e >> 1])) : 0.f;
-                    s[n][e] = ok ? p * (dp[n][e] - del[e >> 1]) : 0.f;   // dS (scale applied to dQ at the end)
-                }
-            // dQ += dS K: reduction over the BK keys of the tile
-#pragma unroll
-            for (int kc = 0; kc < BK / 16; kc++) {
-                unsigned a[4];
-                accToA<NT>(a, s, kc);
-#pragma unroll
-                for (int np = 0; np < D / 16; np++) mmaBkn<LD>(dq[2 * np], dq[2 * np + 1], a, K, kc * 16, np * 16);
-            }
-        }
-        __syncthreads();
-    }
-    cpAsyncWait<0>();
-
-    if (!active) return;
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        int i = w0 + g + hh * 8;
-        if (i >= T) continue;
-        i64 row = ((i64)b * T + i) * stride + (i64)h * D + 2 * t;
-#pragma unroll
-        for (int n = 0; n < ND; n++) st2(dqkv, dxdt, row + n * 8, dq[n][2 * hh] * scale, dq[n][2 * hh + 1] * scale);
-    }
-}
-
 }  // namespace fa2
 
 // Launch shapes and dynamic shared bytes (CudaBackend.attention / attentionBackward compute the same):
 //   k_fa2_fwd64:      grid (ceil(T/64), B*H),  128 threads, (64 + 4*64) * 72 * 2   = 46080
 //   k_fa2_fwd128:     grid (ceil(T/128), B*H), 256 threads, (128 + 4*64) * 136 * 2 = 104448
-//   k_fa2_bwd_dkv64:  grid (ceil(T/64), B*H),  128 threads, (2*64 + 4*64) * 72 * 2 + 4*64*4  = 56320
-//   k_fa2_bwd_dkv128: grid (ceil(T/64), B*H),  128 threads, (2*64 + 4*32) * 136 * 2 + 4*32*4 = 70144
-//   k_fa2_bwd_dq64:   grid (ceil(T/64), B*H),  128 threads, (2*64 + 4*64) * 72 * 2  = 55296
-//   k_fa2_bwd_dq128:  grid (ceil(T/64), B*H),  128 threads, (2*64 + 4*32) * 136 * 2 = 69632
+//   k_fa2_bwd_prep:   grid-stride over B*T*H*D/8 threads
+//   k_fa2_bwd64:      grid (ceil(T/64), B*H),  128 threads, (2*64 + 4*64) * 72 * 2 + 64*72*2 + 4*64*4  = 65536
+//   k_fa2_bwd128:     grid (ceil(T/64), B*H),  128 threads, (2*64 + 4*32) * 136 * 2 + 64*40*2 + 4*32*4 = 75264
+//   k_fa2_bwd_dq:     grid-stride over B*T*C/4 threads
 extern "C" {
 
 __global__ void __launch_bounds__(128) k_fa2_fwd64(const __nv_bfloat16* qkv, void* out, int odt, void* lse, int ldt, int T, int H) {
@@ -506,24 +534,22 @@ __global__ void __launch_bounds__(256) k_fa2_fwd128(const __nv_bfloat16* qkv, vo
     fa2::forward<128, 8>(qkv, out, odt, lse, ldt, T, H);
 }
 
-__global__ void __launch_bounds__(128) k_fa2_bwd_dkv64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
-                                                       const float* delta, void* dqkv, int dxdt, int T, int H) {
-    fa2::backwardDkv<64, 64>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H);
+__global__ void k_fa2_bwd_prep(const void* dout, int gdt, const void* out, int odt, float* delta, float* dqAcc, int B, int T, int H, int D) {
+    fa2::backwardPrep(dout, gdt, out, odt, delta, dqAcc, B, T, H, D);
 }
 
-__global__ void __launch_bounds__(128) k_fa2_bwd_dkv128(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
-                                                        const float* delta, void* dqkv, int dxdt, int T, int H) {
-    fa2::backwardDkv<128, 32>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H);
+__global__ void __launch_bounds__(128, 3) k_fa2_bwd64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                                      const float* delta, float* dqAcc, void* dqkv, int dxdt, int T, int H) {
+    fa2::backward<64, 64>(dout, gdt, qkv, lse, ldt, delta, dqAcc, dqkv, dxdt, T, H);
 }
 
-__global__ void __launch_bounds__(128) k_fa2_bwd_dq64(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
-                                                      const float* delta, void* dqkv, int dxdt, int T, int H) {
-    fa2::backwardDq<64, 64>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H);
+__global__ void __launch_bounds__(128) k_fa2_bwd128(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
+                                                    const float* delta, float* dqAcc, void* dqkv, int dxdt, int T, int H) {
+    fa2::backward<128, 32>(dout, gdt, qkv, lse, ldt, delta, dqAcc, dqkv, dxdt, T, H);
 }
 
-__global__ void __launch_bounds__(128) k_fa2_bwd_dq128(const void* dout, int gdt, const __nv_bfloat16* qkv, const void* lse, int ldt,
-                                                       const float* delta, void* dqkv, int dxdt, int T, int H) {
-    fa2::backwardDq<128, 32>(dout, gdt, qkv, lse, ldt, delta, dqkv, dxdt, T, H);
+__global__ void k_fa2_bwd_dq(const float* dqAcc, void* dqkv, int dxdt, long long rows, int C, float scale) {
+    fa2::backwardStoreDq(dqAcc, dqkv, dxdt, rows, C, scale);
 }
 
 }  // extern "C"

@@ -1090,18 +1090,18 @@ public final class CudaBackend implements Backend {
         return true;
     }
 
-    // Tile shapes of attention_fa2.cu (its launch table): the forward's query rows per block (16 per warp), the
-    // backward's query tile of the dK/dV kernel and key tile of the dQ kernel; rows padded to D + 8 bf16.
+    // Tile shapes of attention_fa2.cu (its launch table): the forward's query rows per block (16 per warp) and the
+    // backward's query tile (its blocks hold 64 keys); rows padded to D + 8 bf16.
     private static int fa2FwdRows(int hd) { return hd == 64 ? 64 : 128; }
     private static int fa2BwdTile(int hd) { return hd == 64 ? 64 : 32; }
 
     /** k_fa2_fwd: Q [BM][D+8], K and V [2][64][D+8] bf16. */
     private static int fa2FwdShared(int hd) { return (fa2FwdRows(hd) + 4 * 64) * (hd + 8) * 2; }
-    /** k_fa2_bwd_dkv: K, V [64][D+8], Q and dO [2][BQ][D+8] bf16; lse, delta [2][BQ] f32. */
-    private static int fa2DkvShared(int hd) { return (2 * 64 + 4 * fa2BwdTile(hd)) * (hd + 8) * 2 + 4 * fa2BwdTile(hd) * 4; }
-    /** k_fa2_bwd_dq: Q, dO [64][D+8], K and V [2][BK][D+8] bf16. */
-    private static int fa2DqShared(int hd) { return (2 * 64 + 4 * fa2BwdTile(hd)) * (hd + 8) * 2; }
-
+    /** k_fa2_bwd: K, V [64][D+8], Q and dO [2][BQ][D+8], dS [64][BQ+8] bf16; lse, delta [2][BQ] f32. */
+    private static int fa2BwdShared(int hd) {
+        int bq = fa2BwdTile(hd);
+        return (2 * 64 + 4 * bq) * (hd + 8) * 2 + 64 * (bq + 8) * 2 + 4 * bq * 4;
+    }
     private static int rowKernelShared(String op, int t, int d) {
         long shared = (2L * t + 2L * d) * 4;
         if (shared > 48 * 1024) {
@@ -1138,16 +1138,20 @@ public final class CudaBackend implements Backend {
         int b = d[0], t = d[1], hd = d[3];
         if (b == 0 || t == 0) return;
         if (hd <= FLASH_MAX_D && !ROW_ATTENTION) {
+            if (useFa2(qkv, hd, dout, out, dqkv)) {
+                // tensor cores (mma.sync bf16, FlashAttention-2 form): attention_fa2.cu. delta and a zeroed fp32 dQ
+                // accumulator, one kernel for dK, dV and dQ (dQ added atomically per 64 keys), then dQ stored scaled.
+                long rows = (long) b * t;
+                try (Tensor delta = scratch(DType.F32, b * heads * t); Tensor dqAcc = scratch(DType.F32, Math.toIntExact(rows * d[2]))) {
+                    launchN("k_fa2_bwd_prep", rows * d[2] / 8, p(dout), dt(dout), p(out), dt(out), p(delta), p(dqAcc), b, t, heads, hd);
+                    launch("k_fa2_bwd" + hd, (t + 63) / 64, b * heads, 128, fa2BwdShared(hd), p(dout), dt(dout), p(qkv),
+                            p(lse), dt(lse), p(delta), p(dqAcc), p(dqkv), dt(dqkv), t, heads);
+                    launchN("k_fa2_bwd_dq", rows * d[2] / 4, p(dqAcc), p(dqkv), dt(dqkv), rows, d[2], (float) (1.0 / Math.sqrt(hd)));
+                }
+                return;
+            }
             try (Tensor delta = scratch(DType.F32, b * heads * t)) {
                 launchN("k_flash_delta", (long) b * heads * t * 32, p(dout), dt(dout), p(out), dt(out), p(delta), b, t, heads, hd);
-                if (useFa2(qkv, hd, dout, dqkv)) {
-                    // tensor cores (mma.sync bf16, FlashAttention-2 form): attention_fa2.cu, 4 warps per block
-                    launch("k_fa2_bwd_dkv" + hd, (t + 63) / 64, b * heads, 128, fa2DkvShared(hd), p(dout), dt(dout), p(qkv), p(lse),
-                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
-                    launch("k_fa2_bwd_dq" + hd, (t + 63) / 64, b * heads, 128, fa2DqShared(hd), p(dout), dt(dout), p(qkv), p(lse),
-                            dt(lse), p(delta), p(dqkv), dt(dqkv), t, heads);
-                    return;
-                }
                 int sharedKv = (16 * hd + 64 * (hd + 1) + 64) * 4, sharedQ = (16 * hd + 64 * (hd + 1)) * 4;
                 launch("k_flash_bwd_dkv", (t + 7) / 8, b * heads, 128, sharedKv, p(dout), dt(dout), p(qkv), dt(qkv), p(lse), dt(lse), p(delta),
                         p(dqkv), dt(dqkv), t, heads, hd);
