@@ -154,27 +154,51 @@ __global__ void k_sum_rows_partial_bf16x8(const uint4* x, float* partial, int N,
     out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
 }
 
-// Column sums per row group (Backend.sumRowsGrouped, the bias gradient of grouped experts): group g's rows
-// offsets[g] .. offsets[g+1] split into P parts, grid (ceil(C/128), P * G); partial [G, P, C]. The generic form
-// (a column a thread) and the bf16 one (8 columns a thread, c8 = C / 8).
-__global__ void k_sum_rows_grouped_partial(const void* x, int xdt, const int* offsets, float* partial, int C, int P) {
+// Column sums per row group (Backend.sumRowsGrouped, the bias gradient of grouped experts). Each group's rows
+// offsets[g] .. offsets[g+1] are cut into blocks of RB rows; the groups' blocks are numbered in order (group g's
+// first is the sum of ceil(n_h / RB) over h < g), so blocks are as many as the rows need however unevenly the rows
+// fall into groups (a per-group split gave the largest group's threads the longest chains: 90 us for a 64 MB
+// [8192, 4096] bf16 gradient). grid (ceil(C / 128), at least the blocks' count), partial [blocks, C]; blocks past
+// the count exit. The generic form (a column a thread) and the bf16 one (8 columns a thread, c8 = C / 8).
+// The block number of group g's first row block, or of the end (g = G).
+__device__ __forceinline__ int groupFirstBlock(const int* offsets, int g, int RB) {
+    int start = 0;
+    for (int h = 0; h < g; h++) start += (offsets[h + 1] - offsets[h] + RB - 1) / RB;
+    return start;
+}
+
+// Row range [r0, r1) of row block y (r0 = r1 where y is past the last block), found by thread 0.
+__device__ __forceinline__ void groupedRows(const int* offsets, int G, int RB, int y, int& r0, int& r1) {
+    __shared__ int range[2];
+    if (threadIdx.x == 0) {
+        int start = 0, a = 0, b = 0;
+        for (int h = 0; h < G; h++) {
+            int nb = (offsets[h + 1] - offsets[h] + RB - 1) / RB;
+            if (y < start + nb) { a = offsets[h] + (y - start) * RB; b = min(offsets[h + 1], a + RB); break; }
+            start += nb;
+        }
+        range[0] = a; range[1] = b;
+    }
+    __syncthreads();
+    r0 = range[0]; r1 = range[1];
+}
+
+__global__ void k_sum_rows_grouped_partial(const void* x, int xdt, const int* offsets, int G, int RB, float* partial, int C) {
+    int r0, r1;
+    groupedRows(offsets, G, RB, blockIdx.y, r0, r1);
     int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    int g = blockIdx.y / P, p = blockIdx.y % P;
-    int first = offsets[g], n = offsets[g + 1] - first, chunk = (n + P - 1) / P;
-    int r0 = first + p * chunk, r1 = min(first + n, r0 + chunk);
+    if (c >= C || r0 == r1) return;
     float acc = 0.f;
 #pragma unroll 8
     for (int r = r0; r < r1; r++) acc += ld(x, xdt, (i64)r * C + c);
-    partial[((i64)g * P + p) * C + c] = acc;
+    partial[(i64)blockIdx.y * C + c] = acc;
 }
 
-__global__ void k_sum_rows_grouped_partial_bf16x8(const uint4* x, const int* offsets, float* partial, int c8, int P) {
+__global__ void k_sum_rows_grouped_partial_bf16x8(const uint4* x, const int* offsets, int G, int RB, float* partial, int c8) {
+    int r0, r1;
+    groupedRows(offsets, G, RB, blockIdx.y, r0, r1);
     int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c8) return;
-    int g = blockIdx.y / P, p = blockIdx.y % P;
-    int first = offsets[g], n = offsets[g + 1] - first, chunk = (n + P - 1) / P;
-    int r0 = first + p * chunk, r1 = min(first + n, r0 + chunk);
+    if (j >= c8 || r0 == r1) return;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll 8
     for (int r = r0; r < r1; r++) {
@@ -187,17 +211,25 @@ __global__ void k_sum_rows_grouped_partial_bf16x8(const uint4* x, const int* off
             acc[2 * q + 1] += f.y;
         }
     }
-    float4* out = (float4*)(partial + ((i64)g * P + p) * c8 * 8 + (i64)j * 8);
+    float4* out = (float4*)(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
     out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
 }
 
-// out[g, c] += sum_p partial[g, p, c]; grid (ceil(C/32), G), 256 threads as k_sum_rows_final (deterministic order).
-__global__ void k_sum_rows_grouped_final(const float* partial, int P, void* out, int odt, int C) {
+// out[g, c] += the partial sums of group g's row blocks, in order; grid (ceil(C/32), G), 256 threads as
+// k_sum_rows_final (deterministic order).
+__global__ void k_sum_rows_grouped_final(const float* partial, const int* offsets, int RB, void* out, int odt, int C) {
     __shared__ float part[8][33];
+    __shared__ int span[2];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, c = blockIdx.x * 32 + lane, g = blockIdx.y;
+    if (threadIdx.x == 0) {
+        int first = groupFirstBlock(offsets, g, RB);
+        span[0] = first;
+        span[1] = first + (offsets[g + 1] - offsets[g] + RB - 1) / RB;
+    }
+    __syncthreads();
     float acc = 0.f;
-    if (c < C) for (int p = w; p < P; p += 8) acc += partial[((i64)g * P + p) * C + c];
+    if (c < C) for (int p = span[0] + w; p < span[1]; p += 8) acc += partial[(i64)p * C + c];
     part[w][lane] = acc;
     __syncthreads();
     if (w == 0 && c < C) {

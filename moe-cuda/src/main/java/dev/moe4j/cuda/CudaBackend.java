@@ -914,16 +914,20 @@ public final class CudaBackend implements Backend {
         Checks.matrix(op, "out", out, groups, c);
         if (groups <= 0 || c == 0 || x.rows() == 0) return;
         boolean wide = rows8(c, x.numel(), x);
-        int parts = Math.max(1, Math.min(64, x.rows() / groups / 32));
-        try (Tensor partial = scratch(DType.F32, Math.toIntExact((long) groups * parts * c))) {
+        // row blocks of GROUPED_ROW_BLOCK rows within each group: at most rows / RB + groups of them (elementwise.cu)
+        int rb = GROUPED_ROW_BLOCK, blocks = x.rows() / rb + groups;
+        try (Tensor partial = scratch(DType.F32, Math.toIntExact((long) blocks * c))) {
             if (wide) {
-                launch("k_sum_rows_grouped_partial_bf16x8", (c / 8 + 127) / 128, parts * groups, 128, 0, p(x), p(offsets), p(partial), c / 8, parts);
+                launch("k_sum_rows_grouped_partial_bf16x8", (c / 8 + 127) / 128, blocks, 128, 0, p(x), p(offsets), groups, rb, p(partial), c / 8);
             } else {
-                launch("k_sum_rows_grouped_partial", (c + 127) / 128, parts * groups, 128, 0, p(x), dt(x), p(offsets), p(partial), c, parts);
+                launch("k_sum_rows_grouped_partial", (c + 127) / 128, blocks, 128, 0, p(x), dt(x), p(offsets), groups, rb, p(partial), c);
             }
-            launch("k_sum_rows_grouped_final", (c + 31) / 32, groups, 256, 0, p(partial), parts, p(out), dt(out), c);
+            launch("k_sum_rows_grouped_final", (c + 31) / 32, groups, 256, 0, p(partial), p(offsets), rb, p(out), dt(out), c);
         }
     }
+
+    /** Rows a thread of sumRowsGrouped sums (one row block of a group). */
+    private static final int GROUPED_ROW_BLOCK = 32;
 
     @Override
     public void rowDot(Tensor a, Tensor b, Tensor out) {
