@@ -382,21 +382,28 @@ class CudaOpsTest extends GpuTestBase {
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void lossesForwardBackward(DType dt) {
-        int n = 13, v = 517;
-        Tensor[] logits = rand(dt, 5, n, v);
-        int[] tg = new int[n];
-        for (int r = 0; r < n; r++) tg[r] = r == 4 ? -1 : rnd.nextInt(v);
-        Tensor[] tgt = of(tg, n), losses = rand(DType.F32, 1, n);
-        for (int i = 0; i < 2; i++) on(i).crossEntropy(logits[i], tgt[i], losses[i]);
-        check("crossEntropy", losses, F32_TOL);
-        Tensor[] dl = rand(dt, 1, n, v);
-        for (int i = 0; i < 2; i++) on(i).crossEntropyBackward(logits[i], tgt[i], 1f / n, dl[i]);
-        check("crossEntropyBackward", dl, tol(dt));
-        Tensor[] teacher = rand(dt, 5, n, v);
-        for (int i = 0; i < 2; i++) on(i).distillationLoss(logits[i], teacher[i], 2.5f, losses[i]);
-        check("distillationLoss", losses, 1e-4);  // KL of near-equal distributions: cancellation
-        for (int i = 0; i < 2; i++) on(i).distillationLossBackward(logits[i], teacher[i], 2.5f, 0.3f, dl[i]);
-        check("distillationLossBackward", dl, tol(dt));
+        // 517 columns: the element-wise row loops; 16,800 (a multiple of 8, several 8-column chunks a thread): the
+        // 16-byte bf16 ones
+        for (int v : new int[] {517, 16_800}) {
+            int n = 13;
+            Tensor[] logits = rand(dt, 5, n, v);
+            int[] tg = new int[n];
+            for (int r = 0; r < n; r++) tg[r] = r == 4 ? -1 : r == 7 ? v - 1 : rnd.nextInt(v);
+            Tensor[] tgt = of(tg, n), losses = rand(DType.F32, 1, n);
+            for (int i = 0; i < 2; i++) on(i).crossEntropy(logits[i], tgt[i], losses[i]);
+            check("crossEntropy V=" + v, losses, F32_TOL);
+            Tensor[] dl = rand(dt, 1, n, v);
+            for (int i = 0; i < 2; i++) on(i).crossEntropyBackward(logits[i], tgt[i], 1f / n, dl[i]);
+            check("crossEntropyBackward V=" + v, dl, tol(dt));
+            Tensor[] teacher = rand(dt, 5, n, v);
+            for (int i = 0; i < 2; i++) on(i).distillationLoss(logits[i], teacher[i], 2.5f, losses[i]);
+            check("distillationLoss V=" + v, losses, 1e-4);  // KL of near-equal distributions: cancellation
+            for (int i = 0; i < 2; i++) on(i).distillationLossBackward(logits[i], teacher[i], 2.5f, 0.3f, dl[i]);
+            check("distillationLossBackward V=" + v, dl, tol(dt));
+            Tensor[] y = rand(dt, 1, n, v);
+            for (int i = 0; i < 2; i++) on(i).softmax(logits[i], y[i]);
+            check("softmax V=" + v, y, tol(dt));
+        }
     }
 
     @ParameterizedTest
