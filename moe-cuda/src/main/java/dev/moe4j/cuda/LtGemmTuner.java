@@ -29,8 +29,8 @@ import java.util.function.IntSupplier;
  * activation transposed). cuBLAS's default pick is not the fastest kernel for every form (Nsight Compute: the
  * data-gradient form ran 13% slower than the forward form on the same bytes), so on the first call of a shape this
  * asks cuBLASLt's heuristic for up to {@link #CANDIDATES} algorithms, times each of them and the
- * {@code cublasGemmStridedBatchedEx} call the backend makes otherwise (1 untimed and 2 timed runs each, CUDA events
- * on the backend's stream, the faster of the two timed runs), and remembers the fastest per shape (a cuBLASLt
+ * {@code cublasGemmStridedBatchedEx} call the backend makes otherwise (1 untimed and {@link #TIMED_RUNS} timed runs
+ * each, CUDA events on the backend's stream, their median), and remembers the fastest per shape (a cuBLASLt
  * algorithm only where it is more than 1% faster than the old call: {@link #MARGIN}). Later calls of
  * the shape are one {@code cublasLtMatmul} with descriptors made once (or the old call, where it won).
  *
@@ -51,7 +51,12 @@ final class LtGemmTuner implements AutoCloseable {
     /** Workspace handed to cuBLASLt (split-K partial sums and the like); taken from the allocator on the first tuning. */
     static final long WORKSPACE_BYTES = 32L << 20;
     /** How many heuristic candidates are timed. */
-    static final int CANDIDATES = 8;
+    static final int CANDIDATES = 16;
+    /**
+     * Timed runs per candidate (after one untimed), of which the median counts. With 2 runs and their minimum, two
+     * processes picked different kernels for the same memory-bound shape, 375-437 us each (ncu).
+     */
+    static final int TIMED_RUNS = 5;
     /** A cuBLASLt algorithm replaces the old call only when at least this much faster (timing noise is about 1%). */
     static final double MARGIN = 0.99;
     static final int DEFAULT_MAX_SHAPES = 64;
@@ -201,7 +206,7 @@ final class LtGemmTuner implements AutoCloseable {
 
     private void ensureResources() {
         if (events == null) {
-            CUevent_st[] ev = new CUevent_st[3];
+            CUevent_st[] ev = new CUevent_st[TIMED_RUNS + 1];
             for (int i = 0; i < ev.length; i++) {
                 ev[i] = new CUevent_st();
                 Cuda.check(cudart.cudaEventCreate(ev[i]), "cudaEventCreate(LtGemmTuner)");
@@ -354,16 +359,18 @@ final class LtGemmTuner implements AutoCloseable {
     private float time(IntSupplier call) {
         if (call.getAsInt() != cublas.CUBLAS_STATUS_SUCCESS) return Float.NaN;
         Cuda.check(cudart.cudaEventRecord(events[0], stream), "cudaEventRecord");
-        int r1 = call.getAsInt();
-        Cuda.check(cudart.cudaEventRecord(events[1], stream), "cudaEventRecord");
-        int r2 = r1 == cublas.CUBLAS_STATUS_SUCCESS ? call.getAsInt() : r1;
-        Cuda.check(cudart.cudaEventRecord(events[2], stream), "cudaEventRecord");
-        Cuda.check(cudart.cudaEventSynchronize(events[2]), "cudaEventSynchronize");
-        if (r1 != cublas.CUBLAS_STATUS_SUCCESS || r2 != cublas.CUBLAS_STATUS_SUCCESS) return Float.NaN;
-        float[] t1 = {0}, t2 = {0};
-        Cuda.check(cudart.cudaEventElapsedTime(t1, events[0], events[1]), "cudaEventElapsedTime");
-        Cuda.check(cudart.cudaEventElapsedTime(t2, events[1], events[2]), "cudaEventElapsedTime");
-        return Math.min(t1[0], t2[0]);
+        for (int i = 1; i <= TIMED_RUNS; i++) {
+            if (call.getAsInt() != cublas.CUBLAS_STATUS_SUCCESS) return Float.NaN;   // queued runs finish before the next sync
+            Cuda.check(cudart.cudaEventRecord(events[i], stream), "cudaEventRecord");
+        }
+        Cuda.check(cudart.cudaEventSynchronize(events[TIMED_RUNS]), "cudaEventSynchronize");
+        float[] ms = new float[TIMED_RUNS], t = {0};
+        for (int i = 0; i < TIMED_RUNS; i++) {
+            Cuda.check(cudart.cudaEventElapsedTime(t, events[i], events[i + 1]), "cudaEventElapsedTime");
+            ms[i] = t[0];
+        }
+        java.util.Arrays.sort(ms);
+        return ms[TIMED_RUNS / 2];
     }
 
     /** "id/tile/stages/splitK" of an algorithm, for the log (empty where cuBLASLt does not say). */
