@@ -365,6 +365,33 @@ public final class CudaBackend implements Backend {
         return ms[0];
     }
 
+    @Override
+    public double[] timeEachMs(int reps, Runnable body) {
+        bind();
+        CUevent_st[] ev = new CUevent_st[reps + 1];
+        try {
+            for (int i = 0; i <= reps; i++) {
+                ev[i] = new CUevent_st();
+                Cuda.check(cudart.cudaEventCreate(ev[i]), "cudaEventCreate");
+            }
+            Cuda.check(cudart.cudaEventRecord(ev[0], stream), "cudaEventRecord");
+            for (int i = 1; i <= reps; i++) {
+                body.run();
+                Cuda.check(cudart.cudaEventRecord(ev[i], stream), "cudaEventRecord");
+            }
+            Cuda.check(cudart.cudaEventSynchronize(ev[reps]), "cudaEventSynchronize");
+            double[] out = new double[reps];
+            float[] ms = new float[1];
+            for (int i = 0; i < reps; i++) {
+                Cuda.check(cudart.cudaEventElapsedTime(ms, ev[i], ev[i + 1]), "cudaEventElapsedTime");
+                out[i] = ms[0];
+            }
+            return out;
+        } finally {
+            for (CUevent_st e : ev) if (e != null) cudart.cudaEventDestroy(e);
+        }
+    }
+
     @Override public long allocatedBytes() { return allocator.heldBytes(); }
 
     /** A scratch tensor outside any scope (closed by the caller). */

@@ -34,6 +34,22 @@ class CudaOpsTest extends GpuTestBase {
         assertEquals(0.0, gpu.zeros(dt, 5).toDoubles()[3]);
     }
 
+    /** timeEachMs queues its runs back to back: every run executes, in order, before it returns; one time per run. */
+    @Test
+    void timeEachMsRunsEveryRunInOrder() {
+        Tensor x = gpu.zeros(DType.F32, 1 << 20), one = gpu.zeros(DType.F32, 1 << 20);
+        gpu.fill(one, 1);
+        int[] issued = {0};
+        double[] ms = gpu.timeEachMs(7, () -> { gpu.scale(x, 2, x); gpu.add(x, 1, one, 1, x); issued[0]++; });
+        assertEquals(7, ms.length);
+        assertEquals(7, issued[0]);
+        for (double v : ms) org.junit.jupiter.api.Assertions.assertTrue(v > 0 && Double.isFinite(v), "each run's time: " + v);
+        // x -> 2x + 1 seven times from 0: 2^7 - 1 (order matters: the runs did not overlap or reorder)
+        float[] got = x.toFloats();
+        assertEquals(127f, got[0]);
+        assertEquals(127f, got[got.length - 1]);
+    }
+
     @Test
     void randomIsTheSameFunctionAsTheCpu() {
         Tensor[] u = {cpu.zeros(DType.F32, 1001), gpu.zeros(DType.F32, 1001)};

@@ -66,7 +66,7 @@ public interface Backend extends AutoCloseable {
     /** Every element of t = value. */
     void fill(Tensor t, double value);
 
-        /**
+    /**
      * Milliseconds of device time of everything {@code body} queues on this backend, waiting for it to finish (for
      * benchmarks). A backend with a stream times it between two events there; one that runs ops as they are called
      * (the default) by the wall clock around {@code body} and a {@link #synchronize()}.
@@ -77,6 +77,18 @@ public interface Backend extends AutoCloseable {
         body.run();
         synchronize();
         return (System.nanoTime() - t0) / 1e6;
+    }
+
+    /**
+     * Milliseconds of device time of each of {@code reps} runs of {@code body}, queued back to back without waiting
+     * in between (for benchmarks: while the host issues faster than the device runs, the device never waits for it,
+     * as in a training loop). A backend with a stream records an event between consecutive runs and waits once at the
+     * end; the default times each run by {@link #timeMs}.
+     */
+    default double[] timeEachMs(int reps, Runnable body) {
+        double[] ms = new double[reps];
+        for (int i = 0; i < reps; i++) ms[i] = timeMs(body);
+        return ms;
     }
 
     /** Waits until all queued work is done. */

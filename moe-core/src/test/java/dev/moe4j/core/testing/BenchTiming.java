@@ -9,12 +9,21 @@ import java.util.Arrays;
 
 /**
  * The timing of every benchmark of the project (MoeLayerBench, TrainBench, EpLayerBench, ScalingBench, CommBench):
- * untimed warm-up runs, then the median of runs each timed by {@link Backend#timeMs} (on a GPU: device time between
- * two CUDA events on the backend's stream). The median of an even count is the mean of the middle two, as Python's
+ * untimed warm-up runs, then the median of runs each timed on the device (on a GPU: between two CUDA events on the
+ * backend's stream, the runs queued back to back: {@link #BACK_TO_BACK}). The median of an even count is the mean of the middle two, as Python's
  * statistics.median computes it in the PyTorch peers (cuda_timing.py).
  */
 public final class BenchTiming {
     private BenchTiming() {}
+
+    /**
+     * The timed runs are queued back to back ({@link Backend#timeEachMs}: an event between consecutive runs, one wait
+     * at the end), so that the device does not wait for the host at the start of each run as it does when every run
+     * is waited for (a 350M MoE layer step: 2.768 against 2.968 ms, PyTorch's grouped_mm peer 3.798 against 3.928 ms,
+     * docs/benchmarks.md); a training loop queues its steps the same way. -Dmoe4j.bench.backToBack=false: one run
+     * at a time (cuda_timing.py follows MOE4J_BENCH_BACK_TO_BACK=0 likewise).
+     */
+    static final boolean BACK_TO_BACK = !"false".equalsIgnoreCase(System.getProperty("moe4j.bench.backToBack", "true"));
 
     /** Median milliseconds of {@code op} over {@code reps} runs after {@code warmup} untimed ones. */
     public static double medianMs(Backend backend, int warmup, int reps, Runnable op) {
@@ -22,8 +31,13 @@ public final class BenchTiming {
         if (warmup < 0) throw new IllegalArgumentException("BenchTiming.medianMs: warmup must be >= 0, got " + warmup);
         for (int i = 0; i < warmup; i++) op.run();
         backend.synchronize();
-        double[] ms = new double[reps];
-        for (int i = 0; i < reps; i++) ms[i] = backend.timeMs(op);
+        double[] ms;
+        if (BACK_TO_BACK) {
+            ms = backend.timeEachMs(reps, op);
+        } else {
+            ms = new double[reps];
+            for (int i = 0; i < reps; i++) ms[i] = backend.timeMs(op);
+        }
         Arrays.sort(ms);
         return reps % 2 == 1 ? ms[reps / 2] : (ms[reps / 2 - 1] + ms[reps / 2]) / 2;
     }
