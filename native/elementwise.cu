@@ -131,12 +131,8 @@ __global__ void k_sum_rows_partial(const void* x, int xdt, float* partial, int N
     partial[(i64)blockIdx.y * C + c] = acc;
 }
 
-// k_sum_rows_partial for bf16 x, 8 columns a thread (16-byte loads; C % 8 == 0, c8 = C / 8): the same row order
-// per column, so the same partial sums.
-__global__ void k_sum_rows_partial_bf16x8(const uint4* x, float* partial, int N, int c8, int chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c8) return;
-    int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
+// out[0..7] = the sums over rows r0 .. r1-1 of the j-th 8 columns of bf16 x (c8 16-byte chunks a row), in row order.
+__device__ __forceinline__ void sumRowsBf16x8(const uint4* x, int c8, int j, int r0, int r1, float* out) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll 8
     for (int r = r0; r < r1; r++) {
@@ -149,9 +145,18 @@ __global__ void k_sum_rows_partial_bf16x8(const uint4* x, float* partial, int N,
             acc[2 * q + 1] += f.y;
         }
     }
-    float4* out = (float4*)(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
-    out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    float4* o = (float4*)out;
+    o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+}
+
+// k_sum_rows_partial for bf16 x, 8 columns a thread (16-byte loads; C % 8 == 0, c8 = C / 8): the same row order
+// per column, so the same partial sums.
+__global__ void k_sum_rows_partial_bf16x8(const uint4* x, float* partial, int N, int c8, int chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c8) return;
+    int r0 = blockIdx.y * chunk, r1 = min(N, r0 + chunk);
+    sumRowsBf16x8(x, c8, j, r0, r1, partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
 }
 
 // Column sums per row group (Backend.sumRowsGrouped, the bias gradient of grouped experts). Each group's rows
@@ -199,21 +204,7 @@ __global__ void k_sum_rows_grouped_partial_bf16x8(const uint4* x, const int* off
     groupedRows(offsets, G, RB, blockIdx.y, r0, r1);
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= c8 || r0 == r1) return;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 8
-    for (int r = r0; r < r1; r++) {
-        uint4 v = x[(i64)r * c8 + j];
-        const __nv_bfloat162* h = (const __nv_bfloat162*)&v;
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            float2 f = __bfloat1622float2(h[q]);
-            acc[2 * q] += f.x;
-            acc[2 * q + 1] += f.y;
-        }
-    }
-    float4* out = (float4*)(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
-    out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    sumRowsBf16x8(x, c8, j, r0, r1, partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
 }
 
 // out[g, c] += the partial sums of group g's row blocks, in order; grid (ceil(C/32), G), 256 threads as
