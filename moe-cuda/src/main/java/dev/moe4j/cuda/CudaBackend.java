@@ -682,6 +682,39 @@ public final class CudaBackend implements Backend {
     }
 
     /**
+     * bf16 products with a bf16 bias (a linear layer's forward) add the bias in a cuBLASLt epilogue, in fp32 before
+     * C's one rounding, where the GEMM tuner finds an algorithm for the shape (it times the heuristic's candidates
+     * once per shape); otherwise, and for other types, the product and {@link #addBias}.
+     */
+    @Override
+    public void matmulBias(Tensor a, boolean transA, Tensor b, boolean transB, Tensor bias, Tensor c) {
+        String op = "matmulBias";
+        floating(op, "a", a); floating(op, "b", b); floating(op, "bias", bias); floating(op, "c", c);
+        int[] d = Checks.matmul(a, transA, b, transB, c);
+        int batch = d[0], m = d[1], n = d[2], k = d[3];
+        Checks.numel(op, "bias", bias, n);
+        boolean bf16 = a.dtype() == DType.BF16 && b.dtype() == DType.BF16 && c.dtype() == DType.BF16 && bias.dtype() == DType.BF16;
+        if (bf16 && batch == 1 && m > 0 && n > 0 && k > 0 && p(bias) % 16 == 0 && ltTuner() != null) {
+            bind();
+            // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T (gemm()); the bias runs along C^T's rows
+            int lda = transA ? m : k, ldb = transB ? k : n, bf = cudart.CUDA_R_16BF;
+            int opA = transA ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N, opB = transB ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N;
+            scalars.put(0, 1f).put(1, 0f);
+            Pointer al = scalars.getPointer(0), be = scalars.getPointer(1);
+            Pointer pa = Cuda.ptr(p(a)), pb = Cuda.ptr(p(b)), pc = Cuda.ptr(p(c)), pbias = Cuda.ptr(p(bias));
+            LtGemmTuner.Plan lt = ltTuner.plan(opB, opA, n, m, k, al, pb, bf, ldb, (long) k * n, pa, bf, lda, (long) m * k, be, pc, bf, n,
+                    (long) m * n, 1, true, pbias);
+            long t0 = profileStart();
+            if (lt != null && lt.run(al, pb, pa, be, pc, pbias)) {
+                profileEnd("cublasLtMatmul+bias", t0);
+                return;
+            }
+        }
+        matmul(a, transA, b, transB, c, 1f, 0f);
+        addBias(c, bias, c);
+    }
+
+    /**
      * fp32 products with a bf16 operand or output (the fp32 gate of a bf16 model: logits = x W^T with x bf16, and
      * the gate's two gradient products) run on bf16 tensor cores with the fp32 operands split into bf16 pieces
      * (native/f32_split.cu: fp32 accuracy) instead of converting the bf16 side to fp32 for an SGEMM on CUDA cores.

@@ -63,12 +63,12 @@ final class LtGemmTuner implements AutoCloseable {
 
     /** The arguments of one cublasGemmStridedBatchedEx call other than pointers and scalars, and the pointers' alignments. */
     record Shape(int transa, int transb, int m, int n, int k, int aType, int lda, long strideA, int bType, int ldb, long strideB,
-                 int cType, int ldc, long strideC, int batch, int alignA, int alignB, int alignC) {
+                 int cType, int ldc, long strideC, int batch, int alignA, int alignB, int alignC, boolean bias) {
         @Override public String toString() {
             return "batch=" + batch + " m=" + m + " n=" + n + " k=" + k + " op(A)=" + (transa == cublas.CUBLAS_OP_N ? "N" : "T")
                     + " op(B)=" + (transb == cublas.CUBLAS_OP_N ? "N" : "T") + " lda=" + lda + " ldb=" + ldb + " ldc=" + ldc
                     + " C " + (cType == cudart.CUDA_R_16BF ? "bf16" : cType == cudart.CUDA_R_32F ? "f32" : "type " + cType)
-                    + " align " + alignA + "/" + alignB + "/" + alignC;
+                    + " align " + alignA + "/" + alignB + "/" + alignC + (bias ? " +bias" : "");
         }
     }
 
@@ -90,7 +90,13 @@ final class LtGemmTuner implements AutoCloseable {
          * shape or cuBLASLt refused the call, which then demotes the shape to the old call for good.
          */
         boolean run(Pointer alpha, Pointer a, Pointer b, Pointer beta, Pointer c) {
+            return run(alpha, a, b, beta, c, null);
+        }
+
+        /** As {@link #run(Pointer, Pointer, Pointer, Pointer, Pointer)}, adding bias (a vector of m) to every column of a bias shape. */
+        boolean run(Pointer alpha, Pointer a, Pointer b, Pointer beta, Pointer c, Pointer bias) {
             if (algo == null) return false;
+            if (shape.bias) setBias(desc, bias);
             int rc = matmul(this, algo, alpha, a, b, beta, c);
             if (rc == cublas.CUBLAS_STATUS_SUCCESS) {
                 ltRuns++;
@@ -98,7 +104,7 @@ final class LtGemmTuner implements AutoCloseable {
             }
             if (rc == cublas.CUBLAS_STATUS_NOT_SUPPORTED || rc == cublas.CUBLAS_STATUS_INVALID_VALUE) {
                 // refused before anything was launched (an alignment or size check): the old call from now on
-                System.err.println("moe4j: cublasLtMatmul refused " + shape + " (status " + rc + "); using cublasGemmStridedBatchedEx for it");
+                System.err.println("moe4j: cublasLtMatmul refused " + shape + " (status " + rc + "); using " + (shape.bias ? "the product and a bias add" : "cublasGemmStridedBatchedEx") + " for it");
                 destroy();
                 choice = "cublasGemmStridedBatchedEx (cuBLASLt refused status " + rc + ")";
                 return false;
@@ -186,13 +192,26 @@ final class LtGemmTuner implements AutoCloseable {
     Plan plan(int transa, int transb, int m, int n, int k, Pointer alpha, Pointer a, int aType, int lda, long strideA,
               Pointer b, int bType, int ldb, long strideB, Pointer beta, Pointer c, int cType, int ldc, long strideC, int batch,
               boolean betaZero) {
-        if (closed || m <= 0 || n <= 0 || k <= 0 || batch <= 1 || strideC <= 0 || strideA < 0 || strideB < 0) return null;
+        if (batch <= 1) return null;
+        return plan(transa, transb, m, n, k, alpha, a, aType, lda, strideA, b, bType, ldb, strideB, beta, c, cType, ldc, strideC, batch, betaZero, null);
+    }
+
+    /**
+     * As above, with a bf16 bias vector of m added to every column of C by a cuBLASLt epilogue where {@code bias} is
+     * not null (batch 1, beta 0: a linear layer's forward; there is no old call to compare with, so the fastest
+     * candidate wins). Null: the caller makes the product and adds the bias itself.
+     */
+    Plan plan(int transa, int transb, int m, int n, int k, Pointer alpha, Pointer a, int aType, int lda, long strideA,
+              Pointer b, int bType, int ldb, long strideB, Pointer beta, Pointer c, int cType, int ldc, long strideC, int batch,
+              boolean betaZero, Pointer bias) {
+        if (closed || m <= 0 || n <= 0 || k <= 0 || batch < 1 || strideC <= 0 || strideA < 0 || strideB < 0) return null;
+        if (bias != null && (batch != 1 || !betaZero)) return null;
         Shape s = new Shape(transa, transb, m, n, k, aType, lda, strideA, bType, ldb, strideB, cType, ldc, strideC, batch,
-                alignment(a.address()), alignment(b.address()), alignment(c.address()));
+                alignment(a.address()), alignment(b.address()), alignment(c.address()), bias != null);
         Plan p = plans.get(s);
         if (p == null) {
             if (!betaZero || plans.size() >= maxShapes || capturing()) return null;
-            p = tune(s, alpha, a, b, beta, c);
+            p = tune(s, alpha, a, b, beta, c, bias);
             plans.put(s, p);
         }
         return p.usesLt() ? p : null;
@@ -224,15 +243,17 @@ final class LtGemmTuner implements AutoCloseable {
         }
     }
 
-    private Plan tune(Shape s, Pointer alpha, Pointer a, Pointer b, Pointer beta, Pointer c) {
+    private Plan tune(Shape s, Pointer alpha, Pointer a, Pointer b, Pointer beta, Pointer c, Pointer bias) {
         ensureResources();
         tunings++;
         Plan p = new Plan(s);
         boolean ok = false;
         try {
             createDescriptors(p);
+            if (s.bias) setBias(p.desc, bias);
             int count = heuristic(p);
-            float legacyMs = time(() -> legacy(s, alpha, a, b, beta, c));
+            // a bias shape has no old call of the same product: its fastest candidate wins
+            float legacyMs = s.bias ? Float.POSITIVE_INFINITY : time(() -> legacy(s, alpha, a, b, beta, c));
             int best = -1;
             float bestMs = Float.POSITIVE_INFINITY;
             StringBuilder timings = new StringBuilder();
@@ -253,7 +274,8 @@ final class LtGemmTuner implements AutoCloseable {
                 p.algo = p.results.getPointer(best).algo();
                 p.choice = String.format("cuBLASLt #%d of %d %s (%.3f ms; cublasGemmStridedBatchedEx %.3f ms)", best, count, config(p.algo), bestMs, legacyMs);
             } else {
-                p.choice = String.format("cublasGemmStridedBatchedEx (%.3f ms; %d cuBLASLt candidates)", legacyMs, count);
+                p.choice = s.bias ? String.format("the product and a bias add (%d cuBLASLt candidates)", count)
+                        : String.format("cublasGemmStridedBatchedEx (%.3f ms; %d cuBLASLt candidates)", legacyMs, count);
             }
             if (verbose) System.err.println("moe4j LtGemmTuner: " + s + " -> " + p.choice + "\n    timed:" + timings);
             ok = true;
@@ -271,11 +293,24 @@ final class LtGemmTuner implements AutoCloseable {
             p.desc = new cublasLtMatmulDescOpaque_t(out.get(0));
             setDesc(p.desc, cublas.CUBLASLT_MATMUL_DESC_TRANSA, s.transa);
             setDesc(p.desc, cublas.CUBLASLT_MATMUL_DESC_TRANSB, s.transb);
+            if (s.bias) {   // D = A B + bias, the bias (bf16, m values) added in fp32 before D's rounding
+                setDesc(p.desc, cublas.CUBLASLT_MATMUL_DESC_EPILOGUE, cublas.CUBLASLT_EPILOGUE_BIAS);
+                setDesc(p.desc, cublas.CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cudart.CUDA_R_16BF);
+            }
             // the stored matrices (before op): A is m x k when not transposed, else k x m; B k x n, else n x k
             boolean ta = s.transa != cublas.CUBLAS_OP_N, tb = s.transb != cublas.CUBLAS_OP_N;
             p.layoutA = layout(out, s.aType, ta ? s.k : s.m, ta ? s.m : s.k, s.lda, s.batch, s.strideA);
             p.layoutB = layout(out, s.bType, tb ? s.n : s.k, tb ? s.k : s.n, s.ldb, s.batch, s.strideB);
             p.layoutC = layout(out, s.cType, s.m, s.n, s.ldc, s.batch, s.strideC);
+        }
+    }
+
+    /** The bias epilogue's vector for the next cublasLtMatmul of desc (a device address; read when that call is queued). */
+    private static void setBias(cublasLtMatmulDescOpaque_t desc, Pointer bias) {
+        try (LongPointer v = new LongPointer(1)) {
+            v.put(0, bias.address());
+            Cuda.checkBlas(cublas.cublasLtMatmulDescSetAttribute(desc, cublas.CUBLASLT_MATMUL_DESC_BIAS_POINTER, v, Long.BYTES),
+                    "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
         }
     }
 
@@ -353,8 +388,8 @@ final class LtGemmTuner implements AutoCloseable {
     }
 
     /**
-     * One untimed run of call, then two timed ones between events on the stream; the faster in ms, or NaN when a run
-     * returned a status other than success (nothing was launched then: cuBLAS checks before it launches).
+     * One untimed run of call, then {@link #TIMED_RUNS} timed ones between events on the stream; their median in ms, or
+     * NaN when a run returned a status other than success (nothing was launched then: cuBLAS checks before it launches).
      */
     private float time(IntSupplier call) {
         if (call.getAsInt() != cublas.CUBLAS_STATUS_SUCCESS) return Float.NaN;

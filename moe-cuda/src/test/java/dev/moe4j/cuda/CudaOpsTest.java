@@ -62,6 +62,31 @@ class CudaOpsTest extends GpuTestBase {
 
     static int[][] gemmShapes() { return new int[][] {{37, 53, 29}, {1, 17, 64}, {128, 96, 200}}; }
 
+    /**
+     * matmulBias: bf16 products whose bias the cuBLASLt epilogue adds (aligned shapes: the tuned plan must run) and the
+     * fallback (odd sizes, fp32) against the CPU's product plus bias, every transpose combination.
+     */
+    @ParameterizedTest
+    @EnumSource(value = DType.class, names = {"F32", "BF16"})
+    void matmulBias(DType dt) {
+        if (gpu.ltTuner() != null) gpu.ltTuner().clear();   // room for these shapes under the tuner's shape limit
+        for (int[] s : new int[][] {{64, 128, 96}, {200, 72, 1024}, {37, 53, 29}}) {
+            int m = s[0], n = s[1], k = s[2];
+            for (int t = 0; t < 4; t++) {
+                boolean ta = (t & 1) != 0, tb = (t & 2) != 0;
+                Tensor[] a = ta ? rand(dt, 1, k, m) : rand(dt, 1, m, k);
+                Tensor[] b = tb ? rand(dt, 1, n, k) : rand(dt, 1, k, n);
+                Tensor[] bias = rand(dt, 1, n), c = rand(dt, 1, m, n);
+                long ltBefore = gpu.ltTuner() == null ? 0 : gpu.ltTuner().ltRuns;
+                for (int i = 0; i < 2; i++) on(i).matmulBias(a[i], ta, b[i], tb, bias[i], c[i]);
+                check("matmulBias " + m + "x" + n + "x" + k + " tA=" + ta + " tB=" + tb, c, tol(dt));
+                if (dt == DType.BF16 && m % 8 == 0 && n % 8 == 0 && k % 8 == 0 && gpu.ltTuner() != null) {
+                    assertTrue(gpu.ltTuner().ltRuns > ltBefore, "the bias epilogue ran for " + m + "x" + n + "x" + k + ": " + gpu.ltTuner().describe());
+                }
+            }
+        }
+    }
+
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void matmulRank2AllTransposes(DType dt) {

@@ -116,6 +116,16 @@ public interface Backend extends AutoCloseable {
     void matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta);
 
     /**
+     * C = op(A) * op(B) + bias (assigned), rank 2, bias [N] added to every row: a linear layer's forward. A backend
+     * may fuse the bias into the product (CUDA: a cuBLASLt epilogue); the default is {@link #matmul} then
+     * {@link #addBias}.
+     */
+    default void matmulBias(Tensor a, boolean transA, Tensor b, boolean transB, Tensor bias, Tensor c) {
+        matmul(a, transA, b, transB, c, 1f, 0f);
+        addBias(c, bias, c);
+    }
+
+    /**
      * Grouped product over contiguous row segments (the expert FFN): for each expert e, rows
      * offsets[e] .. offsets[e+1] of A [T,K] times W[e] give the same rows of C [T,N]:
      * C_e = A_e * op(W[e]) + beta * C_e. W is [E,K,N], or [E,N,K] with transW.

@@ -155,8 +155,8 @@ public final class ExpertBank implements AutoCloseable {
     private void linear(Pass p, Tensor in, Parameter w, boolean transW, Parameter bias, Tensor out) {
         if (p.offsets == null) {
             Tensor w2 = w.value().reshape(w.shape().dim(1), w.shape().dim(2));
-            b.matmul(in, false, w2, transW, out, 1f, 0f);
-            if (bias != null) b.addBias(out, bias.value().reshape(out.cols()), out);
+            if (bias != null) b.matmulBias(in, false, w2, transW, bias.value().reshape(out.cols()), out);
+            else b.matmul(in, false, w2, transW, out, 1f, 0f);
         } else {
             b.groupedMatmul(in, part(p, w.value()), transW, p.offsets, p.hostOffsets, out, 0f);
             if (bias != null) {

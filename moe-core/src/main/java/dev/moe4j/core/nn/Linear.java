@@ -34,8 +34,8 @@ public final class Linear {
         if (x.cols() != in) throw new IllegalArgumentException(weight.name() + ": input width " + x.cols() + " != " + in + " (input " + x.shape() + ")");
         this.x = x;
         Tensor y = b.empty(ctx.dtype(), x.rows(), out);
-        b.matmul(x.reshape(x.rows(), in), false, weight.value(), true, y, 1f, 0f);
-        if (bias != null) b.addBias(y, bias.value(), y);
+        if (bias != null) b.matmulBias(x.reshape(x.rows(), in), false, weight.value(), true, bias.value(), y);
+        else b.matmul(x.reshape(x.rows(), in), false, weight.value(), true, y, 1f, 0f);
         return y;
     }
 
