@@ -32,7 +32,9 @@ import java.util.function.IntSupplier;
  * {@code cublasGemmStridedBatchedEx} call the backend makes otherwise (1 untimed and {@link #TIMED_RUNS} timed runs
  * each, CUDA events on the backend's stream, their median), and remembers the fastest per shape (a cuBLASLt
  * algorithm only where it is more than 1% faster than the old call: {@link #MARGIN}). Later calls of
- * the shape are one {@code cublasLtMatmul} with descriptors made once (or the old call, where it won).
+ * the shape are one {@code cublasLtMatmul} with descriptors made once (or the old call, where it won). Linear layers'
+ * bf16 products with a bias ({@link CudaBackend#matmulBias}) are tuned the same way with the bias epilogue in their
+ * descriptor; they have no old call to compare with.
  *
  * <p>Everything here is in cuBLAS's column-major terms: {@link #plan} takes exactly the arguments of the
  * {@code cublasGemmStridedBatchedEx} call it stands for (the backend's row-major swap already applied), so the
