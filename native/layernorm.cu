@@ -81,10 +81,10 @@ __global__ void k_layernorm_warp_bf16x8(const uint4* x, const uint4* gamma, cons
     if (lane == 0) { st(mean, mdt, row, mu); st(rstd, rdt, row, rs); }
 }
 
-// k_layernorm_bwd_dx with a warp per row, bf16 dout, x, gamma and dx, C = 256 v (v <= 8): the same formula; the second
-// pass reads the row again (from cache) rather than holding it.
+// k_layernorm_bwd_dx with a warp per row, bf16 dout, x, gamma, res and dx, C = 256 v (v <= 8): the same formula; the
+// second pass reads the row again (from cache) rather than holding it.
 __global__ void k_layernorm_bwd_dx_warp_bf16x8(const uint4* dout, const uint4* x, const uint4* gamma, const void* mean, int mdt,
-                                               const void* rstd, int rdt, uint4* dx, int N, int v) {
+                                               const void* rstd, int rdt, const uint4* res, uint4* dx, int N, int v) {
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= N) return;
     i64 base = (i64)row * v * 32;
@@ -107,23 +107,27 @@ __global__ void k_layernorm_bwd_dx_warp_bf16x8(const uint4* dout, const uint4* x
     float mdn = warpSum(a) / C, mdnx = warpSum(b) / C;
     for (int i = 0; i < v; i++) {
         uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane], r;
+        uint4 qr = res ? res[base + i * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);   // bf16 zeros
         const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
         const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
         const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+        const __nv_bfloat162* hq = (const __nv_bfloat162*)&qr;
         __nv_bfloat162* hr = (__nv_bfloat162*)&r;
 #pragma unroll
         for (int t = 0; t < 4; t++) {
-            float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
+            float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]), q = __bfloat1622float2(hq[t]);
             float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
-            hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs, (d.y * g.y - mdn - xh1 * mdnx) * rs);
+            hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs + q.x, (d.y * g.y - mdn - xh1 * mdnx) * rs + q.y);
         }
         dx[base + i * 32 + lane] = r;
     }
 }
 
-// dx (assigned), one block per row: dx = rstd * (dn - mean(dn) - xhat * mean(dn * xhat)), dn = dout * gamma
+// dx (assigned), one block per row: dx = rstd * (dn - mean(dn) - xhat * mean(dn * xhat)) + res, dn = dout * gamma
+// (res: the residual gradient, null for none)
 __global__ void k_layernorm_bwd_dx(const void* dout, int ddt, const void* x, int xdt, const void* gamma, int gdt,
-                                   const void* mean, int mdt, const void* rstd, int rdt, void* dx, int dxdt, int C) {
+                                   const void* mean, int mdt, const void* rstd, int rdt, const void* res, int resdt,
+                                   void* dx, int dxdt, int C) {
     i64 r = blockIdx.x;
     i64 base = r * C;
     float mu = ld(mean, mdt, r), rs = ld(rstd, rdt, r);
@@ -137,7 +141,7 @@ __global__ void k_layernorm_bwd_dx(const void* dout, int ddt, const void* x, int
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float xh = (ld(x, xdt, base + c) - mu) * rs;
         float dn = ld(dout, ddt, base + c) * ld(gamma, gdt, c);
-        st(dx, dxdt, base + c, (dn - mdn - xh * mdnx) * rs);
+        st(dx, dxdt, base + c, (dn - mdn - xh * mdnx) * rs + (res ? ld(res, resdt, base + c) : 0.f));
     }
 }
 

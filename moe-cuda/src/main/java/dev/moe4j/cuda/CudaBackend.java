@@ -1071,6 +1071,20 @@ public final class CudaBackend implements Backend {
 
     @Override
     public void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd, Tensor dx, Tensor dgamma, Tensor dbeta) {
+        layerNormBackwardImpl(dout, x, gamma, mean, rstd, null, dx, dgamma, dbeta);
+    }
+
+    @Override
+    public void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd, Tensor residual, Tensor dx,
+                                  Tensor dgamma, Tensor dbeta) {
+        floating("layerNormBackward", "residual", residual);
+        Checks.matrix("layerNormBackward", "residual", residual, x.rows(), x.cols());
+        layerNormBackwardImpl(dout, x, gamma, mean, rstd, residual, dx, dgamma, dbeta);
+    }
+
+    /** dx = the input gradient (+ residual, added before dx's rounding, where not null). */
+    private void layerNormBackwardImpl(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd, Tensor residual, Tensor dx,
+                                       Tensor dgamma, Tensor dbeta) {
         String op = "layerNormBackward";
         floating(op, "dout", dout); floating(op, "x", x); floating(op, "gamma", gamma); floating(op, "mean", mean);
         floating(op, "rstd", rstd); floating(op, "dx", dx); floating(op, "dgamma", dgamma); floating(op, "dbeta", dbeta);
@@ -1082,12 +1096,13 @@ public final class CudaBackend implements Backend {
         Checks.numel(op, "mean", mean, n);
         Checks.numel(op, "rstd", rstd, n);
         if (n == 0 || c == 0) return;
-        if (warpNorm(c, n, dout, x, gamma, dx)) {
+        long res = residual == null ? 0 : p(residual);
+        if (warpNorm(c, n, dout, x, gamma, dx) && (residual == null || warpNorm(c, n, residual))) {
             launch("k_layernorm_bwd_dx_warp_bf16x8", (n + 7) / 8, 1, 256, 0, p(dout), p(x), p(gamma), p(mean), dt(mean),
-                    p(rstd), dt(rstd), p(dx), n, c / 256);
+                    p(rstd), dt(rstd), res, p(dx), n, c / 256);
         } else {
             launch("k_layernorm_bwd_dx", n, 1, normThreads(c), 0, p(dout), dt(dout), p(x), dt(x), p(gamma), dt(gamma),
-                    p(mean), dt(mean), p(rstd), dt(rstd), p(dx), dt(dx), c);
+                    p(mean), dt(mean), p(rstd), dt(rstd), res, residual == null ? 0 : dt(residual), p(dx), dt(dx), c);
         }
         boolean wide = rows8(c, (long) n * c, dout, x);
         int parts = rowParts(n, wide ? c / 8 : c);

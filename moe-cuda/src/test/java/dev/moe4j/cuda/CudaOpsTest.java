@@ -347,6 +347,11 @@ class CudaOpsTest extends GpuTestBase {
             check("layerNormBackward dx C=" + c, dx, tol(dt) * 5);
             check("layerNormBackward dgamma", dg, tol(dt) * 2);
             check("layerNormBackward dbeta", db, tol(dt));
+            // with a residual gradient added to dx (the warp kernel for bf16 C = 256 v, the row kernel otherwise)
+            Tensor[] res = rand(dt, 1, n, c);
+            for (int i = 0; i < 2; i++) on(i).layerNormBackward(dout[i], x[i], g[i], mean[i], rstd[i], res[i], dx[i], dg[i], db[i]);
+            check("layerNormBackward dx + residual C=" + c, dx, tol(dt) * 5);
+            check("layerNormBackward dgamma (accumulated)", dg, tol(dt) * 2);
         }
     }
 

@@ -206,6 +206,18 @@ public interface Backend extends AutoCloseable {
     void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd,
                            Tensor dx, Tensor dgamma, Tensor dbeta);
 
+    /**
+     * As {@link #layerNormBackward(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)}, with dx = the
+     * LayerNorm's input gradient + residual [N,C] (the gradient that reaches the same input around the LayerNorm
+     * through a residual connection). A backend may add it in the same pass (CUDA: before dx's one rounding); the
+     * default adds it after.
+     */
+    default void layerNormBackward(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor rstd, Tensor residual,
+                                   Tensor dx, Tensor dgamma, Tensor dbeta) {
+        layerNormBackward(dout, x, gamma, mean, rstd, dx, dgamma, dbeta);
+        add(dx, 1, residual, 1, dx);
+    }
+
     /** Row softmax: x [N,C] -> out [N,C]. */
     void softmax(Tensor x, Tensor out);
 

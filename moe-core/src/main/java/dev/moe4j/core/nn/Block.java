@@ -41,11 +41,7 @@ public final class Block {
 
     /** dout [B*T, C] -> dx [B*T, C]; {@code lossScale} scales the FFN's auxiliary-loss gradient. */
     public Tensor backward(Tensor dout, float lossScale) {
-        Backend b = ctx.backend();
-        Tensor dh = ln2.backward(ffn.backward(dout, lossScale));
-        b.add(dh, 1, dout, 1, dh);                       // residual: dh += dout
-        Tensor dx = ln1.backward(attn.backward(dh));
-        b.add(dx, 1, dh, 1, dx);                         // residual: dx += dh
-        return dx;
+        Tensor dh = ln2.backward(ffn.backward(dout, lossScale), dout);   // + dout: the residual around the FFN
+        return ln1.backward(attn.backward(dh), dh);                      // + dh: the residual around attention
     }
 }

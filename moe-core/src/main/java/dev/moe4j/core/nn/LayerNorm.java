@@ -38,9 +38,15 @@ public final class LayerNorm {
 
     /** dout [N, C] -> dx [N, C]. */
     public Tensor backward(Tensor dout) {
+        return backward(dout, null);
+    }
+
+    /** dout [N, C] -> dx [N, C] + residual (the input's gradient through a residual connection; null: none). */
+    public Tensor backward(Tensor dout, Tensor residual) {
         if (x == null) throw new IllegalStateException(gamma.name() + ": backward before forward");
         Tensor dx = ctx.backend().empty(ctx.dtype(), x.rows(), dim);
-        ctx.backend().layerNormBackward(dout, x, gamma.value(), mean, rstd, dx, gamma.definedGrad(), beta.definedGrad());
+        if (residual == null) ctx.backend().layerNormBackward(dout, x, gamma.value(), mean, rstd, dx, gamma.definedGrad(), beta.definedGrad());
+        else ctx.backend().layerNormBackward(dout, x, gamma.value(), mean, rstd, residual, dx, gamma.definedGrad(), beta.definedGrad());
         x = mean = rstd = null;
         return dx;
     }
