@@ -123,6 +123,83 @@ __global__ void k_layernorm_bwd_dx_warp_bf16x8(const uint4* dout, const uint4* x
     }
 }
 
+// LayerNorm's whole backward for bf16 rows of C = 256 v, v <= 4: dx as k_layernorm_bwd_dx_warp_bf16x8 (a warp per row,
+// + res where not null) and the block's share of dgamma and dbeta in the same pass over dout and x (the separate
+// column-sum kernel read both again: 22 us of a 47 us [8192, 1024] backward). Warp w of block b takes rows
+// b * 8 + w, then every 8 * gridDim.x-th; its lanes sum dout * xhat and dout over those rows for their columns,
+// and the block adds its 8 warps' sums in order into partial [2, gridDim.x, C] (dgamma parts, then dbeta parts) for
+// k_layernorm_bwd_dgb_final. 256 threads; 32 KB of static shared memory.
+__global__ void __launch_bounds__(256) k_layernorm_bwd_fused_bf16x8(const uint4* dout, const uint4* x, const uint4* gamma,
+        const void* mean, int mdt, const void* rstd, int rdt, const uint4* res, uint4* dx, float* partial, int N, int v) {
+    __shared__ float red[8 * 1024];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, C = 256 * v;
+    float dg[32], db[32];
+#pragma unroll
+    for (int j = 0; j < 32; j++) dg[j] = db[j] = 0.f;
+    for (int row = blockIdx.x * 8 + warp; row < N; row += gridDim.x * 8) {
+        i64 base = (i64)row * v * 32;
+        float mu = ld(mean, mdt, row), rs = ld(rstd, rdt, row);
+        float a = 0.f, b = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (i >= v) break;
+            uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane];
+            const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
+            const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
+            const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
+                float dn0 = d.x * g.x, dn1 = d.y * g.y;
+                a += dn0 + dn1;
+                b += dn0 * ((xv.x - mu) * rs) + dn1 * ((xv.y - mu) * rs);
+            }
+        }
+        float mdn = warpSum(a) / C, mdnx = warpSum(b) / C;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (i >= v) break;
+            uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane], r;
+            uint4 qr = res ? res[base + i * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);   // bf16 zeros
+            const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
+            const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
+            const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+            const __nv_bfloat162* hq = (const __nv_bfloat162*)&qr;
+            __nv_bfloat162* hr = (__nv_bfloat162*)&r;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]), q = __bfloat1622float2(hq[t]);
+                float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
+                hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs + q.x, (d.y * g.y - mdn - xh1 * mdnx) * rs + q.y);
+                dg[i * 8 + 2 * t] += d.x * xh0;
+                dg[i * 8 + 2 * t + 1] += d.y * xh1;
+                db[i * 8 + 2 * t] += d.x;
+                db[i * 8 + 2 * t + 1] += d.y;
+            }
+            dx[base + i * 32 + lane] = r;
+        }
+    }
+    // the block's sums, warp by warp in order: dgamma's into partial[blockIdx.x], dbeta's into partial[gridDim.x + blockIdx.x]
+#pragma unroll
+    for (int which = 0; which < 2; which++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (i >= v) break;
+            float* o = red + warp * C + i * 256 + lane * 8;
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = which ? db[i * 8 + e] : dg[i * 8 + e];
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < C; c += 256) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < 8; w++) s += red[w * C + c];
+            partial[((i64)which * gridDim.x + blockIdx.x) * C + c] = s;
+        }
+        __syncthreads();
+    }
+}
+
 // dx (assigned), one block per row: dx = rstd * (dn - mean(dn) - xhat * mean(dn * xhat)) + res, dn = dout * gamma
 // (res: the residual gradient, null for none)
 __global__ void k_layernorm_bwd_dx(const void* dout, int ddt, const void* x, int xdt, const void* gamma, int gdt,

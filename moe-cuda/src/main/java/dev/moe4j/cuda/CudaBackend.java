@@ -1097,7 +1097,18 @@ public final class CudaBackend implements Backend {
         Checks.numel(op, "rstd", rstd, n);
         if (n == 0 || c == 0) return;
         long res = residual == null ? 0 : p(residual);
-        if (warpNorm(c, n, dout, x, gamma, dx) && (residual == null || warpNorm(c, n, residual))) {
+        boolean warp = warpNorm(c, n, dout, x, gamma, dx) && (residual == null || warpNorm(c, n, residual));
+        if (warp && c <= 1024) {
+            // dx and the column sums in one pass (layernorm.cu), about 4 rows a warp, then the sums of the blocks' parts
+            int parts = Math.max(1, Math.min(1024, (n + 31) / 32));
+            try (Tensor partial = scratch(DType.F32, 2 * parts * c)) {
+                launch("k_layernorm_bwd_fused_bf16x8", parts, 1, 256, 0, p(dout), p(x), p(gamma), p(mean), dt(mean), p(rstd), dt(rstd),
+                        res, p(dx), p(partial), n, c / 256);
+                launch("k_layernorm_bwd_dgb_final", (c + 31) / 32, 1, 256, 0, p(partial), parts, p(dgamma), dt(dgamma), p(dbeta), dt(dbeta), c);
+            }
+            return;
+        }
+        if (warp) {
             launch("k_layernorm_bwd_dx_warp_bf16x8", (n + 7) / 8, 1, 256, 0, p(dout), p(x), p(gamma), p(mean), dt(mean),
                     p(rstd), dt(rstd), res, p(dx), n, c / 256);
         } else {
