@@ -85,15 +85,20 @@ __global__ void k_scale(const void* x, int xdt, double alpha, void* out, int odt
 }
 
 // out[r, c] = x[r, c] + bias[c];  x, out [N, C], bias [C]
-__global__ void k_add_bias(const void* x, int xdt, const void* bias, int bdt, void* out, int odt, i64 n, int C) {
-    FOR_N(i, n) st(out, odt, i, ld(x, xdt, i) + ld(bias, bdt, i % C));
+// (group: null for one bias row; else I32 [N / C], each row's bias row, zero where negative: Backend.addGroupBias)
+__global__ void k_add_bias(const void* x, int xdt, const void* bias, int bdt, const int* group, void* out, int odt, i64 n, int C) {
+    FOR_N(i, n) {
+        i64 g = group ? group[i / C] : 0;
+        st(out, odt, i, ld(x, xdt, i) + (g < 0 ? 0.f : ld(bias, bdt, g * C + i % C)));
+    }
 }
 
 // The same for bf16 x, bias and out, 8 elements a thread (C % 8 == 0, 32-bit indices; c8 = C / 8): the generic
 // kernel spends its time on the 64-bit modulo and dtype branches. The same float math, so bit-identical results.
-__global__ void k_add_bias_bf16x8(const uint4* x, const uint4* bias, uint4* out, int n8, int c8) {
+__global__ void k_add_bias_bf16x8(const uint4* x, const uint4* bias, const int* group, uint4* out, int n8, int c8) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
-        uint4 vx = x[i], vb = bias[i % c8];
+        int g = group ? group[i / c8] : 0;
+        uint4 vx = x[i], vb = g < 0 ? make_uint4(0u, 0u, 0u, 0u) : bias[(i64)g * c8 + i % c8];
         const __nv_bfloat162* hx = (const __nv_bfloat162*)&vx;
         const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
         uint4 r;

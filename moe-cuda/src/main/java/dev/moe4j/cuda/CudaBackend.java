@@ -935,10 +935,27 @@ public final class CudaBackend implements Backend {
         Checks.matrix("addBias", "out", out, x.rows(), c);
         if (rows8(c, x.numel(), x, bias, out)) {
             int n8 = (int) (x.numel() / 8);
-            launchN("k_add_bias_bf16x8", n8, p(x), p(bias), p(out), n8, c / 8);
+            launchN("k_add_bias_bf16x8", n8, p(x), p(bias), 0L, p(out), n8, c / 8);
             return;
         }
-        launchN("k_add_bias", x.numel(), p(x), dt(x), p(bias), dt(bias), p(out), dt(out), x.numel(), c);
+        launchN("k_add_bias", x.numel(), p(x), dt(x), p(bias), dt(bias), 0L, p(out), dt(out), x.numel(), c);
+    }
+
+    @Override
+    public void addGroupBias(Tensor x, Tensor bias, Tensor group, Tensor out) {
+        String op = "addGroupBias";
+        floating(op, "x", x); floating(op, "bias", bias); floating(op, "out", out);
+        Checks.dtype(op, "group", group, DType.I32);
+        int c = x.cols();
+        Checks.matrix(op, "bias", bias, bias.rows(), c);
+        Checks.numel(op, "group", group, x.rows());
+        Checks.matrix(op, "out", out, x.rows(), c);
+        if (rows8(c, x.numel(), x, bias, out)) {   // the bias rows are read in place: no gathered copy
+            int n8 = (int) (x.numel() / 8);
+            launchN("k_add_bias_bf16x8", n8, p(x), p(bias), p(group), p(out), n8, c / 8);
+            return;
+        }
+        launchN("k_add_bias", x.numel(), p(x), dt(x), p(bias), dt(bias), p(group), p(out), dt(out), x.numel(), c);
     }
 
     @Override

@@ -303,6 +303,15 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] wide = rand(dt, 2, 300, 48), wideBias = rand(dt, 1, 48), wideOut = rand(dt, 1, 300, 48);   // bf16: the 8-wide kernel
         for (int i = 0; i < 2; i++) on(i).addBias(wide[i], wideBias[i], wideOut[i]);
         check("addBias width 48", wideOut, tol(dt));
+        // each row's bias from a table of 5 (-1: none), widths 48 (bf16: the 8-wide kernel) and 17, in place
+        int[] groups = new int[300];
+        for (int r = 0; r < groups.length; r++) groups[r] = r % 37 == 3 ? -1 : rnd.nextInt(5);
+        Tensor[] grp = of(groups, groups.length);
+        for (int width : new int[] {48, 17}) {
+            Tensor[] gx = rand(dt, 2, 300, width), table = rand(dt, 1, 5, width);
+            for (int i = 0; i < 2; i++) on(i).addGroupBias(gx[i], table[i], grp[i], gx[i]);
+            check("addGroupBias width " + width, gx, tol(dt));
+        }
         Tensor[] sr = rand(DType.F32, 1, 17);
         for (int i = 0; i < 2; i++) on(i).sumRows(a[i], sr[i], 1f);
         check("sumRows (accumulate)", sr, tol(dt));

@@ -182,6 +182,17 @@ public interface Backend extends AutoCloseable {
     /** out[n, c] = x[n, c] + bias[c]. */
     void addBias(Tensor x, Tensor bias, Tensor out);
 
+    /**
+     * out[n, c] = x[n, c] + bias[group[n], c] (nothing added where group[n] &lt; 0): each row's bias from a table, as the
+     * experts of a grouped layer add theirs. bias [G, C], group I32 [N]. The default gathers the rows, then adds.
+     */
+    default void addGroupBias(Tensor x, Tensor bias, Tensor group, Tensor out) {
+        try (Tensor rows = empty(x.dtype(), x.rows(), x.cols())) {
+            gatherRows(bias, group, rows);
+            add(x, 1, rows, 1, out);
+        }
+    }
+
     /** out[c] = beta * out[c] + sum_n x[n, c]  (bias gradients; accumulates with beta = 1). */
     void sumRows(Tensor x, Tensor out, float beta);
 

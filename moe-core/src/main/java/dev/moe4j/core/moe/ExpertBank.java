@@ -159,12 +159,7 @@ public final class ExpertBank implements AutoCloseable {
             else b.matmul(in, false, w2, transW, out, 1f, 0f);
         } else {
             b.groupedMatmul(in, part(p, w.value()), transW, p.offsets, p.hostOffsets, out, 0f);
-            if (bias != null) {
-                try (Tensor rows = b.empty(ctx.dtype(), out.rows(), out.cols())) {
-                    b.gatherRows(part(p, bias.value()), p.rowExpert, rows);
-                    b.add(out, 1, rows, 1, out);
-                }
-            }
+            if (bias != null) b.addGroupBias(out, part(p, bias.value()), p.rowExpert, out);
         }
     }
 
