@@ -5,6 +5,7 @@
 #                          cudart + cuBLAS) and the JUnit console launcher
 #   OUT/test-classes/      moe-cuda's compiled tests
 #   OUT/comm-test-classes/ moe-comm's compiled tests (the NCCL checks, dev.moe4j.comm.nccl.NcclGpuCheck)
+#   OUT/bundle-env.sh      what the scripts below share (sourced): the runtime unpacked, the reports folder
 #   OUT/run-gpu-tests.sh   runs the @Tag("gpu") tests (extra arguments go to the JUnit console launcher)
 #   OUT/run-bench.sh       the MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench)
 #   OUT/moe4j              the moe4j command line (train, doctor) on the bundled runtime
@@ -67,19 +68,25 @@ if [[ ! -f $out/jre.tgz ]]; then
   echo "[bundle] runtime from $jdk"
 fi
 
+cat > "$out/bundle-env.sh" <<'RUN'
+# What every script of the bundle starts with (sourced): here = the bundle folder, the runtime unpacked once to
+# /tmp/jre, java = its command line, reports = $OUT or ./reports (created), NCCL without NVLink multicast.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+java=(/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m)
+reports=${OUT:-$here/reports}
+mkdir -p "$reports"
+export NCCL_NVLS_ENABLE=0
+RUN
 cat > "$out/run-gpu-tests.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the @Tag("gpu") tests of moe-cuda with the bundled runtime. Reports go to $OUT (or ./reports).
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-export NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/bundle-env.sh"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
 cp=$here/test-classes
 for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* ]] || cp=$cp:$j; done
-reports=${OUT:-$here/reports}
-mkdir -p "$reports"
-/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+"${java[@]}" \
   -jar "$here"/lib/junit-platform-console-standalone-*.jar execute --disable-banner --disable-ansi-colors \
   --class-path "$cp" --scan-class-path "$here/test-classes" --include-tag gpu --details=tree \
   --reports-dir "$reports" "$@"
@@ -88,9 +95,8 @@ cat > "$out/run-bench.sh" <<'RUN'
 #!/usr/bin/env bash
 # The MoE layer benchmark (dev.moe4j.cuda.MoeLayerBench): run-bench.sh [iterations] [capped|dropless|attention] [config...]
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
+source "$(dirname "$0")/bundle-env.sh"
+"${java[@]}" ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" dev.moe4j.cuda.MoeLayerBench "$@"
 RUN
 cat > "$out/run-train-bench.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -99,12 +105,9 @@ cat > "$out/run-train-bench.sh" <<'RUN'
 # with the same arguments; each prints one JSON line (also kept in $OUT or ./reports). run-train-bench.sh --smoke
 # needs no GPU: TrainBench's CPU smoke run, then train_reference.py --cpu-check.
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-reports=${OUT:-$here/reports}
-mkdir -p "$reports"
+source "$(dirname "$0")/bundle-env.sh"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
-/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" \
+"${java[@]}" ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" \
   dev.moe4j.cuda.TrainBench "$@" 2>&1 | tee "$reports/train_moe4j.log"
 rc1=${PIPESTATUS[0]}
 pyargs=("$@")
@@ -121,12 +124,9 @@ cat > "$out/run-train-profile.sh" <<'RUN'
 # (ncu serialises them, so this says which kernels cost what, not the step's time); ncu_summary.py prints each
 # kernel's time per step, largest first. The CSV stays in $OUT (or ./reports).
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-reports=${OUT:-$here/reports}
-mkdir -p "$reports"
+source "$(dirname "$0")/bundle-env.sh"
 ncu --clock-control none --target-processes all --metrics gpu__time_duration.sum --csv --print-units base \
-  /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" \
+  "${java[@]}" ${JAVA_OPTS:-} -cp "$here/test-classes:$here/lib/*" \
   dev.moe4j.cuda.TrainBench "${1:-350M+MoE-16}" "${2:-8}" "${3:-1024}" 1 > "$reports/train_profile.csv" 2> "$reports/train_profile.err"
 rc=$?
 [[ $rc -eq 0 ]] || { echo "[run-train-profile] ncu exit $rc:"; tail -5 "$reports/train_profile.err"; exit $rc; }
@@ -137,10 +137,8 @@ cat > "$out/run-nccl-checks.sh" <<'RUN'
 # The NCCL checks on the real CUDA backend, one process per GPU: run-nccl-checks.sh MODE [NPROC]
 # MODE: collectives | hang | die (moe-comm/GPU-TESTS.md says what each proves).
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-export NCCL_NVLS_ENABLE=0
-python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+source "$(dirname "$0")/bundle-env.sh"
+python3 -m torch.distributed.run --no-python --nproc_per_node="${2:-2}" "${java[@]}" \
   -Dmoe4j.backend=cuda ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.NcclGpuCheck "$1"
 RUN
 cat > "$out/run-ep-bench.sh" <<'RUN'
@@ -150,15 +148,11 @@ cat > "$out/run-ep-bench.sh" <<'RUN'
 # First MoE4J (dev.moe4j.comm.ep.EpLayerBench), then PyTorch (ep_layer_reference.py), each under torchrun with
 # NCCL_NVLS_ENABLE=0; rank 0 of each prints one JSON line per config and mode (also kept in $OUT or ./reports).
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-export NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/bundle-env.sh"
 nproc=2
 if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then nproc=$1; shift; fi
-reports=${OUT:-$here/reports}
-mkdir -p "$reports"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
-python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" "${java[@]}" \
   ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.ep.EpLayerBench "$@" 2>&1 | tee "$reports/ep_layer_moe4j.log"
 rc1=${PIPESTATUS[0]}
 python3 -m torch.distributed.run --nproc_per_node="$nproc" "$here/ep_layer_reference.py" "$@" 2>&1 | tee "$reports/ep_layer_torch.log"
@@ -172,14 +166,10 @@ cat > "$out/run-comm-bench.sh" <<'RUN'
 # (with G: the hierarchical all-to-all too, G ranks per node)
 # First MoE4J (dev.moe4j.comm.nccl.CommBench), then torch.distributed (comm_bench_reference.py), NCCL_NVLS_ENABLE=0.
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-export NCCL_NVLS_ENABLE=0
-reports=${OUT:-$here/reports}
-mkdir -p "$reports"
+source "$(dirname "$0")/bundle-env.sh"
 nproc=${1:-2}
 shift || true
-python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m \
+python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" "${java[@]}" \
   ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.nccl.CommBench "$@" 2>&1 | tee "$reports/comm_moe4j.log"
 rc1=${PIPESTATUS[0]}
 python3 -m torch.distributed.run --nproc_per_node="$nproc" "$here/comm_bench_reference.py" 2>&1 | tee "$reports/comm_torch.log"
@@ -194,13 +184,9 @@ cat > "$out/run-scaling-bench.sh" <<'RUN'
 # EP 1), then NPROC processes under torchrun with NCCL_NVLS_ENABLE=0; rank 0 prints one JSON line per EP degree
 # (also kept in $OUT or ./reports: scaling_1gpu.log, scaling_world.log).
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
-export NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/bundle-env.sh"
 nproc=$1 eps=$2; shift 2
-reports=${OUT:-$here/reports}
-mkdir -p "$reports"
-J=(/tmp/jre/bin/java --enable-native-access=ALL-UNNAMED -Xss4m ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.ep.ScalingBench)
+J=("${java[@]}" ${JAVA_OPTS:-} -cp "$here/comm-test-classes:$here/lib/*" dev.moe4j.comm.ep.ScalingBench)
 "${J[@]}" --ep 1 "$@" 2>&1 | tee "$reports/scaling_1gpu.log"
 rc1=${PIPESTATUS[0]}
 python3 -m torch.distributed.run --no-python --nproc_per_node="$nproc" "${J[@]}" --ep "$eps" "$@" 2>&1 | tee "$reports/scaling_world.log"
@@ -212,8 +198,7 @@ cat > "$out/moe4j" <<'RUN'
 #!/usr/bin/env bash
 # The moe4j command line on the bundled runtime: moe4j train [options] (see moe4j train --help).
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-[[ -x /tmp/jre/bin/java ]] || tar xzf "$here/jre.tgz" -C /tmp
+source "$(dirname "$0")/bundle-env.sh"
 cp=""
 for j in "$here"/lib/*.jar; do [[ $j == *console-standalone* || $j == *-tests.jar ]] || cp=$cp:$j; done
 exec /tmp/jre/bin/java --enable-native-access=ALL-UNNAMED ${JAVA_OPTS:-} -cp "${cp#:}" dev.moe4j.examples.Main "$@"
