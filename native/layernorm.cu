@@ -81,6 +81,44 @@ __global__ void k_layernorm_warp_bf16x8(const uint4* x, const uint4* gamma, cons
     if (lane == 0) { st(mean, mdt, row, mu); st(rstd, rdt, row, rs); }
 }
 
+// The two passes of the warp-per-row bf16 backward over a lane's 8 columns of chunk i of a row (row offset base, in
+// 16-byte chunks): lnBwdSums adds dout*gamma and dout*gamma*xhat into a and b; lnBwdDx writes dx (+ res where not null)
+// from the row's means mdn, mdnx of those, and returns dout and xhat for column sums.
+__device__ __forceinline__ void lnBwdSums(const uint4* dout, const uint4* x, const uint4* gamma, i64 base, int i, int lane,
+                                          float mu, float rs, float& a, float& b) {
+    uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane];
+    const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
+    const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
+    const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
+        float dn0 = d.x * g.x, dn1 = d.y * g.y;
+        a += dn0 + dn1;
+        b += dn0 * ((xv.x - mu) * rs) + dn1 * ((xv.y - mu) * rs);
+    }
+}
+
+__device__ __forceinline__ void lnBwdDx(const uint4* dout, const uint4* x, const uint4* gamma, const uint4* res, uint4* dx, i64 base,
+                                        int i, int lane, float mu, float rs, float mdn, float mdnx, float (&dv)[8], float (&xh)[8]) {
+    uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane], r;
+    uint4 qr = res ? res[base + i * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);   // bf16 zeros
+    const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
+    const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
+    const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
+    const __nv_bfloat162* hq = (const __nv_bfloat162*)&qr;
+    __nv_bfloat162* hr = (__nv_bfloat162*)&r;
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]), q = __bfloat1622float2(hq[t]);
+        float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
+        hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs + q.x, (d.y * g.y - mdn - xh1 * mdnx) * rs + q.y);
+        dv[2 * t] = d.x; dv[2 * t + 1] = d.y;
+        xh[2 * t] = xh0; xh[2 * t + 1] = xh1;
+    }
+    dx[base + i * 32 + lane] = r;
+}
+
 // k_layernorm_bwd_dx with a warp per row, bf16 dout, x, gamma, res and dx, C = 256 v (v <= 8): the same formula; the
 // second pass reads the row again (from cache) rather than holding it.
 __global__ void k_layernorm_bwd_dx_warp_bf16x8(const uint4* dout, const uint4* x, const uint4* gamma, const void* mean, int mdt,
@@ -90,37 +128,11 @@ __global__ void k_layernorm_bwd_dx_warp_bf16x8(const uint4* dout, const uint4* x
     i64 base = (i64)row * v * 32;
     float mu = ld(mean, mdt, row), rs = ld(rstd, rdt, row);
     float a = 0.f, b = 0.f;
-    for (int i = 0; i < v; i++) {
-        uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane];
-        const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
-        const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
-        const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
-            float dn0 = d.x * g.x, dn1 = d.y * g.y;
-            a += dn0 + dn1;
-            b += dn0 * ((xv.x - mu) * rs) + dn1 * ((xv.y - mu) * rs);
-        }
-    }
+    for (int i = 0; i < v; i++) lnBwdSums(dout, x, gamma, base, i, lane, mu, rs, a, b);
     float C = 256.f * v;
     float mdn = warpSum(a) / C, mdnx = warpSum(b) / C;
-    for (int i = 0; i < v; i++) {
-        uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane], r;
-        uint4 qr = res ? res[base + i * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);   // bf16 zeros
-        const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
-        const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
-        const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
-        const __nv_bfloat162* hq = (const __nv_bfloat162*)&qr;
-        __nv_bfloat162* hr = (__nv_bfloat162*)&r;
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]), q = __bfloat1622float2(hq[t]);
-            float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
-            hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs + q.x, (d.y * g.y - mdn - xh1 * mdnx) * rs + q.y);
-        }
-        dx[base + i * 32 + lane] = r;
-    }
+    float dv[8], xh[8];
+    for (int i = 0; i < v; i++) lnBwdDx(dout, x, gamma, res, dx, base, i, lane, mu, rs, mdn, mdnx, dv, xh);
 }
 
 // LayerNorm's whole backward for bf16 rows of C = 256 v, v <= 4: dx as k_layernorm_bwd_dx_warp_bf16x8 (a warp per row,
@@ -143,40 +155,19 @@ __global__ void __launch_bounds__(256) k_layernorm_bwd_fused_bf16x8(const uint4*
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             if (i >= v) break;
-            uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane];
-            const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
-            const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
-            const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
-#pragma unroll
-            for (int t = 0; t < 4; t++) {
-                float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]);
-                float dn0 = d.x * g.x, dn1 = d.y * g.y;
-                a += dn0 + dn1;
-                b += dn0 * ((xv.x - mu) * rs) + dn1 * ((xv.y - mu) * rs);
-            }
+            lnBwdSums(dout, x, gamma, base, i, lane, mu, rs, a, b);
         }
         float mdn = warpSum(a) / C, mdnx = warpSum(b) / C;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             if (i >= v) break;
-            uint4 qd = dout[base + i * 32 + lane], qx = x[base + i * 32 + lane], qg = gamma[i * 32 + lane], r;
-            uint4 qr = res ? res[base + i * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);   // bf16 zeros
-            const __nv_bfloat162* hd = (const __nv_bfloat162*)&qd;
-            const __nv_bfloat162* hx = (const __nv_bfloat162*)&qx;
-            const __nv_bfloat162* hg = (const __nv_bfloat162*)&qg;
-            const __nv_bfloat162* hq = (const __nv_bfloat162*)&qr;
-            __nv_bfloat162* hr = (__nv_bfloat162*)&r;
+            float dv[8], xh[8];
+            lnBwdDx(dout, x, gamma, res, dx, base, i, lane, mu, rs, mdn, mdnx, dv, xh);
 #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                float2 d = __bfloat1622float2(hd[t]), xv = __bfloat1622float2(hx[t]), g = __bfloat1622float2(hg[t]), q = __bfloat1622float2(hq[t]);
-                float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
-                hr[t] = __floats2bfloat162_rn((d.x * g.x - mdn - xh0 * mdnx) * rs + q.x, (d.y * g.y - mdn - xh1 * mdnx) * rs + q.y);
-                dg[i * 8 + 2 * t] += d.x * xh0;
-                dg[i * 8 + 2 * t + 1] += d.y * xh1;
-                db[i * 8 + 2 * t] += d.x;
-                db[i * 8 + 2 * t + 1] += d.y;
+            for (int e = 0; e < 8; e++) {
+                dg[i * 8 + e] += dv[e] * xh[e];
+                db[i * 8 + e] += dv[e];
             }
-            dx[base + i * 32 + lane] = r;
         }
     }
     // the block's sums, warp by warp in order: dgamma's into partial[blockIdx.x], dbeta's into partial[gridDim.x + blockIdx.x]
