@@ -112,19 +112,21 @@ public final class NcclCommunicator implements Communicator {
         synchronized (NcclCommunicator.class) {
             tag = "moe4j/nccl/w" + worlds++;
         }
-        byte[] id;
-        if (env.rank() == 0) {
-            ncclUniqueId u = new ncclUniqueId();
-            check("ncclGetUniqueId", nccl.ncclGetUniqueId(u), null);
-            id = new byte[nccl.NCCL_UNIQUE_ID_BYTES];
-            u.internal().get(id);
-            store.set(tag + "/uid", id);
-        } else {
-            id = store.get(tag + "/uid");
-        }
+        byte[] id = sharedUniqueId(store, tag + "/uid", env.rank());
         int[] world = new int[env.worldSize()];
         for (int i = 0; i < world.length; i++) world[i] = i;
         return create(backend, env.rank(), env.worldSize(), id, world, tag, store, o);
+    }
+
+    /** An NCCL unique id made by rank 0 and passed to the other ranks through the store under key (its bytes). */
+    static byte[] sharedUniqueId(TcpStore store, String key, int rank) {
+        if (rank != 0) return store.get(key);
+        ncclUniqueId u = new ncclUniqueId();
+        check("ncclGetUniqueId", nccl.ncclGetUniqueId(u), null);
+        byte[] id = new byte[nccl.NCCL_UNIQUE_ID_BYTES];
+        u.internal().get(id);
+        store.set(key, id);
+        return id;
     }
 
     /**

@@ -112,14 +112,7 @@ public final class NcclCeProbe {
 
     private static ncclComm comm(TcpStore store, int rank, int P, String name, int ctaPolicy) throws Exception {
         ncclUniqueId u = new ncclUniqueId();
-        if (rank == 0) {
-            check("ncclGetUniqueId", nccl.ncclGetUniqueId(u));
-            byte[] id = new byte[nccl.NCCL_UNIQUE_ID_BYTES];
-            u.internal().get(id);
-            store.set("ceprobe/" + name, id);
-        } else {
-            u.internal().put(store.get("ceprobe/" + name));
-        }
+        u.internal().put(NcclCommunicator.sharedUniqueId(store, "ceprobe/" + name, rank));
         ncclComm c = new ncclComm();
         check("ncclCommInitRankConfig " + name, nccl.ncclCommInitRankConfig(c, P, u, rank, NcclCommunicator.config(true, ctaPolicy)));
         return c;

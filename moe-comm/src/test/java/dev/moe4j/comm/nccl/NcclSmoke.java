@@ -46,14 +46,7 @@ public final class NcclSmoke {
         }
         ncclComm comm = new ncclComm();
         ncclUniqueId u = new ncclUniqueId();
-        if (rank == 0) {
-            check("ncclGetUniqueId", nccl.ncclGetUniqueId(u));
-            byte[] id = new byte[nccl.NCCL_UNIQUE_ID_BYTES];
-            u.internal().get(id);
-            store.set("smoke/" + mode, id);
-        } else {
-            u.internal().put(store.get("smoke/" + mode));
-        }
+        u.internal().put(NcclCommunicator.sharedUniqueId(store, "smoke/" + mode, rank));
         check("ncclCommInitRank", nccl.ncclCommInitRank(comm, 2, u, rank));
         System.out.println("[rank " + rank + "] " + mode + ": comm ready on device " + env.localRank());
         Pointer send, recv;
