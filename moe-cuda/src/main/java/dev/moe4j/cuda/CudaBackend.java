@@ -981,7 +981,7 @@ public final class CudaBackend implements Backend {
         }
     }
 
-    /** The groups' sums on the device (no read of the offsets): each group's rows in P parts sized by the mean group. */
+    /** The groups' sums on the device (no read of the offsets): each group's rows in blocks of {@link #GROUPED_ROW_BLOCK}. */
     @Override
     public void sumRowsGrouped(Tensor x, Tensor offsets, Tensor out) {
         String op = "sumRowsGrouped";
