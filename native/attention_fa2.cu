@@ -313,10 +313,7 @@ __device__ __forceinline__ void forward(const bf16* qkv, void* out, int odt, voi
 // zeroed: one thread per 8-column chunk, D / 8 threads a row (a divisor of 32, so a row's lanes share a warp).
 __device__ __forceinline__ void load8(float (&x)[8], const void* p, int dt, i64 i) {
     if (dt == DT_BF16) {
-        uint4 v = *reinterpret_cast<const uint4*>((const bf16*)p + i);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int k = 0; k < 4; k++) { float2 f = __bfloat1622float2(h[k]); x[2 * k] = f.x; x[2 * k + 1] = f.y; }
+        unpack8(*reinterpret_cast<const uint4*>((const bf16*)p + i), x);
     } else {
         float4 a = *reinterpret_cast<const float4*>((const float*)p + i), b = *reinterpret_cast<const float4*>((const float*)p + i + 4);
         x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;

@@ -36,6 +36,13 @@ __device__ __forceinline__ float roundTo(int dt, float v) {
 // Stores a double with one rounding to the target type (fp32), or via fp32 to bf16 as the CPU reference does.
 __device__ __forceinline__ void stD(void* p, int dt, i64 i, double v) { st(p, dt, i, (float)v); }
 
+// The 8 bf16 values of a 16-byte chunk as floats, in order.
+__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; k++) { float2 t = __bfloat1622float2(h[k]); f[2 * k] = t.x; f[2 * k + 1] = t.y; }
+}
+
 __device__ __forceinline__ float warpSum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -7,12 +7,6 @@ __device__ __forceinline__ bool bf16Rows8(const void* x, int dt, int V) {
     return dt == DT_BF16 && V % 8 == 0 && ((size_t)x & 15) == 0;
 }
 
-__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int k = 0; k < 4; k++) { float2 t = __bfloat1622float2(h[k]); f[2 * k] = t.x; f[2 * k + 1] = t.y; }
-}
-
 // (m, s) += the values of another running pair: s sums exp(x - m) over the values seen, m their maximum.
 __device__ __forceinline__ void lseMerge(float& m, float& s, float m2, float s2) {
     float mm = fmaxf(m, m2);
