@@ -300,6 +300,8 @@ __global__ void k_activation_bwd(int act, const void* x, int xdt, const void* do
 // widest elementwise ops ([tokens, ffn]), where the generic kernels above spend their time on 64-bit index math
 // and one-element loads. The same float math, so the results are bit-identical to theirs. n8 = elements / 8.
 __device__ __forceinline__ float actPlain(int act, float v) { return act == ACT_RELU ? (v > 0.f ? v : 0.f) : gelu_f(v); }
+// d act(v) / dv times d
+__device__ __forceinline__ float actPlainGrad(int act, float v, float d) { return act == ACT_RELU ? (v > 0.f ? d : 0.f) : d * gelu_grad(v); }
 
 __global__ void k_activation_bf16x8(int act, const uint4* x, uint4* out, i64 n8) {
     FOR_N(i, n8) {
@@ -322,12 +324,76 @@ __global__ void k_activation_bwd_bf16x8(int act, const uint4* x, const uint4* do
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             float2 f = __bfloat1622float2(hv[q]), d = __bfloat1622float2(hg[q]);
-            float r0 = act == ACT_RELU ? (f.x > 0.f ? d.x : 0.f) : d.x * gelu_grad(f.x);
-            float r1 = act == ACT_RELU ? (f.y > 0.f ? d.y : 0.f) : d.y * gelu_grad(f.y);
-            hv[q] = __floats2bfloat162_rn(r0, r1);
+            hv[q] = __floats2bfloat162_rn(actPlainGrad(act, f.x, d.x), actPlainGrad(act, f.y, d.y));
         }
         dx[i] = v;
     }
+}
+
+// The expert bank's first bias fused into its activation (Backend.activationGroupBias): out = act(x + bias[g]) with
+// g = group[row] (no bias where g < 0), the sum in fp32 and rounded once. One pass instead of a bias add that
+// writes the pre-activation and an activation that reads it back; the backward recomputes x + bias.
+// Non-gated activations, bf16, 8 elements a thread (C % 8 == 0, c8 = C / 8, 32-bit indices).
+__device__ __forceinline__ uint4 groupBias8(const uint4* bias, const int* group, int r, int c8, int j) {
+    int g = group[r];
+    return g < 0 ? make_uint4(0u, 0u, 0u, 0u) : bias[(i64)g * c8 + j];
+}
+
+__global__ void k_bias_act_bf16x8(int act, const uint4* x, const uint4* bias, const int* group, uint4* out, int n8, int c8) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+        uint4 v = x[i], vb = groupBias8(bias, group, i / c8, c8, i % c8);
+        __nv_bfloat162* h = (__nv_bfloat162*)&v;
+        const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float2 f = __bfloat1622float2(h[q]), b = __bfloat1622float2(hb[q]);
+            h[q] = __floats2bfloat162_rn(actPlain(act, f.x + b.x), actPlain(act, f.y + b.y));
+        }
+        out[i] = v;
+    }
+}
+
+// Its backward (Backend.activationGroupBiasBackward): dx = act'(x + bias[group[r]]) * dout (assigned, bf16) and,
+// over the rows of each group (offsets[g] .. offsets[g+1]), the column sums of the stored dx in the row blocks and
+// partial layout of k_sum_rows_grouped_partial_bf16x8 (k_sum_rows_grouped_final adds them): the bias gradient
+// without reading dx a second time. Row blocks after the groups' ones take the rows from offsets[G] to N (dx only,
+// no sums). grid (ceil(c8 / 128), N / RB + G + 1); blocks with no rows exit.
+__global__ void k_bias_act_bwd_grouped_bf16x8(int act, const uint4* x, const uint4* bias, const int* group, const uint4* dout,
+                                              uint4* dx, const int* offsets, int G, int RB, int N, float* partial, int c8) {
+    int r0, r1;
+    groupedRows(offsets, G, RB, blockIdx.y, r0, r1);
+    bool sums = r0 != r1;
+    if (!sums) {   // past the groups' blocks: the tail rows, RB a block
+        int t = (int)blockIdx.y - groupFirstBlock(offsets, G, RB);
+        r0 = min(N, offsets[G] + t * RB);
+        r1 = min(N, r0 + RB);
+    }
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c8 || r0 >= r1) return;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int r = r0; r < r1; r++) {
+        i64 i = (i64)r * c8 + j;
+        uint4 v = x[i], g = dout[i], vb = groupBias8(bias, group, r, c8, j);
+        __nv_bfloat162* hv = (__nv_bfloat162*)&v;
+        const __nv_bfloat162* hg = (const __nv_bfloat162*)&g;
+        const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float2 f = __bfloat1622float2(hv[q]), d = __bfloat1622float2(hg[q]), b = __bfloat1622float2(hb[q]);
+            f.x += b.x;
+            f.y += b.y;
+            hv[q] = __floats2bfloat162_rn(actPlainGrad(act, f.x, d.x), actPlainGrad(act, f.y, d.y));
+            float2 o = __bfloat1622float2(hv[q]);   // the sums are of the stored (rounded) gradient, as dW's GEMM reads it
+            acc[2 * q] += o.x;
+            acc[2 * q + 1] += o.y;
+        }
+        dx[i] = v;
+    }
+    if (!sums) return;
+    float4* o = (float4*)(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
+    o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
 }
 
 // ------------------------------------------------------------------ random (Philox, see common.cuh)

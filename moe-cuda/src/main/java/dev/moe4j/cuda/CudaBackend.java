@@ -1039,6 +1039,50 @@ public final class CudaBackend implements Backend {
         else launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
     }
 
+    @Override
+    public void activationGroupBias(Activation act, Tensor x, Tensor bias, Tensor group, Tensor out) {
+        String op = "activationGroupBias";
+        if (!groupBiasFused(op, act, x, bias, group, out)) {
+            Backend.super.activationGroupBias(act, x, bias, group, out);
+            return;
+        }
+        Checks.matrix(op, "out", out, x.rows(), x.cols());
+        int n8 = (int) (x.numel() / 8);
+        launchN("k_bias_act_bf16x8", n8, actCode(act), p(x), p(bias), p(group), p(out), n8, x.cols() / 8);
+    }
+
+    @Override
+    public void activationGroupBiasBackward(Activation act, Tensor x, Tensor bias, Tensor group, Tensor offsets, Tensor dout,
+                                            Tensor dx, Tensor dbias) {
+        String op = "activationGroupBiasBackward";
+        if (!groupBiasFused(op, act, x, bias, group, dout, dx)) {
+            Backend.super.activationGroupBiasBackward(act, x, bias, group, offsets, dout, dx, dbias);
+            return;
+        }
+        int c = x.cols(), n = x.rows(), groups = Math.toIntExact(offsets.numel() - 1);
+        Checks.matrix(op, "dout", dout, n, c);
+        Checks.matrix(op, "dx", dx, n, c);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        floating(op, "dbias", dbias);
+        Checks.matrix(op, "dbias", dbias, groups, c);
+        if (groups <= 0 || n == 0) throw new IllegalArgumentException(op + ": needs at least one group and one row, got " + groups + " groups, " + n + " rows");
+        // sumRowsGrouped's row blocks, plus the blocks of the rows past offsets[G] (at most n / RB + 1 of them)
+        int rb = GROUPED_ROW_BLOCK, blocks = n / rb + groups + 1;
+        try (Tensor partial = scratch(DType.F32, Math.toIntExact((long) blocks * c))) {
+            launch("k_bias_act_bwd_grouped_bf16x8", (c / 8 + 127) / 128, blocks, 128, 0, actCode(act), p(x), p(bias), p(group), p(dout),
+                    p(dx), p(offsets), groups, rb, n, p(partial), c / 8);
+            launch("k_sum_rows_grouped_final", (c + 31) / 32, groups, 256, 0, p(partial), p(offsets), rb, p(dbias), dt(dbias), c);
+        }
+    }
+
+    /** The fused bias + activation kernels apply: as {@link #vec8} (their bias bf16 too, rows of whole 8-element groups), group I32. */
+    private boolean groupBiasFused(String op, Activation act, Tensor x, Tensor bias, Tensor group, Tensor... rest) {
+        Checks.dtype(op, "group", group, DType.I32);
+        Checks.numel(op, "group", group, x.rows());
+        Checks.matrix(op, "bias", bias, bias.rows(), x.cols());
+        return vec8(act, x, bias) && vec8(act, rest) && rows8(x.cols(), x.numel());
+    }
+
     /** The bf16 x 8 kernels apply: a non-gated activation, every tensor bf16 and 16-byte aligned, whole 8-element groups. */
     private boolean vec8(Activation act, Tensor... ts) {
         return (act == Activation.GELU || act == Activation.RELU) && bf16x8(ts);

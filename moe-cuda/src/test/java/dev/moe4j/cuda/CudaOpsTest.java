@@ -340,6 +340,28 @@ class CudaOpsTest extends GpuTestBase {
     }
 
     @ParameterizedTest
+    @EnumSource(Activation.class)
+    void activationWithGroupBias(Activation act) {
+        // the expert bank's first bias taken into its activation: groups as the grouped GEMMs give them (uneven, one
+        // empty, one over several 32-row blocks, rows 280..299 past the last offset), some rows without a bias (-1)
+        int rows = 300;
+        int[] offs = {0, 40, 40, 150, 155, 280}, groups = new int[rows];
+        for (int g = 0; g + 1 < offs.length; g++) for (int r = offs[g]; r < offs[g + 1]; r++) groups[r] = g;
+        for (int r = 0; r < rows; r++) if (r % 37 == 3) groups[r] = -1;
+        Tensor[] grp = of(groups, rows), o = of(offs, offs.length);
+        for (DType dt : new DType[] {DType.F32, DType.BF16}) for (int f : new int[] {45, 48}) {   // bf16 GELU/RELU width 48: fused
+            int w = act.inputWidth(f);
+            Tensor[] x = rand(dt, 3, rows, w), bias = rand(dt, 1, offs.length - 1, w), out = rand(dt, 1, rows, f);
+            for (int i = 0; i < 2; i++) on(i).activationGroupBias(act, x[i], bias[i], grp[i], out[i]);
+            check("activationGroupBias " + act + " " + dt + " width " + f, out, tol(dt));
+            Tensor[] dout = rand(dt, 1, rows, f), dx = rand(dt, 1, rows, w), dbias = rand(DType.F32, 1, offs.length - 1, w);
+            for (int i = 0; i < 2; i++) on(i).activationGroupBiasBackward(act, x[i], bias[i], grp[i], o[i], dout[i], dx[i], dbias[i]);
+            check("activationGroupBiasBackward dx " + act + " " + dt + " width " + f, dx, tol(dt) * (dt == DType.F32 ? 10 : 1));
+            check("activationGroupBiasBackward dbias " + act + " " + dt + " width " + f, dbias, tol(dt) * 10);
+        }
+    }
+
+    @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})
     void layerNormForwardBackward(DType dt) {
         // bf16 C = 256 ... 2048 in 256-column steps: the warp-per-row kernels

@@ -205,6 +205,32 @@ public interface Backend extends AutoCloseable {
     /** dx = d act(x) / dx applied to dout; dx has x's shape (assigned). */
     void activationBackward(Activation act, Tensor x, Tensor dout, Tensor dx);
 
+    /**
+     * out = act(x + bias[group[n]]) row by row (nothing added where group[n] &lt; 0): the first bias of grouped experts
+     * taken into their activation, so that the biased pre-activation is never stored (the backward adds the bias
+     * again). x [N, W] (W = act.inputWidth(F)), bias [G, W], group I32 [N], out [N, F]. The default adds, then applies.
+     */
+    default void activationGroupBias(Activation act, Tensor x, Tensor bias, Tensor group, Tensor out) {
+        try (Tensor pre = empty(x.dtype(), x.rows(), x.cols())) {
+            addGroupBias(x, bias, group, pre);
+            activation(act, pre, out);
+        }
+    }
+
+    /**
+     * The backward of {@link #activationGroupBias}: dx = d act(x + bias[group[n]]) applied to dout (assigned, x's
+     * shape), and dbias[g] += the sum of rows offsets[g] .. offsets[g+1] of dx (offsets I32 [G+1] as in
+     * {@link #sumRowsGrouped}). The default adds, differentiates, then sums.
+     */
+    default void activationGroupBiasBackward(Activation act, Tensor x, Tensor bias, Tensor group, Tensor offsets, Tensor dout,
+                                             Tensor dx, Tensor dbias) {
+        try (Tensor pre = empty(x.dtype(), x.rows(), x.cols())) {
+            addGroupBias(x, bias, group, pre);
+            activationBackward(act, pre, dout, dx);
+        }
+        sumRowsGrouped(dx, offsets, dbias);
+    }
+
     // ---------------------------------------------------------------- normalisation and softmax
 
     /**

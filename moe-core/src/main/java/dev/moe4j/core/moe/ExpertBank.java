@@ -130,17 +130,25 @@ public final class ExpertBank implements AutoCloseable {
         p.offsets = offsets;
         p.hostOffsets = hostOffsets;
         p.rowExpert = rowExpert;
-        // h1 [R,F'] = x [R,M] * fc1[e] [M,F'] (+ b1[e])
+        // h1 [R,F'] = x [R,M] * fc1[e] [M,F'] (+ b1[e]); a [R,F] = act(h1). Grouped experts keep h1 without its bias
+        // and add it in the activation (and again in its backward): the biased h1 is never written and read back.
         p.h1 = p.saved.keep(b.empty(ctx.dtype(), R, ffnIn));
-        linear(p, x, fc1, false, b1, p.h1);
-        // a [R,F] = act(h1)
         p.a = p.saved.keep(b.empty(ctx.dtype(), R, ffn));
-        b.activation(act, p.h1, p.a);
+        if (fusedBias1(p)) {
+            linear(p, x, fc1, false, null, p.h1);
+            b.activationGroupBias(act, p.h1, part(p, b1.value()), rowExpert, p.a);
+        } else {
+            linear(p, x, fc1, false, b1, p.h1);
+            b.activation(act, p.h1, p.a);
+        }
         // y [R,M] = a [R,F] * fc2[e] [F,M] (+ b2[e])
         Tensor y = b.empty(ctx.dtype(), R, hidden);
         linear(p, p.a, fc2, false, b2, y);
         return y;
     }
+
+    /** Whether pass p's first bias goes with the activation (grouped experts with biases) rather than with fc1's product. */
+    private boolean fusedBias1(Pass p) { return b1 != null && p.offsets != null; }
 
     /** Experts [p.first, + p.count) of an [E, ...] expert tensor (the tensor itself when the pass runs them all). */
     private Tensor part(Pass p, Tensor t) {
@@ -196,7 +204,11 @@ public final class ExpertBank implements AutoCloseable {
         Tensor da = b.empty(ctx.dtype(), R, ffn);
         linear(p, dy, fc2, true, null, da);
         p.dh1 = b.empty(ctx.dtype(), R, ffnIn);
-        b.activationBackward(act, p.h1, da, p.dh1);
+        if (fusedBias1(p)) {
+            b.activationGroupBiasBackward(act, p.h1, part(p, b1.value()), p.rowExpert, p.offsets, da, p.dh1, part(p, b1.definedGrad()));
+        } else {
+            b.activationBackward(act, p.h1, da, p.dh1);
+        }
         da.close();
         Tensor dx = b.empty(ctx.dtype(), R, hidden);
         linear(p, p.dh1, fc1, true, null, dx);
@@ -222,7 +234,7 @@ public final class ExpertBank implements AutoCloseable {
     public void backwardWeights(Pass p, float[] betas) {
         if (p.dh1 == null) throw new IllegalStateException("ExpertBank.backwardWeights called before backwardData");
         linearWeightGrad(p, p.a, p.dy, fc2, betas[1], b2);
-        linearWeightGrad(p, p.x, p.dh1, fc1, betas[0], b1);
+        linearWeightGrad(p, p.x, p.dh1, fc1, betas[0], fusedBias1(p) ? null : b1);   // a fused b1's gradient came with dh1
         p.dh1.close();
         p.dh1 = null;
         p.dy = null;
