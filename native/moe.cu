@@ -20,6 +20,30 @@ __device__ __forceinline__ double gumbel(unsigned long long seed, unsigned long 
 // softmax(logits[s,:]); experts[s,j] = argmax over experts not yet chosen of logits (+ Gumbel noise: choice 0 with
 // rsample, later ones with secondSampling); ties: lowest index (exact, whatever the reduction order). lse[s] saved
 // for the z-loss. logits, gates [S,E]; experts [S,k].
+// Up to GATE_VPL * 32 experts (every config measured: E <= 128) k_gate_bwd holds its lane's row values in registers:
+// the rows read once instead of once per pass (18.3 -> 15.1 us at S = 8192, E = 128 on an H100; the same for
+// k_gate_topk measured 9.1 -> 10.8 us, so it keeps its loops). Same arithmetic in the same order as the general
+// loops, so the same results.
+constexpr int GATE_VPL = 8;
+
+// The lane's values of a gate row (experts lane, lane + 32, ...), pad past E.
+__device__ __forceinline__ void gateRow(const void* p, int dt, i64 base, int E, int lane, float pad, float (&v)[GATE_VPL]) {
+#pragma unroll
+    for (int t = 0; t < GATE_VPL; t++) {
+        int e = lane + 32 * t;
+        v[t] = e < E ? ld(p, dt, base + e) : pad;
+    }
+}
+
+// The warp's (value, expert) maximum; ties to the lower expert; best < 0: none.
+__device__ __forceinline__ void warpArgmax(int& best, double& bv) {
+    for (int o = 16; o > 0; o >>= 1) {
+        int oe = __shfl_xor_sync(0xffffffffu, best, o);
+        double ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        if (oe >= 0 && (best < 0 || ov > bv || (ov == bv && oe < best))) { best = oe; bv = ov; }
+    }
+}
+
 __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, int* experts, float* lse, int S, int E, int k,
                             int rsample, int secondSampling, unsigned long long seed, unsigned long long offset) {
     int s = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
@@ -44,11 +68,7 @@ __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, i
             double v = (double)ld(logits, ldt, base + e) + (noisy ? gumbel(seed, offset + (unsigned long long)base + e) : 0.0);
             if (best < 0 || v > bv) { best = e; bv = v; }
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            int oe = __shfl_xor_sync(0xffffffffu, best, o);
-            double ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            if (oe >= 0 && (best < 0 || ov > bv || (ov == bv && oe < best))) { best = oe; bv = ov; }
-        }
+        warpArgmax(best, bv);
         if (lane == 0) experts[(i64)s * k + j] = best;
         __syncwarp();   // the next choice reads this one
     }
@@ -301,13 +321,45 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
         }
     float denom = fmaxf(denomRaw, FLT_EPSILON);
     bool clamped = denomRaw < FLT_EPSILON;
+    float lauxScale = lauxCoeff * (float)E / ((float)S * (float)S);
+    if (E <= 32 * GATE_VPL) {   // the row in registers (see GATE_VPL); the same sums in the same order as below
+        float lv[GATE_VPL], g[GATE_VPL], dg[GATE_VPL];
+        gateRow(logits, ldt, base, E, lane, -INFINITY, lv);
+        gateRow(gates, gdt, base, E, lane, 0.f, g);
+        float m = -INFINITY, sum = 0.f, dot = 0.f;
+#pragma unroll
+        for (int t = 0; t < GATE_VPL; t++) m = fmaxf(m, lv[t]);
+        m = warpMax(m);
+#pragma unroll
+        for (int t = 0; t < GATE_VPL; t++) {
+            bool in = lane + 32 * t < E;
+            if (in) sum += expf(lv[t] - m);
+            dg[t] = in ? lauxScale * (float)first[lane + 32 * t] : 0.f;
+        }
+        float lse = m + logf(warpSum(sum));
+        for (int j = 0; j < k; j++) {
+            if (dest[kb + j] < 0) continue;
+            int ej = experts[kb + j];
+            float dw = ld(dweights, dwdt, kb + j);
+            float add = k == 1 ? dw : dw / denom - (clamped ? 0.f : wsum / (denom * denom));
+#pragma unroll
+            for (int t = 0; t < GATE_VPL; t++) if (ej == lane + 32 * t) dg[t] += add;
+        }
+#pragma unroll
+        for (int t = 0; t < GATE_VPL; t++) if (lane + 32 * t < E) dot += g[t] * dg[t];
+        dot = warpSum(dot);
+#pragma unroll
+        for (int t = 0; t < GATE_VPL; t++) {
+            if (lane + 32 * t < E) st(dlogits, dldt, base + lane + 32 * t, g[t] * (dg[t] - dot) + zlossCoeff * 2.f * lse * g[t] / (float)S);
+        }
+        return;
+    }
     float m = -INFINITY;
     for (int e = lane; e < E; e += 32) m = fmaxf(m, ld(logits, ldt, base + e));
     m = warpMax(m);
     float sum = 0.f;
     for (int e = lane; e < E; e += 32) sum += expf(ld(logits, ldt, base + e) - m);
     float lse = m + logf(warpSum(sum));
-    float lauxScale = lauxCoeff * (float)E / ((float)S * (float)S);
     // dg_e = d loss / d gates[s,e]; two passes: the softmax backward needs sum_e g_e dg_e first
     float dot = 0.f;
     for (int pass = 0; pass < 2; pass++) {

@@ -775,6 +775,10 @@ public final class CudaBackend implements Backend {
     /** dst [outer][blocks][inner] bf16 = the pieces (code) of src [outer][inner] fp32, block by block. */
     private void splitF32(Tensor src, Tensor dst, long outer, long inner, int blocks, int code) {
         long n = outer * inner;
+        if (inner % 4 == 0 && n / 4 < Integer.MAX_VALUE && p(src) % 16 == 0 && p(dst) % 8 == 0) {
+            launchN("k_split_f32_bf16_x4", n / 4, p(src), p(dst), (int) (inner / 4), blocks, code, (int) (n / 4));
+            return;
+        }
         launchN("k_split_f32_bf16", n, p(src), p(dst), inner, blocks, code, n);
     }
 
