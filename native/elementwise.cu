@@ -255,39 +255,50 @@ __global__ void k_row_dot(const void* a, int adt, const void* b, int bdt, void* 
     if (threadIdx.x == 0) st(out, odt, r, acc);
 }
 
-// out [N, F] = act(x), x [N, W] with W = 2F for the gated activations (laid out [a | b] per row), else F.
-__global__ void k_activation(int act, const void* x, int xdt, void* out, int odt, i64 n, int F) {
+// x[r, c] + bias[group[r], c] as the activations read it: bias null (or group[r] < 0) adds nothing; x and bias
+// share the row width W (Backend.activationGroupBias).
+__device__ __forceinline__ float actIn(const void* x, int xdt, const void* bias, int bdt, const int* group, i64 r, int W, int c) {
+    float v = ld(x, xdt, r * W + c);
+    if (bias == nullptr) return v;
+    int g = group[r];
+    return g < 0 ? v : v + ld(bias, bdt, (i64)g * W + c);
+}
+
+// out [N, F] = act(x (+ its row's group bias)), x [N, W] with W = 2F for the gated activations (laid out [a | b] per
+// row), else F.
+__global__ void k_activation(int act, const void* x, int xdt, const void* bias, int bdt, const int* group, void* out, int odt, i64 n, int F) {
     int W = (act == ACT_GEGLU || act == ACT_SWIGLU) ? 2 * F : F;
     FOR_N(i, n) {
         i64 r = i / F; int j = (int)(i % F);
-        float v = ld(x, xdt, r * W + j), y;
+        float v = actIn(x, xdt, bias, bdt, group, r, W, j), y;
         switch (act) {
             case ACT_RELU: y = v > 0.f ? v : 0.f; break;
             case ACT_GELU: y = gelu_f(v); break;
-            case ACT_GEGLU: y = gelu_f(v) * ld(x, xdt, r * W + F + j); break;
-            default: y = v * sigmoid_f(v) * ld(x, xdt, r * W + F + j); break;
+            case ACT_GEGLU: y = gelu_f(v) * actIn(x, xdt, bias, bdt, group, r, W, F + j); break;
+            default: y = v * sigmoid_f(v) * actIn(x, xdt, bias, bdt, group, r, W, F + j); break;
         }
         st(out, odt, i, y);
     }
 }
 
-// dx [N, W] from dout [N, F] (assigned); n = N * F
-__global__ void k_activation_bwd(int act, const void* x, int xdt, const void* dout, int gdt, void* dx, int dxdt, i64 n, int F) {
+// dx [N, W] from dout [N, F] (assigned); n = N * F; the group bias as in k_activation
+__global__ void k_activation_bwd(int act, const void* x, int xdt, const void* bias, int bdt, const int* group, const void* dout, int gdt,
+                                 void* dx, int dxdt, i64 n, int F) {
     int W = (act == ACT_GEGLU || act == ACT_SWIGLU) ? 2 * F : F;
     FOR_N(i, n) {
         i64 r = i / F; int j = (int)(i % F);
-        float v = ld(x, xdt, r * W + j), g = ld(dout, gdt, i);
+        float v = actIn(x, xdt, bias, bdt, group, r, W, j), g = ld(dout, gdt, i);
         switch (act) {
             case ACT_RELU: st(dx, dxdt, r * W + j, v > 0.f ? g : 0.f); break;
             case ACT_GELU: st(dx, dxdt, r * W + j, g * gelu_grad(v)); break;
             case ACT_GEGLU: {
-                float b = ld(x, xdt, r * W + F + j);
+                float b = actIn(x, xdt, bias, bdt, group, r, W, F + j);
                 st(dx, dxdt, r * W + j, g * b * gelu_grad(v));
                 st(dx, dxdt, r * W + F + j, g * gelu_f(v));
                 break;
             }
             default: {
-                float b = ld(x, xdt, r * W + F + j), s = sigmoid_f(v);
+                float b = actIn(x, xdt, bias, bdt, group, r, W, F + j), s = sigmoid_f(v);
                 st(dx, dxdt, r * W + j, g * b * s * (1.f + v * (1.f - s)));
                 st(dx, dxdt, r * W + F + j, g * v * s);
                 break;

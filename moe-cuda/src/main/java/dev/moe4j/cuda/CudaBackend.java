@@ -1030,7 +1030,7 @@ public final class CudaBackend implements Backend {
         int f = out.cols(), n = out.rows();
         Checks.matrix("activation", "x", x, n, act.inputWidth(f));
         if (vec8(act, x, out)) launchN("k_activation_bf16x8", out.numel() / 8, actCode(act), p(x), p(out), out.numel() / 8);
-        else launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), p(out), dt(out), out.numel(), f);
+        else launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), 0L, 0, 0L, p(out), dt(out), out.numel(), f);
     }
 
     @Override
@@ -1040,35 +1040,40 @@ public final class CudaBackend implements Backend {
         Checks.matrix("activationBackward", "x", x, n, w);
         Checks.matrix("activationBackward", "dx", dx, n, w);
         if (vec8(act, x, dout, dx)) launchN("k_activation_bwd_bf16x8", dout.numel() / 8, actCode(act), p(x), p(dout), p(dx), dout.numel() / 8);
-        else launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
+        else launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), 0L, 0, 0L, p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
     }
 
     @Override
     public void activationGroupBias(Activation act, Tensor x, Tensor bias, Tensor group, Tensor out) {
         String op = "activationGroupBias";
-        if (!groupBiasFused(op, act, x, bias, group, out)) {
-            Backend.super.activationGroupBias(act, x, bias, group, out);
-            return;
+        int f = out.cols(), n = out.rows();
+        checkGroupBias(op, act, x, bias, group, "out", out, n, f);
+        if (vec8(act, x, bias, out) && rows8(x.cols(), x.numel())) {
+            int n8 = (int) (x.numel() / 8);
+            launchN("k_bias_act_bf16x8", n8, actCode(act), p(x), p(bias), p(group), p(out), n8, x.cols() / 8);
+        } else {
+            launchN("k_activation", out.numel(), actCode(act), p(x), dt(x), p(bias), dt(bias), p(group), p(out), dt(out), out.numel(), f);
         }
-        Checks.matrix(op, "out", out, x.rows(), x.cols());
-        int n8 = (int) (x.numel() / 8);
-        launchN("k_bias_act_bf16x8", n8, actCode(act), p(x), p(bias), p(group), p(out), n8, x.cols() / 8);
     }
 
     @Override
     public void activationGroupBiasBackward(Activation act, Tensor x, Tensor bias, Tensor group, Tensor offsets, Tensor dout,
                                             Tensor dx, Tensor dbias) {
         String op = "activationGroupBiasBackward";
-        if (!groupBiasFused(op, act, x, bias, group, dout, dx)) {
-            Backend.super.activationGroupBiasBackward(act, x, bias, group, offsets, dout, dx, dbias);
-            return;
-        }
-        int c = x.cols(), n = x.rows(), groups = Math.toIntExact(offsets.numel() - 1);
-        Checks.matrix(op, "dout", dout, n, c);
+        int f = dout.cols(), n = dout.rows(), c = x.cols();
+        checkGroupBias(op, act, x, bias, group, "dout", dout, n, f);
+        floating(op, "dx", dx);
         Checks.matrix(op, "dx", dx, n, c);
         Checks.dtype(op, "offsets", offsets, DType.I32);
+        int groups = Math.toIntExact(offsets.numel() - 1);
         floating(op, "dbias", dbias);
         Checks.matrix(op, "dbias", dbias, groups, c);
+        if (!(vec8(act, x, bias, dout, dx) && rows8(c, x.numel()))) {
+            // the generic kernel adds the bias as it reads x (no biased copy written), then the per-expert sums of dx
+            launchN("k_activation_bwd", dout.numel(), actCode(act), p(x), dt(x), p(bias), dt(bias), p(group), p(dout), dt(dout), p(dx), dt(dx), dout.numel(), f);
+            sumRowsGrouped(dx, offsets, dbias);
+            return;
+        }
         if (groups <= 0 || n == 0) throw new IllegalArgumentException(op + ": needs at least one group and one row, got " + groups + " groups, " + n + " rows");
         // sumRowsGrouped's row blocks, plus the blocks of the rows past offsets[G] (at most n / RB + 1 of them)
         int rb = GROUPED_ROW_BLOCK, blocks = n / rb + groups + 1;
@@ -1079,12 +1084,13 @@ public final class CudaBackend implements Backend {
         }
     }
 
-    /** The fused bias + activation kernels apply: as {@link #vec8} (their bias bf16 too, rows of whole 8-element groups), group I32. */
-    private boolean groupBiasFused(String op, Activation act, Tensor x, Tensor bias, Tensor group, Tensor... rest) {
-        Checks.dtype(op, "group", group, DType.I32);
-        Checks.numel(op, "group", group, x.rows());
+    /** The arguments of the group-bias activations: x [n, act.inputWidth(f)], bias [G, that width], group I32 [n], y [n, f] (out or dout). */
+    private static void checkGroupBias(String op, Activation act, Tensor x, Tensor bias, Tensor group, String yName, Tensor y, int n, int f) {
+        floating(op, "x", x); floating(op, "bias", bias); floating(op, yName, y);
+        Checks.matrix(op, "x", x, n, act.inputWidth(f));
         Checks.matrix(op, "bias", bias, bias.rows(), x.cols());
-        return vec8(act, x, bias) && vec8(act, rest) && rows8(x.cols(), x.numel());
+        Checks.dtype(op, "group", group, DType.I32);
+        Checks.numel(op, "group", group, n);
     }
 
     /** The bf16 x 8 kernels apply: a non-gated activation, every tensor bf16 and 16-byte aligned, whole 8-element groups. */
