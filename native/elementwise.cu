@@ -129,23 +129,24 @@ __global__ void k_sum_rows_partial(const void* x, int xdt, float* partial, int N
     partial[(i64)blockIdx.y * C + c] = acc;
 }
 
+// out[0..7] = acc (out 16-byte aligned): a thread's eight column sums into the partials.
+__device__ __forceinline__ void store8(float* out, const float (&acc)[8]) {
+    float4* o = (float4*)out;
+    o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+}
+
 // out[0..7] = the sums over rows r0 .. r1-1 of the j-th 8 columns of bf16 x (c8 16-byte chunks a row), in row order.
 __device__ __forceinline__ void sumRowsBf16x8(const uint4* x, int c8, int j, int r0, int r1, float* out) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll 8
     for (int r = r0; r < r1; r++) {
-        uint4 v = x[(i64)r * c8 + j];
-        const __nv_bfloat162* h = (const __nv_bfloat162*)&v;
+        float f[8];
+        unpack8(x[(i64)r * c8 + j], f);
 #pragma unroll
-        for (int q = 0; q < 4; q++) {
-            float2 f = __bfloat1622float2(h[q]);
-            acc[2 * q] += f.x;
-            acc[2 * q + 1] += f.y;
-        }
+        for (int q = 0; q < 8; q++) acc[q] += f[q];
     }
-    float4* o = (float4*)out;
-    o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    store8(out, acc);
 }
 
 // k_sum_rows_partial for bf16 x, 8 columns a thread (16-byte loads; C % 8 == 0, c8 = C / 8): the same row order
@@ -401,10 +402,7 @@ __global__ void k_bias_act_bwd_grouped_bf16x8(int act, const uint4* x, const uin
         }
         dx[i] = v;
     }
-    if (!sums) return;
-    float4* o = (float4*)(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8);
-    o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    if (sums) store8(partial + (i64)blockIdx.y * c8 * 8 + (i64)j * 8, acc);
 }
 
 // ------------------------------------------------------------------ random (Philox, see common.cuh)
@@ -448,9 +446,7 @@ __global__ void k_reduce_partial_x16(const uint4* x, int xdt, i64 n16, int squar
         float f[8];
         int per = xdt == DT_BF16 ? 8 : 4;
         if (xdt == DT_BF16) {
-            const __nv_bfloat162* h = (const __nv_bfloat162*)&v;
-#pragma unroll
-            for (int q = 0; q < 4; q++) { float2 t = __bfloat1622float2(h[q]); f[2 * q] = t.x; f[2 * q + 1] = t.y; }
+            unpack8(v, f);
         } else {
             f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y); f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
         }

@@ -16,25 +16,6 @@ __device__ __forceinline__ double gumbel(unsigned long long seed, unsigned long 
     return -log(-log(u));
 }
 
-// Per token (one warp each, its lanes over the experts so that rows are read coalesced): gates[s,:] =
-// softmax(logits[s,:]); experts[s,j] = argmax over experts not yet chosen of logits (+ Gumbel noise: choice 0 with
-// rsample, later ones with secondSampling); ties: lowest index (exact, whatever the reduction order). lse[s] saved
-// for the z-loss. logits, gates [S,E]; experts [S,k].
-// Up to GATE_VPL * 32 experts (every config measured: E <= 128) k_gate_bwd holds its lane's row values in registers:
-// the rows read once instead of once per pass (18.3 -> 15.1 us at S = 8192, E = 128 on an H100; the same for
-// k_gate_topk measured 9.1 -> 10.8 us, so it keeps its loops). Same arithmetic in the same order as the general
-// loops, so the same results.
-constexpr int GATE_VPL = 8;
-
-// The lane's values of a gate row (experts lane, lane + 32, ...), pad past E.
-__device__ __forceinline__ void gateRow(const void* p, int dt, i64 base, int E, int lane, float pad, float (&v)[GATE_VPL]) {
-#pragma unroll
-    for (int t = 0; t < GATE_VPL; t++) {
-        int e = lane + 32 * t;
-        v[t] = e < E ? ld(p, dt, base + e) : pad;
-    }
-}
-
 // The warp's (value, expert) maximum; ties to the lower expert; best < 0: none.
 __device__ __forceinline__ void warpArgmax(int& best, double& bv) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -44,6 +25,10 @@ __device__ __forceinline__ void warpArgmax(int& best, double& bv) {
     }
 }
 
+// Per token (one warp each, its lanes over the experts so that rows are read coalesced): gates[s,:] =
+// softmax(logits[s,:]); experts[s,j] = argmax over experts not yet chosen of logits (+ Gumbel noise: choice 0 with
+// rsample, later ones with secondSampling); ties: lowest index (exact, whatever the reduction order). lse[s] saved
+// for the z-loss. logits, gates [S,E]; experts [S,k].
 __global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, int* experts, float* lse, int S, int E, int k,
                             int rsample, int secondSampling, unsigned long long seed, unsigned long long offset) {
     int s = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
@@ -301,6 +286,22 @@ __global__ void k_gate_first_counts(const int* experts, int S, int E, int k, int
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) first[e] = gateHist[e];
 }
+
+// Up to GATE_VPL * 32 experts (every config measured: E <= 128) k_gate_bwd holds its lane's row values in registers:
+// the rows read once instead of once per pass (18.3 -> 15.1 us at S = 8192, E = 128 on an H100; the same for
+// k_gate_topk measured 9.1 -> 10.8 us, so it keeps its loops). Same arithmetic in the same order as the general
+// loops, so the same results.
+constexpr int GATE_VPL = 8;
+
+// The lane's values of a gate row (experts lane, lane + 32, ...), pad past E.
+__device__ __forceinline__ void gateRow(const void* p, int dt, i64 base, int E, int lane, float pad, float (&v)[GATE_VPL]) {
+#pragma unroll
+    for (int t = 0; t < GATE_VPL; t++) {
+        int e = lane + 32 * t;
+        v[t] = e < E ? ld(p, dt, base + e) : pad;
+    }
+}
+
 // Backward of the gate, one warp per token: dlogits [S,E] (assigned) from dweights [S,k], the l_aux term
 // (d l_aux / d gates[s,e] = E * first[e] / S^2, first = first-choice counts) and the z-loss term (2 * lse * softmax / S).
 __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int gdt, const int* experts, const int* dest,
