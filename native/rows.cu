@@ -65,6 +65,30 @@ __global__ void k_gather_rows_16b(const uint4* src, const int* idx, uint4* out, 
     }
 }
 
+// Row m of src to row dest[m].y of destination dest[m].x (skipped where dest[m].x < 0), in 16-byte chunks (c16 a row,
+// n16 = rows * c16 < 2^31): the expert-parallel exchange, whose destinations are the ranks' windows, the peers' mapped
+// by CUDA IPC so that these stores cross NVLink. Eight destinations at most (one node's GPUs), passed as arguments.
+__global__ void k_scatter_rows_to_16b(const uint4* src, const int* dest, uint4* d0, uint4* d1, uint4* d2, uint4* d3,
+                                      uint4* d4, uint4* d5, uint4* d6, uint4* d7, int n16, int c16) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += gridDim.x * blockDim.x) {
+        int m = i / c16, c = i - m * c16;
+        int q = dest[2 * m], row = dest[2 * m + 1];   // two loads: dest may be a view at any 4-byte offset
+        uint4* d;
+        switch (q) {
+            case 0: d = d0; break;
+            case 1: d = d1; break;
+            case 2: d = d2; break;
+            case 3: d = d3; break;
+            case 4: d = d4; break;
+            case 5: d = d5; break;
+            case 6: d = d6; break;
+            case 7: d = d7; break;
+            default: continue;
+        }
+        d[(i64)row * c16 + c] = src[i];
+    }
+}
+
 // F32 dst: dst[idx[m], c] += w[m] * src[m, c] for idx[m] >= 0 (w nullable: 1), one thread per element and fp32
 // atomics (fast when many rows share a destination, e.g. expert-bias gradients; the summation order, so the last
 // bits, may vary). A BF16 dst goes through an F32 copy (CudaBackend.addInF32).

@@ -6,8 +6,13 @@ import dev.moe4j.core.comm.CommOptions;
 import dev.moe4j.core.comm.CommTimeoutException;
 import dev.moe4j.core.comm.CommunicationException;
 import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.PeerWindow;
 import dev.moe4j.core.comm.ReduceOp;
 import dev.moe4j.core.comm.RowBlocks;
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Scope;
+import dev.moe4j.core.tensor.Shape;
+import dev.moe4j.core.tensor.Storage;
 import dev.moe4j.core.tensor.Tensor;
 
 import java.util.ArrayDeque;
@@ -445,6 +450,127 @@ public final class InProcessCommunicator implements Communicator {
         int me = -1;
         for (int i = 0; i < g.size(); i++) if (g.worldRanks[i] == worldRank()) me = i;
         return new InProcessCommunicator(world, g, me, backend);
+    }
+
+    // ------------------------------------------------------------------ peer windows
+
+    private record WindowDeposit(Storage storage, int[] flags, boolean host) {}
+
+    /**
+     * Windows in host memory, which the rank threads share: each rank's a tensor of its own backend, the others' seen
+     * through {@link Tensor#borrowing}; the flags are plain ints under the world's lock. Null (on every rank) where a
+     * rank's backend keeps its tensors in device memory.
+     */
+    @Override
+    public PeerWindow openWindow(long bytes) {
+        open("openWindow");
+        if (bytes <= 0) throw new IllegalArgumentException("openWindow: bytes must be > 0, got " + bytes);
+        Tensor mine = Scope.detach(backend.zeros(DType.BF16, Math.toIntExact((bytes + 1) / 2)));
+        boolean host;
+        try {
+            mine.storage().deviceAddress();
+            host = false;
+        } catch (UnsupportedOperationException e) {
+            host = true;
+        }
+        Round r = exchange("openWindow", new WindowDeposit(mine.storage(), new int[2 * size()], host));
+        int n = size();
+        WindowDeposit[] all = new WindowDeposit[n];
+        boolean everyHost = true;
+        for (int p = 0; p < n; p++) {
+            all[p] = (WindowDeposit) r.deposits[p];
+            everyHost &= all[p].host;
+        }
+        if (!everyHost) {
+            mine.close();
+            return null;
+        }
+        return new HostWindow(bytes, mine, all);
+    }
+
+    /** {@link PeerWindow} of in-process ranks: window p's flags[q] = arrive from rank q, flags[n + q] = free from rank q. */
+    private final class HostWindow implements PeerWindow {
+        private final long bytes;
+        private final Tensor own;
+        private final WindowDeposit[] all;
+        private int epoch;
+        private boolean closedWindow;
+
+        HostWindow(long bytes, Tensor own, WindowDeposit[] all) {
+            this.bytes = bytes;
+            this.own = own;
+            this.all = all;
+        }
+
+        @Override public long bytes() { return bytes; }
+
+        @Override
+        public Tensor tensor(int q, DType dtype, int rows, int cols) {
+            if (closedWindow) throw new IllegalStateException("peer window of " + describe() + " was closed");
+            if (q < 0 || q >= all.length) throw new IllegalArgumentException("peer window: rank " + q + " of " + all.length);
+            if ((long) rows * cols * dtype.bytes() > bytes) {
+                throw new IllegalArgumentException("peer window of " + bytes + " bytes cannot hold " + dtype + "[" + rows + ", " + cols + "]");
+            }
+            return Tensor.borrowing(backend, all[q].storage, dtype, Shape.of(rows, cols));
+        }
+
+        @Override
+        public void open() {
+            int t = ++epoch, n = size();
+            signal(n, t - 1);        // my window's last contents are read
+            waitFor(n, t - 1, "peer window open #" + t);   // every peer's too: I may store into theirs
+        }
+
+        @Override
+        public void publish() { signal(0, epoch); }
+
+        @Override
+        public void await() { waitFor(0, epoch, "peer window await #" + epoch); }
+
+        /** flags[base + rank] = v in every peer's window. */
+        private void signal(int base, int v) {
+            synchronized (world.lock) {
+                for (int q = 0; q < all.length; q++) if (q != rank) all[q].flags[base + rank] = v;
+                world.lock.notifyAll();
+            }
+        }
+
+        /** Waits until my flags[base + q] &gt;= v for every peer q, within the world's timeout. */
+        private void waitFor(int base, int v, String label) {
+            int[] flags = all[rank].flags;
+            synchronized (world.lock) {
+                long deadline = System.nanoTime() + world.timeoutMs * 1_000_000L;
+                while (true) {
+                    List<Integer> missing = new ArrayList<>();
+                    for (int q = 0; q < all.length; q++) if (q != rank && flags[base + q] < v) missing.add(group.worldRanks[q]);
+                    if (missing.isEmpty()) return;
+                    int[] m = missing.stream().mapToInt(Integer::intValue).toArray();
+                    if (world.failure != null) {
+                        throw new CommunicationException(label + " in " + group.name + " (" + describe() + "): world aborted: " + world.failure
+                                + "; still waiting for world rank(s) " + Arrays.toString(m));
+                    }
+                    long left = (deadline - System.nanoTime()) / 1_000_000L;
+                    if (left <= 0) {
+                        world.fail("rank " + worldRank() + " timed out in " + label + " waiting for world rank(s) " + Arrays.toString(m));
+                        throw new CommTimeoutException(label + " in " + group.name + " (" + describe() + "): timed out after " + world.timeoutMs
+                                + " ms waiting for world rank(s) " + Arrays.toString(m), label, m);
+                    }
+                    try {
+                        world.lock.wait(left);
+                    } catch (InterruptedException e) {
+                        Thread.currentThread().interrupt();
+                        throw new CommunicationException(label + " in " + group.name + ": interrupted while waiting for world rank(s) " + Arrays.toString(m));
+                    }
+                }
+            }
+        }
+
+        @Override
+        public void close() {
+            if (closedWindow) return;
+            closedWindow = true;
+            own.close();
+        }
     }
 
     @Override

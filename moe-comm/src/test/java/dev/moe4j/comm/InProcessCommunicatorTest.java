@@ -228,6 +228,86 @@ class InProcessCommunicatorTest {
         assertTrue(all.contains("rank 1 expects recvRows[0] = 2 rows from rank 0, which sends sendRows[1] = 1"), all);
     }
 
+    // ------------------------------------------------------------------ peer windows
+
+    /**
+     * Three exchanges through windows: every rank stores one row into every rank's window (its own included) at the row
+     * of its rank, with values that differ per exchange; after await each window holds exactly the rows stored into it
+     * in that exchange, and the window's tensor of another rank is the same memory that rank reads.
+     */
+    @Test
+    void peerWindowsHoldWhatEveryRankStoredInThatExchange() {
+        int n = 3, cols = 4;
+        InProcessWorld.run(n, comm -> {
+            var b = comm.backend();
+            try (var w = comm.openWindow((long) n * cols * DType.F64.bytes())) {
+                assertNotNull(w, "CPU ranks share their windows");
+                for (int t = 1; t <= 3; t++) {
+                    double[] rows = new double[n * cols];
+                    int[] dest = new int[2 * n];
+                    for (int q = 0; q < n; q++) {
+                        for (int c = 0; c < cols; c++) rows[q * cols + c] = 1000 * t + 100 * comm.rank() + 10 * q + c;
+                        dest[2 * q] = q;               // row q goes to rank q ...
+                        dest[2 * q + 1] = comm.rank(); // ... at the row of this rank
+                    }
+                    Tensor[] dsts = new Tensor[n];
+                    for (int q = 0; q < n; q++) dsts[q] = w.tensor(q, DType.F64, n, cols);
+                    w.open();
+                    try (Tensor src = b.fromDoubles(DType.F64, rows, n, cols); Tensor d = b.fromInts(dest, n, 2)) {
+                        b.scatterRowsTo(src, d, dsts);
+                    }
+                    w.publish();
+                    w.await();
+                    double[] got = dsts[comm.rank()].toDoubles();
+                    for (int p = 0; p < n; p++) {
+                        for (int c = 0; c < cols; c++) {
+                            assertEquals(1000 * t + 100 * p + 10 * comm.rank() + c, got[p * cols + c], "exchange " + t + ": row from rank " + p);
+                        }
+                    }
+                }
+            }
+            return null;
+        });
+    }
+
+    @Test
+    void aRankThatNeverOpensItsWindowFailsTheOthersWithinTheTimeoutNamingIt() {
+        long t0 = System.nanoTime();
+        var e = assertThrows(CommunicationException.class, () -> InProcessWorld.run(3, CommOptions.withTimeout(Duration.ofMillis(400)), comm -> {
+            try (var w = comm.openWindow(64)) {
+                w.open();
+                w.publish();
+                w.await();
+                if (comm.rank() == 1) Thread.sleep(30_000);   // rank 1 hangs
+                w.open();
+                w.publish();
+                w.await();
+            }
+            return null;
+        }));
+        long ms = (System.nanoTime() - t0) / 1_000_000;
+        assertTrue(ms < 5_000, "took " + ms + " ms");
+        int survivors = 0;
+        for (Throwable f : InProcessWorld.rankFailures(e)) {
+            if (f instanceof InterruptedException) continue;   // rank 1 itself
+            survivors++;
+            assertTrue(f.getMessage().contains("peer window open #2") && f.getMessage().contains("world rank(s) [1]"), f.getMessage());
+        }
+        assertEquals(2, survivors);
+    }
+
+    @Test
+    void scatterRowsToRejectsRowsOutsideTheirDestination() {
+        var b = new dev.moe4j.core.cpu.CpuBackend();
+        try (Tensor src = b.fromDoubles(DType.F32, new double[] {1, 2, 3, 4}, 2, 2); Tensor d0 = b.zeros(DType.F32, 2, 2);
+             Tensor bad = b.fromInts(new int[] {0, 1, 0, 2}, 2, 2); Tensor skip = b.fromInts(new int[] {-1, 0, 0, 0}, 2, 2)) {
+            var e = assertThrows(IllegalArgumentException.class, () -> b.scatterRowsTo(src, bad, new Tensor[] {d0}));
+            assertTrue(e.getMessage().contains("dest[1] = row 2 of dsts[0], which has 2 rows"), e.getMessage());
+            b.scatterRowsTo(src, skip, new Tensor[] {d0});   // row 0 skipped, row 1 to row 0
+            assertArrayEquals(new float[] {3, 4, 0, 0}, d0.toFloats());
+        }
+    }
+
     // ------------------------------------------------------------------ watchdog
 
     @Test

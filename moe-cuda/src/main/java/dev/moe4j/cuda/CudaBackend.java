@@ -1430,6 +1430,36 @@ public final class CudaBackend implements Backend {
         launchN("k_gather_rows", out.numel(), p(src), dt(src), p(idx), p(out), dt(out), out.numel(), c);
     }
 
+    /**
+     * One launch for up to 8 destinations (a node's GPUs) when rows are whole 16-byte chunks; else the SPI's per
+     * destination default. Destination rows are not checked on the device (the exchange builds them).
+     */
+    @Override
+    public void scatterRowsTo(Tensor src, Tensor dest, Tensor[] dsts) {
+        Checks.scatterRowsTo(src, dest, dsts);
+        long rowBytes = (long) src.cols() * src.dtype().bytes();
+        long n16 = src.rows() * (rowBytes / 16);
+        boolean aligned = rowBytes % 16 == 0 && aligned16(src) && n16 < Integer.MAX_VALUE;
+        for (Tensor d : dsts) aligned &= aligned16(d);
+        if (!aligned || dsts.length > 8) {
+            Backend.super.scatterRowsTo(src, dest, dsts);
+            return;
+        }
+        Object[] args = new Object[12];
+        args[0] = p(src);
+        args[1] = p(dest);
+        for (int q = 0; q < 8; q++) args[2 + q] = q < dsts.length ? p(dsts[q]) : 0L;
+        args[10] = (int) n16;
+        args[11] = (int) (rowBytes / 16);
+        launchN("k_scatter_rows_to_16b", n16, args);
+    }
+
+    @Override
+    public dev.moe4j.core.tensor.Storage wrapDeviceMemory(long address, long bytes) {
+        if (address == 0 || bytes <= 0) throw new IllegalArgumentException("wrapDeviceMemory: address " + address + ", " + bytes + " bytes");
+        return new CudaStorage(this, address, bytes, true);
+    }
+
     @Override
     public void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst) {
         floating("scatterAddRows", "src", src); floating("scatterAddRows", "dst", dst);

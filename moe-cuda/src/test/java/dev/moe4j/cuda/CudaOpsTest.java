@@ -504,6 +504,27 @@ class CudaOpsTest extends GpuTestBase {
         Tensor[] src16 = rand(dt, 1, n, 40), out16 = rand(dt, 1, m, 40);
         for (int i = 0; i < 2; i++) on(i).gatherRows(src16[i], idx[i], out16[i]);
         check("gatherRows 16-byte chunks", out16, 0);
+        // rows to several destinations (the expert-parallel exchange into peer windows): a permutation of the rows over
+        // three destinations and some rows skipped; c = 40 takes the 16-byte kernel, c (odd widths) the SPI default
+        for (int width : new int[] {40, c}) {
+            int[] perm = new int[m];
+            for (int r = 0; r < m; r++) perm[r] = r;
+            for (int r = m - 1; r > 0; r--) { int j = rnd.nextInt(r + 1), x = perm[r]; perm[r] = perm[j]; perm[j] = x; }
+            int[] to = new int[2 * m];
+            for (int r = 0; r < m; r++) {
+                to[2 * r] = r % 11 == 5 ? -1 : perm[r] % 3;   // destination perm[r] % 3, row perm[r] / 3: every slot once
+                to[2 * r + 1] = perm[r] / 3;
+            }
+            // dest a view at an odd element, as the exchange's views of its one upload are
+            int[] padded = new int[2 * m + 1];
+            System.arraycopy(to, 0, padded, 1, 2 * m);
+            Tensor[] packed = of(padded, 2 * m + 1), rows = rand(dt, 1, m, width);
+            Tensor[] dests = {packed[0].view(1, m, 2), packed[1].view(1, m, 2)};
+            Tensor[][] dsts = new Tensor[3][];
+            for (int q = 0; q < 3; q++) dsts[q] = rand(dt, 1, (m + 2) / 3, width);
+            for (int i = 0; i < 2; i++) on(i).scatterRowsTo(rows[i], dests[i], new Tensor[] {dsts[0][i], dsts[1][i], dsts[2][i]});
+            for (int q = 0; q < 3; q++) check("scatterRowsTo width " + width + " destination " + q, dsts[q], 0);
+        }
         Tensor[] w = rand(DType.F32, 1, m), dst = rand(DType.F32, 1, n, c);
         for (int i = 0; i < 2; i++) on(i).scatterAddRows(out[i], idx[i], w[i], dst[i]);
         check("scatterAddRows (weighted, duplicates)", dst, tol(dt));

@@ -10,6 +10,7 @@ import dev.moe4j.core.comm.CommTimeoutException;
 import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.CommunicationException;
 import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.PeerWindow;
 import dev.moe4j.core.comm.ReduceOp;
 import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.tensor.DType;
@@ -73,6 +74,7 @@ public final class NcclCommunicator implements Communicator {
     private Tensor barrierBuf;
     private CUstream_st side;   // created by the first allReduceAsync
     private CUevent_st fork;
+    private final java.util.Set<IpcWindow> windows = java.util.concurrent.ConcurrentHashMap.newKeySet();   // open peer windows
 
     private NcclCommunicator(Backend backend, ncclComm control, ncclComm comm, int rank, int size, int[] worldRanks, String tag, TcpStore store, CommOptions opts) {
         this.backend = backend;
@@ -548,6 +550,58 @@ public final class NcclCommunicator implements Communicator {
         launch("broadcast", () -> nccl.ncclBroadcast(ptr(t), ptr(t), t.numel(), type(t), root, comm, stream));
     }
 
+    /**
+     * Windows mapped by CUDA IPC ({@link IpcWindow}) where every rank of this group runs on this host and can map the
+     * others' memory; null on every rank otherwise.
+     */
+    @Override
+    public synchronized PeerWindow openWindow(long bytes) {
+        usable("openWindow");
+        if (bytes <= 0) throw new IllegalArgumentException("openWindow: bytes must be > 0, got " + bytes);
+        IpcWindow w = IpcWindow.open(this, rank, size, device, bytes, stream);
+        if (w != null) windows.add(w);
+        return w;
+    }
+
+    /** A closed window, no longer released on failure. */
+    void forget(IpcWindow w) { windows.remove(w); }
+
+    /**
+     * Stream memory operations (a peer window's handshake) queued on the backend's stream and watched as a collective:
+     * a wait that does not pass within the timeout fails the communicator, naming the call.
+     */
+    void launchStreamOps(String op, Runnable body) {
+        RuntimeException[] err = new RuntimeException[1];
+        launch(op, () -> {
+            try {
+                body.run();
+            } catch (RuntimeException e) {
+                err[0] = e;
+            }
+            return nccl.ncclSuccess;
+        });
+        if (err[0] != null) throw err[0];
+    }
+
+    /** Every rank's bytes (the same length on all ranks), in rank order: an all-gather through the device, read back. */
+    byte[][] allGatherBytes(byte[] mine) {
+        int words = (mine.length + 3) / 4;
+        int[] v = new int[words];
+        java.nio.ByteBuffer.wrap(java.util.Arrays.copyOf(mine, words * 4)).order(java.nio.ByteOrder.LITTLE_ENDIAN).asIntBuffer().get(v);
+        int[] all;
+        try (Tensor s = backend.fromInts(v, words); Tensor r = backend.zeros(DType.I32, size * words)) {
+            allGather(s, r);
+            all = backend.toInts(r);
+        }
+        byte[][] out = new byte[size][];
+        for (int q = 0; q < size; q++) {
+            java.nio.ByteBuffer b = java.nio.ByteBuffer.allocate(words * 4).order(java.nio.ByteOrder.LITTLE_ENDIAN);
+            b.asIntBuffer().put(all, q * words, words);
+            out[q] = java.util.Arrays.copyOf(b.array(), mine.length);
+        }
+        return out;
+    }
+
     @Override
     public void barrier() {
         usable("barrier");
@@ -630,6 +684,7 @@ public final class NcclCommunicator implements Communicator {
     }
 
     private void closeLocked() {
+        for (IpcWindow w : windows) if (failure == null) w.close();
         if (barrierBuf != null) barrierBuf.close();
         if (failure == null) {
             cudart.cudaSetDevice(device);
@@ -809,6 +864,8 @@ public final class NcclCommunicator implements Communicator {
                 failure = e;
             }
             log.error("{}", e.getMessage());
+            // first the peer windows' waits: the abort frees device memory, which waits for the whole device
+            for (IpcWindow w : windows) w.release();
             nccl.ncclCommAbort(comm);      // releases kernels and host calls waiting for a peer; unusable afterwards
             // The non-blocking communicator is polled by the owner's thread during a split: not freed under it.
             if (!splitting || Thread.currentThread() != thread) nccl.ncclCommAbort(control);

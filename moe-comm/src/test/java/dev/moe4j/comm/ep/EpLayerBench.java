@@ -153,7 +153,8 @@ public final class EpLayerBench {
                                             + "\"hidden\":%d,\"ffn\":%d,\"experts\":%d,\"experts_per_gpu\":%d,\"k\":%d,\"ep%d_ms\":%.3f,\"local_ms\":%.3f,\"ep_fwd_ms\":%.3f,\"ep_bwd_ms\":%.3f,\"local_fwd_ms\":%.3f,\"local_bwd_ms\":%.3f,\"ep_fwd_host_ms\":%.3f,\"local_fwd_host_ms\":%.3f,"
                                             + "\"ratio\":%.3f,\"ep_dropped\":%.4f,\"local_dropped\":%.4f,\"all_to_all\":\"%s\",\"overlap\":%b,\"stages\":%d,\"grad_dtype\":\"%s\",\"device\":\"%s\"}",
                                     c.name, mode, p, c.s, c.m, c.f, c.expertsPerRank * p, c.expertsPerRank, c.k, p, epr.ms, local.ms, epr.fwdMs, epr.bwdMs, local.fwdMs, local.bwdMs, epr.fwdHostMs, local.fwdHostMs,
-                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize : "flat", overlap,
+                                    epr.ms / local.ms, epr.dropped, local.dropped, nodeSize > 0 ? "hierarchical, node size " + nodeSize
+                                            : !overlap && !"false".equals(System.getProperty("moe4j.ep.peerExchange")) ? "peer windows where offered, else flat" : "flat", overlap,
                                     overlap ? Math.min(Math.max(1, Integer.getInteger("moe4j.ep.chunks", 2)), c.expertsPerRank) : 1,
                                     gradDType.name().toLowerCase(Locale.ROOT), b.name()));
                         }

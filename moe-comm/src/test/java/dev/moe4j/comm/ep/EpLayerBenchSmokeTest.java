@@ -46,7 +46,7 @@ class EpLayerBenchSmokeTest {
             assertTrue(ep > 0 && local > 0, l);
             assertEquals(ep / local, ratio, 0.01 * ratio + 1e-3, l);
             if (l.contains("dropless")) assertEquals(0.0, dropped, l);
-            assertTrue(l.contains("\"all_to_all\":\"flat\""), l);
+            assertTrue(l.contains("\"all_to_all\":\"peer windows where offered, else flat\""), l);
             assertTrue(l.contains("\"grad_dtype\":\"bf16\""), "bf16 gradients by default, as the PyTorch peer: " + l);
         }
     }

@@ -71,6 +71,11 @@ class MoELayerExpertParallelTest {
     }
 
     private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias) {
+        check(dropless, k, skewed, overlap, layout, bias, false);
+    }
+
+    /** peer: the layer may move its rows through the in-process communicator's peer windows (and does unless it pipelines). */
+    private static void check(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias, boolean peer) {
         // reference: one layer, each rank's batch in turn; expert gradients accumulate over all batches
         ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
         MoE ref = builder(dropless, k).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
@@ -86,21 +91,28 @@ class MoELayerExpertParallelTest {
             dxs.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
         }
         rc.params().finishGrads();
-        List<Result> got = runRanks(dropless, k, skewed, overlap, layout, bias);
+        List<Result> got = runRanks(dropless, k, skewed, overlap, layout, bias, peer);
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
         for (int r = 0; r < W; r++) {
             String what = (dropless ? "dropless " + layout : "capacity") + " k=" + k + (skewed ? " skewed" : "") + (overlap ? " overlapped" : "")
-                    + (bias ? "" : " no bias") + " rank " + r;
+                    + (bias ? "" : " no bias") + (peer ? " peer" : "") + " rank " + r;
             List<String> calls = got.get(r).calls();
             long rowExchanges = calls.stream().filter("exchangeRows"::equals).count();
             long allToAlls = calls.stream().filter(c -> c.startsWith("allToAll")).count();
-            if (overlap) {
+            long windows = calls.stream().filter("openWindow"::equals).count();
+            // the windows take unpadded input: a padded dropless layer keeps the collectives (the CPU's AUTO does not pad)
+            if (peer && !overlap && !(dropless && layout == MoE.DroplessLayout.PADDED)) {
+                // X, DY, Y, DX opened once; no collective moves rows (dropless: one count all-gather)
+                assertEquals(4, windows, what + ": " + calls);
+                assertEquals(0, rowExchanges + allToAlls, what + ": " + calls);
+            } else if (overlap) {
                 // two stages (one expert each): a block exchange per stage and direction, forward and backward
                 assertEquals(8, rowExchanges, what + ": " + calls);
                 assertEquals(0, allToAlls, what + ": " + calls);
             } else {
                 assertEquals(0, rowExchanges, what + ": no block exchange: " + calls);
                 assertEquals(4, allToAlls, what + ": " + calls);
+                assertEquals(0, windows, what + ": " + calls);
             }
             assertClose(outs.get(r), got.get(r).out(), 1e-12, what + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, what + ": dx");
@@ -161,6 +173,23 @@ class MoELayerExpertParallelTest {
         check(true, 1, false, true, MoE.DroplessLayout.PADDED, false);
     }
 
+    /**
+     * Rows stored straight into the peers' windows (every rank computes where each row lands from the shared routing):
+     * the same layer, with skewed routing (ranks that receive nothing), both modes and no biases; a padded dropless
+     * layer and a pipelined one keep their collectives.
+     */
+    @Test
+    void peerWindowLayersEqualTheSingleRankLayer() {
+        for (boolean dropless : new boolean[] {false, true}) {
+            for (int k = 1; k <= 2; k++) {
+                check(dropless, k, false, false, MoE.DroplessLayout.AUTO, true, true);
+                check(dropless, k, true, false, MoE.DroplessLayout.AUTO, true, true);
+            }
+        }
+        check(true, 2, true, false, MoE.DroplessLayout.PADDED, false, true);
+        check(false, 2, false, true, MoE.DroplessLayout.AUTO, true, true);
+    }
+
     @Test
     void anExpertParallelLayerNeedsAMatchingGroup() {
         InProcessWorld.run(2, comm -> {
@@ -178,16 +207,16 @@ class MoELayerExpertParallelTest {
         });
     }
 
-    private static List<Result> runRanks(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias) {
+    private static List<Result> runRanks(boolean dropless, int k, boolean skewed, boolean overlap, MoE.DroplessLayout layout, boolean bias, boolean peer) {
         return InProcessWorld.run(W, comm -> {
             try (ProcessGroups groups = new ProcessGroups(comm)) {
                 ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
                 // a communicator that runs each asynchronous exchange only when it is awaited (the latest a GPU side
                 // stream could finish), so a missing or early await shows as a wrong result
                 List<String> calls = new ArrayList<>();
-                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls);
+                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
                 MoE moe = builder(dropless, k).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optOverlapAllToAll(overlap)
-                        .optDroplessLayout(layout).setContext(ctx).build();
+                        .optDroplessLayout(layout).optPeerExchange(peer).setContext(ctx).build();
                 ctx.allocateParameters();
                 if (skewed) skewGate(ctx, moe);
                 // stale gradients as after a step: a write the layer misses after zeroGrad shows as a wrong value

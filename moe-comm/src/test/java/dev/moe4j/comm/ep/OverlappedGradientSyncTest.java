@@ -37,8 +37,15 @@ class OverlappedGradientSyncTest {
      */
     static final class Deferring extends ForwardingCommunicator {
         final List<String> log;
+        final boolean windows;   // offer inner's peer windows (else none: the expert layers move rows by the collectives)
 
-        Deferring(Communicator inner, List<String> log) { super(inner); this.log = log; }
+        Deferring(Communicator inner, List<String> log) { this(inner, log, false); }
+
+        Deferring(Communicator inner, List<String> log, boolean windows) {
+            super(inner);
+            this.log = log;
+            this.windows = windows;
+        }
 
         @Override public String describe() { return "deferring " + inner.describe(); }
         @Override public void allToAll(Tensor send, Tensor recv) { log.add("allToAll"); inner.allToAll(send, recv); }
@@ -59,7 +66,14 @@ class OverlappedGradientSyncTest {
                 inner.exchangeRows(send, sb, recv, rb);
             };
         }
-        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log); }
+        @Override public Communicator split(int color, int key) { return new Deferring(inner.split(color, key), log, windows); }
+
+        @Override
+        public dev.moe4j.core.comm.PeerWindow openWindow(long bytes) {
+            if (!windows) return null;
+            log.add("openWindow");
+            return inner.openWindow(bytes);
+        }
         @Override public void close() { inner.close(); }
 
         @Override

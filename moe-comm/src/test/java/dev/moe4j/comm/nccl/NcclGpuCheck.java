@@ -27,6 +27,7 @@ import static dev.moe4j.comm.RankData.*;
  *   NcclGpuCheck collectives   all collectives, hierarchical all-to-all (node sizes 1 and world), process groups
  *   NcclGpuCheck hang          rank 1 stalls past the timeout: rank 0 must fail naming it, within the timeout
  *   NcclGpuCheck die           rank 1 halts: rank 0 must fail naming it, within the timeout
+ *   NcclGpuCheck window-hang   rank 1 stalls before a peer-window exchange: rank 0 must fail naming the window's call
  * </pre>
  * Exit code 0 when every check passed on this rank.
  */
@@ -74,6 +75,7 @@ public final class NcclGpuCheck {
                 case "collectives" -> c.collectives();
                 case "hang" -> c.hang(timeout);
                 case "die" -> c.die(timeout);
+                case "window-hang" -> c.windowHang(timeout);
                 default -> throw new IllegalArgumentException("mode must be collectives, hang or die, got " + mode);
             }
             for (String f : c.failures) log(comm, "FAIL " + f);
@@ -154,6 +156,7 @@ public final class NcclGpuCheck {
                 exact("allToAll BF16", allToAllReference(DType.BF16, 40, counts, cols, r), read(recv));
             }
         }
+        peerWindows();
         {
             int k = 3;
             int[] send = new int[p * k];
@@ -265,6 +268,80 @@ public final class NcclGpuCheck {
                 check("hang detected within the timeout", ms < timeout.toMillis() + 5_000, "took " + ms + " ms");
                 check("hang names rank 1 and the collective", Arrays.equals(e.missingRanks(), new int[] {1}) && e.getMessage().contains("allReduce #2"),
                         e.getMessage());
+            }
+        }
+    }
+
+    /**
+     * Peer windows (CUDA IPC, one host): every rank stores rows of distinct values into every rank's window (its own
+     * included) through the backend's scatter, three exchanges over the same windows, two dtypes and row widths; each
+     * window then holds exactly the rows stored into it in that exchange.
+     */
+    void peerWindows() {
+        for (DType dt : new DType[] {DType.BF16, DType.F32}) {
+            int cols = dt == DType.BF16 ? 1024 : 36, n = 3;   // 2 KiB rows; 144-byte rows
+            try (var w = comm.openWindow((long) p * n * cols * dt.bytes())) {
+                if (w == null) {
+                    check("peer windows open on one host", false, "openWindow returned null");
+                    return;
+                }
+                for (int t = 1; t <= 3; t++) {
+                    double[] rows = new double[p * n * cols];
+                    int[] dest = new int[2 * p * n];
+                    for (int q = 0; q < p; q++) {
+                        for (int i = 0; i < n; i++) {
+                            int m = q * n + i;
+                            for (int c = 0; c < cols; c++) rows[m * cols + c] = dt.round(((t * 7 + r * 3 + q) * 31 + i * 5 + c) % 251 - 125);
+                            dest[2 * m] = q;
+                            dest[2 * m + 1] = r * n + (n - 1 - i);   // reversed within this rank's block
+                        }
+                    }
+                    Tensor[] dsts = new Tensor[p];
+                    for (int q = 0; q < p; q++) dsts[q] = w.tensor(q, dt, p * n, cols);
+                    w.open();
+                    try (Tensor src = tensor(b, dt, rows, p * n, cols); Tensor d = b.fromInts(dest, p * n, 2)) {
+                        b.scatterRowsTo(src, d, dsts);
+                        w.publish();
+                        w.await();
+                    }
+                    double[] want = new double[p * n * cols];
+                    for (int s = 0; s < p; s++) {
+                        for (int i = 0; i < n; i++) {
+                            for (int c = 0; c < cols; c++) want[(s * n + (n - 1 - i)) * cols + c] = dt.round(((t * 7 + s * 3 + r) * 31 + i * 5 + c) % 251 - 125);
+                        }
+                    }
+                    exact("peer window " + dt + " exchange " + t, want, read(dsts[r]));
+                }
+            }
+        }
+    }
+
+    /** Rank 1 stalls before the second exchange of a peer window: rank 0's wait must fail by the watchdog, naming it. */
+    void windowHang(Duration timeout) throws Exception {
+        try (var w = comm.openWindow(1024)) {
+            check("peer windows open on one host", w != null, "openWindow returned null");
+            if (w == null) return;
+            w.open();
+            w.publish();
+            w.await();
+            comm.barrier();
+            if (r == 1) {
+                Thread.sleep(timeout.toMillis() * 2);
+                return;
+            }
+            long t0 = System.nanoTime();
+            try {
+                w.open();
+                w.publish();
+                w.await();
+                b.synchronize();   // stuck on the stream until the watchdog releases the wait
+                comm.barrier();
+                check("window hang detected", false, "the exchange completed without rank 1");
+            } catch (CommunicationException e) {
+                long ms = (System.nanoTime() - t0) / 1_000_000;
+                log(comm, "got: " + e.getMessage());
+                check("window hang detected within the timeout", ms < timeout.toMillis() + 5_000, "took " + ms + " ms");
+                check("window hang names the window's call", e.getMessage().contains("peer window"), e.getMessage());
             }
         }
     }

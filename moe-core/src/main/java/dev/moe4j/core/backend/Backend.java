@@ -308,6 +308,35 @@ public interface Backend extends AutoCloseable {
     void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst);
 
     /**
+     * Row m of src to row dest[m, 1] of dsts[dest[m, 0]], skipped where dest[m, 0] &lt; 0: src [N, C], dest I32 [N, 2],
+     * each of dsts [*, C] of src's dtype, a bit-exact move. The expert-parallel exchange stores its rows with it straight
+     * into the ranks' {@link dev.moe4j.core.comm.PeerWindow}s. This default reads dest to the host and scatters
+     * destination by destination.
+     */
+    default void scatterRowsTo(Tensor src, Tensor dest, Tensor[] dsts) {
+        Checks.scatterRowsTo(src, dest, dsts);
+        int n = src.rows();
+        int[] d = toInts(dest);
+        for (int q = 0; q < dsts.length; q++) {
+            int count = 0;
+            for (int m = 0; m < n; m++) if (d[2 * m] == q) count++;
+            if (count == 0) continue;
+            int[] rows = new int[count], to = new int[count];
+            for (int m = 0, i = 0; m < n; m++) if (d[2 * m] == q) { rows[i] = m; to[i++] = d[2 * m + 1]; }
+            try (Tensor ri = fromInts(rows, count); Tensor ti = fromInts(to, count, 1); Tensor moved = empty(src.dtype(), count, src.cols())) {
+                gatherRows(src, ri, moved);
+                moePermute(moved, ti, dsts[q]);
+            }
+        }
+    }
+
+    /**
+     * Device memory that this backend did not allocate (a peer's window mapped into this process) as a storage of its
+     * tensors, which frees nothing on release; null for a backend without device memory. This default has none.
+     */
+    default dev.moe4j.core.tensor.Storage wrapDeviceMemory(long address, long bytes) { return null; }
+
+    /**
      * out[g] += the sum of rows offsets[g] .. offsets[g+1] of x, for each group g: x [R, C], offsets I32 [G+1] (the
      * grouped GEMMs' offsets: non-decreasing, offsets[G] &lt;= R; rows past it are not read), out [G, C]. Accumulates.
      * The bias gradient of grouped experts. This default reads the offsets to the host and sums each group with

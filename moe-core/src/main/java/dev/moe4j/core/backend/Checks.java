@@ -43,6 +43,22 @@ public final class Checks {
         if (t.isClosed()) throw new IllegalStateException(op + ": " + name + " was closed");
     }
 
+    /** {@link Backend#scatterRowsTo}'s arguments: dest I32 [src.rows, 2], every destination of src's dtype and width. */
+    public static void scatterRowsTo(Tensor src, Tensor dest, Tensor[] dsts) {
+        String op = "scatterRowsTo";
+        open(op, "src", src);
+        dtype(op, "dest", dest, DType.I32);
+        matrix(op, "dest", dest, src.rows(), 2);
+        if (dsts == null || dsts.length == 0) throw new IllegalArgumentException(op + ": no destinations");
+        for (int q = 0; q < dsts.length; q++) {
+            String name = "dsts[" + q + "]";
+            if (dsts[q] == null) throw new IllegalArgumentException(op + ": " + name + " is null");
+            open(op, name, dsts[q]);
+            cols(op, name, dsts[q], src.cols());
+            if (dsts[q].dtype() != src.dtype()) throw new IllegalArgumentException(op + ": " + name + " is " + dsts[q].dtype() + ", src is " + src.dtype());
+        }
+    }
+
     public static void positive(String op, String name, long v) {
         if (v <= 0) throw new IllegalArgumentException(op + ": " + name + " must be > 0, got " + v);
     }

@@ -127,6 +127,14 @@ public interface Communicator extends AutoCloseable {
         return CommWork.DONE;
     }
 
+    /**
+     * A {@link PeerWindow} of {@code bytes} on every rank of this group (collective: every rank calls it with the same
+     * size), or null where the ranks cannot store into each other's memory (ranks on several hosts, GPUs without peer
+     * access, a backend whose memory cannot be shared): the caller then moves its rows by the collectives. This default
+     * has none.
+     */
+    default PeerWindow openWindow(long bytes) { return null; }
+
     /** recv (size * send.numel() elements) = the send tensors of ranks 0..size-1, concatenated in rank order. */
     void allGather(Tensor send, Tensor recv);
 

@@ -72,6 +72,20 @@ public final class TimedCommunicator implements Communicator {
     }
 
 
+    /** The inner communicator's windows, their handshakes timed as the collectives are. */
+    @Override public PeerWindow openWindow(long bytes) {
+        PeerWindow w = timed(() -> inner.openWindow(bytes));
+        if (w == null) return null;
+        return new PeerWindow() {
+            @Override public long bytes() { return w.bytes(); }
+            @Override public Tensor tensor(int q, dev.moe4j.core.tensor.DType dtype, int rows, int cols) { return w.tensor(q, dtype, rows, cols); }
+            @Override public void open() { timed(w::open); }
+            @Override public void publish() { timed(w::publish); }
+            @Override public void await() { timed(w::await); }
+            @Override public void close() { w.close(); }
+        };
+    }
+
     @Override public void allGather(Tensor send, Tensor recv) { timed(() -> inner.allGather(send, recv)); }
 
     @Override public void reduceScatter(Tensor send, Tensor recv, ReduceOp op) { timed(() -> inner.reduceScatter(send, recv, op)); }

@@ -679,6 +679,26 @@ public final class CpuBackend implements Backend {
     }
 
     @Override
+    public void scatterRowsTo(Tensor src, Tensor dest, Tensor[] dsts) {
+        Checks.scatterRowsTo(src, dest, dsts);
+        int c = src.cols(), n = src.rows();
+        double[] S = data(src), D = data(dest);
+        int so = off(src), dof = off(dest);
+        for (int m = 0; m < n; m++) {   // every destination checked before anything is written
+            int q = (int) D[dof + 2 * m], row = (int) D[dof + 2 * m + 1];
+            if (q < 0) continue;
+            if (q >= dsts.length) throw new IllegalArgumentException("scatterRowsTo: dest[" + m + "] names destination " + q + " of " + dsts.length);
+            if (row < 0 || row >= dsts[q].rows()) {
+                throw new IllegalArgumentException("scatterRowsTo: dest[" + m + "] = row " + row + " of dsts[" + q + "], which has " + dsts[q].rows() + " rows");
+            }
+        }
+        for (int m = 0; m < n; m++) {
+            int q = (int) D[dof + 2 * m], row = (int) D[dof + 2 * m + 1];
+            if (q >= 0) System.arraycopy(S, so + m * c, data(dsts[q]), off(dsts[q]) + row * c, c);
+        }
+    }
+
+    @Override
     public void scatterAddRows(Tensor src, Tensor idx, Tensor w, Tensor dst) {
         int c = src.cols(), m = src.rows(), n = dst.rows();
         Checks.dtype("scatterAddRows", "idx", idx, DType.I32);

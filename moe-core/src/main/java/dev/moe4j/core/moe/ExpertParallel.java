@@ -4,6 +4,7 @@ import dev.moe4j.core.backend.Backend;
 import dev.moe4j.core.backend.GateOutputs;
 import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.PeerWindow;
 import dev.moe4j.core.comm.RowBlocks;
 import dev.moe4j.core.tensor.DType;
 import dev.moe4j.core.tensor.Tensor;
@@ -34,6 +35,14 @@ import java.util.List;
  * ({@link Communicator#exchangeRowsAsync}, one block per rank) on the communicator's side stream, so that group
  * g + 1's rows arrive while group g's experts run, and group g's outputs travel back while group g + 1's run. Each
  * group's GEMMs stay whole grouped GEMMs over its experts.
+ *
+ * <p>Where the communicator offers {@link PeerWindow}s (the ranks of one node with peer access, or in-process ranks)
+ * and the layer does not pipeline, the rows move without all-to-all or layout transform: every rank knows the whole
+ * routing (capacity: from C; dropless: from the all-gathered counts), so it stores each row of buf straight at its
+ * place in the owner's expert-ordered input (window X; the same for dy into window DY), and the owner stores each
+ * expert output row at its place in the source's buf layout (window Y; dxin into DX). The windows belong to the layer
+ * ({@link Windows}): X keeps the experts' input and Y the layer's y until the backward, as the exchange's own buffers.
+ * The owner's input is not padded on this path, so a dropless layer whose layout may pad keeps the collectives.
  */
 final class ExpertParallel {
     private ExpertParallel() {}
@@ -57,6 +66,9 @@ final class ExpertParallel {
         int[][] n;                       // rows from source p for local expert j, until indices() has used them
         MoE.DroplessLayout layout;
         DType dtype;
+        Windows windows;                 // peer path: the layer's windows, else null
+        int[] dispatchTo, combineTo;     // peer path, until indices() uploads them: (rank, row) per buf row / per local row
+        Tensor dispatchDest, combineDest; // views of the upload: I32 [R, 2] and [Rq, 2]
 
         Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts, int capacity) {
             this.sendRows = sendRows;
@@ -85,6 +97,71 @@ final class ExpertParallel {
             releaseActivations();
             if (packed != null) packed.close();   // the stages' index tensors are views of it
             packed = null;
+        }
+    }
+
+    /**
+     * The peer windows of one MoE layer on this rank: X (the experts' input, kept for their backward) and DY (their
+     * output gradients) take rows in this rank's experts' order; Y (the layer's y, kept for the combine's backward) and
+     * DX (the dispatch gradient) take rows in buf's layout. Opened on the first forward that can use them and reopened
+     * larger when a routing needs more rows (every rank at the same forward: the sizes come from the shared routing).
+     */
+    static final class Windows implements AutoCloseable {
+        PeerWindow x, dy, y, dx;
+        private boolean unavailable;   // the communicator offers none: the collectives from then on
+
+        /**
+         * Whether windows of at least xRows / yRows rows of M dtype elements are open (collective: every rank with the
+         * same sizes); false where the communicator has none.
+         */
+        boolean ensure(Communicator ep, long xRows, long yRows, int M, DType dtype) {
+            if (unavailable) return false;
+            long row = (long) M * dtype.bytes();
+            if (x == null || x.bytes() < xRows * row) {
+                long bytes = Math.max(xRows, 1) * row;
+                if (x != null) bytes = Math.max(bytes, x.bytes() + x.bytes() / 4);   // dropless: grow with headroom
+                closeX();
+                x = ep.openWindow(bytes);
+                if (x == null) {
+                    unavailable = true;
+                    return false;
+                }
+                dy = ep.openWindow(bytes);
+            }
+            if (y == null || y.bytes() < yRows * row) {
+                long bytes = Math.max(yRows, 1) * row;
+                if (y != null) bytes = Math.max(bytes, y.bytes() + y.bytes() / 4);
+                closeY();
+                y = ep.openWindow(bytes);
+                dx = ep.openWindow(bytes);
+            }
+            return true;
+        }
+
+        /** Every rank's window w as [rows, M] tensors of dtype, in rank order (the destinations of scatterRowsTo). */
+        static Tensor[] all(PeerWindow w, int P, DType dtype, int M) {
+            int rows = Math.toIntExact(w.bytes() / ((long) M * dtype.bytes()));
+            Tensor[] t = new Tensor[P];
+            for (int q = 0; q < P; q++) t[q] = w.tensor(q, dtype, rows, M);
+            return t;
+        }
+
+        private void closeX() {
+            if (x != null) x.close();
+            if (dy != null) dy.close();
+            x = dy = null;
+        }
+
+        private void closeY() {
+            if (y != null) y.close();
+            if (dx != null) dx.close();
+            y = dx = null;
+        }
+
+        @Override
+        public void close() {
+            closeX();
+            closeY();
         }
     }
 
@@ -123,15 +200,18 @@ final class ExpertParallel {
      * ({@link #forward}). A dropless routing may pad the local experts' segments (of the whole rank, or of each
      * stage) to the largest one ({@link MoE.DroplessLayout}: PADDED always, AUTO where the backend prefers equal
      * groups for the model's dtype and the padding at most doubles the rows), so that they run as equal groups.
+     * windows (may be null: the collectives): the layer's peer windows, used where the communicator offers them and the
+     * layer does not pipeline; hidden: the rows' width.
      */
     static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap,
-                       MoE.DroplessLayout layout, DType dtype) {
+                       MoE.DroplessLayout layout, DType dtype, Windows windows, int hidden) {
         int P = ep.size(), me = ep.rank(), El = numExperts / P;
         Backend b = ep.backend();
         int[][] n = new int[P][El];   // n[p][j]: rows source rank p sends to my local expert j
         int[] sendRows = new int[P], recvRows = new int[P];
         boolean equal = capacity > 0;
         int[] mine = new int[numExperts];   // rows of my buf per global expert
+        int[] all = null;                   // dropless: all[p*E + e], rank p's rows for expert e
         if (equal) {
             for (int p = 0; p < P; p++) {
                 java.util.Arrays.fill(n[p], capacity);
@@ -141,7 +221,6 @@ final class ExpertParallel {
             java.util.Arrays.fill(mine, capacity);
         } else {
             // all[p*E + e]: rank p's count for expert e (all kept: dropless), one host read for the layer
-            int[] all;
             try (Tensor gathered = b.empty(DType.I32, P * numExperts)) {
                 ep.allGather(g.counts(), gathered);
                 all = gathered.toInts();
@@ -166,6 +245,27 @@ final class ExpertParallel {
         r.layout = layout;
         r.dtype = dtype;
         r.pipelined = overlap && P > 1;
+        // the windows take the owner's input unpadded: a dropless layer that may pad keeps the collectives (on CUDA its
+        // equal groups measured faster than the windows' exchange with variable groups)
+        if (windows != null && !r.pipelined && (equal || !MoE.padsDropless(layout, b, dtype, 0, 1))) {
+            int[] cnt = all;
+            if (cnt == null) {
+                cnt = new int[P * numExperts];
+                java.util.Arrays.fill(cnt, capacity);
+            }
+            long mostX = 0, mostY = 0;   // the largest rank's expert input and buf
+            for (int q = 0; q < P; q++) {
+                long xq = 0, yq = 0;
+                for (int p = 0; p < P; p++) for (int j = 0; j < El; j++) xq += cnt[p * numExperts + q * El + j];
+                for (int e = 0; e < numExperts; e++) yq += cnt[q * numExperts + e];
+                mostX = Math.max(mostX, xq);
+                mostY = Math.max(mostY, yq);
+            }
+            if (windows.ensure(ep, mostX, mostY, hidden, dtype)) {
+                r.windows = windows;
+                peerDestinations(r, P, me, El, cnt);
+            }
+        }
         if (!r.pipelined) {
             r.stages = new Stage[] {new Stage(0, El)};
             r.stages[0].rows = rq;
@@ -194,6 +294,55 @@ final class ExpertParallel {
     }
 
     /**
+     * The peer path's destinations from the whole group's routing cnt[p*E + e] (rows of rank p's buf for expert e):
+     * each row of this rank's buf goes to (owner q, row of q's expert-ordered input), whose order is (local expert j,
+     * source p, row i) as {@link #layout}'s unpadded one; each row of this rank's input goes back to (source p, row of
+     * p's buf), which is sorted by expert.
+     */
+    private static void peerDestinations(Route r, int P, int me, int El, int[] cnt) {
+        int E = P * El;
+        int[][] bufStart = new int[P][E];   // where rank p's rows for expert e start in p's buf
+        int myRows = 0;
+        for (int p = 0; p < P; p++) {
+            for (int e = 0, at = 0; e < E; e++) {
+                bufStart[p][e] = at;
+                at += cnt[p * E + e];
+                if (p == me) myRows = at;
+            }
+        }
+        int[] dispatch = new int[2 * myRows];
+        for (int q = 0; q < P; q++) {
+            int at = 0;   // in q's input
+            for (int j = 0; j < El; j++) {
+                int e = q * El + j;
+                for (int p = 0; p < P; p++) {
+                    if (p == me) {
+                        for (int i = 0; i < cnt[me * E + e]; i++) {
+                            int row = bufStart[me][e] + i;
+                            dispatch[2 * row] = q;
+                            dispatch[2 * row + 1] = at + i;
+                        }
+                    }
+                    at += cnt[p * E + e];
+                }
+            }
+        }
+        int[] combine = new int[2 * r.localRows];
+        int at = 0;
+        for (int j = 0; j < El; j++) {
+            int e = me * El + j;
+            for (int p = 0; p < P; p++) {
+                for (int i = 0; i < cnt[p * E + e]; i++, at++) {
+                    combine[2 * at] = p;
+                    combine[2 * at + 1] = bufStart[p][e] + i;
+                }
+            }
+        }
+        r.dispatchTo = dispatch;
+        r.combineTo = combine;
+    }
+
+    /**
      * The layout transforms' index tensors of route r, built and uploaded on first use: after the dispatch exchange
      * is queued (it needs only the splits), so that the host builds them while the rows travel.
      */
@@ -205,6 +354,12 @@ final class ExpertParallel {
         for (Stage st : r.stages) {
             st.part = parts.size();
             parts.addAll(layout(r, st, n, b));
+        }
+        int peerPart = parts.size();
+        if (r.windows != null) {
+            parts.add(r.dispatchTo);
+            parts.add(r.combineTo);
+            r.dispatchTo = r.combineTo = null;
         }
         if (parts.isEmpty()) return;
         // one host-to-device copy for all index tensors
@@ -226,6 +381,10 @@ final class ExpertParallel {
             st.toSource = r.packed.view(at[i + 1], st.rows);
             st.rowExpert = r.packed.view(at[i + 2], st.expertRows);
             st.offsets = r.packed.view(at[i + 3], st.count + 1);
+        }
+        if (r.windows != null) {
+            r.dispatchDest = r.packed.view(at[peerPart], parts.get(peerPart).length / 2, 2);
+            r.combineDest = r.packed.view(at[peerPart + 1], r.localRows, 2);
         }
     }
 
@@ -274,6 +433,7 @@ final class ExpertParallel {
 
     /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */
     static Tensor forward(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+        if (r.windows != null) return forwardPeer(ep, r, bank, buf);
         if (r.pipelined) return forwardPipelined(ep, r, bank, buf);
         Backend b = ep.backend();
         int M = buf.cols();
@@ -299,6 +459,62 @@ final class ExpertParallel {
             exchange(ep, r, ysrc, y, true);
             return y;
         }
+    }
+
+    /**
+     * The forward through the peer windows: buf's rows stored into the owners' X, the experts on X, their outputs stored
+     * into the sources' Y, which is returned (a view of the window, valid until the layer's next forward).
+     */
+    private static Tensor forwardPeer(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+        Backend b = ep.backend();
+        Windows w = r.windows;
+        int M = buf.cols(), P = ep.size(), me = ep.rank();
+        DType dt = buf.dtype();
+        Stage st = r.stages[0];
+        r.releaseActivations();
+        indices(b, r);
+        w.x.open();
+        b.scatterRowsTo(buf, r.dispatchDest, Windows.all(w.x, P, dt, M));
+        w.x.publish();
+        w.x.await();
+        w.y.open();
+        if (r.localRows > 0) {
+            st.xin = w.x.tensor(me, dt, r.localRows, M);   // a view: the window keeps it until the next forward
+            try (Tensor yl = expertsForward(bank, st)) {
+                b.scatterRowsTo(yl, r.combineDest, Windows.all(w.y, P, dt, M));
+            }
+        }
+        w.y.publish();
+        w.y.await();
+        return w.y.tensor(me, dt, buf.rows(), M);
+    }
+
+    /**
+     * The backward through the peer windows: dy stored into the owners' DY (the gate's backward runs while the peers'
+     * rows arrive), the experts' data backward, dxin stored into the sources' DX while the weight gradients run; returns
+     * DX (a view of the window, valid until the layer's next backward).
+     */
+    private static Tensor backwardPeer(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
+        Backend b = ep.backend();
+        Windows w = r.windows;
+        int M = dy.cols(), P = ep.size(), me = ep.rank();
+        DType dt = dy.dtype();
+        Stage st = r.stages[0];
+        w.dy.open();
+        b.scatterRowsTo(dy, r.dispatchDest, Windows.all(w.dy, P, dt, M));
+        w.dy.publish();
+        if (beside != null) beside.run();
+        w.dy.await();
+        w.dx.open();
+        if (r.localRows > 0) {
+            try (Tensor dxin = bank.backwardData(st.pass, w.dy.tensor(me, dt, r.localRows, M))) {
+                b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx, P, dt, M));
+            }
+        }
+        w.dx.publish();
+        if (r.localRows > 0) bank.backwardWeights(st.pass);   // beside the peers' stores
+        w.dx.await();
+        return w.dx.tensor(me, dt, dy.rows(), M);
     }
 
     /**
@@ -394,6 +610,7 @@ final class ExpertParallel {
      * reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
     static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
+        if (r.windows != null) return backwardPeer(ep, r, bank, dy, beside);
         if (r.pipelined) return backwardPipelined(ep, r, bank, dy, beside);
         Stage st = r.stages[0];
         Backend b = ep.backend();

@@ -63,6 +63,7 @@ public final class MoE implements AutoCloseable {
     private final ExpertBank shared;     // always-on shared experts as one dense FFN, or null
     private final Communicator ep;       // the expert-parallel group (epSize > 1), or null
     private ExpertParallel.Route route;  // the last forward's expert-parallel routing (epSize > 1)
+    private ExpertParallel.Windows windows;   // the peer windows of this layer (epSize > 1 and peerExchange), or null
 
     // saved by forward
     private final SavedTensors saved = new SavedTensors();
@@ -76,6 +77,7 @@ public final class MoE implements AutoCloseable {
         this.b = ctx.backend();
         this.cfg = c;
         this.ep = c.epSize > 1 ? ep : null;
+        this.windows = this.ep != null && c.peerExchange ? new ExpertParallel.Windows() : null;
         String n = c.name;
         this.gate = new Gate(ctx, n + ".gate", c.hiddenSize, c.numExperts, c.noisyGatePolicy, c.initStd);
         int local = c.numExperts / c.epSize, first = this.ep == null ? 0 : this.ep.rank() * local;
@@ -185,7 +187,8 @@ public final class MoE implements AutoCloseable {
             // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
             if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
                 if (route != null) route.close();
-                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll, cfg.droplessLayout, ctx.dtype());
+                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll, cfg.droplessLayout, ctx.dtype(),
+                        windows, M);
             }
             y = saved.keep(ExpertParallel.forward(ep, route, experts, buf));
         }
@@ -398,6 +401,7 @@ public final class MoE implements AutoCloseable {
         release();
         if (route != null) route.close();
         route = null;
+        if (windows != null) windows.close();
         gate.close();
         experts.close();
         if (mlp != null) mlp.close();
@@ -420,7 +424,7 @@ public final class MoE implements AutoCloseable {
                          boolean useResidual, NoisyGatePolicy noisyGatePolicy, boolean dropTokens, boolean useRts,
                          boolean top2SecondExpertSampling, double zLossCoeff, boolean droplessMode,
                          int sharedExperts, int sharedFfnSize, boolean expertBias, double initStd, double outputInitStd,
-                         boolean overlapAllToAll, DroplessLayout droplessLayout) {
+                         boolean overlapAllToAll, DroplessLayout droplessLayout, boolean peerExchange) {
         /** True when the layer routes without capacity (dropless mode, or dropTokens = false). */
         public boolean dropless() { return droplessMode || !dropTokens; }
     }
@@ -443,6 +447,7 @@ public final class MoE implements AutoCloseable {
         private int sharedExperts = 0, sharedFfnSize = -1;
         private boolean expertBias = true;
         private boolean overlapAllToAll;
+        private boolean peerExchange = !"false".equals(System.getProperty("moe4j.ep.peerExchange"));
         private DroplessLayout droplessLayout = DroplessLayout.AUTO;
         private double initStd = 0.02, outputInitStd = Double.NaN;
         private String name = "moe";
@@ -529,6 +534,15 @@ public final class MoE implements AutoCloseable {
          */
         public Builder optOverlapAllToAll(boolean overlap) { this.overlapAllToAll = overlap; return this; }
 
+        /**
+         * Expert parallelism: where the group's communicator offers {@link dev.moe4j.core.comm.PeerWindow}s (ranks of
+         * one node with peer access; in-process ranks) and the layer does not pipeline, its rows are stored straight
+         * into the owners' and the sources' windows instead of traveling by all-to-all (default true; also
+         * {@code -Dmoe4j.ep.peerExchange=false}). That path does not pad: a dropless layer whose layout may pad (PADDED,
+         * or AUTO on a backend that prefers equal groups, such as CUDA in bf16) keeps the collectives.
+         */
+        public Builder optPeerExchange(boolean peer) { this.peerExchange = peer; return this; }
+
         /** Std of the normal init of the gate, fc1 and the residual coefficient (default 0.02). */
         public Builder optInitStd(double std) { this.initStd = std; return this; }
 
@@ -560,7 +574,7 @@ public final class MoE implements AutoCloseable {
             if (name == null || name.isEmpty()) throw new IllegalArgumentException("name must be a non-empty string");
             return new Config(name, hiddenSize, ffnSize, activation, numExperts, epSize, k, capacityFactor, evalCapacityFactor,
                     minCapacity, useResidual, policy, dropTokens, useRts, top2SecondExpertSampling, zLossCoeff, dropless,
-                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd, overlapAllToAll, droplessLayout);
+                    sharedExperts, Math.max(sharedFfnSize, 0), expertBias, initStd, outStd, overlapAllToAll, droplessLayout, peerExchange);
         }
 
         /** Validates and builds the layer, declaring its parameters in the context. */

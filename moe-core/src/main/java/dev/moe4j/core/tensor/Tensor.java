@@ -39,6 +39,18 @@ public final class Tensor implements AutoCloseable {
         return t;
     }
 
+    /**
+     * For backends and communicators: a tensor over {@code storage} that does not own it (closing it frees nothing), for
+     * memory whose owner is elsewhere, such as a peer's window ({@link dev.moe4j.core.comm.PeerWindow}).
+     */
+    public static Tensor borrowing(Backend backend, Storage storage, DType dtype, Shape shape) {
+        long need = shape.numel() * dtype.bytes();
+        if (need > storage.byteSize()) {
+            throw new IllegalArgumentException("storage of " + storage.byteSize() + " bytes cannot hold " + dtype + shape);
+        }
+        return new Tensor(backend, storage, 0, dtype, shape, false);
+    }
+
     public Backend backend() { return backend; }
 
     public Storage storage() { return storage; }

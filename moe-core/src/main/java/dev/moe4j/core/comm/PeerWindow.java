@@ -1,0 +1,49 @@
+package dev.moe4j.core.comm;
+
+import dev.moe4j.core.tensor.DType;
+import dev.moe4j.core.tensor.Tensor;
+
+/**
+ * A receive buffer on every rank of a group that every rank of it can store into directly (CUDA: device memory shared
+ * by IPC and written over NVLink by our own kernels), from {@link Communicator#openWindow}. It replaces an all-to-all
+ * where the sender can compute where each row lands on its receiver: the sender's kernel stores the rows straight into
+ * the receivers' windows, with no send buffer, no collective and no layout transform after it.
+ *
+ * <p>One exchange, called by every rank of the group in the same order (the windows count their exchanges):
+ * <pre>
+ *   w.open();       // this rank is done reading its window's last contents; waits until every peer is done with its own
+ *   ... kernels store rows into w.tensor(q, ...) for any rank q (this rank's own included) ...
+ *   w.publish();    // after those stores, tells every peer that this rank's rows have arrived
+ *   ... other work that needs nothing of the exchange ...
+ *   w.await();      // the backend's later work waits until every peer has published: w.tensor(rank()) holds the rows
+ * </pre>
+ * A window's contents stay valid until this rank's next {@link #open}. Each call is ordered on the backend's stream
+ * (the host does not wait); a peer that dies or hangs fails the exchange within the communicator's timeout, naming it.
+ */
+public interface PeerWindow extends AutoCloseable {
+    /** The bytes of each rank's window. */
+    long bytes();
+
+    /**
+     * Rank q's window as a [rows, cols] tensor of dtype from its first byte (a view: closing it frees nothing). Stores
+     * into another rank's window are valid between {@link #open} and {@link #publish}; reads of this rank's own after
+     * {@link #await}.
+     */
+    Tensor tensor(int q, DType dtype, int rows, int cols);
+
+    /** Starts an exchange (see the class comment). */
+    void open();
+
+    /** This rank's stores of the exchange are done. */
+    void publish();
+
+    /** Every rank's stores into this rank's window are done. */
+    void await();
+
+    /**
+     * Frees this rank's window and unmaps the peers' (after its own queued work: the peers' stores into it ended with
+     * the last {@link #await}, and none start before the next {@link #open}). Not collective. Idempotent.
+     */
+    @Override
+    void close();
+}
