@@ -517,8 +517,8 @@ public final class InProcessCommunicator implements Communicator {
         @Override
         public void open() {
             int t = ++epoch, n = size();
-            signal(n, t - 1);        // my window's last contents are read
-            waitFor(n, t - 1, "peer window open #" + t);   // every peer's too: I may store into theirs
+            signal(n, t);            // my window is ready for exchange t (its last contents read, its own writes done)
+            waitFor(n, t, "peer window open #" + t);   // every peer's too: I may store into theirs
         }
 
         @Override

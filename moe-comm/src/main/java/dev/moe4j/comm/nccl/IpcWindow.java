@@ -20,7 +20,7 @@ import static dev.moe4j.comm.nccl.NcclCommunicator.pointer;
  * memory operations on 32-bit epoch flags at the head of each window (no kernel, no NCCL call): window r's arrive[p]
  * and free[p] are written by rank p. Exchange t on the backend's stream:
  * <pre>
- *   open:    free[me] = t-1 in every peer's window (I have read my window of t-1); wait my free[q] &gt;= t-1 for every q
+ *   open:    free[me] = t in every peer's window (my window is ready for exchange t); wait my free[q] &gt;= t for every q
  *   publish: arrive[me] = t in every peer's window (fenced: after the stores queued before it)
  *   await:   wait my arrive[p] &gt;= t for every p
  * </pre>
@@ -122,11 +122,11 @@ final class IpcWindow implements PeerWindow {
         comm.launchStreamOps("peer window open", () -> {
             for (int d = 1; d < size; d++) {
                 int q = (rank + d) % size;
-                check("cuStreamWriteValue32(free)", cudart.cuStreamWriteValue32(stream, windows[q] + FREE + 4L * rank, t - 1, cudart.CU_STREAM_WRITE_VALUE_DEFAULT));
+                check("cuStreamWriteValue32(free)", cudart.cuStreamWriteValue32(stream, windows[q] + FREE + 4L * rank, t, cudart.CU_STREAM_WRITE_VALUE_DEFAULT));
             }
             for (int d = 1; d < size; d++) {
                 int q = (rank + d) % size;
-                check("cuStreamWaitValue32(free)", cudart.cuStreamWaitValue32(stream, mine + FREE + 4L * q, t - 1, cudart.CU_STREAM_WAIT_VALUE_GEQ));
+                check("cuStreamWaitValue32(free)", cudart.cuStreamWaitValue32(stream, mine + FREE + 4L * q, t, cudart.CU_STREAM_WAIT_VALUE_GEQ));
             }
         });
     }

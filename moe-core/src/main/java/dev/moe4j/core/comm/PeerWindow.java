@@ -11,7 +11,8 @@ import dev.moe4j.core.tensor.Tensor;
  *
  * <p>One exchange, called by every rank of the group in the same order (the windows count their exchanges):
  * <pre>
- *   w.open();       // this rank is done reading its window's last contents; waits until every peer is done with its own
+ *   w.open();       // this rank's window is ready (last contents read, its own writes to it queued before); waits
+ *                   // until every peer's is, the first exchange included
  *   ... kernels store rows into w.tensor(q, ...) for any rank q (this rank's own included) ...
  *   w.publish();    // after those stores, tells every peer that this rank's rows have arrived
  *   ... other work that needs nothing of the exchange ...
