@@ -190,6 +190,67 @@ class MoELayerExpertParallelTest {
         check(false, 2, false, true, MoE.DroplessLayout.AUTO, true, true);
     }
 
+    /**
+     * Two layers of one group in sequence (the second on the first's output, backward in reverse): they share DY and DX
+     * (six windows, not eight) and each rank's output, input gradient and expert gradients equal the single-rank pair's.
+     */
+    @Test
+    void twoLayersOfOneGroupShareTheirGradientWindows() {
+        ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
+        MoE a = builder(false, 2).optName("a").setContext(rc).build(), b = builder(true, 1).optName("b").setContext(rc).build();
+        rc.allocateParameters();
+        rc.params().zeroGrad();
+        List<double[]> outs = new ArrayList<>(), dxs = new ArrayList<>();
+        for (int r = 0; r < W; r++) {
+            Tensor h = a.forward(tokens(rc, r, false)).output();
+            outs.add(b.forward(h).output().toDoubles());
+            dxs.add(a.backward(b.backward(dout(rc, r), 0.3f), 0.3f).toDoubles());
+        }
+        rc.params().finishGrads();
+        List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
+        List<Result> got = InProcessWorld.run(W, comm -> {
+            try (ProcessGroups groups = new ProcessGroups(comm)) {
+                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                List<String> calls = new ArrayList<>();
+                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
+                MoE la = builder(false, 2).optName("a").optEpSize(W).optExpertParallelGroup(group).setContext(ctx).build();
+                MoE lb = builder(true, 1).optName("b").optEpSize(W).optExpertParallelGroup(group).setContext(ctx).build();
+                ctx.allocateParameters();
+                ctx.params().zeroGrad();
+                for (int step = 0; step < 2; step++) {   // the second step reuses every window
+                    ctx.params().zeroGrad();
+                    Tensor h = la.forward(tokens(ctx, comm.rank(), false)).output();
+                    double[] out = lb.forward(h).output().toDoubles();
+                    double[] dx = la.backward(lb.backward(dout(ctx, comm.rank()), 0.3f), 0.3f).toDoubles();
+                    if (step == 0) continue;
+                    ctx.params().finishGrads();
+                    List<double[]> g = new ArrayList<>();
+                    List<Integer> first = new ArrayList<>();
+                    for (Parameter p : ctx.params().all()) {
+                        if (!p.isExpert()) continue;
+                        g.add(p.grad().toDoubles());
+                        first.add(p.expertShard().firstRow());
+                    }
+                    la.close();
+                    lb.close();
+                    return new Result(out, dx, 0, g, first, calls);
+                }
+                throw new IllegalStateException("unreachable");
+            }
+        });
+        for (int r = 0; r < W; r++) {
+            assertEquals(6, got.get(r).calls().stream().filter("openWindow"::equals).count(), "X and Y per layer, DY and DX shared: " + got.get(r).calls());
+            assertEquals(0, got.get(r).calls().stream().filter(c -> c.startsWith("allToAll")).count(), got.get(r).calls().toString());
+            assertClose(outs.get(r), got.get(r).out(), 1e-12, "rank " + r + ": output");
+            assertClose(dxs.get(r), got.get(r).dx(), 1e-12, "rank " + r + ": dx");
+            for (int i = 0; i < refExperts.size(); i++) {
+                double[] all = refExperts.get(i).grad().toDoubles();
+                int n = got.get(r).expertGrads().get(i).length, from = got.get(r).firstRow().get(i) * (all.length / E);
+                assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.get(r).expertGrads().get(i), 1e-12, "rank " + r + ": " + refExperts.get(i).name());
+            }
+        }
+    }
+
     @Test
     void anExpertParallelLayerNeedsAMatchingGroup() {
         InProcessWorld.run(2, comm -> {

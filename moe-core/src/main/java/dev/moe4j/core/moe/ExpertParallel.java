@@ -103,12 +103,28 @@ final class ExpertParallel {
     /**
      * The peer windows of one MoE layer on this rank: X (the experts' input, kept for their backward) and DY (their
      * output gradients) take rows in this rank's experts' order; Y (the layer's y, kept for the combine's backward) and
-     * DX (the dispatch gradient) take rows in buf's layout. Opened on the first forward that can use them and reopened
-     * larger when a routing needs more rows (every rank at the same forward: the sizes come from the shared routing).
+     * DX (the dispatch gradient) take rows in buf's layout. X and Y are the layer's own; DY and DX hold rows only within
+     * one layer's backward, so the layers of one expert-parallel group share them ({@link Shared}). Opened on the first
+     * forward that can use them and reopened larger when a routing needs more rows (every rank at the same forward:
+     * the sizes come from the shared routing).
      */
     static final class Windows implements AutoCloseable {
-        PeerWindow x, dy, y, dx;
+        PeerWindow x, y;
+        private Shared shared;         // DY and DX of this layer's group, null before the first ensure
+        private Communicator group;
         private boolean unavailable;   // the communicator offers none: the collectives from then on
+
+        /** DY and DX of the layers of one group on this rank (keyed by the group's communicator), with their users. */
+        private static final class Shared {
+            PeerWindow dy, dx;
+            int users;
+        }
+
+        private static final java.util.Map<Communicator, Shared> SHARED = new java.util.IdentityHashMap<>();
+
+        PeerWindow dy() { return shared.dy; }
+
+        PeerWindow dx() { return shared.dx; }
 
         /**
          * Whether windows of at least xRows / yRows rows of M dtype elements are open (collective: every rank with the
@@ -118,24 +134,35 @@ final class ExpertParallel {
             if (unavailable) return false;
             long row = (long) M * dtype.bytes();
             if (x == null || x.bytes() < xRows * row) {
-                long bytes = Math.max(xRows, 1) * row;
-                if (x != null) bytes = Math.max(bytes, x.bytes() + x.bytes() / 4);   // dropless: grow with headroom
-                closeX();
-                x = ep.openWindow(bytes);
+                PeerWindow old = x;
+                x = grown(ep, old, xRows * row);
                 if (x == null) {
                     unavailable = true;
                     return false;
                 }
-                dy = ep.openWindow(bytes);
             }
-            if (y == null || y.bytes() < yRows * row) {
-                long bytes = Math.max(yRows, 1) * row;
-                if (y != null) bytes = Math.max(bytes, y.bytes() + y.bytes() / 4);
-                closeY();
-                y = ep.openWindow(bytes);
-                dx = ep.openWindow(bytes);
+            if (y == null || y.bytes() < yRows * row) y = grown(ep, y, yRows * row);
+            if (shared == null) {
+                synchronized (SHARED) {
+                    shared = SHARED.computeIfAbsent(ep, k -> new Shared());
+                    shared.users++;
+                }
+                group = ep;
             }
+            // another layer of the group may have grown them already (all ranks run the layers in the same order)
+            if (shared.dy == null || shared.dy.bytes() < xRows * row) shared.dy = grown(ep, shared.dy, xRows * row);
+            if (shared.dx == null || shared.dx.bytes() < yRows * row) shared.dx = grown(ep, shared.dx, yRows * row);
             return true;
+        }
+
+        /** A window of at least {@code bytes} in place of {@code old} (closed; dropless routings grow with headroom). */
+        private static PeerWindow grown(Communicator ep, PeerWindow old, long bytes) {
+            long b = Math.max(bytes, 1);
+            if (old != null) {
+                b = Math.max(b, old.bytes() + old.bytes() / 4);
+                old.close();
+            }
+            return ep.openWindow(b);
         }
 
         /** Every rank's window w as [rows, M] tensors of dtype, in rank order (the destinations of scatterRowsTo). */
@@ -146,22 +173,20 @@ final class ExpertParallel {
             return t;
         }
 
-        private void closeX() {
-            if (x != null) x.close();
-            if (dy != null) dy.close();
-            x = dy = null;
-        }
-
-        private void closeY() {
-            if (y != null) y.close();
-            if (dx != null) dx.close();
-            y = dx = null;
-        }
-
         @Override
         public void close() {
-            closeX();
-            closeY();
+            if (x != null) x.close();
+            if (y != null) y.close();
+            x = y = null;
+            if (shared == null) return;
+            synchronized (SHARED) {
+                if (--shared.users == 0) {
+                    if (shared.dy != null) shared.dy.close();
+                    if (shared.dx != null) shared.dx.close();
+                    SHARED.remove(group);
+                }
+            }
+            shared = null;
         }
     }
 
@@ -500,21 +525,21 @@ final class ExpertParallel {
         int M = dy.cols(), P = ep.size(), me = ep.rank();
         DType dt = dy.dtype();
         Stage st = r.stages[0];
-        w.dy.open();
-        b.scatterRowsTo(dy, r.dispatchDest, Windows.all(w.dy, P, dt, M));
-        w.dy.publish();
+        w.dy().open();
+        b.scatterRowsTo(dy, r.dispatchDest, Windows.all(w.dy(), P, dt, M));
+        w.dy().publish();
         if (beside != null) beside.run();
-        w.dy.await();
-        w.dx.open();
+        w.dy().await();
+        w.dx().open();
         if (r.localRows > 0) {
-            try (Tensor dxin = bank.backwardData(st.pass, w.dy.tensor(me, dt, r.localRows, M))) {
-                b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx, P, dt, M));
+            try (Tensor dxin = bank.backwardData(st.pass, w.dy().tensor(me, dt, r.localRows, M))) {
+                b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx(), P, dt, M));
             }
         }
-        w.dx.publish();
+        w.dx().publish();
         if (r.localRows > 0) bank.backwardWeights(st.pass);   // beside the peers' stores
-        w.dx.await();
-        return w.dx.tensor(me, dt, dy.rows(), M);
+        w.dx().await();
+        return w.dx().tensor(me, dt, dy.rows(), M);
     }
 
     /**
