@@ -154,27 +154,33 @@ public final class InProcessCommunicator implements Communicator {
             r.arrivedFrom[rank] = true;
             r.arrived++;
             world.lock.notifyAll();
-            long deadline = System.nanoTime() + world.timeoutMs * 1_000_000L;
-            while (r.arrived < n) {
-                checkFailure(label, r);
-                long left = (deadline - System.nanoTime()) / 1_000_000L;
-                if (left <= 0) {
-                    int[] missing = missing(r);
-                    String msg = label + " in " + group.name + " (" + describe() + "): timed out after " + world.timeoutMs
-                            + " ms waiting for world rank(s) " + Arrays.toString(missing);
-                    world.fail("rank " + worldRank() + " timed out in " + label + " waiting for world rank(s) " + Arrays.toString(missing));
-                    throw new CommTimeoutException(msg, label, missing);
-                }
-                try {
-                    world.lock.wait(left);
-                } catch (InterruptedException e) {
-                    Thread.currentThread().interrupt();
-                    throw new CommunicationException(label + " in " + group.name + ": interrupted while waiting for world rank(s) "
-                            + Arrays.toString(missing(r)));
-                }
-            }
+            awaitRanks(label, () -> missing(r));
             if (++r.departed == n) world.rounds.remove(key);
             return r;
+        }
+    }
+
+    /**
+     * Under the world's lock: waits until {@code missing} (the world ranks still awaited) is empty, failing at once when
+     * the world is aborted and after the world's timeout naming the ranks.
+     */
+    private void awaitRanks(String label, java.util.function.Supplier<int[]> missing) {
+        long deadline = System.nanoTime() + world.timeoutMs * 1_000_000L;
+        for (int[] m = missing.get(); m.length > 0; m = missing.get()) {
+            checkFailure(label, m);
+            long left = (deadline - System.nanoTime()) / 1_000_000L;
+            if (left <= 0) {
+                String msg = label + " in " + group.name + " (" + describe() + "): timed out after " + world.timeoutMs
+                        + " ms waiting for world rank(s) " + Arrays.toString(m);
+                world.fail("rank " + worldRank() + " timed out in " + label + " waiting for world rank(s) " + Arrays.toString(m));
+                throw new CommTimeoutException(msg, label, m);
+            }
+            try {
+                world.lock.wait(left);
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
+                throw new CommunicationException(label + " in " + group.name + ": interrupted while waiting for world rank(s) " + Arrays.toString(m));
+            }
         }
     }
 
@@ -184,11 +190,12 @@ public final class InProcessCommunicator implements Communicator {
         return m.stream().mapToInt(Integer::intValue).toArray();
     }
 
-    private void checkFailure(String label, Round r) {
+    /** missing: the world ranks still awaited, or null where nothing is awaited (a send). */
+    private void checkFailure(String label, int[] missing) {
         if (world.failure == null) return;
-        int[] missing = r == null ? new int[0] : missing(r);
         String msg = label + " in " + group.name + " (" + describe() + "): world aborted: " + world.failure
-                + (r == null ? "" : "; still waiting for world rank(s) " + Arrays.toString(missing));
+                + (missing == null ? "" : "; still waiting for world rank(s) " + Arrays.toString(missing));
+        if (missing == null) missing = new int[0];
         if (world.failure.contains("timed out")) throw new CommTimeoutException(msg, label, missing);
         throw new CommunicationException(msg);
     }
@@ -539,29 +546,11 @@ public final class InProcessCommunicator implements Communicator {
         private void waitFor(int base, int v, String label) {
             int[] flags = all[rank].flags;
             synchronized (world.lock) {
-                long deadline = System.nanoTime() + world.timeoutMs * 1_000_000L;
-                while (true) {
-                    List<Integer> missing = new ArrayList<>();
-                    for (int q = 0; q < all.length; q++) if (q != rank && flags[base + q] < v) missing.add(group.worldRanks[q]);
-                    if (missing.isEmpty()) return;
-                    int[] m = missing.stream().mapToInt(Integer::intValue).toArray();
-                    if (world.failure != null) {
-                        throw new CommunicationException(label + " in " + group.name + " (" + describe() + "): world aborted: " + world.failure
-                                + "; still waiting for world rank(s) " + Arrays.toString(m));
-                    }
-                    long left = (deadline - System.nanoTime()) / 1_000_000L;
-                    if (left <= 0) {
-                        world.fail("rank " + worldRank() + " timed out in " + label + " waiting for world rank(s) " + Arrays.toString(m));
-                        throw new CommTimeoutException(label + " in " + group.name + " (" + describe() + "): timed out after " + world.timeoutMs
-                                + " ms waiting for world rank(s) " + Arrays.toString(m), label, m);
-                    }
-                    try {
-                        world.lock.wait(left);
-                    } catch (InterruptedException e) {
-                        Thread.currentThread().interrupt();
-                        throw new CommunicationException(label + " in " + group.name + ": interrupted while waiting for world rank(s) " + Arrays.toString(m));
-                    }
-                }
+                awaitRanks(label, () -> {
+                    List<Integer> m = new ArrayList<>();
+                    for (int q = 0; q < all.length; q++) if (q != rank && flags[base + q] < v) m.add(group.worldRanks[q]);
+                    return m.stream().mapToInt(Integer::intValue).toArray();
+                });
             }
         }
 

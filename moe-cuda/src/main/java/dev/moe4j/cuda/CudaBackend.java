@@ -1439,9 +1439,7 @@ public final class CudaBackend implements Backend {
         Checks.scatterRowsTo(src, dest, dsts);
         long rowBytes = (long) src.cols() * src.dtype().bytes();
         long n16 = src.rows() * (rowBytes / 16);
-        boolean aligned = rowBytes % 16 == 0 && aligned16(src) && n16 < Integer.MAX_VALUE;
-        for (Tensor d : dsts) aligned &= aligned16(d);
-        if (!aligned || dsts.length > 8) {
+        if (rowBytes % 16 != 0 || n16 >= Integer.MAX_VALUE || dsts.length > 8 || !aligned16(src) || !aligned16(dsts)) {
             Backend.super.scatterRowsTo(src, dest, dsts);
             return;
         }

@@ -55,7 +55,29 @@ class MoELayerExpertParallelTest {
         return Tensors.random(ctx.backend(), DType.F64, new SplittableRandom(200 + rank), 1.0, S, M);
     }
 
-    record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow, List<String> calls) {}
+    record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow, List<String> calls) {
+        /** A rank's result with the expert gradients of its context (after finishGrads) and their first rows. */
+        static Result of(ModelContext ctx, double[] out, double[] dx, double lAux, List<String> calls) {
+            List<double[]> g = new ArrayList<>();
+            List<Integer> first = new ArrayList<>();
+            for (Parameter p : ctx.params().all()) {
+                if (!p.isExpert()) continue;
+                g.add(p.grad().toDoubles());
+                first.add(p.expertShard().firstRow());
+            }
+            return new Result(out, dx, lAux, g, first, calls);
+        }
+    }
+
+    /** Rank r's expert gradients are the rows of its experts [r*E/W, (r+1)*E/W) of the single-rank gradients. */
+    private static void assertExpertGrads(List<Parameter> refExperts, Result got, int r, String what) {
+        for (int i = 0; i < refExperts.size(); i++) {
+            double[] all = refExperts.get(i).grad().toDoubles();
+            int n = got.expertGrads().get(i).length, from = got.firstRow().get(i) * (all.length / E);
+            assertEquals(r * (E / W), got.firstRow().get(i), "rank r holds experts [r*E/W, (r+1)*E/W)");
+            assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.expertGrads().get(i), 1e-12, what + ": " + refExperts.get(i).name());
+        }
+    }
 
     private static void check(boolean dropless, int k, boolean skewed) {
         check(dropless, k, skewed, false);
@@ -117,12 +139,7 @@ class MoELayerExpertParallelTest {
             assertClose(outs.get(r), got.get(r).out(), 1e-12, what + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, what + ": dx");
             assertEquals(laux.get(r), got.get(r).lAux(), 1e-12, what + ": l_aux stays local");
-            for (int i = 0; i < refExperts.size(); i++) {
-                double[] all = refExperts.get(i).grad().toDoubles();
-                int n = got.get(r).expertGrads().get(i).length, from = got.get(r).firstRow().get(i) * (all.length / E);
-                assertEquals(r * (E / W), got.get(r).firstRow().get(i), "rank r holds experts [r*E/W, (r+1)*E/W)");
-                assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.get(r).expertGrads().get(i), 1e-12, what + ": " + refExperts.get(i).name());
-            }
+            assertExpertGrads(refExperts, got.get(r), r, what);
         }
     }
 
@@ -224,16 +241,10 @@ class MoELayerExpertParallelTest {
                     double[] dx = la.backward(lb.backward(dout(ctx, comm.rank()), 0.3f), 0.3f).toDoubles();
                     if (step == 0) continue;
                     ctx.params().finishGrads();
-                    List<double[]> g = new ArrayList<>();
-                    List<Integer> first = new ArrayList<>();
-                    for (Parameter p : ctx.params().all()) {
-                        if (!p.isExpert()) continue;
-                        g.add(p.grad().toDoubles());
-                        first.add(p.expertShard().firstRow());
-                    }
+                    Result res = Result.of(ctx, out, dx, 0, calls);
                     la.close();
                     lb.close();
-                    return new Result(out, dx, 0, g, first, calls);
+                    return res;
                 }
                 throw new IllegalStateException("unreachable");
             }
@@ -243,11 +254,7 @@ class MoELayerExpertParallelTest {
             assertEquals(0, got.get(r).calls().stream().filter(c -> c.startsWith("allToAll")).count(), got.get(r).calls().toString());
             assertClose(outs.get(r), got.get(r).out(), 1e-12, "rank " + r + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, "rank " + r + ": dx");
-            for (int i = 0; i < refExperts.size(); i++) {
-                double[] all = refExperts.get(i).grad().toDoubles();
-                int n = got.get(r).expertGrads().get(i).length, from = got.get(r).firstRow().get(i) * (all.length / E);
-                assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.get(r).expertGrads().get(i), 1e-12, "rank " + r + ": " + refExperts.get(i).name());
-            }
+            assertExpertGrads(refExperts, got.get(r), r, "rank " + r);
         }
     }
 
@@ -288,14 +295,7 @@ class MoELayerExpertParallelTest {
                 double l = o.lAux().toDoubles()[0];
                 double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
                 ctx.params().finishGrads();
-                List<double[]> g = new ArrayList<>();
-                List<Integer> first = new ArrayList<>();
-                for (Parameter p : ctx.params().all()) {
-                    if (!p.isExpert()) continue;
-                    g.add(p.grad().toDoubles());
-                    first.add(p.expertShard().firstRow());
-                }
-                return new Result(out, dx, l, g, first, calls);
+                return Result.of(ctx, out, dx, l, calls);
             }
         });
     }

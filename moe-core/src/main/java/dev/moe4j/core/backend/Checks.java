@@ -52,10 +52,9 @@ public final class Checks {
         if (dsts == null || dsts.length == 0) throw new IllegalArgumentException(op + ": no destinations");
         for (int q = 0; q < dsts.length; q++) {
             String name = "dsts[" + q + "]";
-            if (dsts[q] == null) throw new IllegalArgumentException(op + ": " + name + " is null");
             open(op, name, dsts[q]);
             cols(op, name, dsts[q], src.cols());
-            if (dsts[q].dtype() != src.dtype()) throw new IllegalArgumentException(op + ": " + name + " is " + dsts[q].dtype() + ", src is " + src.dtype());
+            dtype(op, name, dsts[q], src.dtype());
         }
     }
 

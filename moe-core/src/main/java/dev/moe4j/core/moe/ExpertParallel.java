@@ -402,8 +402,8 @@ final class ExpertParallel {
         for (Stage st : r.stages) {
             if (st.rows == 0) continue;
             int i = st.part;
-            st.toExpert = st.padded ? null : r.packed.view(at[i], st.expertRows);
-            st.toSource = r.packed.view(at[i + 1], st.rows);
+            st.toExpert = st.padded || r.windows != null ? null : r.packed.view(at[i], st.expertRows);
+            st.toSource = r.windows != null ? null : r.packed.view(at[i + 1], st.rows);
             st.rowExpert = r.packed.view(at[i + 2], st.expertRows);
             st.offsets = r.packed.view(at[i + 3], st.count + 1);
         }
@@ -417,7 +417,8 @@ final class ExpertParallel {
      * The layout transform of stage st's local experts [j0, j1) receiving st.rows rows in source order (p, j, i):
      * the experts' order (j, p, i), padded when dropless and the route's layout says so. Fills the stage's sizes and
      * host offsets; returns its index arrays toExpert (empty when padded: a padded layout scatters by toSource),
-     * toSource, rowExpert (counted from j0) and offsets; none for a stage without rows.
+     * toSource (both empty on the peer path, which stores rows at their places and transforms nothing), rowExpert
+     * (counted from j0) and offsets; none for a stage without rows.
      */
     private static List<int[]> layout(Route r, Stage st, int[][] n, Backend b) {
         int rows = st.rows, j0 = st.first, j1 = st.first + st.count, P = n.length, count = st.count;
@@ -438,14 +439,15 @@ final class ExpertParallel {
         }
         int expertRows = padded ? count * most : rows;
         offsets[count] = expertRows;
-        int[] toExpert = new int[expertRows], toSource = new int[rows], rowExpert = new int[expertRows];
+        boolean moves = r.windows == null;   // the collectives' layout transforms
+        int[] toExpert = new int[moves && !padded ? expertRows : 0], toSource = new int[moves ? rows : 0], rowExpert = new int[expertRows];
         if (padded) for (int j = j0; j < j1; j++) java.util.Arrays.fill(rowExpert, (j - j0) * most, (j - j0 + 1) * most, j - j0);
         for (int p = 0; p < P; p++) {
             for (int j = j0; j < j1; j++) {
                 for (int i = 0; i < n[p][j]; i++) {
                     int src = srcStart[p][j] + i, dst = expStart[p][j] + i;
-                    toExpert[dst] = src;
-                    toSource[src] = dst;
+                    if (toExpert.length > 0) toExpert[dst] = src;
+                    if (toSource.length > 0) toSource[src] = dst;
                     rowExpert[dst] = j - j0;
                 }
             }
@@ -453,7 +455,7 @@ final class ExpertParallel {
         st.padded = padded;
         st.expertRows = expertRows;
         st.hostOffsets = offsets;
-        return List.of(padded ? new int[0] : toExpert, toSource, rowExpert, offsets);
+        return List.of(toExpert, toSource, rowExpert, offsets);
     }
 
     /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */

@@ -30,10 +30,7 @@ public final class Tensor implements AutoCloseable {
 
     /** For backends: a new tensor owning {@code storage}, registered with the current scope if there is one. */
     public static Tensor owning(Backend backend, Storage storage, DType dtype, Shape shape) {
-        long need = shape.numel() * dtype.bytes();
-        if (need > storage.byteSize()) {
-            throw new IllegalArgumentException("storage of " + storage.byteSize() + " bytes cannot hold " + dtype + shape);
-        }
+        fits(storage, dtype, shape);
         Tensor t = new Tensor(backend, storage, 0, dtype, shape, true);
         Scope.register(t);
         return t;
@@ -44,11 +41,14 @@ public final class Tensor implements AutoCloseable {
      * memory whose owner is elsewhere, such as a peer's window ({@link dev.moe4j.core.comm.PeerWindow}).
      */
     public static Tensor borrowing(Backend backend, Storage storage, DType dtype, Shape shape) {
-        long need = shape.numel() * dtype.bytes();
-        if (need > storage.byteSize()) {
+        fits(storage, dtype, shape);
+        return new Tensor(backend, storage, 0, dtype, shape, false);
+    }
+
+    private static void fits(Storage storage, DType dtype, Shape shape) {
+        if (shape.numel() * dtype.bytes() > storage.byteSize()) {
             throw new IllegalArgumentException("storage of " + storage.byteSize() + " bytes cannot hold " + dtype + shape);
         }
-        return new Tensor(backend, storage, 0, dtype, shape, false);
     }
 
     public Backend backend() { return backend; }
