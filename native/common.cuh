@@ -140,3 +140,39 @@ __device__ __forceinline__ float gelu_grad(float x) {
 }
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+
+// The rows of a buffer that lives scattered over up to eight tensors (scatterRowsTo's destinations: the ranks' peer
+// windows, the peers' mapped by CUDA IPC): row r is row dest[2r + 1] of d[dest[2r]], nowhere where dest[2r] is not
+// 0..7. Rows of c16 16-byte chunks. Two 4-byte loads: dest may be a view at any 4-byte offset.
+struct PeerRows {
+    const int* dest;
+    uint4 *d0, *d1, *d2, *d3, *d4, *d5, *d6, *d7;
+    int c16;
+
+    __device__ __forceinline__ uint4* row(i64 r) const {
+        int q = dest[2 * r], at = dest[2 * r + 1];
+        uint4* d;
+        switch (q) {   // a switch, not an array: a runtime index into the arguments would go through local memory
+            case 0: d = d0; break;
+            case 1: d = d1; break;
+            case 2: d = d2; break;
+            case 3: d = d3; break;
+            case 4: d = d4; break;
+            case 5: d = d5; break;
+            case 6: d = d6; break;
+            case 7: d = d7; break;
+            default: return nullptr;
+        }
+        return d + (i64)at * c16;
+    }
+};
+
+// The rows of one contiguous buffer of rows of len T's, in PeerRows' form.
+template <typename T>
+struct LocalRows {
+    T* buf;
+    int len;
+
+    __device__ __forceinline__ T* row(i64 r) const { return buf + r * len; }
+};
+

@@ -382,18 +382,82 @@ __global__ void k_gate_bwd(const void* logits, int ldt, const void* gates, int g
 
 }  // extern "C" (a template follows)
 
-// The rows of buf [E*C, rowLen units of T] that no choice took: e*C + c for c >= min(counts[e], C), as the gate gives
+// The rows of buf [E*C, rowLen units] that no choice took: e*C + c for c >= min(counts[e], C), as the gate gives
 // expert e's choices the slots 0 .. counts[e] - 1 (counts before dropping). Zeroed so that a dispatch writes every
 // row of the buffer (the expert GEMMs read them; no zero fill of the whole buffer first). A warp per row, over
-// blocks b of nb of the launch; the rows the choices took are left to the dispatch's own copy.
-template <typename T>
-__device__ __forceinline__ void zeroFreeSlots(T* buf, int rowLen, const int* counts, int C, int R, int b, int nb) {
+// blocks b of nb of the launch; the rows the choices took are left to the dispatch's own copy. Rows: LocalRows or
+// PeerRows (the buffer's rows stored straight into the ranks' peer windows).
+template <typename Rows>
+__device__ __forceinline__ void zeroFreeSlots(Rows buf, int rowLen, const int* counts, int C, int R, int b, int nb) {
     int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
     for (int r = b * wpb + (threadIdx.x >> 5); r < R; r += nb * wpb) {
         int e = r / C;
         if (r - e * C < min(counts[e], C)) continue;   // the whole warp
-        T* row = buf + (i64)r * rowLen;
-        for (int c = lane; c < rowLen; c += 32) row[c] = T{};
+        auto* row = buf.row(r);
+        if (row == nullptr) continue;
+        for (int c = lane; c < rowLen; c += 32) row[c] = {};
+    }
+}
+
+// The bodies of k_moe_permute_bf16x8 and k_moe_unpermute_bwd_bf16x8 (below), over LocalRows (one buffer) or PeerRows.
+template <typename Rows>
+__device__ __forceinline__ void permuteBf16x8(const uint4* x, const int* dest, Rows buf, int n8, int k, int m8, int copyBlocks,
+                                              const int* counts, int C, int R) {
+    if ((int)blockIdx.x >= copyBlocks) {
+        zeroFreeSlots(buf, m8, counts, C, R, blockIdx.x - copyBlocks, gridDim.x - copyBlocks);
+        return;
+    }
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += copyBlocks * blockDim.x) {
+        int sk = i / m8, c = i - sk * m8;
+        int d = dest[sk];
+        if (d < 0) continue;
+        uint4* row = buf.row(d);
+        if (row != nullptr) row[c] = x[(i64)(sk / k) * m8 + c];
+    }
+}
+
+template <typename Rows>
+__device__ __forceinline__ void unpermuteBwdBf16x8(const uint4* dout, const uint4* buf, const int* dest, const void* w, int wdt,
+                                                   Rows dbuf, void* dw, int dwdt, int SK, int k, int m8, int workBlocks,
+                                                   const int* counts, int C, int R) {
+    if ((int)blockIdx.x >= workBlocks) {
+        zeroFreeSlots(dbuf, m8, counts, C, R, blockIdx.x - workBlocks, gridDim.x - workBlocks);
+        return;
+    }
+    int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    for (int sk = blockIdx.x * wpb + (threadIdx.x >> 5); sk < SK; sk += workBlocks * wpb) {   // the whole warp
+        int d = dest[sk];
+        float acc = 0.f;
+        if (d >= 0) {
+            float wj = w == nullptr ? 1.f : ld(w, wdt, sk);
+            const uint4* a = dout + (i64)(sk / k) * m8;
+            const uint4* b = buf + (i64)d * m8;
+            uint4* o = dbuf.row(d);
+#pragma unroll 4
+            for (int c = lane; c < m8; c += 32) {
+                uint4 va = a[c];
+                __nv_bfloat162* ha = (__nv_bfloat162*)&va;
+                if (dw != nullptr) {
+                    uint4 vb = b[c];
+                    const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        float2 x = __bfloat1622float2(ha[q]), y = __bfloat1622float2(hb[q]);
+                        acc += x.x * y.x + x.y * y.y;
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    float2 f = __bfloat1622float2(ha[q]);
+                    ha[q] = __floats2bfloat162_rn(wj * f.x, wj * f.y);
+                }
+                if (o != nullptr) o[c] = va;
+            }
+        }
+        if (dw != nullptr) {
+            acc = warpSum(acc);
+            if (lane == 0) st(dw, dwdt, sk, acc);
+        }
     }
 }
 
@@ -401,7 +465,7 @@ extern "C" {
 
 // zeroFreeSlots for the dtype-generic dispatch paths: rows of rowLen 16-bit units (any F32 or BF16 row).
 __global__ void k_moe_zero_free_slots(unsigned short* buf, int rowLen, const int* counts, int C, int R) {
-    zeroFreeSlots(buf, rowLen, counts, C, R, blockIdx.x, gridDim.x);
+    zeroFreeSlots(LocalRows<unsigned short>{buf, rowLen}, rowLen, counts, C, R, blockIdx.x, gridDim.x);
 }
 
 // buf[dest[s,j], c] = x[s, c] for dest >= 0; x [S,M], dest [S,k], buf [R,M]; n = S*k*M
@@ -418,15 +482,15 @@ __global__ void k_moe_permute(const void* x, int xdt, const int* dest, void* buf
 // [R = E*C, M] (zeroFreeSlots), so that every row is written.
 __global__ void k_moe_permute_bf16x8(const uint4* x, const int* dest, uint4* buf, int n8, int k, int m8, int copyBlocks,
                                      const int* counts, int C, int R) {
-    if ((int)blockIdx.x >= copyBlocks) {
-        zeroFreeSlots(buf, m8, counts, C, R, blockIdx.x - copyBlocks, gridDim.x - copyBlocks);
-        return;
-    }
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += copyBlocks * blockDim.x) {
-        int sk = i / m8, c = i - sk * m8;
-        int d = dest[sk];
-        if (d >= 0) buf[(i64)d * m8 + c] = x[(i64)(sk / k) * m8 + c];
-    }
+    permuteBf16x8(x, dest, LocalRows<uint4>{buf, m8}, n8, k, m8, copyBlocks, counts, C, R);
+}
+
+// k_moe_permute_bf16x8 with buf's rows in the ranks' peer windows (PeerRows: row r at row rowDest[r].y of d<rowDest[r].x>),
+// the expert-parallel dispatch storing each row straight at its place in its owner's input.
+__global__ void k_moe_permute_to_bf16x8(const uint4* x, const int* dest, const int* rowDest, uint4* d0, uint4* d1, uint4* d2,
+                                        uint4* d3, uint4* d4, uint4* d5, uint4* d6, uint4* d7, int n8, int k, int m8,
+                                        int copyBlocks, const int* counts, int C, int R) {
+    permuteBf16x8(x, dest, PeerRows{rowDest, d0, d1, d2, d3, d4, d5, d6, d7, m8}, n8, k, m8, copyBlocks, counts, C, R);
 }
 
 // out[s, c] = sum_j w[s,j] * buf[dest[s,j], c] over dest >= 0 (w nullable: 1); n = S*M
@@ -499,45 +563,17 @@ __global__ void k_moe_unpermute_bwd_dw(const void* dout, int gdt, const void* bu
 __global__ void k_moe_unpermute_bwd_bf16x8(const uint4* dout, const uint4* buf, const int* dest, const void* w, int wdt,
                                            uint4* dbuf, void* dw, int dwdt, int SK, int k, int m8, int workBlocks,
                                            const int* counts, int C, int R) {
-    if ((int)blockIdx.x >= workBlocks) {
-        zeroFreeSlots(dbuf, m8, counts, C, R, blockIdx.x - workBlocks, gridDim.x - workBlocks);
-        return;
-    }
-    int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
-    for (int sk = blockIdx.x * wpb + (threadIdx.x >> 5); sk < SK; sk += workBlocks * wpb) {   // the whole warp
-        int d = dest[sk];
-        float acc = 0.f;
-        if (d >= 0) {
-            float wj = w == nullptr ? 1.f : ld(w, wdt, sk);
-            const uint4* a = dout + (i64)(sk / k) * m8;
-            const uint4* b = buf + (i64)d * m8;
-            uint4* o = dbuf + (i64)d * m8;
-#pragma unroll 4
-            for (int c = lane; c < m8; c += 32) {
-                uint4 va = a[c];
-                __nv_bfloat162* ha = (__nv_bfloat162*)&va;
-                if (dw != nullptr) {
-                    uint4 vb = b[c];
-                    const __nv_bfloat162* hb = (const __nv_bfloat162*)&vb;
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        float2 x = __bfloat1622float2(ha[q]), y = __bfloat1622float2(hb[q]);
-                        acc += x.x * y.x + x.y * y.y;
-                    }
-                }
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    float2 f = __bfloat1622float2(ha[q]);
-                    ha[q] = __floats2bfloat162_rn(wj * f.x, wj * f.y);
-                }
-                o[c] = va;
-            }
-        }
-        if (dw != nullptr) {
-            acc = warpSum(acc);
-            if (lane == 0) st(dw, dwdt, sk, acc);
-        }
-    }
+    unpermuteBwdBf16x8(dout, buf, dest, w, wdt, LocalRows<uint4>{dbuf, m8}, dw, dwdt, SK, k, m8, workBlocks, counts, C, R);
+}
+
+// k_moe_unpermute_bwd_bf16x8 with dbuf's rows in the ranks' peer windows (PeerRows, as k_moe_permute_to_bf16x8): the
+// expert-parallel backward storing each output-gradient row straight at its place in its owner's input.
+__global__ void k_moe_unpermute_bwd_to_bf16x8(const uint4* dout, const uint4* buf, const int* dest, const void* w, int wdt,
+                                              const int* rowDest, uint4* d0, uint4* d1, uint4* d2, uint4* d3, uint4* d4,
+                                              uint4* d5, uint4* d6, uint4* d7, void* dw, int dwdt, int SK, int k, int m8,
+                                              int workBlocks, const int* counts, int C, int R) {
+    unpermuteBwdBf16x8(dout, buf, dest, w, wdt, PeerRows{rowDest, d0, d1, d2, d3, d4, d5, d6, d7, m8}, dw, dwdt, SK, k, m8,
+                       workBlocks, counts, C, R);
 }
 
 }  // extern "C"

@@ -70,22 +70,11 @@ __global__ void k_gather_rows_16b(const uint4* src, const int* idx, uint4* out, 
 // by CUDA IPC so that these stores cross NVLink. Eight destinations at most (one node's GPUs), passed as arguments.
 __global__ void k_scatter_rows_to_16b(const uint4* src, const int* dest, uint4* d0, uint4* d1, uint4* d2, uint4* d3,
                                       uint4* d4, uint4* d5, uint4* d6, uint4* d7, int n16, int c16) {
+    PeerRows to{dest, d0, d1, d2, d3, d4, d5, d6, d7, c16};
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += gridDim.x * blockDim.x) {
         int m = i / c16, c = i - m * c16;
-        int q = dest[2 * m], row = dest[2 * m + 1];   // two loads: dest may be a view at any 4-byte offset
-        uint4* d;
-        switch (q) {
-            case 0: d = d0; break;
-            case 1: d = d1; break;
-            case 2: d = d2; break;
-            case 3: d = d3; break;
-            case 4: d = d4; break;
-            case 5: d = d5; break;
-            case 6: d = d6; break;
-            case 7: d = d7; break;
-            default: continue;
-        }
-        d[(i64)row * c16 + c] = src[i];
+        uint4* row = to.row(m);
+        if (row != nullptr) row[c] = src[i];
     }
 }
 

@@ -1606,17 +1606,14 @@ public final class CudaBackend implements Backend {
     private void permute(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor buf) {
         String op = "moePermute";
         floating(op, "x", x); floating(op, "buf", buf);
-        Checks.open(op, "dest", dest);
-        Checks.dtype(op, "dest", dest, DType.I32);
+        int k = checkDispatch(op, x, dest);
         int s = x.rows(), m = x.cols();
-        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, x has " + s);
         Checks.cols(op, "buf", buf, m);
-        int k = dest.cols();
-        boolean zero = counts != null && freeSlots(op, counts, capacity, s, k, buf);
+        boolean zero = counts != null && freeSlots(op, counts, capacity, s, k, buf.rows());
         long n = (long) s * k * m;
         if (rows8(m, n, x, buf)) {
             int n8 = (int) (n / 8), copyBlocks = blocks(n8);
-            launch("k_moe_permute_bf16x8", copyBlocks + (zero ? zeroBlocks(buf) : 0), 1, THREADS, 0, p(x), p(dest), p(buf), n8, k, m / 8,
+            launch("k_moe_permute_bf16x8", copyBlocks + (zero ? zeroBlocks(buf.rows()) : 0), 1, THREADS, 0, p(x), p(dest), p(buf), n8, k, m / 8,
                     copyBlocks, p(counts), capacity, buf.rows());
         } else {
             launchN("k_moe_permute", n, p(x), dt(x), p(dest), p(buf), dt(buf), n, k, m);
@@ -1624,27 +1621,78 @@ public final class CudaBackend implements Backend {
         }
     }
 
+    /** One launch that stores every row at its place in dsts (PeerRows in native/common.cuh), where the rows suit it. */
+    @Override
+    public void moePermuteTo(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor rowDest, Tensor[] dsts) {
+        String op = "moePermuteTo";
+        floating(op, "x", x);
+        int k = checkDispatch(op, x, dest);
+        int s = x.rows(), m = x.cols(), rows = rowDest.rows();
+        Checks.rowDestinations(op, rows, m, x.dtype(), rowDest, dsts);
+        long n = (long) s * k * m;
+        if (!peerRows(m, n, x, dsts)) {
+            Backend.super.moePermuteTo(x, dest, counts, capacity, rowDest, dsts);
+            return;
+        }
+        boolean zero = freeSlots(op, Objects.requireNonNull(counts, "counts"), capacity, s, k, rows);
+        int n8 = (int) (n / 8), copyBlocks = blocks(n8);
+        Object[] args = new Object[18];
+        args[0] = p(x);
+        args[1] = p(dest);
+        putPeerRows(args, 2, rowDest, dsts);
+        args[11] = n8;
+        args[12] = k;
+        args[13] = m / 8;
+        args[14] = copyBlocks;
+        args[15] = p(counts);
+        args[16] = capacity;
+        args[17] = rows;
+        launch("k_moe_permute_to_bf16x8", copyBlocks + (zero ? zeroBlocks(rows) : 0), 1, THREADS, 0, args);
+    }
+
+    /** The dispatch's x and dest [S, k] I32; returns k. */
+    private static int checkDispatch(String op, Tensor x, Tensor dest) {
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        if (dest.rows() != x.rows()) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, x has " + x.rows());
+        return dest.cols();
+    }
+
+    /**
+     * Whether rows of m bf16 (n elements in all, x and the other tensors given) can be stored into dsts by one of the
+     * 16-byte PeerRows kernels: at most 8 destinations, all bf16 and 16-byte aligned.
+     */
+    private boolean peerRows(int m, long n, Tensor x, Tensor[] dsts) {
+        return dsts.length <= 8 && rows8(m, n, x) && bf16x8(dsts);
+    }
+
+    /** A PeerRows' arguments (native/common.cuh) at args[at .. at + 8]: rowDest and the eight destinations (0 for none). */
+    private void putPeerRows(Object[] args, int at, Tensor rowDest, Tensor[] dsts) {
+        args[at] = p(rowDest);
+        for (int q = 0; q < 8; q++) args[at + 1 + q] = q < dsts.length ? p(dsts[q]) : 0L;
+    }
+
     /**
      * Checks the layout of the counts forms of the dispatch and its backward (buf [E*C, M] for capacity C &gt; 0, else
      * [S*k, M]) and says whether it has free slots to zero (capacity &gt; 0).
      */
-    private static boolean freeSlots(String op, Tensor counts, int capacity, int s, int k, Tensor buf) {
+    private static boolean freeSlots(String op, Tensor counts, int capacity, int s, int k, long bufRows) {
         Checks.open(op, "counts", counts);
         Checks.dtype(op, "counts", counts, DType.I32);
         long rows = capacity > 0 ? counts.numel() * capacity : (long) s * k;
-        if (buf.rows() != rows) {
-            throw new IllegalArgumentException(op + ": the buffer has " + buf.rows() + " rows, expected " + rows
+        if (bufRows != rows) {
+            throw new IllegalArgumentException(op + ": the buffer has " + bufRows + " rows, expected " + rows
                     + (capacity > 0 ? " (" + counts.numel() + " experts x capacity " + capacity + ")" : " (S*k, dropless)"));
         }
         return capacity > 0 && rows > 0;
     }
 
-    /** Blocks of THREADS that zero the free slots of buf: a warp per row. */
-    private static int zeroBlocks(Tensor buf) { return blocks(32L * buf.rows()); }
+    /** Blocks of THREADS that zero the free slots of a buffer of that many rows: a warp per row. */
+    private static int zeroBlocks(long rows) { return blocks(32L * rows); }
 
     /** The free slots of buf [E*C, M] zeroed on their own (the dtype-generic paths). */
     private void zeroFreeSlots(Tensor buf, Tensor counts, int capacity) {
-        launch("k_moe_zero_free_slots", zeroBlocks(buf), 1, THREADS, 0, p(buf), Math.toIntExact(buf.cols() * (long) buf.dtype().bytes() / 2),
+        launch("k_moe_zero_free_slots", zeroBlocks(buf.rows()), 1, THREADS, 0, p(buf), Math.toIntExact(buf.cols() * (long) buf.dtype().bytes() / 2),
                 p(counts), capacity, buf.rows());
     }
 
@@ -1679,22 +1727,17 @@ public final class CudaBackend implements Backend {
     /** The combine's backward; with counts also zeroes dbuf's free slots (capacity &gt; 0) so that every row is written. */
     private void unpermuteBackward(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor dbuf, Tensor dw) {
         String op = "moeUnpermuteBackward";
-        floating(op, "dout", dout); floating(op, "dbuf", dbuf);
-        Checks.open(op, "dest", dest);
-        Checks.dtype(op, "dest", dest, DType.I32);
-        int s = dout.rows(), m = dout.cols(), k = dest.cols();
-        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, dout has " + s);
-        if (dw != null) { floating(op, "buf", buf); Checks.matrix(op, "buf", buf, dbuf.rows(), m); }
+        floating(op, "dbuf", dbuf);
+        int k = checkCombineBackward(op, dout, buf, dest, w, dbuf.rows(), dw);
+        int s = dout.rows(), m = dout.cols();
         Checks.cols(op, "dbuf", dbuf, m);
-        if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
-        if (dw != null) { floating(op, "dw", dw); Checks.matrix(op, "dw", dw, s, k); }
-        boolean zero = counts != null && freeSlots(op, counts, capacity, s, k, dbuf);
+        boolean zero = counts != null && freeSlots(op, counts, capacity, s, k, dbuf.rows());
         long n = (long) s * k * m;
         boolean fast = rows8(m, n, dout, dbuf), fastDw = dw != null && fast && bf16x8(buf);
         if (fast) {   // dbuf and (bf16 buf) dw in one pass over dout, a warp per (token, choice)
             int sk = s * k, workBlocks = blocks(32L * sk);
             if (sk > 0 || zero) {
-                launch("k_moe_unpermute_bwd_bf16x8", workBlocks + (zero ? zeroBlocks(dbuf) : 0), 1, THREADS, 0, p(dout), p(fastDw ? buf : null),
+                launch("k_moe_unpermute_bwd_bf16x8", workBlocks + (zero ? zeroBlocks(dbuf.rows()) : 0), 1, THREADS, 0, p(dout), p(fastDw ? buf : null),
                         p(dest), p(w), (int) dtOrZero(w), p(dbuf), p(fastDw ? dw : null), (int) (fastDw ? dt(dw) : 0), sk, k, m / 8, workBlocks,
                         p(counts), capacity, dbuf.rows());
             }
@@ -1702,7 +1745,62 @@ public final class CudaBackend implements Backend {
             launchN("k_moe_unpermute_bwd_dbuf", n, p(dout), dt(dout), p(dest), p(w), (int) dtOrZero(w), p(dbuf), dt(dbuf), n, k, m);
             if (zero) zeroFreeSlots(dbuf, counts, capacity);
         }
-        if (dw != null && !fastDw && (long) s * k > 0) {
+        if (dw != null && !fastDw) unpermuteBackwardDw(dout, buf, dest, dw, k);
+    }
+
+    /** One launch that stores every row of dbuf at its place in dsts (PeerRows), where the rows suit it. */
+    @Override
+    public void moeUnpermuteBackwardTo(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor rowDest,
+                                       Tensor[] dsts, Tensor dw) {
+        String op = "moeUnpermuteBackwardTo";
+        int rows = rowDest.rows();
+        int k = checkCombineBackward(op, dout, buf, dest, w, rows, dw);
+        int s = dout.rows(), m = dout.cols();
+        Checks.rowDestinations(op, rows, m, dout.dtype(), rowDest, dsts);
+        long n = (long) s * k * m;
+        if (!peerRows(m, n, dout, dsts) || (dw != null && !bf16x8(buf))) {
+            Backend.super.moeUnpermuteBackwardTo(dout, buf, dest, w, counts, capacity, rowDest, dsts, dw);
+            return;
+        }
+        boolean zero = freeSlots(op, Objects.requireNonNull(counts, "counts"), capacity, s, k, rows);
+        int sk = s * k, workBlocks = blocks(32L * sk);
+        if (sk == 0 && !zero) return;
+        Object[] args = new Object[23];
+        args[0] = p(dout);
+        args[1] = p(dw != null ? buf : null);
+        args[2] = p(dest);
+        args[3] = p(w);
+        args[4] = (int) dtOrZero(w);
+        putPeerRows(args, 5, rowDest, dsts);
+        args[14] = p(dw);
+        args[15] = (int) (dw != null ? dt(dw) : 0);
+        args[16] = sk;
+        args[17] = k;
+        args[18] = m / 8;
+        args[19] = workBlocks;
+        args[20] = p(counts);
+        args[21] = capacity;
+        args[22] = rows;
+        launch("k_moe_unpermute_bwd_to_bf16x8", workBlocks + (zero ? zeroBlocks(rows) : 0), 1, THREADS, 0, args);
+    }
+
+    /** The combine backward's dout [S, M], dest [S, k], w, and (dw computed) buf [bufRows, M] and dw [S, k]; returns k. */
+    private static int checkCombineBackward(String op, Tensor dout, Tensor buf, Tensor dest, Tensor w, long bufRows, Tensor dw) {
+        floating(op, "dout", dout);
+        Checks.open(op, "dest", dest);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        int s = dout.rows(), m = dout.cols(), k = dest.cols();
+        if (dest.rows() != s) throw new IllegalArgumentException(op + ": dest has " + dest.rows() + " rows, dout has " + s);
+        if (dw != null) { floating(op, "buf", buf); Checks.matrix(op, "buf", buf, bufRows, m); }
+        if (w != null) { floating(op, "w", w); Checks.matrix(op, "w", w, s, k); }
+        if (dw != null) { floating(op, "dw", dw); Checks.matrix(op, "dw", dw, s, k); }
+        return k;
+    }
+
+    /** dw [S, k] of the combine's backward on its own (the dtype-generic path). */
+    private void unpermuteBackwardDw(Tensor dout, Tensor buf, Tensor dest, Tensor dw, int k) {
+        int s = dout.rows(), m = dout.cols();
+        if ((long) s * k > 0) {
             launch("k_moe_unpermute_bwd_dw", s * k, 1, rowThreads(m), 0, p(dout), dt(dout), p(buf), dt(buf), p(dest), p(dw), dt(dw), k, m);
         }
     }

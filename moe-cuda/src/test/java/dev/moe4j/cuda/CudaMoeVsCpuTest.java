@@ -123,5 +123,33 @@ class CudaMoeVsCpuTest extends GpuTestBase {
         Tensor[] stale = rand(dt, 1, rows, m);
         for (int i = 0; i < 2; i++) on(i).moeUnpermuteBackward(dout[i], null, dest[i], w[i], stale[i], null);
         check("moeUnpermuteBackward, plain form without dw", stale, tol(dt));
+
+        // both counts forms into rows scattered over three destinations (the expert-parallel dispatch storing into the
+        // ranks' peer windows): each buffer row to its own place, rowDest a view at an odd element as the exchange's
+        // views of its one upload are; NaN-filled destinations, so that a row left unwritten fails
+        int[] perm = new int[rows];
+        for (int r = 0; r < rows; r++) perm[r] = r;
+        for (int r = rows - 1; r > 0; r--) { int j = rnd.nextInt(r + 1), t = perm[r]; perm[r] = perm[j]; perm[j] = t; }
+        int[] to = new int[2 * rows + 1];
+        for (int r = 0; r < rows; r++) { to[1 + 2 * r] = perm[r] % 3; to[2 + 2 * r] = perm[r] / 3; }
+        Tensor[] packed = of(to, 2 * rows + 1);
+        Tensor[] rowDest = {packed[0].view(1, rows, 2), packed[1].view(1, rows, 2)};
+        Tensor[][] into = new Tensor[2][3], dinto = new Tensor[2][3];
+        for (int i = 0; i < 2; i++) {
+            for (int q = 0; q < 3; q++) {
+                into[i][q] = on(i).zeros(dt, (rows - q + 2) / 3, m);
+                dinto[i][q] = on(i).zeros(dt, (rows - q + 2) / 3, m);
+                on(i).fill(into[i][q], Double.NaN);
+                on(i).fill(dinto[i][q], Double.NaN);
+            }
+            on(i).moePermuteTo(x[i], dest[i], counts[i], c, rowDest[i], into[i]);
+            on(i).fill(dw[i], Double.NaN);
+            on(i).moeUnpermuteBackwardTo(dout[i], y[i], dest[i], w[i], counts[i], c, rowDest[i], dinto[i], dw[i]);
+        }
+        for (int q = 0; q < 3; q++) {
+            check("moePermuteTo destination " + q, new Tensor[] {into[0][q], into[1][q]}, 0);
+            check("moeUnpermuteBackwardTo destination " + q, new Tensor[] {dinto[0][q], dinto[1][q]}, tol(dt));
+        }
+        check("moeUnpermuteBackwardTo dw", dw, 1e-5);
     }
 }

@@ -422,6 +422,35 @@ public interface Backend extends AutoCloseable {
         moeUnpermuteBackward(dout, buf, dest, w, dbuf, dw);
     }
 
+    /**
+     * The counts form of {@link #moePermute} into a buffer [R, M] whose rows live scattered over dsts: its row r is row
+     * rowDest[r, 1] of dsts[rowDest[r, 0]] (nowhere where rowDest[r, 0] &lt; 0), R = rowDest's rows, as
+     * {@link #scatterRowsTo} places them. The expert-parallel dispatch stores every row (the free slots' zeros too)
+     * straight at its place in its owner's {@link dev.moe4j.core.comm.PeerWindow} with it, no buffer between. This
+     * default dispatches into a buffer and scatters that.
+     */
+    default void moePermuteTo(Tensor x, Tensor dest, Tensor counts, int capacity, Tensor rowDest, Tensor[] dsts) {
+        Checks.rowDestinations("moePermuteTo", rowDest.rows(), x.cols(), x.dtype(), rowDest, dsts);
+        try (Tensor buf = empty(x.dtype(), rowDest.rows(), x.cols())) {
+            moePermute(x, dest, counts, capacity, buf);
+            scatterRowsTo(buf, rowDest, dsts);
+        }
+    }
+
+    /**
+     * The counts form of {@link #moeUnpermuteBackward} with dbuf's rows scattered over dsts as {@link #moePermuteTo}
+     * places buf's (dbuf [R, M], R = rowDest's rows; buf, when dw is computed, an ordinary [R, M] tensor). This default
+     * writes a dbuf and scatters it.
+     */
+    default void moeUnpermuteBackwardTo(Tensor dout, Tensor buf, Tensor dest, Tensor w, Tensor counts, int capacity, Tensor rowDest,
+                                        Tensor[] dsts, Tensor dw) {
+        Checks.rowDestinations("moeUnpermuteBackwardTo", rowDest.rows(), dout.cols(), dout.dtype(), rowDest, dsts);
+        try (Tensor dbuf = empty(dout.dtype(), rowDest.rows(), dout.cols())) {
+            moeUnpermuteBackward(dout, buf, dest, w, counts, capacity, dbuf, dw);
+            scatterRowsTo(dbuf, rowDest, dsts);
+        }
+    }
+
     // ---------------------------------------------------------------- optimizer
 
     /**

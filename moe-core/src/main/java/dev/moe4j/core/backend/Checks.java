@@ -45,16 +45,23 @@ public final class Checks {
 
     /** {@link Backend#scatterRowsTo}'s arguments: dest I32 [src.rows, 2], every destination of src's dtype and width. */
     public static void scatterRowsTo(Tensor src, Tensor dest, Tensor[] dsts) {
-        String op = "scatterRowsTo";
-        open(op, "src", src);
+        open("scatterRowsTo", "src", src);
+        rowDestinations("scatterRowsTo", src.rows(), src.cols(), src.dtype(), dest, dsts);
+    }
+
+    /**
+     * The destinations of rows rows of cols dtype elements scattered over dsts (scatterRowsTo's form): dest I32
+     * [rows, 2], each of dsts open, of that width and dtype.
+     */
+    public static void rowDestinations(String op, long rows, int cols, DType dtype, Tensor dest, Tensor[] dsts) {
         dtype(op, "dest", dest, DType.I32);
-        matrix(op, "dest", dest, src.rows(), 2);
+        matrix(op, "dest", dest, rows, 2);
         if (dsts == null || dsts.length == 0) throw new IllegalArgumentException(op + ": no destinations");
         for (int q = 0; q < dsts.length; q++) {
             String name = "dsts[" + q + "]";
             open(op, name, dsts[q]);
-            cols(op, name, dsts[q], src.cols());
-            dtype(op, name, dsts[q], src.dtype());
+            cols(op, name, dsts[q], cols);
+            dtype(op, name, dsts[q], dtype);
         }
     }
 

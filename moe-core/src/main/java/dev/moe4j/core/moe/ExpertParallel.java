@@ -38,9 +38,10 @@ import java.util.List;
  *
  * <p>Where the communicator offers {@link PeerWindow}s (the ranks of one node with peer access, or in-process ranks)
  * and the layer does not pipeline, the rows move without all-to-all or layout transform: every rank knows the whole
- * routing (capacity: from C; dropless: from the all-gathered counts), so it stores each row of buf straight at its
- * place in the owner's expert-ordered input (window X; the same for dy into window DY), and the owner stores each
- * expert output row at its place in the source's buf layout (window Y; dxin into DX). The windows belong to the layer
+ * routing (capacity: from C; dropless: from the all-gathered counts), so its dispatch stores each row straight at its
+ * place in the owner's expert-ordered input (window X; no buf: {@link Backend#moePermuteTo}; the same for the combine's
+ * backward into window DY), and the owner stores each expert output row at its place in the source's buf layout
+ * (window Y; dxin into DX). The windows belong to the layer
  * ({@link Windows}): X keeps the experts' input and Y the layer's y until the backward, as the exchange's own buffers.
  * The owner's input is not padded on this path, so a dropless layer whose layout may pad keeps the collectives.
  */
@@ -458,10 +459,31 @@ final class ExpertParallel {
         return List.of(toExpert, toSource, rowExpert, offsets);
     }
 
-    /** buf [R, M] -&gt; y [R, M]: each row through its expert on the rank that owns it (returned, caller owns). */
-    static Tensor forward(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
-        if (r.windows != null) return forwardPeer(ep, r, bank, buf);
-        if (r.pipelined) return forwardPipelined(ep, r, bank, buf);
+    /**
+     * Writes the rows of a buffer [R, M] in buf's layout (the dispatch's buf, the combine backward's dy), every row: into
+     * a tensor ({@code into}), or each row straight at its place in the peer windows ({@code to}: row r at row
+     * rowDest[r, 1] of dsts[rowDest[r, 0]], {@link Backend#moePermuteTo}'s form).
+     */
+    interface Rows {
+        void into(Tensor buf);
+
+        void to(Tensor rowDest, Tensor[] dsts);
+    }
+
+    /**
+     * The dispatch buffer buf [R, M] (written by {@code buf}) -&gt; y [R, M]: each row through its expert on the rank that
+     * owns it (returned, caller owns; on the peer path a view of the window Y, valid until the layer's next forward).
+     */
+    static Tensor forward(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
+        if (r.windows != null) return forwardPeer(ep, r, bank, R, M, dt, dispatch);
+        try (Tensor buf = ep.backend().empty(dt, R, M)) {
+            dispatch.into(buf);
+            return r.pipelined ? forwardPipelined(ep, r, bank, buf) : forwardCollective(ep, r, bank, buf);
+        }
+    }
+
+    /** The forward through all-to-alls (no windows, no stages). */
+    private static Tensor forwardCollective(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
         Backend b = ep.backend();
         int M = buf.cols();
         DType dt = buf.dtype();
@@ -489,19 +511,18 @@ final class ExpertParallel {
     }
 
     /**
-     * The forward through the peer windows: buf's rows stored into the owners' X, the experts on X, their outputs stored
-     * into the sources' Y, which is returned (a view of the window, valid until the layer's next forward).
+     * The forward through the peer windows: buf's rows stored into the owners' X by the dispatch itself, the experts on
+     * X, their outputs stored into the sources' Y, which is returned (a view of the window).
      */
-    private static Tensor forwardPeer(Communicator ep, Route r, ExpertBank bank, Tensor buf) {
+    private static Tensor forwardPeer(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
         Backend b = ep.backend();
         Windows w = r.windows;
-        int M = buf.cols(), P = ep.size(), me = ep.rank();
-        DType dt = buf.dtype();
+        int P = ep.size(), me = ep.rank();
         Stage st = r.stages[0];
         r.releaseActivations();
         indices(b, r);
         w.x.open();
-        b.scatterRowsTo(buf, r.dispatchDest, Windows.all(w.x, P, dt, M));
+        dispatch.to(r.dispatchDest, Windows.all(w.x, P, dt, M));
         w.x.publish();
         w.x.await();
         w.y.open();
@@ -513,22 +534,21 @@ final class ExpertParallel {
         }
         w.y.publish();
         w.y.await();
-        return w.y.tensor(me, dt, buf.rows(), M);
+        return w.y.tensor(me, dt, R, M);
     }
 
     /**
-     * The backward through the peer windows: dy stored into the owners' DY (the gate's backward runs while the peers'
-     * rows arrive), the experts' data backward, dxin stored into the sources' DX while the weight gradients run; returns
-     * DX (a view of the window, valid until the layer's next backward).
+     * The backward through the peer windows: dy's rows stored into the owners' DY by the combine's backward itself (the
+     * gate's backward runs while the peers' rows arrive), the experts' data backward, dxin stored into the sources' DX
+     * while the weight gradients run; returns DX (a view of the window, valid until the layer's next backward).
      */
-    private static Tensor backwardPeer(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
+    private static Tensor backwardPeer(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dy, Runnable beside) {
         Backend b = ep.backend();
         Windows w = r.windows;
-        int M = dy.cols(), P = ep.size(), me = ep.rank();
-        DType dt = dy.dtype();
+        int P = ep.size(), me = ep.rank();
         Stage st = r.stages[0];
         w.dy().open();
-        b.scatterRowsTo(dy, r.dispatchDest, Windows.all(w.dy(), P, dt, M));
+        dy.to(r.dispatchDest, Windows.all(w.dy(), P, dt, M));
         w.dy().publish();
         if (beside != null) beside.run();
         w.dy().await();
@@ -541,7 +561,7 @@ final class ExpertParallel {
         w.dx().publish();
         if (r.localRows > 0) bank.backwardWeights(st.pass);   // beside the peers' stores
         w.dx().await();
-        return w.dx().tensor(me, dt, dy.rows(), M);
+        return w.dx().tensor(me, dt, R, M);
     }
 
     /**
@@ -631,14 +651,22 @@ final class ExpertParallel {
     }
 
     /**
-     * dy [R, M] -&gt; dbuf [R, M] (returned); accumulates the local experts' gradients. {@code beside} (may be null) is
+     * dy [R, M] (written by {@code dy}) -&gt; dbuf [R, M] (returned; on the peer path a view of the window DX, valid until
+     * the layer's next backward); accumulates the local experts' gradients. {@code beside} (may be null) is
      * work that needs nothing of this exchange (the gate's backward): with variable splits or stages it runs while
      * the dispatch exchange of dy travels on the communicator's side stream. The input gradients go back by the
      * reverse all-to-all while the experts' weight gradients are computed ({@link Communicator#allToAllVAsync}).
      */
-    static Tensor backward(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
-        if (r.windows != null) return backwardPeer(ep, r, bank, dy, beside);
-        if (r.pipelined) return backwardPipelined(ep, r, bank, dy, beside);
+    static Tensor backward(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dy, Runnable beside) {
+        if (r.windows != null) return backwardPeer(ep, r, bank, R, M, dt, dy, beside);
+        try (Tensor d = ep.backend().empty(dt, R, M)) {
+            dy.into(d);
+            return r.pipelined ? backwardPipelined(ep, r, bank, d, beside) : backwardCollective(ep, r, bank, d, beside);
+        }
+    }
+
+    /** The backward through all-to-alls (no windows, no stages). */
+    private static Tensor backwardCollective(Communicator ep, Route r, ExpertBank bank, Tensor dy, Runnable beside) {
         Stage st = r.stages[0];
         Backend b = ep.backend();
         int M = dy.cols();

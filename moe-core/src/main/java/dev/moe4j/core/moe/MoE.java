@@ -67,7 +67,7 @@ public final class MoE implements AutoCloseable {
 
     // saved by forward
     private final SavedTensors saved = new SavedTensors();
-    private Tensor x, buf, y, rowExpert, stack, coef, resDest;
+    private Tensor x, y, rowExpert, stack, coef, resDest;
     private int capacity, tokens;
     private int slots;   // rows per expert in buf (0: dropless, sorted by expert)
     private MoEOutput last;
@@ -163,9 +163,25 @@ public final class MoE implements AutoCloseable {
         // row (unused capacity and padding rows 0), so buf needs no zero fill
         int R = slots > 0 ? E * slots : S * k;
         this.slots = slots;
-        buf = saved.keep(b.empty(ctx.dtype(), R, M));
-        b.moePermute(x, g.dest(), g.counts(), slots, buf);
-        if (ep == null) {
+        if (ep != null) {
+            // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
+            if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
+                if (route != null) route.close();
+                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll, cfg.droplessLayout, ctx.dtype(),
+                        windows, M);
+            }
+            GateOutputs routed = g;
+            // through peer windows the dispatch stores each row straight into its owner's window: no buf
+            y = saved.keep(ExpertParallel.forward(ep, route, experts, R, M, ctx.dtype(), new ExpertParallel.Rows() {
+                @Override
+                public void into(Tensor buf) { b.moePermute(x, routed.dest(), routed.counts(), MoE.this.slots, buf); }
+
+                @Override
+                public void to(Tensor rowDest, Tensor[] dsts) { b.moePermuteTo(x, routed.dest(), routed.counts(), MoE.this.slots, rowDest, dsts); }
+            }));
+        } else {
+            Tensor buf = saved.keep(b.empty(ctx.dtype(), R, M));
+            b.moePermute(x, g.dest(), g.counts(), slots, buf);
             if (experts.hasBias()) rowExpert = saved.keep(rowExperts(g, S, k, R));
             // experts: y [R, M]
             // The expert offsets on the host, for backends whose grouped GEMMs need them there. Capacity mode:
@@ -183,14 +199,6 @@ public final class MoE implements AutoCloseable {
                 hostOffsets = g.offsets().toInts();
             }
             y = saved.keep(experts.forward(buf, g.offsets(), hostOffsets, rowExpert));
-        } else {
-            // expert parallelism: buf's rows go to the ranks owning their experts and y comes back in buf's layout
-            if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
-                if (route != null) route.close();
-                route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll, cfg.droplessLayout, ctx.dtype(),
-                        windows, M);
-            }
-            y = saved.keep(ExpertParallel.forward(ep, route, experts, buf));
         }
 
         // combine: moeOut [S, M] = sum_j weights[s,j] * y[dest[s,j]]
@@ -296,18 +304,28 @@ public final class MoE implements AutoCloseable {
         }
         // combine backward: dy rows addressed by dest, the others 0 (the counts form writes every row), and dweights
         // [S,k] in the gate dtype
-        Tensor dy = tmpAdd(tmp, b.empty(ctx.dtype(), y.rows(), M));
         Tensor dw = tmpAdd(tmp, b.empty(gate.dtype(), S, k));
-        b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), g.counts(), slots, dy, dw);
         // experts backward (with expert parallelism the gate's backward runs while dy travels to the experts),
         // then the dispatch's backward (a gather-sum with weight 1)
         Runnable gateBackward = () -> gate.backward(dw, auxLossCoeff, zLossCoeff);
         Tensor dbuf;
+        Tensor dm = dmoe;
         if (ep == null) {
+            Tensor dy = tmpAdd(tmp, b.empty(ctx.dtype(), y.rows(), M));
+            b.moeUnpermuteBackward(dmoe, y, g.dest(), g.weights(), g.counts(), slots, dy, dw);
             dbuf = tmpAdd(tmp, experts.backward(dy));
             gateBackward.run();
         } else {
-            dbuf = tmpAdd(tmp, ExpertParallel.backward(ep, route, experts, dy, gateBackward));   // runs gateBackward on every path
+            // runs gateBackward on every path; through peer windows dy's rows are stored straight into their owners' windows
+            dbuf = tmpAdd(tmp, ExpertParallel.backward(ep, route, experts, y.rows(), M, ctx.dtype(), new ExpertParallel.Rows() {
+                @Override
+                public void into(Tensor dy) { b.moeUnpermuteBackward(dm, y, g.dest(), g.weights(), g.counts(), slots, dy, dw); }
+
+                @Override
+                public void to(Tensor rowDest, Tensor[] dsts) {
+                    b.moeUnpermuteBackwardTo(dm, y, g.dest(), g.weights(), g.counts(), slots, rowDest, dsts, dw);
+                }
+            }, gateBackward));
         }
         if (route != null && !route.equal) {   // a dropless routing serves one step; a capacity one is kept
             route.close();
