@@ -864,28 +864,6 @@ public final class CudaBackend implements Backend {
         }
     }
 
-    /**
-     * One strided-batched GEMM per destination (over the groups; the GEMM tuner's plan for bf16), each storing its
-     * blocks straight into its destination: no C written and copied again. Other dtypes take the SPI default.
-     */
-    @Override
-    public void groupedMatmulTo(Tensor a, Tensor w, boolean transW, int blockRows, Tensor[] dsts, int row0) {
-        int[] d = Checks.groupedMatmulTo("groupedMatmulTo", a, w, transW, blockRows, dsts, row0);
-        int g = d[0], k = d[1], n = d[2], P = dsts.length;
-        boolean bf16 = a.dtype() == DType.BF16 && w.dtype() == DType.BF16 && dsts[0].dtype() == DType.BF16;
-        if (!bf16) {
-            Backend.super.groupedMatmulTo(a, w, transW, blockRows, dsts, row0);
-            return;
-        }
-        if (g == 0 || blockRows == 0 || n == 0) return;
-        for (int p = 0; p < P; p++) {
-            try (GemmOperands o = new GemmOperands(a, w, dsts[p], false)) {
-                gemm(o, (long) p * blockRows * k, 0, (long) row0 * n, false, transW, blockRows, n, k, 1f, 0f, g,
-                        (long) P * blockRows * k, (long) k * n, (long) blockRows * n);
-            }
-        }
-    }
-
     @Override
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
         groupedMatmulWeightGrad(a, dy, offsets, null, dw, beta);

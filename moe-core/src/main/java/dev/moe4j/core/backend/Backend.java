@@ -163,26 +163,6 @@ public interface Backend extends AutoCloseable {
      */
     void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta);
 
-    /**
-     * {@link #groupedMatmul} (beta 0) of equal groups whose output rows go straight to other tensors in blocks: a
-     * [G * P * blockRows, K] holds group g's rows as P blocks of blockRows (P = dsts.length), and block p of group g,
-     * times W[g], goes to rows [row0 + g * blockRows, row0 + (g + 1) * blockRows) of dsts[p]. W is [G,K,N], or [G,N,K]
-     * with transW. The capacity-mode expert-parallel combine: expert g's rows from source rank p stored by the expert
-     * GEMM itself into that rank's {@link dev.moe4j.core.comm.PeerWindow}. This default computes C and copies the blocks.
-     */
-    default void groupedMatmulTo(Tensor a, Tensor w, boolean transW, int blockRows, Tensor[] dsts, int row0) {
-        int[] d = Checks.groupedMatmulTo("groupedMatmulTo", a, w, transW, blockRows, dsts, row0);
-        int g = d[0], n = d[2], P = dsts.length, per = P * blockRows;
-        int[] offs = new int[g + 1];
-        for (int i = 0; i <= g; i++) offs[i] = i * per;
-        try (Tensor offsets = fromInts(offs, g + 1); Tensor c = empty(dsts[0].dtype(), a.rows(), n)) {
-            groupedMatmul(a, w, transW, offsets, offs, c, 0f);
-            for (int i = 0; i < g; i++) {
-                for (int p = 0; p < P; p++) copy(c.rowSlice(i * per + p * blockRows, blockRows), dsts[p].rowSlice(row0 + i * blockRows, blockRows));
-            }
-        }
-    }
-
     /** {@link #groupedMatmulWeightGrad} with the offsets also on the host (see the hostOffsets form of groupedMatmul). */
     default void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, int[] hostOffsets, Tensor dw, float beta) {
         groupedMatmulWeightGrad(a, dy, offsets, dw, beta);

@@ -119,31 +119,6 @@ public final class Checks {
         return new int[] {e, k, n, t};
     }
 
-    /**
-     * The shapes of {@link Backend#groupedMatmulTo}: W [G,K,N] (transW: [G,N,K]), a [G * P * blockRows, K], each of the
-     * P dsts [&gt;= row0 + G * blockRows, N] of one dtype. Returns {G, K, N}.
-     */
-    public static int[] groupedMatmulTo(String op, Tensor a, Tensor w, boolean transW, int blockRows, Tensor[] dsts, int row0) {
-        open(op, "a", a);
-        rank(op, "w", w, 3);
-        if (dsts == null || dsts.length == 0) throw new IllegalArgumentException(op + ": no destinations");
-        if (blockRows < 0 || row0 < 0) throw new IllegalArgumentException(op + ": blockRows " + blockRows + " and row0 " + row0 + " must be >= 0");
-        int g = w.dim(0), k = transW ? w.dim(2) : w.dim(1), n = transW ? w.dim(1) : w.dim(2);
-        cols(op, "a", a, k);
-        long rows = (long) g * dsts.length * blockRows;
-        if (a.rows() != rows) throw new IllegalArgumentException(op + ": a has " + a.rows() + " rows, expected " + rows + " (" + g + " groups x " + dsts.length + " blocks of " + blockRows + ")");
-        for (int q = 0; q < dsts.length; q++) {
-            String name = "dsts[" + q + "]";
-            open(op, name, dsts[q]);
-            cols(op, name, dsts[q], n);
-            dtype(op, name, dsts[q], dsts[0].dtype());
-            if (dsts[q].rows() < row0 + (long) g * blockRows) {
-                throw new IllegalArgumentException(op + ": " + name + " has " + dsts[q].rows() + " rows, the blocks reach row " + (row0 + (long) g * blockRows));
-            }
-        }
-        return new int[] {g, k, n};
-    }
-
     /** The shapes of {@link Backend#groupedMatmulWeightGrad}: dW [E,K,N], A [T,K], dY [T,N], offsets I32 [E+1]. Returns {E, K, N, T}. */
     public static int[] groupedMatmulWeightGrad(String op, Tensor a, Tensor dy, Tensor offsets, Tensor dw) {
         rank(op, "dw", dw, 3);

@@ -118,21 +118,6 @@ public final class ExpertBank implements AutoCloseable {
      * claimed once for all parts.
      */
     public Tensor forward(Pass p, int first, int count, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert) {
-        return forward(p, first, count, x, offsets, hostOffsets, rowExpert, null);
-    }
-
-    /**
-     * Where the rows of an output go instead of a tensor of their own (the capacity-mode expert-parallel exchange):
-     * each expert's rows are P equal blocks of blockRows (block p from source rank p), and block p of the pass's
-     * expert g goes to rows [row0 + g * blockRows, ...) of dsts[p] ({@link Backend#groupedMatmulTo}).
-     */
-    record Blocks(Tensor[] dsts, int blockRows, int row0) {}
-
-    /**
-     * {@link #forward(Pass, int, int, Tensor, Tensor, int[], Tensor)} with y's rows stored straight into {@code out}'s
-     * blocks by the last GEMM (returns null), or returned as a tensor when out is null. A bank with biases returns y.
-     */
-    Tensor forward(Pass p, int first, int count, Tensor x, Tensor offsets, int[] hostOffsets, Tensor rowExpert, Blocks out) {
         p.close();
         int R = x.rows();
         if (first < 0 || count < 1 || first + count > experts) throw new IllegalArgumentException("ExpertBank: experts [" + first + ", " + (first + count) + ") out of [0, " + experts + ")");
@@ -157,10 +142,6 @@ public final class ExpertBank implements AutoCloseable {
             b.activation(act, p.h1, p.a);
         }
         // y [R,M] = a [R,F] * fc2[e] [F,M] (+ b2[e])
-        if (out != null && b2 == null && offsets != null) {
-            b.groupedMatmulTo(p.a, part(p, fc2.value()), false, out.blockRows, out.dsts, out.row0);
-            return null;
-        }
         Tensor y = b.empty(ctx.dtype(), R, hidden);
         linear(p, p.a, fc2, false, b2, y);
         return y;
@@ -216,11 +197,6 @@ public final class ExpertBank implements AutoCloseable {
      * all-to-all); dy must stay unchanged until then.
      */
     public Tensor backwardData(Pass p, Tensor dy) {
-        return backwardData(p, dy, null);
-    }
-
-    /** {@link #backwardData(Pass, Tensor)} with dx's rows stored straight into {@code out}'s blocks (returns null) unless out is null. */
-    Tensor backwardData(Pass p, Tensor dy, Blocks out) {
         if (p.h1 == null) throw new IllegalStateException("ExpertBank.backward called before forward");
         if (p.dh1 != null) throw new IllegalStateException("ExpertBank.backwardData called twice without backwardWeights");
         int R = p.x.rows();
@@ -234,13 +210,9 @@ public final class ExpertBank implements AutoCloseable {
             b.activationBackward(act, p.h1, da, p.dh1);
         }
         da.close();
-        p.dy = dy;
-        if (out != null && p.offsets != null) {
-            b.groupedMatmulTo(p.dh1, part(p, fc1.value()), true, out.blockRows, out.dsts, out.row0);
-            return null;
-        }
         Tensor dx = b.empty(ctx.dtype(), R, hidden);
         linear(p, p.dh1, fc1, true, null, dx);
+        p.dy = dy;
         return dx;
     }
 

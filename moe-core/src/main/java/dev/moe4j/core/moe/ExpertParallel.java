@@ -528,28 +528,13 @@ final class ExpertParallel {
         w.y.open();
         if (r.localRows > 0) {
             st.xin = w.x.tensor(me, dt, r.localRows, M);   // a view: the window keeps it until the next forward
-            ExpertBank.Blocks blocks = combineBlocks(r, w.y, P, me, dt, M);
-            Tensor yl = bank.forward(st.pass, st.first, st.count, st.xin, st.offsets, st.hostOffsets, bank.hasBias() ? st.rowExpert : null, blocks);
-            if (yl != null) {   // not stored by the GEMM itself (biases, dropless): moved row by row
-                try (yl) {
-                    b.scatterRowsTo(yl, r.combineDest, Windows.all(w.y, P, dt, M));
-                }
+            try (Tensor yl = expertsForward(bank, st)) {
+                b.scatterRowsTo(yl, r.combineDest, Windows.all(w.y, P, dt, M));
             }
         }
         w.y.publish();
         w.y.await();
         return w.y.tensor(me, dt, R, M);
-    }
-
-    /**
-     * Capacity mode's combine as blocks of the expert GEMMs' output (null: dropless, row by row): local expert j's rows
-     * from source p are C rows at (j * P + p) * C of this rank's input and go to rows (me * El + j) * C of p's window,
-     * where p's buf holds global expert me * El + j.
-     */
-    private static ExpertBank.Blocks combineBlocks(Route r, PeerWindow w, int P, int me, DType dt, int M) {
-        if (!r.equal) return null;
-        int C = r.capacity, El = r.localCounts.length;
-        return new ExpertBank.Blocks(Windows.all(w, P, dt, M), C, me * El * C);
     }
 
     /**
@@ -569,11 +554,8 @@ final class ExpertParallel {
         w.dy().await();
         w.dx().open();
         if (r.localRows > 0) {
-            Tensor dxin = bank.backwardData(st.pass, w.dy().tensor(me, dt, r.localRows, M), combineBlocks(r, w.dx(), P, me, dt, M));
-            if (dxin != null) {
-                try (dxin) {
-                    b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx(), P, dt, M));
-                }
+            try (Tensor dxin = bank.backwardData(st.pass, w.dy().tensor(me, dt, r.localRows, M))) {
+                b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx(), P, dt, M));
             }
         }
         w.dx().publish();
