@@ -576,4 +576,56 @@ __global__ void k_moe_unpermute_bwd_to_bf16x8(const uint4* dout, const uint4* bu
                        workBlocks, counts, C, R);
 }
 
+
+// The expert-parallel dispatch's destinations, ExpertLayout.dispatch on the device (no host read of the counts):
+// counts [P * E] (rank p's rows for expert e at p * E + e), rank me's dispatch buffer rows sorted by expert (R of
+// them); out [R, 2] = (owner, row in the owner's input), owner -1 for rows at or beyond windowRows. The owner's input:
+// its El = E / P experts in order, each expert's rows by source rank, each expert at j * most when the owner pads
+// (El * most <= maxPadding * rows). Every block builds the per-expert tables in shared memory (3 * (E + 1) ints).
+__global__ void k_ep_dispatch_dest(const int* counts, int me, int P, int E, float maxPadding, int windowRows, int* out, int R) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    int* sh = (int*)smem;
+    int* col = sh;            // [E] rows of expert e from all sources
+    int* base = sh + E;       // [E] where rank me's rows for expert e start in the owner's input
+    int* mine = sh + 2 * E;   // [E + 1] where rank me's rows for expert e start in its buffer
+    int El = E / P;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int c = 0, before = 0;
+        for (int p = 0; p < P; p++) {
+            int v = counts[p * E + e];
+            c += v;
+            if (p < me) before += v;
+        }
+        col[e] = c;
+        base[e] = before;
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < P; q += blockDim.x) {   // an owner per thread: its padding and its experts' starts
+        int most = 0, rows = 0;
+        for (int j = 0; j < El; j++) { int c = col[q * El + j]; most = max(most, c); rows += c; }
+        bool padded = rows > 0 && (float)El * (float)most <= maxPadding * (float)rows;
+        for (int j = 0, at = 0; j < El; j++) {
+            base[q * El + j] += padded ? j * most : at;
+            at += col[q * El + j];
+        }
+    }
+    if (threadIdx.x == blockDim.x - 1) {
+        int at = 0;
+        for (int e = 0; e < E; e++) { mine[e] = at; at += counts[me * E + e]; }
+        mine[E] = at;
+    }
+    __syncthreads();
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < R; r += gridDim.x * blockDim.x) {
+        int lo = 0, hi = E - 1;   // the last expert e with mine[e] <= r: the one holding row r (empty ones skipped)
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (mine[mid] <= r) lo = mid;
+            else hi = mid - 1;
+        }
+        int row = base[lo] + (r - mine[lo]);
+        out[2 * r] = row < windowRows ? lo / El : -1;
+        out[2 * r + 1] = row;
+    }
+}
+
 }  // extern "C"

@@ -1690,10 +1690,43 @@ public final class CudaBackend implements Backend {
     /** Blocks of THREADS that zero the free slots of a buffer of that many rows: a warp per row. */
     private static int zeroBlocks(long rows) { return blocks(32L * rows); }
 
-    /** The free slots of buf [E*C, M] zeroed on their own (the dtype-generic paths). */
-    private void zeroFreeSlots(Tensor buf, Tensor counts, int capacity) {
+    /** The free slots of buf [E*C, M] zeroed on their own (also the dtype-generic dispatch paths'), a warp per row. */
+    @Override
+    public void zeroFreeSlots(Tensor buf, Tensor counts, int capacity) {
+        String op = "zeroFreeSlots";
+        floating(op, "buf", buf);
+        Checks.open(op, "counts", counts);
+        Checks.dtype(op, "counts", counts, DType.I32);
+        if (counts.numel() * capacity != buf.rows()) {
+            throw new IllegalArgumentException(op + ": buf has " + buf.rows() + " rows, expected " + counts.numel() + " x " + capacity);
+        }
+        if (buf.rows() == 0) return;
         launch("k_moe_zero_free_slots", zeroBlocks(buf.rows()), 1, THREADS, 0, p(buf), Math.toIntExact(buf.cols() * (long) buf.dtype().bytes() / 2),
                 p(counts), capacity, buf.rows());
+    }
+
+    /** One launch; every block rebuilds the small per-expert tables in shared memory (native/moe.cu k_ep_dispatch_dest). */
+    @Override
+    public void epDispatchDestinations(Tensor counts, int me, int P, double maxPadding, long windowRows, Tensor out) {
+        String op = "epDispatchDestinations";
+        Checks.open(op, "counts", counts);
+        Checks.dtype(op, "counts", counts, DType.I32);
+        Checks.dtype(op, "out", out, DType.I32);
+        long n = counts.numel();
+        if (P < 1 || n % P != 0 || (n / P) % P != 0 || me < 0 || me >= P) {
+            throw new IllegalArgumentException(op + ": " + n + " counts for rank " + me + " of " + P + " (expected P * E, E a multiple of P)");
+        }
+        int E = (int) (n / P), R = out.rows();
+        if (out.cols() != 2) throw new IllegalArgumentException(op + ": out is " + out.shape() + ", expected [R, 2]");
+        if (R == 0) return;
+        if (E > 4000) {   // the kernel's tables beyond 48 KB of shared memory
+            Backend.super.epDispatchDestinations(counts, me, P, maxPadding, windowRows, out);
+            return;
+        }
+        // float: the kernel compares El * most <= maxPadding * rows in fp32 (exact for the counts of any real layer)
+        float pad = (float) Math.min(maxPadding, Float.MAX_VALUE);
+        launch("k_ep_dispatch_dest", Math.min(blocks(R), 64), 1, THREADS, 3 * (E + 1) * 4, p(counts), me, P, E, pad,
+                (int) Math.min(windowRows, Integer.MAX_VALUE), p(out), R);
     }
 
     @Override

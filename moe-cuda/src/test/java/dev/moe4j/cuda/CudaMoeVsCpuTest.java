@@ -152,4 +152,37 @@ class CudaMoeVsCpuTest extends GpuTestBase {
         }
         check("moeUnpermuteBackwardTo dw", dw, 1e-5);
     }
+
+    /**
+     * The expert-parallel dispatch's destinations computed on the device (k_ep_dispatch_dest) against the CPU's
+     * (ExpertLayout on the host): random counts with empty experts and a rank without rows, owners that pad and owners
+     * that do not (maxPadding 0, 2, unbounded), a window too small for some rows; then zeroFreeSlots (a padded input's
+     * padding rows) against the CPU's.
+     */
+    @ParameterizedTest
+    @CsvSource({"2, 16, 0", "2, 16, 2", "2, 1, Infinity", "4, 3, 2", "4, 8, Infinity", "8, 2, 0"})
+    void expertParallelDispatchDestinationsMatchTheCpu(int P, int El, double maxPadding) {
+        int E = P * El;
+        int[] counts = new int[P * E];
+        for (int i = 0; i < counts.length; i++) counts[i] = rnd.nextInt(5) == 0 ? 0 : rnd.nextInt(300);
+        for (int e = 0; e < E; e++) counts[(P - 1) * E + e] = 0;   // the last rank routes nothing
+        Tensor[] c = of(counts, P * E);
+        for (int me = 0; me < P; me++) {
+            int rows = 0;
+            for (int e = 0; e < E; e++) rows += counts[me * E + e];
+            if (rows == 0) continue;
+            for (long window : new long[] {Long.MAX_VALUE, 700}) {
+                Tensor[] out = of(new int[2 * rows], rows, 2);
+                for (int i = 0; i < 2; i++) on(i).epDispatchDestinations(c[i], me, P, maxPadding, window, out[i]);
+                checkInts("epDispatchDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " window " + window, out);
+            }
+        }
+        int groups = 5, cap = 37;
+        int[] used = {0, 37, 12, 50, 1};   // empty, full, partial, over capacity (nothing free), one row
+        for (DType dt : new DType[] {DType.BF16, DType.F32}) {
+            Tensor[] buf = rand(dt, 1, groups * cap, 24), u = of(used, groups);
+            for (int i = 0; i < 2; i++) on(i).zeroFreeSlots(buf[i], u[i], cap);
+            check("zeroFreeSlots " + dt, buf, 0);
+        }
+    }
 }

@@ -51,6 +51,15 @@ class MoELayerExpertParallelTest {
         try (Tensor t = ctx.backend().fromDoubles(DType.F64, g, E, M)) { ctx.backend().copy(t, w); }
     }
 
+    /** The gate's weights set to w, or skewed (skewGate) where w is null. */
+    private static void setGate(ModelContext ctx, MoE moe, double[] w) {
+        if (w == null) {
+            skewGate(ctx, moe);
+            return;
+        }
+        try (Tensor t = ctx.backend().fromDoubles(DType.F64, w, E, M)) { ctx.backend().copy(t, moe.gate().weight().master()); }
+    }
+
     private static Tensor dout(ModelContext ctx, int rank) {
         return Tensors.random(ctx.backend(), DType.F64, new SplittableRandom(200 + rank), 1.0, S, M);
     }
@@ -71,11 +80,16 @@ class MoELayerExpertParallelTest {
 
     /** Rank r's expert gradients are the rows of its experts [r*E/W, (r+1)*E/W) of the single-rank gradients. */
     private static void assertExpertGrads(List<Parameter> refExperts, Result got, int r, String what) {
-        for (int i = 0; i < refExperts.size(); i++) {
-            double[] all = refExperts.get(i).grad().toDoubles();
+        assertExpertGradsEqual(refExperts.stream().map(p -> p.grad().toDoubles()).toList(), got, r, what);
+    }
+
+    /** The same against the single-rank gradients as read (refGrads: the expert parameters' in order). */
+    private static void assertExpertGradsEqual(List<double[]> refGrads, Result got, int r, String what) {
+        for (int i = 0; i < refGrads.size(); i++) {
+            double[] all = refGrads.get(i);
             int n = got.expertGrads().get(i).length, from = got.firstRow().get(i) * (all.length / E);
             assertEquals(r * (E / W), got.firstRow().get(i), "rank r holds experts [r*E/W, (r+1)*E/W)");
-            assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.expertGrads().get(i), 1e-12, what + ": " + refExperts.get(i).name());
+            assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.expertGrads().get(i), 1e-12, what + ": expert parameter " + i);
         }
     }
 
@@ -122,8 +136,7 @@ class MoELayerExpertParallelTest {
             long rowExchanges = calls.stream().filter("exchangeRows"::equals).count();
             long allToAlls = calls.stream().filter(c -> c.startsWith("allToAll")).count();
             long windows = calls.stream().filter("openWindow"::equals).count();
-            // the windows take unpadded input: a padded dropless layer keeps the collectives (the CPU's AUTO does not pad)
-            if (peer && !overlap && !(dropless && layout == MoE.DroplessLayout.PADDED)) {
+            if (peer && !overlap) {
                 // X, DY, Y, DX opened once; no collective moves rows (dropless: one count all-gather)
                 assertEquals(4, windows, what + ": " + calls);
                 assertEquals(0, rowExchanges + allToAlls, what + ": " + calls);
@@ -192,8 +205,8 @@ class MoELayerExpertParallelTest {
 
     /**
      * Rows stored straight into the peers' windows (every rank computes where each row lands from the shared routing):
-     * the same layer, with skewed routing (ranks that receive nothing), both modes and no biases; a padded dropless
-     * layer and a pipelined one keep their collectives.
+     * the same layer, with skewed routing (ranks that receive nothing), both modes, no biases, a padded dropless layer
+     * (padding in the owners' windows); a pipelined one keeps its collectives.
      */
     @Test
     void peerWindowLayersEqualTheSingleRankLayer() {
@@ -205,6 +218,75 @@ class MoELayerExpertParallelTest {
         }
         check(true, 2, true, false, MoE.DroplessLayout.PADDED, false, true);
         check(false, 2, false, true, MoE.DroplessLayout.AUTO, true, true);
+    }
+
+    /**
+     * A dropless layer through the windows over three steps, sorted (the CPU's AUTO) and padded: the first step reads
+     * the counts before its dispatch (no window yet); the later ones dispatch before the read (destinations from the
+     * device's counts). The second routes every token to expert 0 (a skewed gate), so that its rows outgrow the window X:
+     * the layer ends that exchange, grows X and dispatches again; the third, with the gate as before, fits the grown
+     * windows, whose padding rows then hold the second step's rows until zeroed. Each step equals the single-rank layer
+     * on the same tokens, expert gradients included.
+     */
+    @Test
+    void droplessPeerLayersDispatchBeforeTheCountReadAndGrowTheirWindows() {
+        for (MoE.DroplessLayout layout : new MoE.DroplessLayout[] {MoE.DroplessLayout.AUTO, MoE.DroplessLayout.PADDED}) {
+            int steps = 3;
+            ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
+            MoE ref = builder(true, 2).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
+            rc.allocateParameters();
+            List<List<double[]>> outs = new ArrayList<>(), dxs = new ArrayList<>(), grads = new ArrayList<>();
+            double[] gate = ref.gate().weight().master().toDoubles();
+            for (int step = 0; step < steps; step++) {
+                setGate(rc, ref, step == 1 ? null : gate);
+                rc.params().zeroGrad();
+                List<double[]> o = new ArrayList<>(), d = new ArrayList<>();
+                for (int r = 0; r < W; r++) {
+                    o.add(ref.forward(tokens(rc, r + W * step, step == 1)).output().toDoubles());
+                    d.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
+                }
+                outs.add(o);
+                dxs.add(d);
+                rc.params().finishGrads();
+                grads.add(rc.params().all().stream().filter(Parameter::isExpert).map(p -> p.grad().toDoubles()).toList());
+            }
+            List<List<Result>> got = InProcessWorld.run(W, comm -> {
+                try (ProcessGroups groups = new ProcessGroups(comm)) {
+                    ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                    List<String> calls = new ArrayList<>();
+                    dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
+                    MoE moe = builder(true, 2).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(layout).setContext(ctx).build();
+                    ctx.allocateParameters();
+                    List<Result> res = new ArrayList<>();
+                    double[] initial = moe.gate().weight().master().toDoubles();
+                    for (int step = 0; step < steps; step++) {
+                        setGate(ctx, moe, step == 1 ? null : initial);
+                        ctx.params().zeroGrad();
+                        calls.clear();
+                        double[] out = moe.forward(tokens(ctx, comm.rank() + W * step, step == 1)).output().toDoubles();
+                        double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
+                        ctx.params().finishGrads();
+                        res.add(Result.of(ctx, out, dx, 0, new ArrayList<>(calls)));
+                    }
+                    moe.close();
+                    return res;
+                }
+            });
+            for (int r = 0; r < W; r++) {
+                for (int step = 0; step < steps; step++) {
+                    String what = layout + " rank " + r + " step " + step;
+                    List<String> calls = got.get(r).get(step).calls();
+                    assertEquals(0, calls.stream().filter(c -> c.startsWith("allToAll")).count(), what + ": " + calls);
+                    long opened = calls.stream().filter("openWindow"::equals).count();
+                    if (step == 0) assertEquals(4, opened, what + ": X, Y, DY, DX: " + calls);
+                    if (step == 1) assertTrue(opened >= 1, what + ": every token to one owner outgrows X: " + calls);
+                    if (step == 2) assertEquals(0, opened, what + ": fits the grown windows: " + calls);
+                    assertClose(outs.get(step).get(r), got.get(r).get(step).out(), 1e-12, what + ": output");
+                    assertClose(dxs.get(step).get(r), got.get(r).get(step).dx(), 1e-12, what + ": dx");
+                    assertExpertGradsEqual(grads.get(step), got.get(r).get(step), r, what);
+                }
+            }
+        }
     }
 
     /**

@@ -423,6 +423,39 @@ public interface Backend extends AutoCloseable {
     }
 
     /**
+     * The expert-parallel dispatch's destinations, from the group's routing on the device (no host read): counts I32
+     * [P * E] (rank p's rows for expert e at p * E + e: the all-gathered gate counts), this rank me of P; out I32 [R, 2]
+     * gets (owner, row in the owner's input) for each row of this rank's dispatch buffer (R = its rows), as
+     * {@link ExpertLayout#dispatch} lays them out (maxPadding: when an owner pads), (-1, row) for rows at or beyond
+     * windowRows. This default reads the counts and uploads ExpertLayout's result.
+     */
+    default void epDispatchDestinations(Tensor counts, int me, int P, double maxPadding, long windowRows, Tensor out) {
+        Checks.dtype("epDispatchDestinations", "counts", counts, DType.I32);
+        int[] d = new ExpertLayout(toInts(counts), P, maxPadding).dispatch(me, windowRows);
+        Checks.matrix("epDispatchDestinations", "out", out, d.length / 2, 2);
+        if (d.length == 0) return;
+        try (Tensor t = fromInts(d, d.length / 2, 2)) {
+            copy(t, out);
+        }
+    }
+
+    /**
+     * Zeroes the free slots of buf [G * C, M]: rows g*C + c for min(counts[g], C) &lt;= c &lt; C (counts I32 [G]), as the
+     * counts form of {@link #moePermute} does. A padded expert input whose rows arrived otherwise (peer windows) gets its
+     * padding zeroed with it.
+     */
+    default void zeroFreeSlots(Tensor buf, Tensor counts, int capacity) {
+        int[] c = toInts(counts);
+        if ((long) c.length * capacity != buf.rows()) {
+            throw new IllegalArgumentException("zeroFreeSlots: buf has " + buf.rows() + " rows, expected " + c.length + " x " + capacity);
+        }
+        for (int g = 0; g < c.length; g++) {
+            int used = Math.max(0, Math.min(c[g], capacity));
+            if (used < capacity) fill(buf.rowSlice(g * capacity + used, capacity - used), 0);
+        }
+    }
+
+    /**
      * The counts form of {@link #moePermute} into a buffer [R, M] whose rows live scattered over dsts: its row r is row
      * rowDest[r, 1] of dsts[rowDest[r, 0]] (nowhere where rowDest[r, 0] &lt; 0), R = rowDest's rows, as
      * {@link #scatterRowsTo} places them. The expert-parallel dispatch stores every row (the free slots' zeros too)

@@ -1,6 +1,7 @@
 package dev.moe4j.core.moe;
 
 import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.backend.ExpertLayout;
 import dev.moe4j.core.backend.GateOutputs;
 import dev.moe4j.core.comm.CommWork;
 import dev.moe4j.core.comm.Communicator;
@@ -43,7 +44,11 @@ import java.util.List;
  * backward into window DY), and the owner stores each expert output row at its place in the source's buf layout
  * (window Y; dxin into DX). The windows belong to the layer
  * ({@link Windows}): X keeps the experts' input and Y the layer's y until the backward, as the exchange's own buffers.
- * The owner's input is not padded on this path, so a dropless layer whose layout may pad keeps the collectives.
+ * A dropless owner that pads ({@link ExpertLayout}) zeroes its input's padding rows once the rows have arrived. Once the
+ * windows exist, a dropless layer sends its rows before the counts reach the host: the destinations come from the
+ * all-gathered counts on the device ({@link Backend#epDispatchDestinations}), and the host reads the counts (the
+ * layer's one wait) while the rows travel; a routing that outgrows the window X ends that exchange, grows X and sends
+ * again.
  */
 final class ExpertParallel {
     private ExpertParallel() {}
@@ -56,29 +61,32 @@ final class ExpertParallel {
 
     /** The routing of one forward, kept for its backward. */
     static final class Route implements AutoCloseable {
-        final int[] sendRows, recvRows;  // rows to / from each rank of the group
+        int[] sendRows, recvRows;        // rows to / from each rank of the group
         final boolean equal;             // capacity mode: every split is El*C
-        final int localRows;             // Rq: rows this rank's experts process
-        final int[] localCounts;         // rows per local expert
+        int localRows;                   // Rq: rows this rank's experts process
+        int[] localCounts;               // rows per local expert
         final int capacity;              // capacity mode's C (0: dropless)
         Tensor packed;                   // one upload holding the stages' index tensors (views of it)
         Stage[] stages;                  // all local experts in one stage, or (overlap) the pipeline's stages
         boolean pipelined;               // overlap: each stage travels by its own block exchange
         int[][] n;                       // rows from source p for local expert j, until indices() has used them
-        MoE.DroplessLayout layout;
+        double maxPadding;               // when a dropless owner pads its experts (ExpertLayout)
         DType dtype;
         Windows windows;                 // peer path: the layer's windows, else null
-        int[] dispatchTo, combineTo;     // peer path, until indices() uploads them: (rank, row) per buf row / per local row
-        Tensor dispatchDest, combineDest; // views of the upload: I32 [R, 2] and [Rq, 2]
+        int[] dispatchTo, combineTo;     // peer path, until indices() uploads them: (rank, row) per buf row / per input row
+        Tensor dispatchDest, combineDest; // I32 [R, 2] and [expert rows, 2]: views of the upload, or (pending) the device's
+        Tensor gathered;                 // pending: the group's counts [P * E] on the device, not yet read
+        Tensor deviceDest;               // pending: dispatchDest computed on the device (owned)
+        boolean redispatch;              // pending: the dispatch outran X's size; X grew and the rows go again
+        Tensor localCountsDevice;        // peer path: localCounts uploaded (a view of packed)
 
-        Route(int[] sendRows, int[] recvRows, boolean equal, int localRows, int[] localCounts, int capacity) {
-            this.sendRows = sendRows;
-            this.recvRows = recvRows;
+        Route(boolean equal, int capacity) {
             this.equal = equal;
-            this.localRows = localRows;
-            this.localCounts = localCounts;
             this.capacity = capacity;
         }
+
+        /** Whether the host part waits for the dispatch (a dropless peer routing whose counts are not read yet). */
+        boolean pending() { return gathered != null && localCounts == null; }
 
         /**
          * Whether this routing serves another forward of the same layer: capacity mode's routing depends only on
@@ -95,9 +103,11 @@ final class ExpertParallel {
 
         @Override
         public void close() {
-            releaseActivations();
+            if (stages != null) releaseActivations();
             if (packed != null) packed.close();   // the stages' index tensors are views of it
             packed = null;
+            for (Tensor t : new Tensor[] {gathered, deviceDest}) if (t != null) t.close();
+            gathered = deviceDest = null;
         }
     }
 
@@ -231,34 +241,47 @@ final class ExpertParallel {
      */
     static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap,
                        MoE.DroplessLayout layout, DType dtype, Windows windows, int hidden) {
-        int P = ep.size(), me = ep.rank(), El = numExperts / P;
+        int P = ep.size();
         Backend b = ep.backend();
+        boolean equal = capacity > 0;
+        Route r = new Route(equal, equal ? capacity : 0);
+        r.maxPadding = equal ? 0 : MoE.maxPadding(layout, b, dtype);
+        r.dtype = dtype;
+        r.pipelined = overlap && P > 1;
+        int[] all = new int[P * numExperts];   // all[p*E + e]: rank p's rows for expert e
+        if (equal) {
+            java.util.Arrays.fill(all, capacity);
+        } else {
+            r.gathered = b.empty(DType.I32, P * numExperts);
+            ep.allGather(g.counts(), r.gathered);
+            // with windows already open, the dispatch goes out before the count read (finish() after it)
+            if (windows != null && !r.pipelined && windows.x != null) {
+                r.windows = windows;
+                return r;
+            }
+            all = r.gathered.toInts();   // one host read for the layer
+            r.gathered.close();
+            r.gathered = null;
+        }
+        finish(ep, r, all, windows, hidden);
+        return r;
+    }
+
+    /**
+     * The host part of route r from the group's routing all[p*E + e]: splits, local counts, stages, and on the peer path
+     * (windows non-null: opened or grown here, collectively) the destinations of the combine (and of the dispatch where
+     * the device has not computed them).
+     */
+    private static void finish(Communicator ep, Route r, int[] all, Windows windows, int hidden) {
+        int P = ep.size(), me = ep.rank(), numExperts = all.length / P, El = numExperts / P;
         int[][] n = new int[P][El];   // n[p][j]: rows source rank p sends to my local expert j
         int[] sendRows = new int[P], recvRows = new int[P];
-        boolean equal = capacity > 0;
-        int[] mine = new int[numExperts];   // rows of my buf per global expert
-        int[] all = null;                   // dropless: all[p*E + e], rank p's rows for expert e
-        if (equal) {
-            for (int p = 0; p < P; p++) {
-                java.util.Arrays.fill(n[p], capacity);
-                sendRows[p] = El * capacity;
-                recvRows[p] = El * capacity;
+        for (int p = 0; p < P; p++) {
+            for (int j = 0; j < El; j++) {
+                n[p][j] = all[p * numExperts + me * El + j];
+                recvRows[p] += n[p][j];
+                sendRows[p] += all[me * numExperts + p * El + j];
             }
-            java.util.Arrays.fill(mine, capacity);
-        } else {
-            // all[p*E + e]: rank p's count for expert e (all kept: dropless), one host read for the layer
-            try (Tensor gathered = b.empty(DType.I32, P * numExperts)) {
-                ep.allGather(g.counts(), gathered);
-                all = gathered.toInts();
-            }
-            for (int p = 0; p < P; p++) {
-                for (int j = 0; j < El; j++) {
-                    n[p][j] = all[p * numExperts + me * El + j];
-                    recvRows[p] += n[p][j];
-                    sendRows[p] += all[me * numExperts + p * El + j];
-                }
-            }
-            System.arraycopy(all, me * numExperts, mine, 0, numExperts);
         }
         int[] localCounts = new int[El];
         int rq = 0;
@@ -266,30 +289,27 @@ final class ExpertParallel {
             for (int p = 0; p < P; p++) localCounts[j] += n[p][j];
             rq += localCounts[j];
         }
-        Route r = new Route(sendRows, recvRows, equal, rq, localCounts, equal ? capacity : 0);
+        r.sendRows = sendRows;
+        r.recvRows = recvRows;
+        r.localRows = rq;
+        r.localCounts = localCounts;
         r.n = n;
-        r.layout = layout;
-        r.dtype = dtype;
-        r.pipelined = overlap && P > 1;
-        // the windows take the owner's input unpadded: a dropless layer that may pad keeps the collectives (on CUDA its
-        // equal groups measured faster than the windows' exchange with variable groups)
-        if (windows != null && !r.pipelined && (equal || !MoE.padsDropless(layout, b, dtype, 0, 1))) {
-            int[] cnt = all;
-            if (cnt == null) {
-                cnt = new int[P * numExperts];
-                java.util.Arrays.fill(cnt, capacity);
+        if (windows != null && !r.pipelined) {
+            ExpertLayout lay = new ExpertLayout(all, P, r.maxPadding);
+            if (r.gathered != null) {
+                // pending: the dispatch went out into a window sized by earlier routings; rows beyond it went nowhere
+                long windowRows = windows.x.bytes() / ((long) hidden * r.dtype.bytes());
+                if (lay.largestInput() > windowRows) {
+                    windows.x.await();   // the exchange under way ends before its window is replaced
+                    r.redispatch = true;
+                }
             }
-            long mostX = 0, mostY = 0;   // the largest rank's expert input and buf
-            for (int q = 0; q < P; q++) {
-                long xq = 0, yq = 0;
-                for (int p = 0; p < P; p++) for (int j = 0; j < El; j++) xq += cnt[p * numExperts + q * El + j];
-                for (int e = 0; e < numExperts; e++) yq += cnt[q * numExperts + e];
-                mostX = Math.max(mostX, xq);
-                mostY = Math.max(mostY, yq);
-            }
-            if (windows.ensure(ep, mostX, mostY, hidden, dtype)) {
+            if (windows.ensure(ep, lay.largestInput(), lay.largestBuf(), hidden, r.dtype)) {
                 r.windows = windows;
-                peerDestinations(r, P, me, El, cnt);
+                if (r.gathered == null) r.dispatchTo = lay.dispatch(me, Long.MAX_VALUE);
+                r.combineTo = lay.combine(me);
+            } else {
+                r.windows = null;
             }
         }
         if (!r.pipelined) {
@@ -299,7 +319,7 @@ final class ExpertParallel {
             int G = Math.min(chunks(), El);
             r.stages = new Stage[G];
             int[] bufStart = new int[numExperts + 1];
-            for (int e = 0; e < numExperts; e++) bufStart[e + 1] = bufStart[e] + mine[e];
+            for (int e = 0; e < numExperts; e++) bufStart[e + 1] = bufStart[e] + all[me * numExperts + e];
             for (int c = 0; c < G; c++) {
                 int j0 = c * El / G, j1 = (c + 1) * El / G;
                 Stage st = r.stages[c] = new Stage(j0, j1 - j0);
@@ -316,56 +336,6 @@ final class ExpertParallel {
                 st.recvBlocks = new RowBlocks(peer, recvStart, recvRowsOf);
             }
         }
-        return r;
-    }
-
-    /**
-     * The peer path's destinations from the whole group's routing cnt[p*E + e] (rows of rank p's buf for expert e):
-     * each row of this rank's buf goes to (owner q, row of q's expert-ordered input), whose order is (local expert j,
-     * source p, row i) as {@link #layout}'s unpadded one; each row of this rank's input goes back to (source p, row of
-     * p's buf), which is sorted by expert.
-     */
-    private static void peerDestinations(Route r, int P, int me, int El, int[] cnt) {
-        int E = P * El;
-        int[][] bufStart = new int[P][E];   // where rank p's rows for expert e start in p's buf
-        int myRows = 0;
-        for (int p = 0; p < P; p++) {
-            for (int e = 0, at = 0; e < E; e++) {
-                bufStart[p][e] = at;
-                at += cnt[p * E + e];
-                if (p == me) myRows = at;
-            }
-        }
-        int[] dispatch = new int[2 * myRows];
-        for (int q = 0; q < P; q++) {
-            int at = 0;   // in q's input
-            for (int j = 0; j < El; j++) {
-                int e = q * El + j;
-                for (int p = 0; p < P; p++) {
-                    if (p == me) {
-                        for (int i = 0; i < cnt[me * E + e]; i++) {
-                            int row = bufStart[me][e] + i;
-                            dispatch[2 * row] = q;
-                            dispatch[2 * row + 1] = at + i;
-                        }
-                    }
-                    at += cnt[p * E + e];
-                }
-            }
-        }
-        int[] combine = new int[2 * r.localRows];
-        int at = 0;
-        for (int j = 0; j < El; j++) {
-            int e = me * El + j;
-            for (int p = 0; p < P; p++) {
-                for (int i = 0; i < cnt[p * E + e]; i++, at++) {
-                    combine[2 * at] = p;
-                    combine[2 * at + 1] = bufStart[p][e] + i;
-                }
-            }
-        }
-        r.dispatchTo = dispatch;
-        r.combineTo = combine;
     }
 
     /**
@@ -383,9 +353,9 @@ final class ExpertParallel {
         }
         int peerPart = parts.size();
         if (r.windows != null) {
-            parts.add(r.dispatchTo);
             parts.add(r.combineTo);
-            r.dispatchTo = r.combineTo = null;
+            parts.add(r.localCounts);   // a padded input's padding rows follow from them (zeroFreeSlots)
+            if (r.dispatchTo != null) parts.add(r.dispatchTo);   // else computed on the device (pending)
         }
         if (parts.isEmpty()) return;
         // one host-to-device copy for all index tensors
@@ -409,8 +379,10 @@ final class ExpertParallel {
             st.offsets = r.packed.view(at[i + 3], st.count + 1);
         }
         if (r.windows != null) {
-            r.dispatchDest = r.packed.view(at[peerPart], parts.get(peerPart).length / 2, 2);
-            r.combineDest = r.packed.view(at[peerPart + 1], r.localRows, 2);
+            r.combineDest = r.packed.view(at[peerPart], r.combineTo.length / 2, 2);
+            r.localCountsDevice = r.packed.view(at[peerPart + 1], r.localCounts.length);
+            if (r.dispatchTo != null) r.dispatchDest = r.packed.view(at[peerPart + 2], r.dispatchTo.length / 2, 2);
+            r.dispatchTo = r.combineTo = null;
         }
     }
 
@@ -426,7 +398,8 @@ final class ExpertParallel {
         if (rows == 0) return List.of();
         int most = 0;
         for (int j = j0; j < j1; j++) most = Math.max(most, r.localCounts[j]);
-        boolean padded = !r.equal && MoE.padsDropless(r.layout, b, r.dtype, (long) count * most, rows);
+        // the decision ExpertLayout takes for the peer path (MoE.padsDropless's, as maxPadding)
+        boolean padded = !r.equal && (double) count * most <= r.maxPadding * rows;
         // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at (j - j0) * most
         int[][] srcStart = new int[P][j1], expStart = new int[P][j1];
         int at = 0;
@@ -512,22 +485,36 @@ final class ExpertParallel {
 
     /**
      * The forward through the peer windows: buf's rows stored into the owners' X by the dispatch itself, the experts on
-     * X, their outputs stored into the sources' Y, which is returned (a view of the window).
+     * X, their outputs stored into the sources' Y, which is returned (a view of the window). A pending (dropless) route
+     * sends its rows before the counts reach the host, to destinations computed on the device, and finishes on the host
+     * while they travel; a padded owner zeroes its input's padding rows once they have arrived.
      */
     private static Tensor forwardPeer(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
         Backend b = ep.backend();
-        Windows w = r.windows;
         int P = ep.size(), me = ep.rank();
+        if (r.pending()) {
+            dispatchPending(ep, r, R, M, dt, dispatch);
+            finish(ep, r, r.gathered.toInts(), r.windows, M);   // the layer's one host read
+            if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
+            if (r.redispatch) {   // the window X grew (every rank alike): the rows go again, all of them inside it
+                r.redispatch = false;
+                dispatchPending(ep, r, R, M, dt, dispatch);
+            }
+            indices(b, r);
+        } else {
+            r.releaseActivations();
+            indices(b, r);
+            r.windows.x.open();
+            dispatch.to(r.dispatchDest, Windows.all(r.windows.x, P, dt, M));
+            r.windows.x.publish();
+        }
+        Windows w = r.windows;
         Stage st = r.stages[0];
-        r.releaseActivations();
-        indices(b, r);
-        w.x.open();
-        dispatch.to(r.dispatchDest, Windows.all(w.x, P, dt, M));
-        w.x.publish();
         w.x.await();
+        if (st.padded) b.zeroFreeSlots(w.x.tensor(me, dt, st.expertRows, M), r.localCountsDevice, st.expertRows / st.count);
         w.y.open();
         if (r.localRows > 0) {
-            st.xin = w.x.tensor(me, dt, r.localRows, M);   // a view: the window keeps it until the next forward
+            st.xin = w.x.tensor(me, dt, st.expertRows, M);   // a view: the window keeps it until the next forward
             try (Tensor yl = expertsForward(bank, st)) {
                 b.scatterRowsTo(yl, r.combineDest, Windows.all(w.y, P, dt, M));
             }
@@ -535,6 +522,19 @@ final class ExpertParallel {
         w.y.publish();
         w.y.await();
         return w.y.tensor(me, dt, R, M);
+    }
+
+    /** A pending route's dispatch into X: destinations from the group's counts on the device, then open, stores, publish. */
+    private static void dispatchPending(Communicator ep, Route r, int R, int M, DType dt, Rows dispatch) {
+        Backend b = ep.backend();
+        Windows w = r.windows;
+        long windowRows = w.x.bytes() / ((long) M * dt.bytes());
+        if (r.deviceDest == null) r.deviceDest = b.empty(DType.I32, R, 2);
+        b.epDispatchDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, windowRows, r.deviceDest);
+        r.dispatchDest = r.deviceDest;
+        w.x.open();
+        dispatch.to(r.dispatchDest, Windows.all(w.x, ep.size(), dt, M));
+        w.x.publish();
     }
 
     /**
@@ -552,9 +552,11 @@ final class ExpertParallel {
         w.dy().publish();
         if (beside != null) beside.run();
         w.dy().await();
+        // the padding rows' gradients are 0 (the rows held another layer's or step's gradients)
+        if (st.padded) b.zeroFreeSlots(w.dy().tensor(me, dt, st.expertRows, M), r.localCountsDevice, st.expertRows / st.count);
         w.dx().open();
         if (r.localRows > 0) {
-            try (Tensor dxin = bank.backwardData(st.pass, w.dy().tensor(me, dt, r.localRows, M))) {
+            try (Tensor dxin = bank.backwardData(st.pass, w.dy().tensor(me, dt, st.expertRows, M))) {
                 b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx(), P, dt, M));
             }
         }

@@ -238,6 +238,19 @@ public final class MoE implements AutoCloseable {
     static final double MAX_DROPLESS_PADDING = 2.0;
 
     /**
+     * The padding a dropless layout allows, as {@link dev.moe4j.core.backend.ExpertLayout}'s maxPadding (padded rows
+     * at most this many times the routed rows): SORTED 0 (never), PADDED unbounded, AUTO {@link #MAX_DROPLESS_PADDING}
+     * where the backend prefers equal groups for the dtype, else 0. The same decisions as {@link #padsDropless}.
+     */
+    static double maxPadding(DroplessLayout layout, Backend b, DType dtype) {
+        return switch (layout) {
+            case SORTED -> 0;
+            case PADDED -> Double.POSITIVE_INFINITY;
+            case AUTO -> b.prefersEqualGroups(dtype) ? MAX_DROPLESS_PADDING : 0;
+        };
+    }
+
+    /**
      * Whether a dropless layout pads {@code rows} routed rows to {@code paddedRows} (experts times the largest count;
      * 0 while the counts are not known yet: whether it may pad at all): SORTED never, PADDED always, AUTO where the
      * backend prefers equal groups for the dtype and the padding stays within {@link #MAX_DROPLESS_PADDING}.
@@ -556,8 +569,7 @@ public final class MoE implements AutoCloseable {
          * Expert parallelism: where the group's communicator offers {@link dev.moe4j.core.comm.PeerWindow}s (ranks of
          * one node with peer access; in-process ranks) and the layer does not pipeline, its rows are stored straight
          * into the owners' and the sources' windows instead of traveling by all-to-all (default true; also
-         * {@code -Dmoe4j.ep.peerExchange=false}). That path does not pad: a dropless layer whose layout may pad (PADDED,
-         * or AUTO on a backend that prefers equal groups, such as CUDA in bf16) keeps the collectives.
+         * {@code -Dmoe4j.ep.peerExchange=false}).
          */
         public Builder optPeerExchange(boolean peer) { this.peerExchange = peer; return this; }
 
