@@ -209,6 +209,54 @@ public final class CudaBackend implements Backend {
         synchronize();  // the host buffer is freed when this returns
     }
 
+    private Pointer readBuf;          // pinned: readIntsLater's landing place, grown as needed
+    private long readBufBytes;
+    private CUevent_st readDone;
+    private int[][] readPending;      // the read in flight (its one slot empty until taken), or null
+
+    /** A copy into pinned memory and an event behind it: the supplier waits for the event, not the stream. */
+    @Override
+    public java.util.function.Supplier<int[]> readIntsLater(Tensor t) {
+        Checks.open("readIntsLater", "t", t);
+        if (t.dtype() != DType.I32) {
+            int[] v = toInts(t);
+            return () -> v;
+        }
+        int n = Math.toIntExact(t.numel());
+        if (n == 0) return () -> new int[0];
+        finishRead();
+        bind();
+        long bytes = 4L * n;
+        if (bytes > readBufBytes) {
+            if (readBuf != null) cudart.cudaFreeHost(readBuf);
+            readBuf = new Pointer();
+            Cuda.check(cudart.cudaMallocHost(readBuf, Math.max(bytes, 4096)), "cudaMallocHost(readIntsLater)");
+            readBufBytes = Math.max(bytes, 4096);
+        }
+        if (readDone == null) {
+            readDone = new CUevent_st();
+            Cuda.check(cudart.cudaEventCreateWithFlags(readDone, cudart.cudaEventDisableTiming), "cudaEventCreate(readIntsLater)");
+        }
+        Cuda.check(cudart.cudaMemcpyAsync(readBuf, Cuda.ptr(p(t)), bytes, cudart.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(readIntsLater)");
+        Cuda.check(cudart.cudaEventRecord(readDone, stream), "cudaEventRecord(readIntsLater)");
+        int[][] slot = {null, new int[n]};
+        readPending = slot;
+        return () -> {
+            if (slot[0] == null) finishRead();
+            return slot[0];
+        };
+    }
+
+    /** Waits for the read in flight and keeps its values in its slot. */
+    private void finishRead() {
+        int[][] slot = readPending;
+        if (slot == null) return;
+        readPending = null;
+        Cuda.check(cudart.cudaEventSynchronize(readDone), "cudaEventSynchronize(readIntsLater)");
+        new IntPointer(readBuf).capacity(slot[1].length).get(slot[1]);
+        slot[0] = slot[1];
+    }
+
     private void download(Tensor t, Pointer host, long bytes) {
         bind();
         Cuda.check(cudart.cudaMemcpyAsync(host, Cuda.ptr(p(t)), bytes, cudart.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(device to host)");
@@ -1886,6 +1934,8 @@ public final class CudaBackend implements Backend {
         }
         if (ltTuner != null) ltTuner.close();   // its workspace goes back to the allocator, freed next
         if (uploads != null) uploads.close();
+        if (readBuf != null) cudart.cudaFreeHost(readBuf);
+        if (readDone != null) cudart.cudaEventDestroy(readDone);
         allocator.emptyCache();
         cudart.cudaStreamDestroy(stream);
         scalars.close();

@@ -64,4 +64,34 @@ class CudaUploadTest extends GpuTestBase {
             }
         }
     }
+
+    /**
+     * readIntsLater: the values as they were when it was called, although the stream overwrites the tensor afterwards
+     * (behind a long GEMM, so that the overwrite is still queued when the read starts), and the host gets them without
+     * waiting for that later work; a second read finishes the first, whose values stay with its supplier.
+     */
+    @Test
+    void readsLaterReturnTheValuesOfTheirPlaceInTheStream() {
+        SplittableRandom r = new SplittableRandom(11);
+        int[] first = r.ints(5000, -1 << 30, 1 << 30).toArray(), second = r.ints(300, 0, 100).toArray();
+        try (Tensor a = gpu.empty(DType.F32, 8192, 8192);
+             Tensor c = gpu.empty(DType.F32, 8192, 8192);
+             Tensor t = gpu.fromInts(first, first.length);
+             Tensor u = gpu.fromInts(second, second.length)) {
+            gpu.randomUniform(a, -1, 1, 3, 0);
+            gpu.synchronize();
+            var later = gpu.readIntsLater(t);
+            busy(a, c);          // queued after the read: the supplier must not wait for it
+            gpu.fill(t, 7);      // and this overwrite must not show in the values read
+            int[] got = later.get();
+            assertEquals(false, streamIdle(), "the read waited for the work queued after it");
+            assertArrayEquals(first, got, "the values as they were when the read was queued");
+            var other = gpu.readIntsLater(u);
+            var again = gpu.readIntsLater(t);   // finishes the read of u first
+            assertArrayEquals(second, other.get(), "an earlier read taken by a later one");
+            int[] sevens = new int[first.length];
+            java.util.Arrays.fill(sevens, 7);
+            assertArrayEquals(sevens, again.get(), "after the fill");
+        }
+    }
 }

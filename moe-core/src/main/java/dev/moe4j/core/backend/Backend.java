@@ -60,6 +60,16 @@ public interface Backend extends AutoCloseable {
 
     int[] toInts(Tensor t);
 
+    /**
+     * Starts reading t (I32) to the host behind the work queued so far and returns its values when asked: the supplier
+     * waits only for that work, not for what is queued after this call (so the device keeps working on it while the host
+     * waits). One read at a time: a later call finishes an earlier one first. This default reads at once.
+     */
+    default java.util.function.Supplier<int[]> readIntsLater(Tensor t) {
+        int[] v = toInts(t);
+        return () -> v;
+    }
+
     /** dst = src (same element count; converts dtype). */
     void copy(Tensor src, Tensor dst);
 

@@ -76,6 +76,7 @@ final class ExpertParallel {
         int[] dispatchTo, combineTo;     // peer path, until indices() uploads them: (rank, row) per buf row / per input row
         Tensor dispatchDest, combineDest; // I32 [R, 2] and [expert rows, 2]: views of the upload, or (pending) the device's
         Tensor gathered;                 // pending: the group's counts [P * E] on the device, not yet read
+        java.util.function.Supplier<int[]> countsLater;   // pending: their read, started behind the all-gather
         Tensor deviceDest;               // pending: dispatchDest computed on the device (owned)
         boolean redispatch;              // pending: the dispatch outran X's size; X grew and the rows go again
         Tensor localCountsDevice;        // peer path: localCounts uploaded (a view of packed)
@@ -254,9 +255,10 @@ final class ExpertParallel {
         } else {
             r.gathered = b.empty(DType.I32, P * numExperts);
             ep.allGather(g.counts(), r.gathered);
-            // with windows already open, the dispatch goes out before the count read (finish() after it)
+            // with windows already open, the dispatch goes out before the counts reach the host (finish() after it)
             if (windows != null && !r.pipelined && windows.x != null) {
                 r.windows = windows;
+                r.countsLater = b.readIntsLater(r.gathered);
                 return r;
             }
             all = r.gathered.toInts();   // one host read for the layer
@@ -494,7 +496,7 @@ final class ExpertParallel {
         int P = ep.size(), me = ep.rank();
         if (r.pending()) {
             dispatchPending(ep, r, R, M, dt, dispatch);
-            finish(ep, r, r.gathered.toInts(), r.windows, M);   // the layer's one host read
+            finish(ep, r, r.countsLater.get(), r.windows, M);   // the layer's one wait, for the counts only
             if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
             if (r.redispatch) {   // the window X grew (every rank alike): the rows go again, all of them inside it
                 r.redispatch = false;
