@@ -628,4 +628,59 @@ __global__ void k_ep_dispatch_dest(const int* counts, int me, int P, int E, floa
     }
 }
 
+// Owner me's input rows -> (source rank, row in the source's dispatch buffer), ExpertLayout.combine on the device: the
+// input holds expert j's rows by source, expert j at j * most when me pads (as k_ep_dispatch_dest decides), else
+// after the experts before it; padding rows get (-1, 0). rows = me's input rows. Shared: (P + 2) * El + 1 ints.
+__global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float maxPadding, int* out, int rows) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    int El = E / P;
+    int* col = (int*)smem;       // [El] rows of my expert j from all sources
+    int* start = col + El;       // [El + 1] where my expert j starts in my input
+    int* bufStart = start + El + 1;   // [P * El] where source p's rows for my expert j start in p's buffer
+    for (int j = threadIdx.x; j < El; j += blockDim.x) {
+        int c = 0;
+        for (int p = 0; p < P; p++) c += counts[p * E + me * El + j];
+        col[j] = c;
+    }
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {   // a source per thread: the prefix of its buffer
+        int at = 0;
+        for (int e = 0; e < me * El + El; e++) {
+            if (e >= me * El) bufStart[p * El + e - me * El] = at;
+            at += counts[p * E + e];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int most = 0, total = 0;
+        for (int j = 0; j < El; j++) { most = max(most, col[j]); total += col[j]; }
+        bool padded = total > 0 && (float)El * (float)most <= maxPadding * (float)total;
+        for (int j = 0, at = 0; j <= El; j++) {
+            start[j] = padded ? j * most : at;
+            if (j < El) at += col[j];
+        }
+    }
+    __syncthreads();
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+        int lo = 0, hi = El - 1;   // the last expert starting at or before r
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (start[mid] <= r) lo = mid;
+            else hi = mid - 1;
+        }
+        int i = r - start[lo], p = 0;
+        if (i >= col[lo]) {   // padding
+            out[2 * r] = -1;
+            out[2 * r + 1] = 0;
+            continue;
+        }
+        for (; p < P; p++) {
+            int c = counts[p * E + me * El + lo];
+            if (i < c) break;
+            i -= c;
+        }
+        out[2 * r] = p;
+        out[2 * r + 1] = bufStart[p * El + lo] + i;
+    }
+}
+
 }  // extern "C"

@@ -1753,10 +1753,23 @@ public final class CudaBackend implements Backend {
                 p(counts), capacity, buf.rows());
     }
 
-    /** One launch; every block rebuilds the small per-expert tables in shared memory (native/moe.cu k_ep_dispatch_dest). */
+    /** One launch, as epDispatchDestinations (native/moe.cu k_ep_combine_dest). */
     @Override
-    public void epDispatchDestinations(Tensor counts, int me, int P, double maxPadding, long windowRows, Tensor out) {
-        String op = "epDispatchDestinations";
+    public void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out) {
+        String op = "epCombineDestinations";
+        int E = epCounts(op, counts, me, P, out);
+        int rows = out.rows(), El = E / P;
+        if (rows == 0) return;
+        if ((P + 2L) * El + 1 > 12000) {   // the kernel's tables beyond 48 KB of shared memory
+            Backend.super.epCombineDestinations(counts, me, P, maxPadding, out);
+            return;
+        }
+        launch("k_ep_combine_dest", Math.min(blocks(rows), 64), 1, THREADS, (int) (((P + 2L) * El + 1) * 4), p(counts), me, P, E,
+                (float) Math.min(maxPadding, Float.MAX_VALUE), p(out), rows);
+    }
+
+    /** The checks of the expert-parallel destination ops; returns E. */
+    private static int epCounts(String op, Tensor counts, int me, int P, Tensor out) {
         Checks.open(op, "counts", counts);
         Checks.dtype(op, "counts", counts, DType.I32);
         Checks.dtype(op, "out", out, DType.I32);
@@ -1764,8 +1777,15 @@ public final class CudaBackend implements Backend {
         if (P < 1 || n % P != 0 || (n / P) % P != 0 || me < 0 || me >= P) {
             throw new IllegalArgumentException(op + ": " + n + " counts for rank " + me + " of " + P + " (expected P * E, E a multiple of P)");
         }
-        int E = (int) (n / P), R = out.rows();
-        if (out.cols() != 2) throw new IllegalArgumentException(op + ": out is " + out.shape() + ", expected [R, 2]");
+        if (out.cols() != 2) throw new IllegalArgumentException(op + ": out is " + out.shape() + ", expected [rows, 2]");
+        return (int) (n / P);
+    }
+
+    /** One launch; every block rebuilds the small per-expert tables in shared memory (native/moe.cu k_ep_dispatch_dest). */
+    @Override
+    public void epDispatchDestinations(Tensor counts, int me, int P, double maxPadding, long windowRows, Tensor out) {
+        String op = "epDispatchDestinations";
+        int E = epCounts(op, counts, me, P, out), R = out.rows();
         if (R == 0) return;
         if (E > 4000) {   // the kernel's tables beyond 48 KB of shared memory
             Backend.super.epDispatchDestinations(counts, me, P, maxPadding, windowRows, out);

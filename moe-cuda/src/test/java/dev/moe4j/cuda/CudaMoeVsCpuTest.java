@@ -154,7 +154,8 @@ class CudaMoeVsCpuTest extends GpuTestBase {
     }
 
     /**
-     * The expert-parallel dispatch's destinations computed on the device (k_ep_dispatch_dest) against the CPU's
+     * The expert-parallel dispatch's and combine's destinations computed on the device (k_ep_dispatch_dest,
+     * k_ep_combine_dest) against the CPU's
      * (ExpertLayout on the host): random counts with empty experts and a rank without rows, owners that pad and owners
      * that do not (maxPadding 0, 2, unbounded), a window too small for some rows; then zeroFreeSlots (a padded input's
      * padding rows) against the CPU's.
@@ -176,6 +177,13 @@ class CudaMoeVsCpuTest extends GpuTestBase {
                 for (int i = 0; i < 2; i++) on(i).epDispatchDestinations(c[i], me, P, maxPadding, window, out[i]);
                 checkInts("epDispatchDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " window " + window, out);
             }
+        }
+        for (int me = 0; me < P; me++) {   // the combine's: every owner, padding rows included
+            int rows = new dev.moe4j.core.backend.ExpertLayout(counts, P, maxPadding).inputRows(me);
+            if (rows == 0) continue;
+            Tensor[] out = of(new int[2 * rows], rows, 2);
+            for (int i = 0; i < 2; i++) on(i).epCombineDestinations(c[i], me, P, maxPadding, out[i]);
+            checkInts("epCombineDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me, out);
         }
         int groups = 5, cap = 37;
         int[] used = {0, 37, 12, 50, 1};   // empty, full, partial, over capacity (nothing free), one row

@@ -450,6 +450,22 @@ public interface Backend extends AutoCloseable {
     }
 
     /**
+     * The expert-parallel combine's destinations on the device, {@link ExpertLayout#combine}: for each row of rank me's
+     * input (its experts' rows by source, padded as {@link #epDispatchDestinations} lays them out), out I32 [rows, 2]
+     * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows. This default reads the counts
+     * and uploads ExpertLayout's result.
+     */
+    default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out) {
+        Checks.dtype("epCombineDestinations", "counts", counts, DType.I32);
+        int[] c = new ExpertLayout(toInts(counts), P, maxPadding).combine(me);
+        Checks.matrix("epCombineDestinations", "out", out, c.length / 2, 2);
+        if (c.length == 0) return;
+        try (Tensor t = fromInts(c, c.length / 2, 2)) {
+            copy(t, out);
+        }
+    }
+
+    /**
      * Zeroes the free slots of buf [G * C, M]: rows g*C + c for min(counts[g], C) &lt;= c &lt; C (counts I32 [G]), as the
      * counts form of {@link #moePermute} does. A padded expert input whose rows arrived otherwise (peer windows) gets its
      * padding zeroed with it.

@@ -79,6 +79,9 @@ final class ExpertParallel {
         java.util.function.Supplier<int[]> countsLater;   // pending: their read, started behind the all-gather
         Tensor deviceDest;               // pending: dispatchDest computed on the device (owned)
         boolean redispatch;              // pending: the dispatch outran X's size; X grew and the rows go again
+        int inputRows;                   // peer path: this rank's experts' input rows, padding included
+        boolean bias;                    // the experts have biases (which read each row's expert)
+        Tensor deviceCombine;            // pending: combineDest computed on the device (owned)
         Tensor localCountsDevice;        // peer path: localCounts uploaded (a view of packed)
 
         Route(boolean equal, int capacity) {
@@ -107,8 +110,8 @@ final class ExpertParallel {
             if (stages != null) releaseActivations();
             if (packed != null) packed.close();   // the stages' index tensors are views of it
             packed = null;
-            for (Tensor t : new Tensor[] {gathered, deviceDest}) if (t != null) t.close();
-            gathered = deviceDest = null;
+            for (Tensor t : new Tensor[] {gathered, deviceDest, deviceCombine}) if (t != null) t.close();
+            gathered = deviceDest = deviceCombine = null;
         }
     }
 
@@ -241,11 +244,12 @@ final class ExpertParallel {
      * layer does not pipeline; hidden: the rows' width.
      */
     static Route route(Communicator ep, GateOutputs g, int numExperts, int capacity, boolean overlap,
-                       MoE.DroplessLayout layout, DType dtype, Windows windows, int hidden) {
+                       MoE.DroplessLayout layout, DType dtype, Windows windows, int hidden, boolean bias) {
         int P = ep.size();
         Backend b = ep.backend();
         boolean equal = capacity > 0;
         Route r = new Route(equal, equal ? capacity : 0);
+        r.bias = bias;
         r.maxPadding = equal ? 0 : MoE.maxPadding(layout, b, dtype);
         r.dtype = dtype;
         r.pipelined = overlap && P > 1;
@@ -308,8 +312,11 @@ final class ExpertParallel {
             }
             if (windows.ensure(ep, lay.largestInput(), lay.largestBuf(), hidden, r.dtype)) {
                 r.windows = windows;
-                if (r.gathered == null) r.dispatchTo = lay.dispatch(me, Long.MAX_VALUE);
-                r.combineTo = lay.combine(me);
+                r.inputRows = lay.inputRows(me);
+                if (r.gathered == null) {   // else both on the device
+                    r.dispatchTo = lay.dispatch(me, Long.MAX_VALUE);
+                    r.combineTo = lay.combine(me);
+                }
             } else {
                 r.windows = null;
             }
@@ -355,9 +362,10 @@ final class ExpertParallel {
         }
         int peerPart = parts.size();
         if (r.windows != null) {
-            parts.add(r.combineTo);
             parts.add(r.localCounts);   // a padded input's padding rows follow from them (zeroFreeSlots)
-            if (r.dispatchTo != null) parts.add(r.dispatchTo);   // else computed on the device (pending)
+            // pending routes compute both on the device
+            if (r.combineTo != null) parts.add(r.combineTo);
+            if (r.dispatchTo != null) parts.add(r.dispatchTo);
         }
         if (parts.isEmpty()) return;
         // one host-to-device copy for all index tensors
@@ -377,13 +385,14 @@ final class ExpertParallel {
             int i = st.part;
             st.toExpert = st.padded || r.windows != null ? null : r.packed.view(at[i], st.expertRows);
             st.toSource = r.windows != null ? null : r.packed.view(at[i + 1], st.rows);
-            st.rowExpert = r.packed.view(at[i + 2], st.expertRows);
+            st.rowExpert = r.bias ? r.packed.view(at[i + 2], st.expertRows) : null;
             st.offsets = r.packed.view(at[i + 3], st.count + 1);
         }
         if (r.windows != null) {
-            r.combineDest = r.packed.view(at[peerPart], r.combineTo.length / 2, 2);
-            r.localCountsDevice = r.packed.view(at[peerPart + 1], r.localCounts.length);
-            if (r.dispatchTo != null) r.dispatchDest = r.packed.view(at[peerPart + 2], r.dispatchTo.length / 2, 2);
+            int i = peerPart;
+            r.localCountsDevice = r.packed.view(at[i++], r.localCounts.length);
+            if (r.combineTo != null) r.combineDest = r.packed.view(at[i++], r.combineTo.length / 2, 2);
+            if (r.dispatchTo != null) r.dispatchDest = r.packed.view(at[i], r.dispatchTo.length / 2, 2);
             r.dispatchTo = r.combineTo = null;
         }
     }
@@ -416,15 +425,16 @@ final class ExpertParallel {
         int expertRows = padded ? count * most : rows;
         offsets[count] = expertRows;
         boolean moves = r.windows == null;   // the collectives' layout transforms
-        int[] toExpert = new int[moves && !padded ? expertRows : 0], toSource = new int[moves ? rows : 0], rowExpert = new int[expertRows];
-        if (padded) for (int j = j0; j < j1; j++) java.util.Arrays.fill(rowExpert, (j - j0) * most, (j - j0 + 1) * most, j - j0);
-        for (int p = 0; p < P; p++) {
+        int[] toExpert = new int[moves && !padded ? expertRows : 0], toSource = new int[moves ? rows : 0];
+        int[] rowExpert = new int[r.bias ? expertRows : 0];   // only the experts' biases read it
+        if (padded && r.bias) for (int j = j0; j < j1; j++) java.util.Arrays.fill(rowExpert, (j - j0) * most, (j - j0 + 1) * most, j - j0);
+        if (toExpert.length + toSource.length + rowExpert.length > 0) for (int p = 0; p < P; p++) {
             for (int j = j0; j < j1; j++) {
                 for (int i = 0; i < n[p][j]; i++) {
                     int src = srcStart[p][j] + i, dst = expStart[p][j] + i;
                     if (toExpert.length > 0) toExpert[dst] = src;
                     if (toSource.length > 0) toSource[src] = dst;
-                    rowExpert[dst] = j - j0;
+                    if (rowExpert.length > 0) rowExpert[dst] = j - j0;
                 }
             }
         }
@@ -503,6 +513,9 @@ final class ExpertParallel {
                 dispatchPending(ep, r, R, M, dt, dispatch);
             }
             indices(b, r);
+            r.deviceCombine = b.empty(DType.I32, r.inputRows, 2);
+            b.epCombineDestinations(r.gathered, me, P, r.maxPadding, r.deviceCombine);
+            r.combineDest = r.deviceCombine;
         } else {
             r.releaseActivations();
             indices(b, r);

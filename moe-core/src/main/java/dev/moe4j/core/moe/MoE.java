@@ -168,7 +168,7 @@ public final class MoE implements AutoCloseable {
             if (route == null || !route.reusableFor(dropless ? 0 : capacity)) {
                 if (route != null) route.close();
                 route = ExpertParallel.route(ep, g, cfg.numExperts, dropless ? 0 : capacity, cfg.overlapAllToAll, cfg.droplessLayout, ctx.dtype(),
-                        windows, M);
+                        windows, M, experts.hasBias());
             }
             GateOutputs routed = g;
             // through peer windows the dispatch stores each row straight into its owner's window: no buf
