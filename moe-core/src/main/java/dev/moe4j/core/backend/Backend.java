@@ -452,15 +452,19 @@ public interface Backend extends AutoCloseable {
     /**
      * The expert-parallel combine's destinations on the device, {@link ExpertLayout#combine}: for each row of rank me's
      * input (its experts' rows by source, padded as {@link #epDispatchDestinations} lays them out), out I32 [rows, 2]
-     * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows. This default reads the counts
+     * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows and for rows past the input
+     * (out may have more rows than the input: the caller need not know its size yet). This default reads the counts
      * and uploads ExpertLayout's result.
      */
     default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out) {
         Checks.dtype("epCombineDestinations", "counts", counts, DType.I32);
-        int[] c = new ExpertLayout(toInts(counts), P, maxPadding).combine(me);
-        Checks.matrix("epCombineDestinations", "out", out, c.length / 2, 2);
-        if (c.length == 0) return;
-        try (Tensor t = fromInts(c, c.length / 2, 2)) {
+        int rows = out.rows();
+        Checks.matrix("epCombineDestinations", "out", out, rows, 2);
+        if (rows == 0) return;
+        int[] c = new ExpertLayout(toInts(counts), P, maxPadding).combine(me), all = new int[2 * rows];
+        for (int i = 0; i < rows; i++) all[2 * i] = -1;
+        System.arraycopy(c, 0, all, 0, Math.min(c.length, all.length));
+        try (Tensor t = fromInts(all, rows, 2)) {
             copy(t, out);
         }
     }

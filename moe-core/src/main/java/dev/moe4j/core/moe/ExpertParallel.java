@@ -513,9 +513,7 @@ final class ExpertParallel {
                 dispatchPending(ep, r, R, M, dt, dispatch);
             }
             indices(b, r);
-            r.deviceCombine = b.empty(DType.I32, r.inputRows, 2);
-            b.epCombineDestinations(r.gathered, me, P, r.maxPadding, r.deviceCombine);
-            r.combineDest = r.deviceCombine;
+            r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
         } else {
             r.releaseActivations();
             indices(b, r);
@@ -550,6 +548,10 @@ final class ExpertParallel {
         w.x.open();
         dispatch.to(r.dispatchDest, Windows.all(w.x, ep.size(), dt, M));
         w.x.publish();
+        // the combine's destinations too, for as many input rows as X holds (the rows past this rank's input: padding)
+        if (r.deviceCombine != null) r.deviceCombine.close();
+        r.deviceCombine = b.empty(DType.I32, Math.toIntExact(windowRows), 2);
+        b.epCombineDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, r.deviceCombine);
     }
 
     /**
