@@ -1755,17 +1755,21 @@ public final class CudaBackend implements Backend {
 
     /** One launch, as epDispatchDestinations (native/moe.cu k_ep_combine_dest). */
     @Override
-    public void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out) {
+    public void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out, Tensor local) {
         String op = "epCombineDestinations";
         int E = epCounts(op, counts, me, P, out);
         int rows = out.rows(), El = E / P;
-        if (rows == 0) return;
+        if (local != null) {
+            Checks.dtype(op, "local", local, DType.I32);
+            Checks.numel(op, "local", local, 2L * El + 1);
+        }
+        if (rows == 0 && local == null) return;
         if ((P + 2L) * El + 1 > 12000) {   // the kernel's tables beyond 48 KB of shared memory
-            Backend.super.epCombineDestinations(counts, me, P, maxPadding, out);
+            Backend.super.epCombineDestinations(counts, me, P, maxPadding, out, local);
             return;
         }
-        launch("k_ep_combine_dest", Math.min(blocks(rows), 64), 1, THREADS, (int) (((P + 2L) * El + 1) * 4), p(counts), me, P, E,
-                (float) Math.min(maxPadding, Float.MAX_VALUE), p(out), rows);
+        launch("k_ep_combine_dest", Math.max(1, Math.min(blocks(rows), 64)), 1, THREADS, (int) (((P + 2L) * El + 1) * 4), p(counts), me, P, E,
+                (float) Math.min(maxPadding, Float.MAX_VALUE), p(out), rows, p(local));
     }
 
     /** The checks of the expert-parallel destination ops; returns E. */

@@ -180,9 +180,10 @@ class CudaMoeVsCpuTest extends GpuTestBase {
         }
         for (int me = 0; me < P; me++) {   // the combine's: every owner, padding rows and rows past its input included
             int rows = new dev.moe4j.core.backend.ExpertLayout(counts, P, maxPadding).inputRows(me) + 37;
-            Tensor[] out = of(new int[2 * rows], rows, 2);
-            for (int i = 0; i < 2; i++) on(i).epCombineDestinations(c[i], me, P, maxPadding, out[i]);
+            Tensor[] out = of(new int[2 * rows], rows, 2), local = of(new int[2 * El + 1], 2 * El + 1);
+            for (int i = 0; i < 2; i++) on(i).epCombineDestinations(c[i], me, P, maxPadding, out[i], local[i]);
             checkInts("epCombineDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me, out);
+            checkInts("epCombineDestinations local counts and offsets, rank " + me, local);
         }
         int groups = 5, cap = 37;
         int[] used = {0, 37, 12, 50, 1};   // empty, full, partial, over capacity (nothing free), one row

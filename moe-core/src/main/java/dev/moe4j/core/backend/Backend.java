@@ -453,15 +453,27 @@ public interface Backend extends AutoCloseable {
      * The expert-parallel combine's destinations on the device, {@link ExpertLayout#combine}: for each row of rank me's
      * input (its experts' rows by source, padded as {@link #epDispatchDestinations} lays them out), out I32 [rows, 2]
      * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows and for rows past the input
-     * (out may have more rows than the input: the caller need not know its size yet). This default reads the counts
-     * and uploads ExpertLayout's result.
+     * (out may have more rows than the input: the caller need not know its size yet). local (may be null) I32
+     * [2 * El + 1] gets the rows of each of me's El experts, then the El + 1 offsets of its experts in the input (the
+     * grouped GEMMs'), so that nothing of the layout needs an upload. This default reads the counts and uploads
+     * ExpertLayout's results.
      */
-    default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out) {
+    default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out, Tensor local) {
         Checks.dtype("epCombineDestinations", "counts", counts, DType.I32);
         int rows = out.rows();
         Checks.matrix("epCombineDestinations", "out", out, rows, 2);
+        ExpertLayout lay = new ExpertLayout(toInts(counts), P, maxPadding);
+        if (local != null) {
+            int[] lc = lay.localCounts(me), l = new int[2 * lc.length + 1];
+            System.arraycopy(lc, 0, l, 0, lc.length);
+            for (int j = 0; j <= lc.length; j++) l[lc.length + j] = j < lc.length ? lay.start(me * lc.length + j, 0) : lay.inputRows(me);
+            Checks.numel("epCombineDestinations", "local", local, l.length);
+            try (Tensor t = fromInts(l, l.length)) {
+                copy(t, local);
+            }
+        }
         if (rows == 0) return;
-        int[] c = new ExpertLayout(toInts(counts), P, maxPadding).combine(me), all = new int[2 * rows];
+        int[] c = lay.combine(me), all = new int[2 * rows];
         for (int i = 0; i < rows; i++) all[2 * i] = -1;
         System.arraycopy(c, 0, all, 0, Math.min(c.length, all.length));
         try (Tensor t = fromInts(all, rows, 2)) {

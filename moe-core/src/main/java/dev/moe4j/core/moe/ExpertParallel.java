@@ -82,6 +82,7 @@ final class ExpertParallel {
         int inputRows;                   // peer path: this rank's experts' input rows, padding included
         boolean bias;                    // the experts have biases (which read each row's expert)
         Tensor deviceCombine;            // pending: combineDest computed on the device (owned)
+        Tensor deviceLocal;              // pending: the local experts' rows and offsets computed on the device (owned)
         Tensor localCountsDevice;        // peer path: localCounts uploaded (a view of packed)
 
         Route(boolean equal, int capacity) {
@@ -110,8 +111,8 @@ final class ExpertParallel {
             if (stages != null) releaseActivations();
             if (packed != null) packed.close();   // the stages' index tensors are views of it
             packed = null;
-            for (Tensor t : new Tensor[] {gathered, deviceDest, deviceCombine}) if (t != null) t.close();
-            gathered = deviceDest = deviceCombine = null;
+            for (Tensor t : new Tensor[] {gathered, deviceDest, deviceCombine, deviceLocal}) if (t != null) t.close();
+            gathered = deviceDest = deviceCombine = deviceLocal = null;
         }
     }
 
@@ -355,6 +356,16 @@ final class ExpertParallel {
         if (r.n == null) return;
         int[][] n = r.n;
         r.n = null;
+        if (r.deviceLocal != null && !r.bias) {
+            // pending: the device has every table already; the host keeps the sizes and offsets the GEMMs need
+            Stage st = r.stages[0];
+            layout(r, st, n, b);
+            int El = r.localCounts.length;
+            r.localCountsDevice = r.deviceLocal.view(0, El);
+            st.offsets = r.deviceLocal.view(El, El + 1);
+            r.dispatchTo = r.combineTo = null;
+            return;
+        }
         List<int[]> parts = new ArrayList<>();
         for (Stage st : r.stages) {
             st.part = parts.size();
@@ -551,7 +562,8 @@ final class ExpertParallel {
         // the combine's destinations too, for as many input rows as X holds (the rows past this rank's input: padding)
         if (r.deviceCombine != null) r.deviceCombine.close();
         r.deviceCombine = b.empty(DType.I32, Math.toIntExact(windowRows), 2);
-        b.epCombineDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, r.deviceCombine);
+        if (r.deviceLocal == null) r.deviceLocal = b.empty(DType.I32, Math.toIntExact(2 * (r.gathered.numel() / ep.size() / ep.size()) + 1));
+        b.epCombineDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, r.deviceCombine, r.deviceLocal);
     }
 
     /**
