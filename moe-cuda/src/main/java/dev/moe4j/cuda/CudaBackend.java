@@ -1491,13 +1491,7 @@ public final class CudaBackend implements Backend {
             Backend.super.scatterRowsTo(src, dest, dsts);
             return;
         }
-        Object[] args = new Object[12];
-        args[0] = p(src);
-        args[1] = p(dest);
-        for (int q = 0; q < 8; q++) args[2 + q] = q < dsts.length ? p(dsts[q]) : 0L;
-        args[10] = (int) n16;
-        args[11] = (int) (rowBytes / 16);
-        launchN("k_scatter_rows_to_16b", n16, args);
+        launchN("k_scatter_rows_to_16b", n16, withPeerRows(new Object[] {p(src)}, dest, dsts, (int) n16, (int) (rowBytes / 16)));
     }
 
     @Override
@@ -1684,18 +1678,8 @@ public final class CudaBackend implements Backend {
         }
         boolean zero = freeSlots(op, Objects.requireNonNull(counts, "counts"), capacity, s, k, rows);
         int n8 = (int) (n / 8), copyBlocks = blocks(n8);
-        Object[] args = new Object[18];
-        args[0] = p(x);
-        args[1] = p(dest);
-        putPeerRows(args, 2, rowDest, dsts);
-        args[11] = n8;
-        args[12] = k;
-        args[13] = m / 8;
-        args[14] = copyBlocks;
-        args[15] = p(counts);
-        args[16] = capacity;
-        args[17] = rows;
-        launch("k_moe_permute_to_bf16x8", copyBlocks + (zero ? zeroBlocks(rows) : 0), 1, THREADS, 0, args);
+        launch("k_moe_permute_to_bf16x8", copyBlocks + (zero ? zeroBlocks(rows) : 0), 1, THREADS, 0,
+                withPeerRows(new Object[] {p(x), p(dest)}, rowDest, dsts, n8, k, m / 8, copyBlocks, p(counts), capacity, rows));
     }
 
     /** The dispatch's x and dest [S, k] I32; returns k. */
@@ -1714,10 +1698,14 @@ public final class CudaBackend implements Backend {
         return dsts.length <= 8 && rows8(m, n, x) && bf16x8(dsts);
     }
 
-    /** A PeerRows' arguments (native/common.cuh) at args[at .. at + 8]: rowDest and the eight destinations (0 for none). */
-    private void putPeerRows(Object[] args, int at, Tensor rowDest, Tensor[] dsts) {
-        args[at] = p(rowDest);
-        for (int q = 0; q < 8; q++) args[at + 1 + q] = q < dsts.length ? p(dsts[q]) : 0L;
+    /** A kernel's arguments: head, then a PeerRows' (native/common.cuh: rowDest and eight destinations, 0 for none), then tail. */
+    private Object[] withPeerRows(Object[] head, Tensor rowDest, Tensor[] dsts, Object... tail) {
+        Object[] args = new Object[head.length + 9 + tail.length];
+        System.arraycopy(head, 0, args, 0, head.length);
+        args[head.length] = p(rowDest);
+        for (int q = 0; q < 8; q++) args[head.length + 1 + q] = q < dsts.length ? p(dsts[q]) : 0L;
+        System.arraycopy(tail, 0, args, head.length + 9, tail.length);
+        return args;
     }
 
     /**
@@ -1870,23 +1858,9 @@ public final class CudaBackend implements Backend {
         boolean zero = freeSlots(op, Objects.requireNonNull(counts, "counts"), capacity, s, k, rows);
         int sk = s * k, workBlocks = blocks(32L * sk);
         if (sk == 0 && !zero) return;
-        Object[] args = new Object[23];
-        args[0] = p(dout);
-        args[1] = p(dw != null ? buf : null);
-        args[2] = p(dest);
-        args[3] = p(w);
-        args[4] = (int) dtOrZero(w);
-        putPeerRows(args, 5, rowDest, dsts);
-        args[14] = p(dw);
-        args[15] = (int) (dw != null ? dt(dw) : 0);
-        args[16] = sk;
-        args[17] = k;
-        args[18] = m / 8;
-        args[19] = workBlocks;
-        args[20] = p(counts);
-        args[21] = capacity;
-        args[22] = rows;
-        launch("k_moe_unpermute_bwd_to_bf16x8", workBlocks + (zero ? zeroBlocks(rows) : 0), 1, THREADS, 0, args);
+        launch("k_moe_unpermute_bwd_to_bf16x8", workBlocks + (zero ? zeroBlocks(rows) : 0), 1, THREADS, 0,
+                withPeerRows(new Object[] {p(dout), p(dw != null ? buf : null), p(dest), p(w), (int) dtOrZero(w)}, rowDest, dsts,
+                        p(dw), (int) (dw != null ? dt(dw) : 0), sk, k, m / 8, workBlocks, p(counts), capacity, rows));
     }
 
     /** The combine backward's dout [S, M], dest [S, k], w, and (dw computed) buf [bufRows, M] and dw [S, k]; returns k. */

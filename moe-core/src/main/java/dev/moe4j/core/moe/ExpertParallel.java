@@ -83,7 +83,7 @@ final class ExpertParallel {
         boolean bias;                    // the experts have biases (which read each row's expert)
         Tensor deviceCombine;            // pending: combineDest computed on the device (owned)
         Tensor deviceLocal;              // pending: the local experts' rows and offsets computed on the device (owned)
-        Tensor localCountsDevice;        // peer path: localCounts uploaded (a view of packed)
+        Tensor localCountsDevice;        // peer path: localCounts on the device (a view of packed or of deviceLocal)
 
         Route(boolean equal, int capacity) {
             this.equal = equal;
