@@ -501,7 +501,6 @@ public final class InProcessCommunicator implements Communicator {
         private final Tensor own;
         private final WindowDeposit[] all;
         private int epoch;
-        private int prepared;   // the last exchange whose readiness prepare() announced
         private boolean closedWindow;
 
         HostWindow(long bytes, Tensor own, WindowDeposit[] all) {
@@ -523,16 +522,9 @@ public final class InProcessCommunicator implements Communicator {
         }
 
         @Override
-        public void prepare() {
-            if (prepared > epoch) return;
-            prepared = epoch + 1;
-            signal(size(), prepared);
-        }
-
-        @Override
         public void open() {
             int t = ++epoch, n = size();
-            if (prepared < t) signal(n, t);   // my window is ready for exchange t (its last contents read, its own writes done)
+            signal(n, t);            // my window is ready for exchange t (its last contents read, its own writes done)
             waitFor(n, t, "peer window open #" + t);   // every peer's too: I may store into theirs
         }
 

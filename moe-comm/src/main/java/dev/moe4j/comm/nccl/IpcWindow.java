@@ -43,7 +43,6 @@ final class IpcWindow implements PeerWindow {
     private final Storage[] data;      // the data part of each, as the backend's storage
     private final CUstream_st stream;
     private int epoch;
-    private int prepared;   // the last exchange whose readiness prepare() announced
     private boolean closed;
 
     private IpcWindow(NcclCommunicator comm, int rank, int size, int device, long bytes, long mine, long[] windows, CUstream_st stream) {
@@ -118,27 +117,13 @@ final class IpcWindow implements PeerWindow {
     }
 
     @Override
-    public void prepare() {
-        int t = epoch + 1;
-        if (prepared >= t) return;
-        prepared = t;
-        comm.launchStreamOps("peer window prepare", () -> announce(t));
-    }
-
-    /** free[rank] = t in every peer's window: this rank's window is ready for exchange t. */
-    private void announce(int t) {
-        for (int d = 1; d < size; d++) {
-            int q = (rank + d) % size;
-            check("cuStreamWriteValue32(free)", cudart.cuStreamWriteValue32(stream, windows[q] + FREE + 4L * rank, t, cudart.CU_STREAM_WRITE_VALUE_DEFAULT));
-        }
-    }
-
-    @Override
     public void open() {
         int t = ++epoch;
-        boolean announced = prepared >= t;
         comm.launchStreamOps("peer window open", () -> {
-            if (!announced) announce(t);
+            for (int d = 1; d < size; d++) {
+                int q = (rank + d) % size;
+                check("cuStreamWriteValue32(free)", cudart.cuStreamWriteValue32(stream, windows[q] + FREE + 4L * rank, t, cudart.CU_STREAM_WRITE_VALUE_DEFAULT));
+            }
             for (int d = 1; d < size; d++) {
                 int q = (rank + d) % size;
                 check("cuStreamWaitValue32(free)", cudart.cuStreamWaitValue32(stream, mine + FREE + 4L * q, t, cudart.CU_STREAM_WAIT_VALUE_GEQ));

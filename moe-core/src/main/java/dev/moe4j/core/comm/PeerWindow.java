@@ -35,14 +35,6 @@ public interface PeerWindow extends AutoCloseable {
     /** Starts an exchange (see the class comment). */
     void open();
 
-    /**
-     * Says early what {@link #open} says first: this rank's window is ready for the next exchange (its contents read,
-     * its own stores to it queued), so that the next open only waits for the peers, whose stores may begin at once.
-     * Call it as soon as that holds (at most once per exchange, before its open); open says it itself otherwise. This
-     * default does nothing.
-     */
-    default void prepare() {}
-
     /** This rank's stores of the exchange are done. */
     void publish();
 

@@ -80,7 +80,6 @@ public final class TimedCommunicator implements Communicator {
             @Override public long bytes() { return w.bytes(); }
             @Override public Tensor tensor(int q, dev.moe4j.core.tensor.DType dtype, int rows, int cols) { return w.tensor(q, dtype, rows, cols); }
             @Override public void open() { timed(w::open); }
-            @Override public void prepare() { timed(w::prepare); }
             @Override public void publish() { timed(w::publish); }
             @Override public void await() { timed(w::await); }
             @Override public void close() { w.close(); }

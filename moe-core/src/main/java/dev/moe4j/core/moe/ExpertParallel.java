@@ -531,7 +531,6 @@ final class ExpertParallel {
             r.windows.x.open();
             dispatch.to(r.dispatchDest, Windows.all(r.windows.x, P, dt, M));
             r.windows.x.publish();
-            r.windows.y.prepare();   // Y's last contents (the previous forward's y) were read by the previous backward
         }
         Windows w = r.windows;
         Stage st = r.stages[0];
@@ -560,7 +559,6 @@ final class ExpertParallel {
         w.x.open();
         dispatch.to(r.dispatchDest, Windows.all(w.x, ep.size(), dt, M));
         w.x.publish();
-        w.y.prepare();   // Y's last contents (the previous forward's y) were read by the previous backward
         // the combine's destinations too, for as many input rows as X holds (the rows past this rank's input: padding)
         if (r.deviceCombine != null) r.deviceCombine.close();
         r.deviceCombine = b.empty(DType.I32, Math.toIntExact(windowRows), 2);
@@ -581,7 +579,6 @@ final class ExpertParallel {
         w.dy().open();
         dy.to(r.dispatchDest, Windows.all(w.dy(), P, dt, M));
         w.dy().publish();
-        w.dx().prepare();   // DX's last contents (this group's previous layer's dx) were read before this backward began
         if (beside != null) beside.run();
         w.dy().await();
         // the padding rows' gradients are 0 (the rows held another layer's or step's gradients)
@@ -594,9 +591,6 @@ final class ExpertParallel {
         }
         w.dx().publish();
         if (r.localRows > 0) bank.backwardWeights(st.pass);   // beside the peers' stores
-        // X (the experts' input) and DY are read by nothing queued after this: ready for the next exchanges
-        w.x.prepare();
-        w.dy().prepare();
         w.dx().await();
         return w.dx().tensor(me, dt, R, M);
     }
