@@ -31,8 +31,16 @@ public final class ExpertLayout {
                 most[q] = Math.max(most[q], c);
                 rows[q] += c;
             }
-            padded[q] = rows[q] > 0 && (double) El * most[q] <= maxPadding * rows[q];
+            padded[q] = pads(maxPadding, (long) El * most[q], rows[q]);
         }
+    }
+
+    /**
+     * Whether {@code rows} routed rows are padded to {@code paddedRows} under maxPadding (padded rows at most that many
+     * times the routed rows; 0: never, infinity: always): the one padding decision of dropless layers.
+     */
+    public static boolean pads(double maxPadding, long paddedRows, long rows) {
+        return rows > 0 && maxPadding > 0 && paddedRows <= maxPadding * rows;
     }
 
     /** Rows routed to global expert e by the whole group. */

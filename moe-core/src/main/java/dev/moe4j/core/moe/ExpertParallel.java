@@ -359,17 +359,16 @@ final class ExpertParallel {
         if (r.deviceLocal != null && !r.bias) {
             // pending: the device has every table already; the host keeps the sizes and offsets the GEMMs need
             Stage st = r.stages[0];
-            layout(r, st, n, b);
+            layout(r, st, n);
             int El = r.localCounts.length;
             r.localCountsDevice = r.deviceLocal.view(0, El);
             st.offsets = r.deviceLocal.view(El, El + 1);
-            r.dispatchTo = r.combineTo = null;
             return;
         }
         List<int[]> parts = new ArrayList<>();
         for (Stage st : r.stages) {
             st.part = parts.size();
-            parts.addAll(layout(r, st, n, b));
+            parts.addAll(layout(r, st, n));
         }
         int peerPart = parts.size();
         if (r.windows != null) {
@@ -415,13 +414,12 @@ final class ExpertParallel {
      * toSource (both empty on the peer path, which stores rows at their places and transforms nothing), rowExpert
      * (counted from j0) and offsets; none for a stage without rows.
      */
-    private static List<int[]> layout(Route r, Stage st, int[][] n, Backend b) {
+    private static List<int[]> layout(Route r, Stage st, int[][] n) {
         int rows = st.rows, j0 = st.first, j1 = st.first + st.count, P = n.length, count = st.count;
         if (rows == 0) return List.of();
         int most = 0;
         for (int j = j0; j < j1; j++) most = Math.max(most, r.localCounts[j]);
-        // the decision ExpertLayout takes for the peer path (MoE.padsDropless's, as maxPadding)
-        boolean padded = !r.equal && (double) count * most <= r.maxPadding * rows;
+        boolean padded = !r.equal && ExpertLayout.pads(r.maxPadding, (long) count * most, rows);
         // positions: source order (p, j, i) and expert order (j, p, i); padded: expert j starts at (j - j0) * most
         int[][] srcStart = new int[P][j1], expStart = new int[P][j1];
         int at = 0;

@@ -240,7 +240,7 @@ public final class MoE implements AutoCloseable {
     /**
      * The padding a dropless layout allows, as {@link dev.moe4j.core.backend.ExpertLayout}'s maxPadding (padded rows
      * at most this many times the routed rows): SORTED 0 (never), PADDED unbounded, AUTO {@link #MAX_DROPLESS_PADDING}
-     * where the backend prefers equal groups for the dtype, else 0. The same decisions as {@link #padsDropless}.
+     * where the backend prefers equal groups for the dtype, else 0.
      */
     static double maxPadding(DroplessLayout layout, Backend b, DType dtype) {
         return switch (layout) {
@@ -256,11 +256,7 @@ public final class MoE implements AutoCloseable {
      * backend prefers equal groups for the dtype and the padding stays within {@link #MAX_DROPLESS_PADDING}.
      */
     static boolean padsDropless(DroplessLayout layout, Backend b, DType dtype, long paddedRows, long rows) {
-        return switch (layout) {
-            case SORTED -> false;
-            case PADDED -> true;
-            case AUTO -> b.prefersEqualGroups(dtype) && paddedRows <= MAX_DROPLESS_PADDING * rows;
-        };
+        return dev.moe4j.core.backend.ExpertLayout.pads(maxPadding(layout, b, dtype), paddedRows, rows);
     }
 
     /** rowExpert [R] I32: the expert each buffer row belongs to (0 for unused rows), by dispatching the choices. */
