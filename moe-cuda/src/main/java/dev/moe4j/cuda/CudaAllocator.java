@@ -103,7 +103,24 @@ final class CudaAllocator {
         Long size = sizeOf.remove(address);
         if (size == null) throw new IllegalStateException("free of a block this allocator did not hand out (address " + address + ", " + bytes + " bytes)");
         inUse -= size;
-        free.computeIfAbsent(size, s -> new ArrayDeque<>()).push(address);
+        if (deferring) deferred.add(new long[] {address, size});
+        else free.computeIfAbsent(size, s -> new ArrayDeque<>()).push(address);
+    }
+
+    private boolean deferring;
+    private final java.util.List<long[]> deferred = new java.util.ArrayList<>();   // {address, size}
+
+    /**
+     * From now until {@link #releaseDeferred}, freed blocks are kept from reuse: work on a second stream may still use
+     * them (the cache otherwise assumes that one stream orders every use of a block before its next owner's).
+     */
+    synchronized void deferFrees() { deferring = true; }
+
+    /** Makes the blocks freed since {@link #deferFrees} reusable (the streams have been joined). */
+    synchronized void releaseDeferred() {
+        deferring = false;
+        for (long[] b : deferred) free.computeIfAbsent(b[1], s -> new ArrayDeque<>()).push(b[0]);
+        deferred.clear();
     }
 
     /** Returns every cached (free) block to the device. */

@@ -34,7 +34,8 @@ public final class CudaBackend implements Backend {
     private static final int THREADS = 256;
 
     private final int device;
-    private final CUstream_st stream = new CUstream_st();
+    private final CUstream_st mainStream = new CUstream_st();
+    private CUstream_st stream = mainStream;   // where operations go: the main stream, or beside()'s side stream
     private final cublasContext blas = new cublasContext();
     private final CudaAllocator allocator;
     private final Kernels kernels;
@@ -49,7 +50,7 @@ public final class CudaBackend implements Backend {
         Cuda.check(cudart.cudaSetDevice(device), "cudaSetDevice(" + device + ")");
         Cuda.check(cudart.cudaFree(new Pointer()), "cudaFree(0) (context creation)");
         boundThread = Thread.currentThread();
-        Cuda.check(cudart.cudaStreamCreate(stream), "cudaStreamCreate");
+        Cuda.check(cudart.cudaStreamCreate(mainStream), "cudaStreamCreate");
         this.allocator = CudaAllocator.onCuda(this::synchronize);
         Cuda.checkBlas(cublas.cublasCreate_v2(blas), "cublasCreate");
         Cuda.checkBlas(cublas.cublasSetStream_v2(blas, stream), "cublasSetStream");
@@ -79,6 +80,59 @@ public final class CudaBackend implements Backend {
     @Override public int deviceIndex() { return device; }
 
     @Override public long nativeStream() { return stream.address(); }
+
+    private CUstream_st besideStream;          // beside(): created on first use
+    private CUevent_st besideFork, besideDone;
+    private int besideOpen;                    // side work not joined yet (frees deferred meanwhile)
+
+    /**
+     * The side stream forks from the main stream with an event and joins it with another; the allocator defers frees
+     * until the last join. GEMMs are refused inside (the cuBLAS handle is bound to the main stream).
+     */
+    @Override
+    public SideWork beside(Runnable work) {
+        if (stream != mainStream) throw new IllegalStateException("beside: already inside side work");
+        bind();
+        if (besideStream == null) {
+            besideStream = new CUstream_st();
+            Cuda.check(cudart.cudaStreamCreateWithFlags(besideStream, cudart.cudaStreamNonBlocking), "cudaStreamCreate(beside)");
+            besideFork = new CUevent_st();
+            Cuda.check(cudart.cudaEventCreateWithFlags(besideFork, cudart.cudaEventDisableTiming), "cudaEventCreate(beside)");
+            besideDone = new CUevent_st();
+            Cuda.check(cudart.cudaEventCreateWithFlags(besideDone, cudart.cudaEventDisableTiming), "cudaEventCreate(beside)");
+        }
+        if (besideOpen > 0) throw new IllegalStateException("beside: the previous side work was not joined");
+        allocator.deferFrees();
+        besideOpen++;
+        Cuda.check(cudart.cudaEventRecord(besideFork, mainStream), "cudaEventRecord(beside fork)");
+        Cuda.check(cudart.cudaStreamWaitEvent(besideStream, besideFork, 0), "cudaStreamWaitEvent(beside fork)");
+        stream = besideStream;
+        boolean[] joined = {false};
+        SideWork join = () -> {
+            if (joined[0]) return;
+            joined[0] = true;
+            bind();
+            Cuda.check(cudart.cudaStreamWaitEvent(mainStream, besideDone, 0), "cudaStreamWaitEvent(beside join)");
+            if (--besideOpen == 0) allocator.releaseDeferred();
+        };
+        try {
+            work.run();
+        } catch (RuntimeException | Error e) {
+            stream = mainStream;
+            cudart.cudaEventRecord(besideDone, besideStream);
+            join.join();   // what was queued stays ordered before the main stream's next work
+            throw e;
+        } finally {
+            stream = mainStream;
+        }
+        Cuda.check(cudart.cudaEventRecord(besideDone, besideStream), "cudaEventRecord(beside done)");
+        return join;
+    }
+
+    /** GEMMs (cuBLAS and cuBLASLt, bound to the main stream) are refused inside beside(). */
+    private void mainStreamOnly(String what) {
+        if (stream != mainStream) throw new IllegalStateException(what + " inside beside(): cuBLAS is bound to the main stream");
+    }
 
     @Override public boolean supports(DType dtype) { return dtype != DType.F64; }
 
@@ -390,7 +444,8 @@ public final class CudaBackend implements Backend {
     @Override
     public void synchronize() {
         bind();
-        Cuda.check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        Cuda.check(cudart.cudaStreamSynchronize(mainStream), "cudaStreamSynchronize");
+        if (besideStream != null) Cuda.check(cudart.cudaStreamSynchronize(besideStream), "cudaStreamSynchronize(beside)");
     }
 
     private CUevent_st timingStart, timingEnd;   // created on first use by timeMs
@@ -549,6 +604,7 @@ public final class CudaBackend implements Backend {
     private void gemm(cublasContext blas, GemmOperands o, long aOff, long bOff, long cOff, boolean transA, boolean transB, int m, int n, int k,
                       float alpha, float beta, int batch, long strideA, long strideB, long strideC) {
         if (m == 0 || n == 0) return;
+        mainStreamOnly("a GEMM");
         bind();
         int lda = transA ? m : k, ldb = transB ? k : n, ldc = n;
         int opA = transA ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N, opB = transB ? cublas.CUBLAS_OP_T : cublas.CUBLAS_OP_N;
@@ -737,6 +793,7 @@ public final class CudaBackend implements Backend {
     @Override
     public void matmulBias(Tensor a, boolean transA, Tensor b, boolean transB, Tensor bias, Tensor c) {
         String op = "matmulBias";
+        mainStreamOnly(op);
         floating(op, "a", a); floating(op, "b", b); floating(op, "bias", bias); floating(op, "c", c);
         int[] d = Checks.matmul(a, transA, b, transB, c);
         int batch = d[0], m = d[1], n = d[2], k = d[3];
@@ -887,6 +944,7 @@ public final class CudaBackend implements Backend {
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Tensor c, float beta) {
         String op = "groupedMatmul";
+        mainStreamOnly(op);
         floating(op, "a", a); floating(op, "w", w); floating(op, "c", c);
         int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
         int e = d[0], k = d[1], n = d[2], t = d[3];
@@ -920,6 +978,7 @@ public final class CudaBackend implements Backend {
     @Override
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, int[] hostOffsets, Tensor dw, float beta) {
         String op = "groupedMatmulWeightGrad";
+        mainStreamOnly(op);
         floating(op, "a", a); floating(op, "dy", dy); floating(op, "dw", dw);
         int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
         int e = d[0], k = d[1], n = d[2], t = d[3];
@@ -1914,7 +1973,8 @@ public final class CudaBackend implements Backend {
     public synchronized void close() {
         if (closed) return;
         bind();
-        cudart.cudaStreamSynchronize(stream);
+        cudart.cudaStreamSynchronize(mainStream);
+        if (besideStream != null) cudart.cudaStreamSynchronize(besideStream);
         closed = true;
         kernels.close();
         cublas.cublasDestroy_v2(blas);
@@ -1935,7 +1995,12 @@ public final class CudaBackend implements Backend {
         if (readBuf != null) cudart.cudaFreeHost(readBuf);
         if (readDone != null) cudart.cudaEventDestroy(readDone);
         allocator.emptyCache();
-        cudart.cudaStreamDestroy(stream);
+        if (besideStream != null) {
+            cudart.cudaStreamDestroy(besideStream);
+            cudart.cudaEventDestroy(besideFork);
+            cudart.cudaEventDestroy(besideDone);
+        }
+        cudart.cudaStreamDestroy(mainStream);
         scalars.close();
     }
 }

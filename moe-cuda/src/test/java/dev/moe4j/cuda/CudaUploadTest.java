@@ -94,4 +94,49 @@ class CudaUploadTest extends GpuTestBase {
             assertArrayEquals(sevens, again.get(), "after the fill");
         }
     }
+
+    /**
+     * Backend.beside: the side work sees what was queued before it (behind a long GEMM), the main stream's work after
+     * the join sees the side work's results, a block freed inside the side work is not handed to the main stream before
+     * the join (and is after it), and a GEMM inside is refused.
+     */
+    @Test
+    void sideWorkRunsAfterWhatCameBeforeAndJoinsBeforeWhatComesAfter() {
+        int n = 1 << 24;
+        try (Tensor a = gpu.empty(DType.F32, 8192, 8192);
+             Tensor c = gpu.empty(DType.F32, 8192, 8192);
+             Tensor x = gpu.zeros(DType.F32, n);
+             Tensor y = gpu.zeros(DType.F32, n);
+             Tensor z = gpu.zeros(DType.F32, n)) {
+            gpu.randomUniform(a, -1, 1, 3, 0);
+            busy(a, c);
+            gpu.fill(x, 3);                                   // queued behind the GEMM: the side work must wait for it
+            long[] freed = new long[1];
+            var side = gpu.beside(() -> {
+                gpu.scale(x, 2, y);                           // y = 6
+                Tensor tmp = gpu.empty(DType.F32, 1 << 20);
+                freed[0] = tmp.storage().deviceAddress();
+                tmp.close();
+            });
+            long otherAddress;
+            try (Tensor other = gpu.empty(DType.F32, 1 << 20)) {
+                otherAddress = other.storage().deviceAddress();
+                assertEquals(false, otherAddress == freed[0], "a block freed by side work handed out before the join");
+            }
+            gpu.fill(z, 1);                                   // main-stream work beside the side work
+            side.join();
+            gpu.add(y, 1, z, 1, z);                           // after the join: 6 + 1
+            float[] got = z.toFloats();
+            for (int i = 0; i < n; i += 4099) assertEquals(7f, got[i], "element " + i);
+            try (Tensor again = gpu.empty(DType.F32, 1 << 20); Tensor twice = gpu.empty(DType.F32, 1 << 20)) {
+                long[] got2 = {again.storage().deviceAddress(), twice.storage().deviceAddress()};
+                java.util.Arrays.sort(got2);
+                long[] want = {freed[0], otherAddress};
+                java.util.Arrays.sort(want);
+                assertArrayEquals(want, got2, "after the join both freed blocks are reused");
+            }
+            var refused = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class, () -> gpu.beside(() -> busy(a, c)));
+            org.junit.jupiter.api.Assertions.assertTrue(refused.getMessage().contains("GEMM"), refused.getMessage());
+        }
+    }
 }

@@ -119,7 +119,7 @@ final class IpcWindow implements PeerWindow {
     @Override
     public void open() {
         int t = ++epoch;
-        comm.launchStreamOps("peer window open", () -> {
+        comm.launchStreamOps("peer window open", stream -> {
             for (int d = 1; d < size; d++) {
                 int q = (rank + d) % size;
                 check("cuStreamWriteValue32(free)", cudart.cuStreamWriteValue32(stream, windows[q] + FREE + 4L * rank, t, cudart.CU_STREAM_WRITE_VALUE_DEFAULT));
@@ -134,7 +134,7 @@ final class IpcWindow implements PeerWindow {
     @Override
     public void publish() {
         int t = epoch;
-        comm.launchStreamOps("peer window publish", () -> {
+        comm.launchStreamOps("peer window publish", stream -> {
             for (int d = 1; d < size; d++) {
                 int q = (rank + d) % size;
                 check("cuStreamWriteValue32(arrive)", cudart.cuStreamWriteValue32(stream, windows[q] + 4L * rank, t, cudart.CU_STREAM_WRITE_VALUE_DEFAULT));
@@ -145,7 +145,7 @@ final class IpcWindow implements PeerWindow {
     @Override
     public void await() {
         int t = epoch;
-        comm.launchStreamOps("peer window await", () -> {
+        comm.launchStreamOps("peer window await", stream -> {
             for (int d = 1; d < size; d++) {
                 int p = (rank - d + size) % size;
                 check("cuStreamWaitValue32(arrive)", cudart.cuStreamWaitValue32(stream, mine + 4L * p, t, cudart.CU_STREAM_WAIT_VALUE_GEQ));

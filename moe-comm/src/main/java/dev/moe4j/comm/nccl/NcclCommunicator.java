@@ -570,11 +570,13 @@ public final class NcclCommunicator implements Communicator {
      * Stream memory operations (a peer window's handshake) queued on the backend's stream and watched as a collective:
      * a wait that does not pass within the timeout fails the communicator, naming the call.
      */
-    void launchStreamOps(String op, Runnable body) {
+    void launchStreamOps(String op, java.util.function.Consumer<CUstream_st> body) {
         RuntimeException[] err = new RuntimeException[1];
-        launch(op, () -> {
+        // the backend's current stream: its main one, or inside Backend.beside its side stream
+        CUstream_st on = backend.nativeStream() == stream.address() ? stream : new CUstream_st(pointer(backend.nativeStream()));
+        launch(op, on, () -> {
             try {
-                body.run();
+                body.accept(on);
             } catch (RuntimeException e) {
                 err[0] = e;
             }

@@ -36,6 +36,22 @@ public interface Backend extends AutoCloseable {
      */
     default long nativeStream() { return 0; }
 
+    /** Work queued by {@link #beside}; {@link #join} makes the work queued after it wait for it. */
+    interface SideWork {
+        void join();
+    }
+
+    /**
+     * Queues {@code work}'s operations on a second stream that starts after everything queued so far, so that they run
+     * beside what is queued after this call until {@link SideWork#join}. Work may launch kernels, copies and stream
+     * operations (a communicator's peer-window handshakes), not GEMMs; memory freed before the join is not reused
+     * until it. This default runs work at once, in order.
+     */
+    default SideWork beside(Runnable work) {
+        work.run();
+        return () -> {};
+    }
+
     /** True when this backend supports the dtype (F64 is CPU-only). */
     boolean supports(DType dtype);
 

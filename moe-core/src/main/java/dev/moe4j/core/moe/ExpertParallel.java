@@ -567,7 +567,8 @@ final class ExpertParallel {
     /**
      * The backward through the peer windows: dy's rows stored into the owners' DY by the combine's backward itself (the
      * gate's backward runs while the peers' rows arrive), the experts' data backward, dxin stored into the sources' DX
-     * while the weight gradients run; returns DX (a view of the window, valid until the layer's next backward).
+     * on a side stream ({@link Backend#beside}) while the weight gradients run; returns DX (a view of the window, valid
+     * until the layer's next backward).
      */
     private static Tensor backwardPeer(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dy, Runnable beside) {
         Backend b = ep.backend();
@@ -584,11 +585,17 @@ final class ExpertParallel {
         w.dx().open();
         if (r.localRows > 0) {
             try (Tensor dxin = bank.backwardData(st.pass, w.dy().tensor(me, dt, st.expertRows, M))) {
-                b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx(), P, dt, M));
+                // dxin's rows travel (and are published) on a side stream while the weight gradients run
+                Backend.SideWork stores = b.beside(() -> {
+                    b.scatterRowsTo(dxin, r.combineDest, Windows.all(w.dx(), P, dt, M));
+                    w.dx().publish();
+                });
+                bank.backwardWeights(st.pass);
+                stores.join();
             }
+        } else {
+            w.dx().publish();
         }
-        w.dx().publish();
-        if (r.localRows > 0) bank.backwardWeights(st.pass);   // beside the peers' stores
         w.dx().await();
         return w.dx().tensor(me, dt, R, M);
     }
