@@ -3,8 +3,9 @@
 // to a kernel that reads the experts' offsets on the device (no host round trip for dropless layers, one launch for
 // every expert, room for fused epilogues); figures in docs/benchmarks.md ("Grouped GEMM on wgmma").
 //
-// The form probed is the experts' data gradient, both operands K-major:
+// Two forms are probed: the experts' data gradient, both operands K-major, and the forward, W read N-major:
 //   C[rows_e, N] = A[rows_e, K] * W[e]^T + beta * C    (W [E, N, K]; expert e owns rows offsets[e] .. offsets[e+1])
+//   C[rows_e, N] = A[rows_e, K] * W[e]   + beta * C    (W [E, K, N], K a multiple of 64)
 // One block computes a 128 x BN tile of one expert: warpgroup 0 loads STAGES stages of A [128 x 64] and W [BN x 64]
 // by TMA (128-byte swizzle, one thread, mbarriers), warpgroups 1 and 2 each multiply 64 rows with wgmma m64nBNk16,
 // one wgmma group in flight, releasing a stage when its group completes. Blocks are ordered expert by expert, n-tile
@@ -49,6 +50,14 @@ template <int N> __device__ __forceinline__ void wgWait() { asm volatile("wgmma.
 __device__ __forceinline__ uint64_t descK128(const void* p) {
     uint64_t a = smemAddr(p);
     return ((a & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// N-major operand (the forward's W[e] [K, N]): TMA boxes of 64 k-rows x 64 n (128 bytes, 128-byte swizzle), one box
+// per 64 columns, 8192 bytes apart: LBO = 8192 (between the 64-column boxes), SBO = 1024 (between 8-row groups along
+// k). The other assignment was tried on an H100 and gives wrong products (relative error 1.2).
+__device__ __forceinline__ uint64_t descN128(const void* p) {
+    uint64_t a = smemAddr(p);
+    return ((a & 0x3FFFF) >> 4) | ((uint64_t)(8192 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
 // The expert, m-tile and n-tile of this block (1-D grid): experts in order, each expert's tiles n-tile by n-tile with
@@ -109,7 +118,8 @@ __device__ __forceinline__ void tmaLoad2d(void* dst, const CUtensorMap* map, int
 
 // Warp-specialized: warpgroup 0 feeds STAGES stages by TMA (one thread), warpgroups 1 and 2 each multiply 64 rows of
 // the 128-row tile by BN columns, keeping one wgmma group in flight and releasing a stage when its group completes.
-template <int BN, int STAGES>
+// FWD: C = A W[e] with W [E, K, N] (K a multiple of 64, BN of 64); else C = A W[e]^T.
+template <int BN, int STAGES, bool FWD = false>
 __global__ void __launch_bounds__(384, 1) k_wg_tma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW,
                                                   bf16* C, const int* offsets, int E, int K, int N, float beta) {
     constexpr int BM = 128, A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
@@ -135,7 +145,12 @@ __global__ void __launch_bounds__(384, 1) k_wg_tma(const __grid_constant__ CUten
                 if (kt >= STAGES) mbarWait(&empty[s], ((kt / STAGES) - 1) & 1);
                 mbarExpectTx(&full[s], STAGE);
                 tmaLoad2d(sm + s * STAGE, &tmA, kt * 64, rowStart, &full[s]);
-                tmaLoad2d(sm + s * STAGE + A_BYTES, &tmW, kt * 64, expert * N + n0, &full[s]);
+                if constexpr (FWD) {
+                    for (int j = 0; j < BN / 64; j++)
+                        tmaLoad2d(sm + s * STAGE + A_BYTES + j * 8192, &tmW, n0 + 64 * j, expert * K + kt * 64, &full[s]);
+                } else {
+                    tmaLoad2d(sm + s * STAGE + A_BYTES, &tmW, kt * 64, expert * N + n0, &full[s]);
+                }
             }
         }
     } else {
@@ -151,7 +166,10 @@ __global__ void __launch_bounds__(384, 1) k_wg_tma(const __grid_constant__ CUten
             unsigned char* sB = sm + s * STAGE + A_BYTES;
             wgFence();
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) wgmmaSS<BN>(acc, descK128(sA + kk * 32), descK128(sB + kk * 32));
+            for (int kk = 0; kk < 4; kk++) {
+                if constexpr (FWD) wgmmaSS<BN, true>(acc, descK128(sA + kk * 32), descN128(sB + kk * 2048));
+                else wgmmaSS<BN, false>(acc, descK128(sA + kk * 32), descK128(sB + kk * 32));
+            }
             wgCommit();
             wgWait<1>();
             if (kt > 0 && lane == 0) mbarArrive(&empty[(kt - 1) % STAGES]);
@@ -200,16 +218,17 @@ static CUtensorMap tensorMap(const bf16* p, i64 rows, i64 cols, int boxRows) {
     return m;
 }
 
-template <int BN, int STAGES>
+template <int BN, int STAGES, bool FWD_ = false>
 struct TmaVariant {
+    static constexpr bool FWD = FWD_;
     static int smem() { return STAGES * (128 * 128 + BN * 128) + 1024; }
-    static void prepare() { CK(cudaFuncSetAttribute(k_wg_tma<BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem())); }
+    static void prepare() { CK(cudaFuncSetAttribute(k_wg_tma<BN, STAGES, FWD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem())); }
     static void run(const bf16* A, const bf16* W, bf16* C, const int* offs, int E, int T, int K, int N, float beta) {
-        CUtensorMap ta = tensorMap(A, T, K, 128), tw = tensorMap(W, (i64)E * N, K, BN);
+        CUtensorMap ta = tensorMap(A, T, K, 128), tw = FWD ? tensorMap(W, (i64)E * K, N, 64) : tensorMap(W, (i64)E * N, K, BN);
         dim3 grid(((T + 127) / 128 + E) * ((N + BN - 1) / BN));
-        k_wg_tma<BN, STAGES><<<grid, 384, smem()>>>(ta, tw, C, offs, E, K, N, beta);
+        k_wg_tma<BN, STAGES, FWD><<<grid, 384, smem()>>>(ta, tw, C, offs, E, K, N, beta);
     }
-    static const char* name() { static char b[64]; snprintf(b, 64, "tma_bn%d_s%d", BN, STAGES); return b; }
+    static const char* name() { static char b[64]; snprintf(b, 64, "tma_bn%d_s%d%s", BN, STAGES, FWD ? "_fwd" : ""); return b; }
 };
 
 static std::vector<float> toHost(const bf16* d, i64 n) {
@@ -231,12 +250,13 @@ static double relErr(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 // C_e = A_e W_e^T (+ beta C_e) per expert with cuBLAS (column-major: C^T [N, rows] = W_cm^T A_cm)
-static void cublasPerExpert(cublasHandle_t h, const bf16* A, const bf16* W, bf16* C, const std::vector<int>& offs, int K, int N, float beta) {
+// fwd: C_e = A_e W_e with W_e [K, N] (column-major: C^T = W_cm A_cm, W_cm [N, K] with ld N)
+static void cublasPerExpert(cublasHandle_t h, bool fwd, const bf16* A, const bf16* W, bf16* C, const std::vector<int>& offs, int K, int N, float beta) {
     float al = 1.f;
     for (size_t e = 0; e + 1 < offs.size(); e++) {
         int rows = offs[e + 1] - offs[e];
         if (rows == 0) continue;
-        CB(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, rows, K, &al, W + (i64)e * N * K, CUDA_R_16BF, K,
+        CB(cublasGemmEx(h, fwd ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, N, rows, K, &al, W + (i64)e * N * K, CUDA_R_16BF, fwd ? N : K,
                         A + (i64)offs[e] * K, CUDA_R_16BF, K, &beta, C + (i64)offs[e] * N, CUDA_R_16BF, N,
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
@@ -276,7 +296,7 @@ static void checkAndTime(cublasHandle_t h, const Shape& s, bool timeIt) {
             k_fill<<<256, 256>>>(C, (i64)T * N, 13, 1.f); k_fill<<<256, 256>>>(R, (i64)T * N, 13, 1.f);
             V::run(A, W, C, d, E, T, K, N, beta);
             CK(cudaGetLastError());
-            cublasPerExpert(h, A, W, R, offs, K, N, beta);
+            cublasPerExpert(h, V::FWD, A, W, R, offs, K, N, beta);
             CK(cudaDeviceSynchronize());
             auto c = toHost(C, (i64)T * N), r = toHost(R, (i64)T * N);
             bool tail = true;
@@ -296,7 +316,7 @@ static void checkAndTime(cublasHandle_t h, const Shape& s, bool timeIt) {
     k_fill<<<1024, 256>>>(A, (i64)T * K, 21, 2.f); k_fill<<<1024, 256>>>(W, (i64)E * N * K, 22, 0.2f);
     float al = 1.f, be = 0.f;
     auto cub = [&] {
-        CB(cublasGemmStridedBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, s.rows, K, &al, W, CUDA_R_16BF, K, (i64)N * K,
+        CB(cublasGemmStridedBatchedEx(h, V::FWD ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, N, s.rows, K, &al, W, CUDA_R_16BF, V::FWD ? N : K, (i64)N * K,
                                       A, CUDA_R_16BF, K, (i64)s.rows * K, &be, R, CUDA_R_16BF, N, (i64)s.rows * N, E,
                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     };
@@ -328,11 +348,20 @@ int main() {
         checkAndTime<TmaVariant<256, 4>>(h, s, true);
         checkAndTime<TmaVariant<128, 6>>(h, s, true);
     }
+    // the forward form (C = A W[e], W [E, K, N]: W read N-major)
+    Shape fshapes[] = {
+        {"350M fc1 fwd", 128, 64, 1024, 4096}, {"350M fc2 fwd", 128, 64, 4096, 1024}, {"top2 fc1 fwd", 64, 256, 2048, 8192},
+        {"top2 fc2 fwd", 64, 256, 8192, 2048}, {"mixtral fc1 fwd", 8, 4096, 4096, 14336}, {"ep8 fc1 fwd", 16, 512, 2048, 8192},
+    };
+    for (const Shape& s : fshapes) {
+        checkAndTime<TmaVariant<256, 4, true>>(h, s, true);
+    }
     return 0;
 }
 #else
 int main() {
     CK(cudaFuncSetAttribute(k_wg_tma<256, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1));
     CK(cudaFuncSetAttribute(k_wg_tma<128, 6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1));
+    CK(cudaFuncSetAttribute(k_wg_tma<256, 4, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1));
 }
 #endif
