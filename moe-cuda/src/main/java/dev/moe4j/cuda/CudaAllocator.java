@@ -104,8 +104,10 @@ final class CudaAllocator {
         if (size == null) throw new IllegalStateException("free of a block this allocator did not hand out (address " + address + ", " + bytes + " bytes)");
         inUse -= size;
         if (deferring) deferred.add(new long[] {address, size});
-        else free.computeIfAbsent(size, s -> new ArrayDeque<>()).push(address);
+        else cache(address, size);
     }
+
+    private void cache(long address, long size) { free.computeIfAbsent(size, s -> new ArrayDeque<>()).push(address); }
 
     private boolean deferring;
     private final java.util.List<long[]> deferred = new java.util.ArrayList<>();   // {address, size}
@@ -119,7 +121,7 @@ final class CudaAllocator {
     /** Makes the blocks freed since {@link #deferFrees} reusable (the streams have been joined). */
     synchronized void releaseDeferred() {
         deferring = false;
-        for (long[] b : deferred) free.computeIfAbsent(b[1], s -> new ArrayDeque<>()).push(b[0]);
+        for (long[] b : deferred) cache(b[0], b[1]);
         deferred.clear();
     }
 

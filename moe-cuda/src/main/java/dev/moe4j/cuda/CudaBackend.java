@@ -83,7 +83,7 @@ public final class CudaBackend implements Backend {
 
     private CUstream_st besideStream;          // beside(): created on first use
     private CUevent_st besideFork, besideDone;
-    private int besideOpen;                    // side work not joined yet (frees deferred meanwhile)
+    private boolean besideOpen;                // side work not joined yet (frees deferred meanwhile)
 
     /**
      * The side stream forks from the main stream with an event and joins it with another; the allocator defers frees
@@ -101,9 +101,9 @@ public final class CudaBackend implements Backend {
             besideDone = new CUevent_st();
             Cuda.check(cudart.cudaEventCreateWithFlags(besideDone, cudart.cudaEventDisableTiming), "cudaEventCreate(beside)");
         }
-        if (besideOpen > 0) throw new IllegalStateException("beside: the previous side work was not joined");
+        if (besideOpen) throw new IllegalStateException("beside: the previous side work was not joined");
         allocator.deferFrees();
-        besideOpen++;
+        besideOpen = true;
         Cuda.check(cudart.cudaEventRecord(besideFork, mainStream), "cudaEventRecord(beside fork)");
         Cuda.check(cudart.cudaStreamWaitEvent(besideStream, besideFork, 0), "cudaStreamWaitEvent(beside fork)");
         stream = besideStream;
@@ -113,7 +113,8 @@ public final class CudaBackend implements Backend {
             joined[0] = true;
             bind();
             Cuda.check(cudart.cudaStreamWaitEvent(mainStream, besideDone, 0), "cudaStreamWaitEvent(beside join)");
-            if (--besideOpen == 0) allocator.releaseDeferred();
+            besideOpen = false;
+            allocator.releaseDeferred();
         };
         try {
             work.run();
