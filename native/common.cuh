@@ -176,3 +176,36 @@ struct LocalRows {
     __device__ __forceinline__ T* row(i64 r) const { return buf + r * len; }
 };
 
+
+// Grouped GEMM tiles (grouped_gemm.cu, grouped_gemm_sm90.cu): tile t of the list of every expert's tiles, expert
+// by expert, each expert's tiles n-tile by n-tile with its BM-row m-tiles fastest (nTiles 1: m-tiles only). Expert
+// e owns rows offsets[e] .. offsets[e + 1]. Warp 0 scans the per-expert tile counts 32 experts at a time; the block
+// shares the answer. Returns false for t past the last tile (grids are sized for an upper bound).
+template <int BM>
+__device__ __forceinline__ bool findGroupTile(const int* offsets, int E, int nTiles, int t, int& expert, int& mTile, int& nTile) {
+    __shared__ int sExpert, sM, sN;
+    int lane = threadIdx.x & 31;
+    if (threadIdx.x < 32) {
+        if (lane == 0) sExpert = -1;
+        __syncwarp();
+        int base = 0;
+        for (int e0 = 0; e0 < E && base <= t; e0 += 32) {
+            int e = e0 + lane, mt = 0;
+            if (e < E) mt = (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+            int tiles = mt * nTiles, incl = tiles;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            int first = base + incl - tiles;
+            if (tiles > 0 && t >= first && t < first + tiles) { sExpert = e; sN = (t - first) / mt; sM = (t - first) % mt; }
+            base += __shfl_sync(0xffffffffu, incl, 31);
+        }
+    }
+    __syncthreads();
+    expert = sExpert;
+    mTile = sM;
+    nTile = sN;
+    return expert >= 0;
+}

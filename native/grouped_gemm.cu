@@ -166,36 +166,6 @@ __device__ __forceinline__ void mainLoop(__nv_bfloat16* s, int kTiles, Load load
     }
 }
 
-// The expert and tile of this block: tile blockIdx.y of the list of all experts' m-tiles (expert by expert).
-// Warp 0 scans the per-expert tile counts 32 experts at a time. Returns false for blocks past the last tile.
-template <int BM>
-__device__ __forceinline__ bool findTile(const int* offsets, int E, int& expert, int& tile) {
-    __shared__ int sExpert, sTile;
-    int lane = threadIdx.x & 31;
-    if (threadIdx.x < 32) {
-        if (lane == 0) sExpert = -1;
-        __syncwarp();
-        int t = blockIdx.y, base = 0;
-        for (int e0 = 0; e0 < E && base <= t; e0 += 32) {
-            int e = e0 + lane, tiles = 0;
-            if (e < E) tiles = (offsets[e + 1] - offsets[e] + BM - 1) / BM;
-            int incl = tiles;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += v;
-            }
-            int first = base + incl - tiles;
-            if (tiles > 0 && t >= first && t < first + tiles) { sExpert = e; sTile = t - first; }
-            base += __shfl_sync(0xffffffffu, incl, 31);
-        }
-    }
-    __syncthreads();
-    expert = sExpert;
-    tile = sTile;
-    return expert >= 0;
-}
-
 // Forward / data-gradient product: grid (N / BN, m-tiles bound). The n-tiles of one m-tile are neighbours in launch
 // order, so the blocks resident at once share a few A row blocks and the weights of one or two experts in L2
 // (m-tiles fastest re-read all of A from memory for every n-tile once A outgrows L2).
@@ -203,8 +173,8 @@ template <int BM, int BK, int STAGES, bool TRANS_W>
 __device__ void groupedGemm(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, int cdt, const int* offsets,
                             int E, int K, int N, float beta) {
     extern __shared__ __align__(16) unsigned char smem[];
-    int expert, tile;
-    if (!findTile<BM>(offsets, E, expert, tile)) return;
+    int expert, tile, nTile;
+    if (!findGroupTile<BM>(offsets, E, 1, blockIdx.y, expert, tile, nTile)) return;
     i64 rowStart = offsets[expert] + (i64)tile * BM, rowEnd = offsets[expert + 1];
     int n0 = blockIdx.x * BN;
     const __nv_bfloat16* We = W + (i64)expert * K * N;

@@ -54,7 +54,7 @@ public final class CudaBackend implements Backend {
         this.allocator = CudaAllocator.onCuda(this::synchronize);
         Cuda.checkBlas(cublas.cublasCreate_v2(blas), "cublasCreate");
         Cuda.checkBlas(cublas.cublasSetStream_v2(blas, stream), "cublasSetStream");
-        this.kernels = new Kernels();
+        this.kernels = new Kernels(device);
     }
 
     CudaAllocator allocator() { return allocator; }
@@ -896,15 +896,25 @@ public final class CudaBackend implements Backend {
     }
 
     /**
-     * Which grouped GEMM runs bf16 expert products: cuBLAS (the default: faster on every shape measured, see
-     * docs/benchmarks.md) or our own kernel (native/grouped_gemm.cu: one launch, offsets read on the device, no
-     * host round trip; {@code -Dmoe4j.cuda.groupedKernel=own}).
+     * Which kernel runs the bf16 expert products ({@code -Dmoe4j.cuda.groupedKernel=cublas|auto|wgmma|mma_sync}).
+     * CUBLAS is the default until the layer benchmark has measured AUTO: AUTO takes our wgmma kernels on an H100/H200
+     * for the products where they were measured faster than cuBLAS ({@link #autoPicksWgmma}, docs/benchmarks.md
+     * "Grouped GEMM on wgmma") and cuBLAS elsewhere. WGMMA (native/grouped_gemm_sm90.cu, compute capability 9.0 only)
+     * and MMA_SYNC (native/grouped_gemm.cu, sm_80 on, slower than cuBLAS everywhere measured) force ours: one launch,
+     * offsets read on the device, no host round trip (a dropless layer then reads no counts to the host).
      */
-    enum GroupedKernel { CUBLAS, OWN }
+    enum GroupedKernel { AUTO, CUBLAS, WGMMA, MMA_SYNC }
 
     GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "cublas").toUpperCase(java.util.Locale.ROOT));
 
+    /** The forms of a grouped product: C = A W[e] (W [E,K,N]), C = A W[e]^T (W [E,N,K]), dW[e] = A^T dY. */
+    private enum GroupedForm { FORWARD, DATA_GRAD, WEIGHT_GRAD }
+
     private static final int GG_BN = 128, GG_PAD = 8, GG_THREADS = 256;
+    // grouped_gemm_sm90.cu: 384 threads; the products 4 stages of A [128 x 64] and B [256 x 64] bf16, the weight
+    // gradient 3 and two 64 x 256 bf16 output tiles; + 1 KiB for alignment
+    private static final int WG_THREADS = 384, WG_BM = 128, WG_BN = 256, WG_STAGE = (WG_BM + WG_BN) * 128;
+    private static final int WG_SHARED = 4 * WG_STAGE + 1024, WG_WGRAD_SHARED = 3 * WG_STAGE + 2 * 64 * WG_BN * 2 + 1024;
 
     /** Dynamic shared memory of a grouped kernel: its stages of A and B tiles (Tiles in grouped_gemm.cu). */
     private static int groupedKernelShared(int bm, int bk, int stages, boolean aKContig, boolean bKContig) {
@@ -913,10 +923,13 @@ public final class CudaBackend implements Backend {
         return stages * (aElems + bElems) * 2;
     }
 
+    /** Whether this device runs the wgmma kernels (compute capability 9.0, and the jar has their sm_90a fatbin). */
+    boolean hasWgmma() { return kernels.hopper(); }
+
     @Override
     public boolean wantsHostOffsets(DType dtype) {
-        // cuBLAS needs the offsets on the host to size its GEMMs; our own kernel reads them on the device
-        return groupedKernel == GroupedKernel.CUBLAS || dtype != DType.BF16;
+        // cuBLAS needs the offsets on the host to size its GEMMs (AUTO may pick it); our kernels read them on the device
+        return groupedKernel == GroupedKernel.AUTO || groupedKernel == GroupedKernel.CUBLAS || dtype != DType.BF16;
     }
 
     @Override
@@ -926,13 +939,50 @@ public final class CudaBackend implements Backend {
         return wantsHostOffsets(dtype);
     }
 
-    /** Whether a grouped product over t rows of e groups runs in our own kernel: chosen, and the operands fit it. */
-    private boolean useGroupedKernel(Tensor a, Tensor b, Tensor c, int e, int t, int k, int n) {
-        if (groupedKernel != GroupedKernel.OWN || a.dtype() != DType.BF16 || b.dtype() != DType.BF16) return false;
-        // 16-byte cp.async chunks of 8 elements, output pairs of 2
-        if (k % 8 != 0 || n % 8 != 0 || p(a) % 16 != 0 || p(b) % 16 != 0 || p(c) % 8 != 0) return false;
-        return t / 64 + e + 1 <= 65535;   // the grid's y dimension: m-tiles (forward) or experts (weight gradient)
+    /**
+     * The kernel for a grouped product over t rows of e groups (offs: the offsets on the host): CUBLAS, WGMMA or
+     * MMA_SYNC. Ours need bf16 operands, K and N multiples of 8 and 16-byte aligned operands and outputs (16-byte
+     * loads, tensor-map addresses and strides).
+     */
+    private GroupedKernel groupedKernelFor(GroupedForm form, Tensor a, Tensor b, Tensor c, int e, int t, int k, int n, int[] offs) {
+        boolean fits = a.dtype() == DType.BF16 && b.dtype() == DType.BF16 && k % 8 == 0 && n % 8 == 0 && p(a) % 16 == 0
+                && p(b) % 16 == 0 && p(c) % 16 == 0 && t > 0;
+        return switch (groupedKernel) {
+            case CUBLAS -> GroupedKernel.CUBLAS;
+            case WGMMA -> {
+                if (!hasWgmma()) throw new IllegalStateException("moe4j.cuda.groupedKernel=wgmma needs a compute capability 9.0 GPU (H100, H200) "
+                        + "and moe-cuda built with nvcc (its sm_90a fatbin); this is " + name());
+                yield fits ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
+            }
+            // the grid's y dimension: m-tiles (products) or experts (weight gradient)
+            case MMA_SYNC -> fits && t / 64 + e + 1 <= 65535 ? GroupedKernel.MMA_SYNC : GroupedKernel.CUBLAS;
+            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
+        };
     }
+
+    /**
+     * AUTO's choice, from the H100 measurements of both on the layer benchmark's products (docs/benchmarks.md):
+     * ours where the product is bound by reading the expert weights (about 64 rows per expert), cuBLAS where it is
+     * bound by tensor-core throughput (256 rows and more per expert: cuBLAS 8-22% faster). Among the weight-bound
+     * products: the data gradient is ours (0.93-0.96x cuBLAS's time); the forward is ours over unequal groups only
+     * (cuBLAS's one strided-batched GEMM over equal groups is level with ours, 1.01x; unequal groups are a
+     * grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's until ours (with the
+     * shared-memory store epilogue) is measured: with direct stores from registers it took 2.8-3.1x cuBLAS's time.
+     */
+    private static boolean autoPicksWgmma(GroupedForm form, int e, int t, int[] offs) {
+        if (t > 128L * e) return false;
+        return switch (form) {
+            case DATA_GRAD -> true;
+            case WEIGHT_GRAD -> false;
+            case FORWARD -> {
+                for (int g = 1; g < e; g++) if (offs[g + 1] - offs[g] != offs[1] - offs[0]) yield true;
+                yield false;
+            }
+        };
+    }
+
+    /** A tensor map over t's packed rows (bf16 or fp32): dims innermost first, moved in boxes (Kernels.TensorMap). */
+    private Kernels.TensorMap map(Tensor t, int[] box, long... dims) { return new Kernels.TensorMap(p(t), t.dtype() == DType.F32, dims, box); }
 
     // Grouped GEMMs: cuBLAS in the form groupedGemm picks per shape (strided-batched for equal experts,
     // cublasGemmGroupedBatchedEx for many unequal ones, a loop of cublasGemmEx otherwise; GPU-HOST.md has why),
@@ -950,16 +1000,29 @@ public final class CudaBackend implements Backend {
         int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
         int e = d[0], k = d[1], n = d[2], t = d[3];
         if (t == 0 || n == 0) return;
-        if (useGroupedKernel(a, w, c, e, t, k, n)) {
-            // ~64-row experts (8192 tokens over 128 experts) fill half-height tiles without idle tensor-core work
-            int bm = t <= 96L * e ? 64 : 128;
-            int mTiles = (t + bm - 1) / bm + e;   // a bound: each group adds at most one partial tile; the rest exit
-            // the data-gradient form (W read as [N, K]) takes 64-wide k-tiles in 3 stages, the others 32-wide in 4
-            launch((transW ? "k_ggemm_nt_" : "k_ggemm_nn_") + bm, (n + GG_BN - 1) / GG_BN, mTiles, GG_THREADS,
-                    groupedKernelShared(bm, transW ? 64 : 32, transW ? 3 : 4, true, transW), p(a), p(w), p(c), dt(c), p(offsets), e, k, n, beta);
-            return;
+        int[] offs = wantsHostOffsets(a.dtype()) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
+        GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
+        switch (groupedKernelFor(form, a, w, c, e, t, k, n, offs)) {
+            case WGMMA -> {
+                // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit
+                long tiles = (long) ((t + WG_BM - 1) / WG_BM + e) * ((n + WG_BN - 1) / WG_BN);
+                Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
+                launch(transW ? "k_wg_nt" : "k_wg_nn", Math.toIntExact(tiles), 1, WG_THREADS, WG_SHARED,
+                        map(a, new int[] {64, WG_BM}, k, t), wm, p(c), dt(c), p(offsets), e, k, n, beta);
+                return;
+            }
+            case MMA_SYNC -> {
+                // ~64-row experts (8192 tokens over 128 experts) fill half-height tiles without idle tensor-core work
+                int bm = t <= 96L * e ? 64 : 128;
+                int mTiles = (t + bm - 1) / bm + e;   // a bound: each group adds at most one partial tile; the rest exit
+                // the data-gradient form (W read as [N, K]) takes 64-wide k-tiles in 3 stages, the others 32-wide in 4
+                launch((transW ? "k_ggemm_nt_" : "k_ggemm_nn_") + bm, (n + GG_BN - 1) / GG_BN, mTiles, GG_THREADS,
+                        groupedKernelShared(bm, transW ? 64 : 32, transW ? 3 : 4, true, transW), p(a), p(w), p(c), dt(c), p(offsets), e, k, n, beta);
+                return;
+            }
+            default -> { }
         }
-        int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
+        if (offs == null) offs = hostOffsets(op, offsets, null, e, t);
         try (GemmOperands o = new GemmOperands(a, w, c, beta != 0f)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
             for (int g = 0; g < e; g++) {
@@ -984,13 +1047,26 @@ public final class CudaBackend implements Backend {
         int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
         int e = d[0], k = d[1], n = d[2], t = d[3];
         if (k == 0 || n == 0) return;
-        if (useGroupedKernel(a, dy, dw, e, t, k, n)) {
-            long tiles = (long) ((k + 127) / 128) * ((n + GG_BN - 1) / GG_BN);
-            launch("k_ggemm_wgrad", Math.toIntExact(tiles), e, GG_THREADS, groupedKernelShared(128, 32, 4, false, false),
-                    p(a), p(dy), p(dw), dt(dw), p(offsets), k, n, beta);
-            return;
+        int[] offs = wantsHostOffsets(a.dtype()) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
+        switch (groupedKernelFor(GroupedForm.WEIGHT_GRAD, a, dy, dw, e, t, k, n, offs)) {
+            case WGMMA -> {
+                // persistent: one block per multiprocessor walks the tiles of every expert's dW
+                long tiles = (long) e * ((k + WG_BM - 1) / WG_BM) * ((n + WG_BN - 1) / WG_BN);
+                // dW's map: boxes of 128 bytes of columns (64 bf16, 32 fp32) by 64 rows
+                launch("k_wg_wgrad", (int) Math.min(tiles, kernels.multiprocessors()), 1, WG_THREADS, WG_WGRAD_SHARED,
+                        map(a, new int[] {64, 64}, k, t), map(dy, new int[] {64, 64}, n, t),
+                        map(dw, new int[] {dw.dtype() == DType.F32 ? 32 : 64, 64, 1}, n, k, e), p(dw), dt(dw), p(offsets), e, k, n, beta);
+                return;
+            }
+            case MMA_SYNC -> {
+                long tiles = (long) ((k + 127) / 128) * ((n + GG_BN - 1) / GG_BN);
+                launch("k_ggemm_wgrad", Math.toIntExact(tiles), e, GG_THREADS, groupedKernelShared(128, 32, 4, false, false),
+                        p(a), p(dy), p(dw), dt(dw), p(offsets), k, n, beta);
+                return;
+            }
+            default -> { }
         }
-        int[] offs = hostOffsets(op, offsets, hostOffsets, e, t);
+        if (offs == null) offs = hostOffsets(op, offsets, null, e, t);
         try (GemmOperands o = new GemmOperands(a, dy, dw, true)) {
             java.util.List<Group> groups = new java.util.ArrayList<>();
             for (int g = 0; g < e; g++) {

@@ -50,7 +50,7 @@ public final class CudaBackendProvider implements BackendProvider {
             } catch (Throwable e) {
                 return "cuBLAS could not be loaded (libcublas.so.13 is missing; install the CUDA 13 cuBLAS library): " + e;
             }
-            if (Kernels.fatbin() == null) {
+            if (Kernels.fatbin(Kernels.RESOURCE) == null) {
                 return "the CUDA kernels are missing: moe-cuda was built without nvcc, so " + Kernels.RESOURCE + " is not in its jar";
             }
             return null;

@@ -20,7 +20,9 @@ import org.junit.jupiter.params.provider.CsvSource;
 import java.util.function.UnaryOperator;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
+import static org.junit.jupiter.api.Assumptions.assumeTrue;
 
 /**
  * Whole layers on the GPU against the CPU backend: the MoE layer forward + backward (top-1/top-2, capped with
@@ -46,6 +48,29 @@ class CudaModelTest extends GpuTestBase {
                 "1, 0.6, true, true, BF16, AUTO", "2, 0.8, false, false, BF16, AUTO", "1, -1, false, false, BF16, PADDED",
                 "2, -1, false, false, BF16, SORTED"})
     void moeLayerForwardBackwardMatchesTheCpu(int k, double capacityFactor, boolean rts, boolean noise, DType dt, MoE.DroplessLayout layout) {
+        layerMatchesTheCpu(k, capacityFactor, rts, noise, dt, layout);
+    }
+
+    /**
+     * The bf16 layer with its expert products on our own grouped kernels (forced): they read the offsets on the device,
+     * so a dropless layer runs without reading its counts to the host (MoE.forward asks the host only for backends that
+     * want them). Capacity and dropless, k 1 and 2.
+     */
+    @ParameterizedTest
+    @CsvSource({"WGMMA, 1, 0.6", "WGMMA, 2, -1", "WGMMA, 1, -1", "MMA_SYNC, 2, 0.8", "MMA_SYNC, 2, -1"})
+    void moeLayerOnOurGroupedKernelsMatchesTheCpu(CudaBackend.GroupedKernel kernel, int k, double capacityFactor) {
+        assumeTrue(kernel != CudaBackend.GroupedKernel.WGMMA || gpu.hasWgmma(), "the wgmma kernels need compute capability 9.0");
+        CudaBackend.GroupedKernel saved = gpu.groupedKernel;
+        gpu.groupedKernel = kernel;
+        try {
+            assertFalse(gpu.wantsHostOffsets(DType.BF16), "our kernels read the offsets on the device");
+            layerMatchesTheCpu(k, capacityFactor, false, false, DType.BF16, MoE.DroplessLayout.AUTO);
+        } finally {
+            gpu.groupedKernel = saved;
+        }
+    }
+
+    private void layerMatchesTheCpu(int k, double capacityFactor, boolean rts, boolean noise, DType dt, MoE.DroplessLayout layout) {
         int s = 48, m = 32, f = 40, e = 6;
         UnaryOperator<MoE.Builder> cfg = bl -> {
             bl.setHiddenSize(m).setFfnSize(f).optNumExperts(e).optK(k).optMinCapacity(0).optUseRts(rts).optZLossCoeff(0.01)

@@ -13,6 +13,7 @@ import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
+import static org.junit.jupiter.api.Assumptions.assumeTrue;
 
 /** Every dense op of the CUDA backend against the CPU reference, on fresh random inputs and odd sizes. */
 @Tag("gpu")
@@ -170,19 +171,23 @@ class CudaOpsTest extends GpuTestBase {
     }
 
     /**
-     * Our own grouped kernels (native/grouped_gemm.cu) and the cuBLAS forms, each forced, on shapes that cross
-     * every tile edge: K and N not multiples of the 32 x 128 tiles, an expert of more than two 128-row tiles, empty
-     * experts, rows past offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not.
+     * Our own grouped kernels (native/grouped_gemm_sm90.cu on an H100/H200, native/grouped_gemm.cu) and the cuBLAS
+     * forms, each forced, and AUTO's picks, on shapes that cross every tile edge: K and N not multiples of the tiles
+     * (64-deep k-tiles, 128 and 256 columns), an expert of more than two 128-row tiles, empty experts, rows past
+     * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not.
      */
     @ParameterizedTest
     @EnumSource(CudaBackend.GroupedKernel.class)
     void groupedKernelsAcrossTileEdges(CudaBackend.GroupedKernel policy) {
+        assumeTrue(policy != CudaBackend.GroupedKernel.WGMMA || gpu.hasWgmma(), "the wgmma kernels need compute capability 9.0");
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = policy;
         try {
-            int k = 200, n = 136;
+            // (K, N): K past two 64-deep k-tiles and 128-row dW tiles, N inside one 256-column tile; then N over three
+            int[][] kn = {{200, 136}, {72, 520}};
             // few rows per expert (the 64-row tiles) and many (the 128-row tiles)
             for (int[] offs : new int[][] {{0, 5, 5, 70, 133, 133, 190}, {0, 300, 300, 301, 429, 700}}) {
+                int k = kn[offs.length % 2][0], n = kn[offs.length % 2][1];
                 int e = offs.length - 1, t = offs[e] + 9;
                 Tensor[] o = of(offs, e + 1);
                 for (DType out : new DType[] {DType.BF16, DType.F32}) {

@@ -1,0 +1,362 @@
+// Grouped GEMMs of the expert FFN on Hopper (sm_90a): wgmma fed by the bulk tensor copy (TMA), warp-specialized,
+// reading the expert offsets on the device. Compiled on its own into moe4j_sm90a.fatbin (build-fatbin.sh), loaded
+// only on a compute capability 9.0 device; the tensor maps are encoded by the caller (CudaBackend) and passed by
+// value. Measured against cuBLAS in docs/benchmarks.md ("Grouped GEMM on wgmma"); moe-cuda/src/test/native/
+// wgmma_grouped_probe.cu checks and times these kernels outside the JVM.
+//
+//   k_wg_nt:    C[rows_e, N] = A[rows_e, K] * W[e]^T + beta * C   (W [E, N, K]: map {K, N, E}, box {64, 256, 1})
+//   k_wg_nn:    C[rows_e, N] = A[rows_e, K] * W[e]   + beta * C   (W [E, K, N]: map {N, K, E}, box {64, 64, 1})
+//   k_wg_wgrad: dW[e] [K, N] = A[rows_e, K]^T * dY[rows_e, N] + beta * dW[e]
+//               (A: map {K, T}, box {64, 64}; dY: map {N, T}, box {64, 64}; dW: map {N, K, E} of its dtype, box
+//               {128 bytes of columns, 64, 1}, written through by the bulk tensor copy)
+// A (for the first two): map {K, T}, box {64, 128}. Every map bf16 with the 128-byte swizzle; coordinates past a
+// map's end read zeros, so K and N need only be multiples of 8 (16-byte strides). C / dW bf16 or fp32 (cdt).
+// The input maps are bf16.
+//
+// A block has 384 threads: warpgroup 0 produces (one thread issues the TMA loads of STAGES stages, each guarded by
+// a full and an empty mbarrier), warpgroups 1 and 2 consume, each multiplying 64 rows of the 128-row tile by 256
+// columns with wgmma m64n256k16, one wgmma group in flight, releasing a stage when the group that read it is done.
+#include "common.cuh"
+#include <cuda.h>
+
+namespace wg {
+
+constexpr int BM = 128, BN = 256, BK = 64, THREADS = 384;
+constexpr int STAGES = 4;          // the products' pipeline depth
+constexpr int WGRAD_STAGES = 3;    // the weight gradient's, which also stages its output tiles (OUT_BYTES each)
+constexpr int BOX = 64 * 128;      // one box of 64 rows of 128 bytes: 8 KiB
+constexpr int STAGE_BYTES = (BM + BN) * 128, OUT_BYTES = 64 * BN * 2;
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ unsigned smemAddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void wgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgWait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+
+// Shared-memory matrix descriptors, 128-byte swizzle (16-byte chunk c of a 128-byte row r stored at c ^ (r % 8)),
+// tiles 1024-byte aligned.
+// K-major (the reduction index contiguous): rows of 64 elements, 8-row groups 1024 bytes apart (SBO).
+__device__ __forceinline__ uint64_t descK(const void* p) {
+    uint64_t a = smemAddr(p);
+    return ((a & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+// MN-major (the reduction index strided): boxes of 64 reduction rows x 64 columns, one per 64 columns 8 KiB apart
+// (LBO), 8-row groups along the reduction 1024 bytes apart (SBO). The other assignment gives wrong products
+// (tried on an H100).
+__device__ __forceinline__ uint64_t descMN(const void* p) {
+    uint64_t a = smemAddr(p);
+    return ((a & 0x3FFFF) >> 4) | ((uint64_t)(BOX >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// wgmma.mma_async m64n256k16, f32 += bf16 * bf16, both operands from shared memory; TA / TB: the operand is
+// MN-major (transposed); D accumulates (scale-d 1). The operand list is written out: inline asm takes no loops.
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma256(float (&d)[128], uint64_t da, uint64_t db) {
+    asm volatile("{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %132, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, %130, %131;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "n"(TA), "n"(TB), "r"(1));
+}
+
+// mbarriers and the bulk tensor copy
+__device__ __forceinline__ void mbarInit(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(smemAddr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarExpectTx(uint64_t* bar, int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(smemAddr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarArrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(smemAddr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbarWait(uint64_t* bar, int parity) {
+    asm volatile("{\n"
+                 ".reg .pred P1;\n"
+                 "WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@!P1 bra WAIT_%=;\n"
+                 "}\n" :: "r"(smemAddr(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tmaLoad2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 :: "r"(smemAddr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(smemAddr(bar)) : "memory");
+}
+__device__ __forceinline__ void tmaLoad3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 :: "r"(smemAddr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smemAddr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void tmaStore3d(const CUtensorMap* map, int c0, int c1, int c2, const void* src) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+                 :: "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smemAddr(src)) : "memory");
+}
+__device__ __forceinline__ void bulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulkWaitRead() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Generic-proxy writes to shared memory made visible to the async proxy (wgmma, TMA) that reads them next.
+__device__ __forceinline__ void fenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The 128 threads of consumer warpgroup c (named barriers 1 and 2; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroupSync(int c) { asm volatile("bar.sync %0, 128;\n" :: "r"(1 + c) : "memory"); }
+
+// The stage pipeline: S stages of STAGE_BYTES (1024-byte aligned, from sm), a full barrier per stage (the
+// producer's expect_tx, completed by the TMA bytes) and an empty one (one arrival per consumer warp). Steps are
+// numbered g = 0, 1, ... over the block's whole life; step g uses stage g % S.
+template <int S>
+struct Pipe {
+    unsigned char* sm;
+    uint64_t* full;
+    uint64_t* empty;
+
+    __device__ __forceinline__ Pipe(unsigned char* smraw, uint64_t* f, uint64_t* e)
+        : sm((unsigned char*)(((uintptr_t)smraw + 1023) & ~(uintptr_t)1023)), full(f), empty(e) {
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < S; s++) { mbarInit(&full[s], 1); mbarInit(&empty[s], 8); }
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        }
+        __syncthreads();
+    }
+    __device__ __forceinline__ unsigned char* stage(int g) const { return sm + (g % S) * STAGE_BYTES; }
+    // producer: waits until step g's stage is released by its previous use, then expects the step's bytes
+    __device__ __forceinline__ uint64_t* acquire(int g) const {
+        if (g >= S) mbarWait(&empty[g % S], ((g / S) - 1) & 1);
+        mbarExpectTx(&full[g % S], STAGE_BYTES);
+        return &full[g % S];
+    }
+    // consumers: wait for step g's data; release step g (one arrival per warp) once the wgmma that read it is done
+    __device__ __forceinline__ void wait(int g) const { mbarWait(&full[g % S], (g / S) & 1); }
+    __device__ __forceinline__ void release(int g) const { if ((threadIdx.x & 31) == 0) mbarArrive(&empty[g % S]); }
+};
+
+// Writes this consumer warpgroup's 64 x 256 accumulators: out[row, col] = acc + beta * out for rows < rowLimit and
+// cols < colLimit of the tile (rows from rowOrigin, cols from colOrigin); row-major with leading dimension ld.
+// Fragment layout of wgmma's m64nN f32 accumulators: warp w holds rows 16w .. 16w + 15, lane l rows l / 4 and
+// l / 4 + 8, columns 8j + 2 (l % 4) and the next.
+__device__ __forceinline__ void storeAcc(const float (&acc)[128], void* out, int cdt, i64 ld, i64 rowOrigin, int rowLimit,
+                                         int colOrigin, int colLimit, float beta) {
+    int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) {
+        int col = 8 * j + 2 * (lane & 3);
+        if (col >= colLimit) continue;   // colLimit is even: the pair is in or out
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int row = 16 * w + (lane >> 2) + 8 * h;
+            if (row >= rowLimit) continue;
+            i64 i = (rowOrigin + row) * ld + colOrigin + col;
+            float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+            if (cdt == DT_F32) {
+                float2* o = (float2*)((float*)out + i);
+                if (beta != 0.f) { float2 old = *o; v0 += beta * old.x; v1 += beta * old.y; }
+                *o = make_float2(v0, v1);
+            } else {
+                __nv_bfloat162* o = (__nv_bfloat162*)((__nv_bfloat16*)out + i);
+                if (beta != 0.f) { float2 old = __bfloat1622float2(*o); v0 += beta * old.x; v1 += beta * old.y; }
+                *o = __floats2bfloat162_rn(v0, v1);
+            }
+        }
+    }
+}
+
+// Forward (FWD: W [E, K, N] read MN-major) or data-gradient (W [E, N, K], K-major) product: one 128 x 256 tile per
+// block, blocks ordered by findGroupTile (an expert's m-tiles fastest, so that resident blocks share one slice of
+// W[e] and the expert's rows stay in L2). Rows of the tile past the expert's end are computed and not stored.
+template <bool FWD>
+__device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMap* tmW, void* C, int cdt, const int* offsets,
+                                        int E, int K, int N, float beta) {
+    constexpr int A_BYTES = BM * 128;
+    extern __shared__ unsigned char smraw[];
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    int expert, tile, nTile;
+    if (!findGroupTile<BM>(offsets, E, (N + BN - 1) / BN, blockIdx.x, expert, tile, nTile)) return;
+    Pipe<STAGES> p(smraw, full, empty);
+    int rowStart = offsets[expert] + tile * BM, rowEnd = offsets[expert + 1];
+    int n0 = nTile * BN, kTiles = (K + BK - 1) / BK;
+    int wgi = threadIdx.x >> 7;
+    if (wgi == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0) {
+            for (int kt = 0; kt < kTiles; kt++) {
+                uint64_t* bar = p.acquire(kt);
+                unsigned char* st = p.stage(kt);
+                tmaLoad2d(st, tmA, kt * BK, rowStart, bar);
+                if constexpr (FWD) {
+                    for (int j = 0; j < BN / 64; j++) tmaLoad3d(st + A_BYTES + j * BOX, tmW, n0 + 64 * j, kt * BK, expert, bar);
+                } else {
+                    tmaLoad3d(st + A_BYTES, tmW, kt * BK, n0, expert, bar);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        int c = wgi - 1;
+        float acc[128];
+#pragma unroll
+        for (int i = 0; i < 128; i++) acc[i] = 0.f;
+        for (int kt = 0; kt < kTiles; kt++) {
+            p.wait(kt);
+            unsigned char* sA = p.stage(kt) + c * 64 * 128;
+            unsigned char* sB = p.stage(kt) + A_BYTES;
+            wgFence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                if constexpr (FWD) wgmma256<0, 1>(acc, descK(sA + kk * 32), descMN(sB + kk * 2048));
+                else wgmma256<0, 0>(acc, descK(sA + kk * 32), descK(sB + kk * 32));
+            }
+            wgCommit();
+            wgWait<1>();
+            if (kt > 0) p.release(kt - 1);
+        }
+        wgWait<0>();
+        int rowOrigin = rowStart + c * 64;
+        storeAcc(acc, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta);
+    }
+}
+
+// Writes this consumer warpgroup's 64 x 256 accumulators (beta 0) through shared memory: the fragments into
+// boxes of 64 rows x 128 bytes in the 128-byte swizzle (conflict-free: the 8 rows of a store fall into distinct
+// 16-byte chunks), then one thread stores them with the bulk tensor copy, which clips rows and columns past the
+// map's ends (dW's map {N, K, E}: rows past K are not the next expert's). fp32 goes in two halves of 128 columns.
+// The staging buffer is reused only after the previous tile's stores have read it.
+__device__ __forceinline__ void storeAccTma(const float (&acc)[128], unsigned char* out, const CUtensorMap* map, int cdt, int c,
+                                            int n0, int m0, int e, int N) {
+    int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+    bool issuer = (threadIdx.x & 127) == 0;
+    int halves = cdt == DT_F32 ? 2 : 1, boxCols = cdt == DT_F32 ? 32 : 64;   // columns of one 128-byte box row
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        if (half >= halves) break;
+        if (issuer) bulkWaitRead();
+        warpgroupSync(c);
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            int col = 8 * j + 2 * (lane & 3) - half * 128;   // within this half
+            if (col < 0 || col >= BN / halves) continue;
+            int box = col / boxCols, inRow = (col % boxCols) * (cdt == DT_F32 ? 4 : 2);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int row = 16 * w + (lane >> 2) + 8 * h;
+                int chunk = (inRow >> 4) ^ (row & 7);
+                unsigned char* dst = out + box * BOX + row * 128 + chunk * 16 + (inRow & 15);
+                float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+                if (cdt == DT_F32) *(float2*)dst = make_float2(v0, v1);
+                else *(__nv_bfloat162*)dst = __floats2bfloat162_rn(v0, v1);
+            }
+        }
+        fenceProxyAsync();
+        warpgroupSync(c);
+        if (issuer) {
+            for (int b = 0; b < 4; b++) {
+                int col0 = n0 + half * 128 + b * boxCols;
+                if (col0 < N) tmaStore3d(map, col0, m0, e, out + b * BOX);   // boxes wholly past N: nothing to write
+            }
+            bulkCommit();
+        }
+    }
+}
+
+// Weight gradient, persistent: block b takes tiles b, b + gridDim.x, ... of the E x ceil(K / 128) x ceil(N / 256)
+// tiles of dW (expert by expert, n-tile by n-tile, m fastest: resident blocks share dY's columns). Each tile reduces
+// over its expert's rows 64 at a time; the producer runs ahead into the next tiles while the consumers store, which
+// is what this product (one or two reduction steps for 64-row experts, a 128 x 256 output tile each) is bound by.
+// The last step's rows past the expert's end hold the next expert's rows (or zeros): each consumer zeroes them in
+// its A box before multiplying. An expert without rows still writes beta * dW. beta 0 stores through shared memory
+// and tmDW; otherwise each value is read and written in place (storeAcc).
+__device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtensorMap* tmDY, const CUtensorMap* tmDW, void* dW,
+                                           int cdt, const int* offsets, int E, int K, int N, float beta) {
+    constexpr int A_BYTES = BM * 128;
+    extern __shared__ unsigned char smraw[];
+    __shared__ __align__(8) uint64_t full[WGRAD_STAGES], empty[WGRAD_STAGES];
+    Pipe<WGRAD_STAGES> p(smraw, full, empty);
+    int mTiles = (K + BM - 1) / BM, nTiles = (N + BN - 1) / BN, tiles = E * mTiles * nTiles;
+    int wgi = threadIdx.x >> 7;
+    if (wgi == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0) {
+            int g = 0;
+            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+                int e = t / (mTiles * nTiles), m0 = t % mTiles * BM, n0 = t / mTiles % nTiles * BN;
+                int r0 = offsets[e], steps = (offsets[e + 1] - r0 + BK - 1) / BK;
+                for (int s = 0; s < steps; s++, g++) {
+                    uint64_t* bar = p.acquire(g);
+                    unsigned char* st = p.stage(g);
+                    for (int j = 0; j < BM / 64; j++) tmaLoad2d(st + j * BOX, tmA, m0 + 64 * j, r0 + s * BK, bar);
+                    for (int j = 0; j < BN / 64; j++) tmaLoad2d(st + A_BYTES + j * BOX, tmDY, n0 + 64 * j, r0 + s * BK, bar);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        int c = wgi - 1, g = 0;
+        unsigned char* out = p.sm + WGRAD_STAGES * STAGE_BYTES + c * OUT_BYTES;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+            int e = t / (mTiles * nTiles), m0 = t % mTiles * BM, n0 = t / mTiles % nTiles * BN;
+            int r0 = offsets[e], rows = offsets[e + 1] - r0, steps = (rows + BK - 1) / BK;
+            float acc[128];
+#pragma unroll
+            for (int i = 0; i < 128; i++) acc[i] = 0.f;
+            for (int s = 0; s < steps; s++, g++) {
+                p.wait(g);
+                unsigned char* sA = p.stage(g) + c * BOX;
+                unsigned char* sB = p.stage(g) + A_BYTES;
+                int valid = rows - s * BK;
+                if (valid < BK) {
+                    // rows valid .. 63 of this warpgroup's A box (a box row is one 128-byte line: the swizzle permutes
+                    // chunks within it) to zero, visible to wgmma before any of the warpgroup issues it
+                    for (int i = threadIdx.x & 127; i < (BK - valid) * 8; i += 128)
+                        ((uint4*)(sA + valid * 128))[i] = make_uint4(0, 0, 0, 0);
+                    fenceProxyAsync();
+                    warpgroupSync(c);
+                }
+                wgFence();
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++) wgmma256<1, 1>(acc, descMN(sA + kk * 2048), descMN(sB + kk * 2048));
+                wgCommit();
+                wgWait<1>();
+                if (s > 0) p.release(g - 1);
+            }
+            wgWait<0>();
+            if (steps > 0) p.release(g - 1);
+            int mOrigin = m0 + c * 64;
+            if (mOrigin >= K) continue;   // this warpgroup's rows are all past K (the whole warpgroup alike)
+            if (beta == 0.f) storeAccTma(acc, out, tmDW, cdt, c, n0, mOrigin, e, N);
+            else storeAcc(acc, dW, cdt, N, (i64)e * K + mOrigin, K - mOrigin, n0, N - n0, beta);
+        }
+        if ((threadIdx.x & 127) == 0) bulkWaitRead();   // the last stores have read the staging buffer
+    }
+}
+
+#endif  // sm_90a
+
+}  // namespace wg
+
+// Dynamic shared memory (CudaBackend.WG_SHARED, WG_WGRAD_SHARED): the products STAGES stages of A (128 x 64) and B
+// (256 x 64) bf16, the weight gradient WGRAD_STAGES of them and two output tiles (OUT_BYTES); plus 1 KiB to align
+// the first stage to 1024 bytes.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_BODY(call) call
+#else
+#define WG_BODY(call) __trap()
+#endif
+
+extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_nt(
+        const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt, const int* offsets,
+        int E, int K, int N, float beta) {
+    WG_BODY((wg::product<false>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta)));
+}
+
+extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_nn(
+        const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt, const int* offsets,
+        int E, int K, int N, float beta) {
+    WG_BODY((wg::product<true>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta)));
+}
+
+extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_wgrad(
+        const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmDY, const __grid_constant__ CUtensorMap tmDW,
+        void* dW, int cdt, const int* offsets, int E, int K, int N, float beta) {
+    WG_BODY((wg::weightGrad(&tmA, &tmDY, &tmDW, dW, cdt, offsets, E, K, N, beta)));
+}
+#undef WG_BODY
