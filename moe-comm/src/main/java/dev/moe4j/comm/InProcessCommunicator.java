@@ -404,31 +404,12 @@ public final class InProcessCommunicator implements Communicator {
         String key = mailbox(peer, rank, n);
         double[] data;
         synchronized (world.lock) {
-            long deadline = System.nanoTime() + world.timeoutMs * 1_000_000L;
-            while (true) {
+            int[] sender = {group.worldRanks[peer]};
+            awaitRanks(label, () -> {
                 ArrayDeque<double[]> q = world.mail.get(key);
-                if (q != null && !q.isEmpty()) {
-                    data = q.poll();
-                    world.mail.remove(key);
-                    break;
-                }
-                if (world.failure != null) {
-                    throw new CommunicationException(label + " in " + group.name + " (" + describe() + "): world aborted: " + world.failure);
-                }
-                long left = (deadline - System.nanoTime()) / 1_000_000L;
-                int[] missing = {group.worldRanks[peer]};
-                if (left <= 0) {
-                    world.fail("rank " + worldRank() + " timed out in " + label + " waiting for world rank(s) " + Arrays.toString(missing));
-                    throw new CommTimeoutException(label + " in " + group.name + " (" + describe() + "): timed out after " + world.timeoutMs
-                            + " ms waiting for world rank(s) " + Arrays.toString(missing), label, missing);
-                }
-                try {
-                    world.lock.wait(left);
-                } catch (InterruptedException e) {
-                    Thread.currentThread().interrupt();
-                    throw new CommunicationException(label + ": interrupted");
-                }
-            }
+                return q != null && !q.isEmpty() ? new int[0] : sender;
+            });
+            data = world.mail.remove(key).poll();
         }
         if (data.length != t.numel()) {
             throw new IllegalArgumentException("recv: rank " + peer + " sent " + data.length + " elements, rank " + rank + " receives " + t.numel());

@@ -176,10 +176,41 @@ public final class CpuBackend implements Backend {
         round(out);
     }
 
+    // ------------------------------------------------------------------ side work
+
+    private boolean insideBeside, besideOpen;
+
+    /**
+     * Runs work at once, holding it to the CUDA backend's rules so that CPU tests catch their breach: one side work
+     * open at a time (joined before the next), no GEMMs inside.
+     */
+    @Override
+    public SideWork beside(Runnable work) {
+        if (insideBeside) throw new IllegalStateException("beside: already inside side work");
+        if (besideOpen) throw new IllegalStateException("beside: the previous side work was not joined");
+        besideOpen = true;
+        insideBeside = true;
+        try {
+            work.run();
+        } catch (RuntimeException | Error e) {
+            besideOpen = false;   // as CUDA's: what failed is joined before the error leaves
+            throw e;
+        } finally {
+            insideBeside = false;
+        }
+        return () -> besideOpen = false;
+    }
+
+    /** GEMMs are refused inside beside(), as on CUDA (cuBLAS is bound to the main stream there). */
+    private void noGemmBeside(String op) {
+        if (insideBeside) throw new IllegalStateException(op + " inside beside(): GEMMs run on the main stream only");
+    }
+
     // ------------------------------------------------------------------ matrix products
 
     @Override
     public void matmul(Tensor a, boolean transA, Tensor b, boolean transB, Tensor c, float alpha, float beta) {
+        noGemmBeside("matmul");
         int[] d = Checks.matmul(a, transA, b, transB, c);
         int batch = d[0], m = d[1], n = d[2], k = d[3];
         double[] A = data(a), B = data(b), C = data(c);
@@ -213,6 +244,7 @@ public final class CpuBackend implements Backend {
     @Override
     public void groupedMatmul(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, float beta) {
         String op = "groupedMatmul";
+        noGemmBeside(op);
         int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
         int e = d[0], k = d[1], n = d[2], t = d[3];
         int[] offs = checkOffsets(op, offsets, t);
@@ -228,6 +260,7 @@ public final class CpuBackend implements Backend {
     @Override
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
         String op = "groupedMatmulWeightGrad";
+        noGemmBeside(op);
         int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
         int e = d[0], k = d[1], n = d[2], t = d[3];
         int[] offs = checkOffsets(op, offsets, t);

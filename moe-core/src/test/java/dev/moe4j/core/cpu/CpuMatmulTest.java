@@ -59,4 +59,23 @@ class CpuMatmulTest {
         var e = assertThrows(IllegalArgumentException.class, () -> cpu.matmul(a, false, b, false, c, 1f, 0f));
         assertEquals("matmul: inner dimensions differ: op(A) is [3, 4], op(B) is [5, 2]", e.getMessage());
     }
+
+    /** beside() holds CPU callers to the CUDA backend's rules: one side work open at a time, no GEMMs inside. */
+    @Test
+    void besideRefusesWhatTheCudaBackendRefuses() {
+        Tensor a = cpu.fromDoubles(DType.F32, new double[] {1, 2, 3, 4}, 2, 2), c = cpu.zeros(DType.F32, 2, 2);
+        Tensor offsets = cpu.fromInts(new int[] {0, 1, 2}, 3), w = cpu.fromDoubles(DType.F32, new double[8], 2, 2, 2);
+        assertThrows(IllegalStateException.class, () -> cpu.beside(() -> cpu.matmul(a, false, a, false, c, 1f, 0f)).join());
+        assertThrows(IllegalStateException.class, () -> cpu.beside(() -> cpu.groupedMatmul(a, w, false, offsets, c, 0f)).join());
+        assertThrows(IllegalStateException.class, () -> cpu.beside(() -> cpu.groupedMatmulWeightGrad(a, c, offsets, w, 0f)).join());
+        assertThrows(IllegalStateException.class, () -> cpu.beside(() -> cpu.beside(() -> { })).join());
+        // a failed side work is joined: the next may open
+        Backend.SideWork open = cpu.beside(() -> cpu.scale(a, 2, c));
+        assertThrows(IllegalStateException.class, () -> cpu.beside(() -> { }), "a second side work before the first is joined");
+        open.join();
+        cpu.beside(() -> { }).join();
+        assertEquals(java.util.List.of(2.0, 4.0, 6.0, 8.0), java.util.Arrays.stream(c.toDoubles()).boxed().toList(), "the side work ran");
+        cpu.matmul(a, false, a, false, c, 1f, 0f);   // after the join, GEMMs again
+        assertEquals(7.0, c.toDoubles()[0]);
+    }
 }
