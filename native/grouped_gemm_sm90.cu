@@ -16,6 +16,7 @@
 // A block has 384 threads: warpgroup 0 produces (one thread issues the TMA loads of STAGES stages, each guarded by
 // a full and an empty mbarrier), warpgroups 1 and 2 consume, each multiplying 64 rows of the 128-row tile by 256
 // columns with wgmma m64n256k16, one wgmma group in flight, releasing a stage when the group that read it is done.
+// A block walks tiles blockIdx.x, + gridDim.x, ...: the caller's grid makes it one tile per block or persistent.
 #include "common.cuh"
 #include <cuda.h>
 
@@ -161,58 +162,88 @@ __device__ __forceinline__ void storeAcc(const float (&acc)[128], void* out, int
     }
 }
 
-// Forward (FWD: W [E, K, N] read MN-major) or data-gradient (W [E, N, K], K-major) product: one 128 x 256 tile per
-// block, blocks ordered by findGroupTile (an expert's m-tiles fastest, so that resident blocks share one slice of
-// W[e] and the expert's rows stay in L2). Rows of the tile past the expert's end are computed and not stored.
+// The expert, m-tile and n-tile of tile t in findGroupTile's order (an expert's m-tiles fastest), for one thread: it
+// walks forward from the previous answer, so a block's non-decreasing tiles cost one pass over the experts in all.
+struct TileWalker {
+    int e = 0, base = 0;   // expert e's first tile is base
+
+    __device__ __forceinline__ bool find(const int* offsets, int E, int nTiles, int t, int& expert, int& mTile, int& nTile) {
+        for (; e < E; e++) {
+            int mt = (__ldg(offsets + e + 1) - __ldg(offsets + e) + BM - 1) / BM;
+            if (t < base + mt * nTiles) {
+                expert = e;
+                nTile = (t - base) / mt;
+                mTile = (t - base) % mt;
+                return true;
+            }
+            base += mt * nTiles;
+        }
+        return false;
+    }
+};
+
+// Forward (FWD: W [E, K, N] read MN-major) or data-gradient (W [E, N, K], K-major) product in 128 x 256 tiles: block
+// b takes tiles b, b + gridDim.x, ... (TileWalker's order: resident blocks share one slice of W[e] and the expert's
+// rows stay in L2). A grid of the tile bound runs one tile per block; a grid of one block per multiprocessor is
+// persistent, the producer loading the next tile while the consumers store. Rows of a tile past the expert's end are
+// computed and not stored.
 template <bool FWD>
 __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMap* tmW, void* C, int cdt, const int* offsets,
                                         int E, int K, int N, float beta) {
     constexpr int A_BYTES = BM * 128;
     extern __shared__ unsigned char smraw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    int nTiles = (N + BN - 1) / BN, kTiles = (K + BK - 1) / BK;
+    TileWalker walk;
     int expert, tile, nTile;
-    if (!findGroupTile<BM>(offsets, E, (N + BN - 1) / BN, blockIdx.x, expert, tile, nTile)) return;
+    if (!walk.find(offsets, E, nTiles, blockIdx.x, expert, tile, nTile)) return;   // the whole block alike
     Pipe<STAGES> p(smraw, full, empty);
-    int rowStart = offsets[expert] + tile * BM, rowEnd = offsets[expert + 1];
-    int n0 = nTile * BN, kTiles = (K + BK - 1) / BK;
     int wgi = threadIdx.x >> 7;
     if (wgi == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (threadIdx.x == 0) {
-            for (int kt = 0; kt < kTiles; kt++) {
-                uint64_t* bar = p.acquire(kt);
-                unsigned char* st = p.stage(kt);
-                tmaLoad2d(st, tmA, kt * BK, rowStart, bar);
-                if constexpr (FWD) {
-                    for (int j = 0; j < BN / 64; j++) tmaLoad3d(st + A_BYTES + j * BOX, tmW, n0 + 64 * j, kt * BK, expert, bar);
-                } else {
-                    tmaLoad3d(st + A_BYTES, tmW, kt * BK, n0, expert, bar);
+            int g = 0;
+            for (int t = blockIdx.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile); t += gridDim.x) {
+                int rowStart = __ldg(offsets + expert) + tile * BM, n0 = nTile * BN;
+                for (int kt = 0; kt < kTiles; kt++, g++) {
+                    uint64_t* bar = p.acquire(g);
+                    unsigned char* st = p.stage(g);
+                    tmaLoad2d(st, tmA, kt * BK, rowStart, bar);
+                    if constexpr (FWD) {
+                        for (int j = 0; j < BN / 64; j++) tmaLoad3d(st + A_BYTES + j * BOX, tmW, n0 + 64 * j, kt * BK, expert, bar);
+                    } else {
+                        tmaLoad3d(st + A_BYTES, tmW, kt * BK, n0, expert, bar);
+                    }
                 }
             }
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-        int c = wgi - 1;
-        float acc[128];
+        int c = wgi - 1, g = 0;
+        for (int t = blockIdx.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile); t += gridDim.x) {
+            int rowStart = __ldg(offsets + expert) + tile * BM, rowEnd = __ldg(offsets + expert + 1), n0 = nTile * BN;
+            float acc[128];
 #pragma unroll
-        for (int i = 0; i < 128; i++) acc[i] = 0.f;
-        for (int kt = 0; kt < kTiles; kt++) {
-            p.wait(kt);
-            unsigned char* sA = p.stage(kt) + c * 64 * 128;
-            unsigned char* sB = p.stage(kt) + A_BYTES;
-            wgFence();
+            for (int i = 0; i < 128; i++) acc[i] = 0.f;
+            for (int kt = 0; kt < kTiles; kt++, g++) {
+                p.wait(g);
+                unsigned char* sA = p.stage(g) + c * 64 * 128;
+                unsigned char* sB = p.stage(g) + A_BYTES;
+                wgFence();
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                if constexpr (FWD) wgmma256<0, 1>(acc, descK(sA + kk * 32), descMN(sB + kk * 2048));
-                else wgmma256<0, 0>(acc, descK(sA + kk * 32), descK(sB + kk * 32));
+                for (int kk = 0; kk < 4; kk++) {
+                    if constexpr (FWD) wgmma256<0, 1>(acc, descK(sA + kk * 32), descMN(sB + kk * 2048));
+                    else wgmma256<0, 0>(acc, descK(sA + kk * 32), descK(sB + kk * 32));
+                }
+                wgCommit();
+                wgWait<1>();
+                if (kt > 0) p.release(g - 1);
             }
-            wgCommit();
-            wgWait<1>();
-            if (kt > 0) p.release(kt - 1);
+            wgWait<0>();
+            if (kTiles > 0) p.release(g - 1);
+            int rowOrigin = rowStart + c * 64;
+            storeAcc(acc, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta);
         }
-        wgWait<0>();
-        int rowOrigin = rowStart + c * 64;
-        storeAcc(acc, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta);
     }
 }
 

@@ -59,7 +59,9 @@ static int numSms;
 
 // NT: C [T, N] = A [T, K] W[e]^T (W [E, N, K]); NN: C = A W[e] (W [E, K, N]); WGRAD: C [E, K, N] = A^T B per expert
 // (B = dY [T, N]). cdt: 0 fp32, 1 bf16.
-static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const int* offs, int E, int T, int K, int N, float beta) {
+// persistent: the products on one block per multiprocessor (else one block per tile); the weight gradient always is.
+static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const int* offs, int E, int T, int K, int N, float beta,
+                   bool persistent = false) {
     static bool prepared = false;
     if (!prepared) {
         CK(cudaFuncSetAttribute(k_wg_nt, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
@@ -76,7 +78,8 @@ static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const
     }
     CUtensorMap ta = tensorMap(A, {K, T}, {64, 128});
     CUtensorMap tw = f == NN ? tensorMap(B, {N, K, E}, {64, 64, 1}) : tensorMap(B, {K, N, E}, {64, 256, 1});
-    dim3 grid(((T + 127) / 128 + E) * ((N + 255) / 256));
+    int tiles = ((T + 127) / 128 + E) * ((N + 255) / 256);
+    dim3 grid(persistent ? std::min(tiles, numSms) : tiles);
     if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta);
     else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta);
 }
@@ -148,16 +151,22 @@ static void check(cublasHandle_t h, Form f, int K, int N) {
     for (int cdt : {DT_BF16, DT_F32}) {
         for (float beta : {0.f, 0.5f}) {
             // the same start values in C and R
-            k_fillC<<<256, 256>>>(C, cdt, cN, 13); k_fillC<<<256, 256>>>(R, cdt, cN, 13);
-            runOwn(f, A, B, C, cdt, d, E, T, K, N, beta);
-            CK(cudaGetLastError());
+            k_fillC<<<256, 256>>>(R, cdt, cN, 13);
             cublasPerExpert(h, f, A, B, R, cdt, offs, K, N, beta);
             CK(cudaDeviceSynchronize());
-            auto c = toHost(C, cN, cdt), r = toHost(R, cN, cdt);
-            bool tail = true;
-            if (f != WGRAD) for (i64 i = (i64)offs.back() * N; i < cN; i++) tail &= c[i] == r[i];
-            printf("  check %-6s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f), K, N, cdt == DT_F32 ? "f32 " : "bf16",
-                   beta, relErr(c, r), f == WGRAD ? "-" : tail ? "yes" : "NO");
+            auto r = toHost(R, cN, cdt);
+            for (bool persistent : {false, true}) {
+                if (persistent && f == WGRAD) break;
+                k_fillC<<<256, 256>>>(C, cdt, cN, 13);
+                runOwn(f, A, B, C, cdt, d, E, T, K, N, beta, persistent);
+                CK(cudaGetLastError());
+                CK(cudaDeviceSynchronize());
+                auto c = toHost(C, cN, cdt);
+                bool tail = true;
+                if (f != WGRAD) for (i64 i = (i64)offs.back() * N; i < cN; i++) tail &= c[i] == r[i];
+                printf("  check %-6s%s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f), persistent ? " (persistent)" : "", K, N,
+                       cdt == DT_F32 ? "f32 " : "bf16", beta, relErr(c, r), f == WGRAD ? "-" : tail ? "yes" : "NO");
+            }
         }
     }
     cudaFree(A); cudaFree(B); cudaFree(C); cudaFree(R); cudaFree(d);
@@ -187,6 +196,7 @@ static void time(cublasHandle_t h, const Shape& s) {
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     };
     auto own = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f); };
+    auto ownP = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f, true); };
     float tc = medianMs(cub), to = medianMs(own), tc2 = medianMs(cub), to2 = medianMs(own);
     CK(cudaDeviceSynchronize());
     double err = relErr(toHost(C, cN, DT_BF16), toHost(R, cN, DT_BF16));
@@ -194,6 +204,13 @@ static void time(cublasHandle_t h, const Shape& s) {
     printf("  time  %-24s cuBLAS %.3f %.3f ms  own %.3f %.3f ms  own/cuBLAS %.2f  own %.0f TFLOP/s %.0f GB/s  err %.2e\n",
            s.name, tc, tc2, to, to2, std::min(to, to2) / std::min(tc, tc2), flop / std::min(to, to2) / 1e9,
            bytes / std::min(to, to2) / 1e6, err);
+    if (f != WGRAD) {
+        CK(cudaMemset(C, 0, cN * 2));
+        float tp = medianMs(ownP), tp2 = medianMs(ownP);
+        CK(cudaDeviceSynchronize());
+        printf("  time  %-24s persistent own %.3f %.3f ms  own/cuBLAS %.2f  own %.0f TFLOP/s  err %.2e\n", s.name, tp, tp2,
+               std::min(tp, tp2) / std::min(tc, tc2), flop / std::min(tp, tp2) / 1e9, relErr(toHost(C, cN, DT_BF16), toHost(R, cN, DT_BF16)));
+    }
     cudaFree(A); cudaFree(B); cudaFree(C); cudaFree(R); cudaFree(d);
 }
 
@@ -208,12 +225,15 @@ int main(int argc, char** argv) {
     // the layer benchmark's expert products, capacity-padded (experts x rows, K, N)
     Shape shapes[] = {
         {"350M fc1 fwd", NN, 128, 64, 1024, 4096}, {"350M fc2 fwd", NN, 128, 64, 4096, 1024},
+        {"top2 fc1 fwd", NN, 64, 256, 2048, 8192}, {"top2 fc2 fwd", NN, 64, 256, 8192, 2048},
+        {"mixtral fc1 fwd", NN, 8, 4096, 4096, 14336}, {"ep8 fc1 fwd", NN, 16, 512, 2048, 8192},
         {"350M fc2 dgrad", NT, 128, 64, 1024, 4096}, {"350M fc1 dgrad", NT, 128, 64, 4096, 1024},
+        {"top2 fc2 dgrad", NT, 64, 256, 2048, 8192}, {"top2 fc1 dgrad", NT, 64, 256, 8192, 2048},
+        {"mixtral fc2 dgrad", NT, 8, 4096, 4096, 14336}, {"ep8 fc2 dgrad", NT, 16, 512, 2048, 8192},
         {"350M fc2 wgrad", WGRAD, 128, 64, 4096, 1024}, {"350M fc1 wgrad", WGRAD, 128, 64, 1024, 4096},
-        {"1.3B fc1 wgrad", WGRAD, 128, 64, 2048, 8192}, {"1.3B fc2 wgrad", WGRAD, 128, 64, 8192, 2048},
-        {"top2 fc1 wgrad", WGRAD, 64, 256, 2048, 8192}, {"top2 fc2 wgrad", WGRAD, 64, 256, 8192, 2048},
-        {"mixtral fc1 wgrad", WGRAD, 8, 4096, 4096, 14336}, {"ep8 fc1 wgrad", WGRAD, 16, 512, 2048, 8192},
-        {"ep8 fc2 wgrad", WGRAD, 16, 512, 8192, 2048},
+        {"1.3B fc1 wgrad", WGRAD, 128, 64, 2048, 8192}, {"top2 fc1 wgrad", WGRAD, 64, 256, 2048, 8192},
+        {"top2 fc2 wgrad", WGRAD, 64, 256, 8192, 2048}, {"mixtral fc1 wgrad", WGRAD, 8, 4096, 4096, 14336},
+        {"ep8 fc1 wgrad", WGRAD, 16, 512, 2048, 8192}, {"ep8 fc2 wgrad", WGRAD, 16, 512, 8192, 2048},
     };
     for (const Shape& s : shapes) time(h, s);
     return 0;

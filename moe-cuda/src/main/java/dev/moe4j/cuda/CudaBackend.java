@@ -907,6 +907,18 @@ public final class CudaBackend implements Backend {
 
     GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "cublas").toUpperCase(java.util.Locale.ROOT));
 
+    /**
+     * The wgmma products' grid: one block per tile (false, measured) or one per multiprocessor walking the tiles
+     * (true: the next tile's loads overlap the last one's stores; {@code -Dmoe4j.cuda.wgmmaPersistent=true}, to be
+     * measured against it and then settled).
+     */
+    boolean wgmmaPersistent = Boolean.getBoolean("moe4j.cuda.wgmmaPersistent");
+
+    /** Blocks of a persistent wgmma grid: one per multiprocessor, or (tests, above 0) this many, so that each walks many tiles. */
+    int wgmmaBlocks;
+
+    private int persistentBlocks() { return wgmmaBlocks > 0 ? wgmmaBlocks : kernels.multiprocessors(); }
+
     /** The forms of a grouped product: C = A W[e] (W [E,K,N]), C = A W[e]^T (W [E,N,K]), dW[e] = A^T dY. */
     private enum GroupedForm { FORWARD, DATA_GRAD, WEIGHT_GRAD }
 
@@ -946,7 +958,7 @@ public final class CudaBackend implements Backend {
      */
     private GroupedKernel groupedKernelFor(GroupedForm form, Tensor a, Tensor b, Tensor c, int e, int t, int k, int n, int[] offs) {
         boolean fits = a.dtype() == DType.BF16 && b.dtype() == DType.BF16 && k % 8 == 0 && n % 8 == 0 && p(a) % 16 == 0
-                && p(b) % 16 == 0 && p(c) % 16 == 0 && t > 0;
+                && p(b) % 16 == 0 && p(c) % 16 == 0 && t > 0 && k > 0;
         return switch (groupedKernel) {
             case CUBLAS -> GroupedKernel.CUBLAS;
             case WGMMA -> {
@@ -1004,8 +1016,10 @@ public final class CudaBackend implements Backend {
         GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
         switch (groupedKernelFor(form, a, w, c, e, t, k, n, offs)) {
             case WGMMA -> {
-                // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit
+                // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit.
+                // Persistent: one block per multiprocessor walks them.
                 long tiles = (long) ((t + WG_BM - 1) / WG_BM + e) * ((n + WG_BN - 1) / WG_BN);
+                if (wgmmaPersistent) tiles = Math.min(tiles, persistentBlocks());
                 Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
                 launch(transW ? "k_wg_nt" : "k_wg_nn", Math.toIntExact(tiles), 1, WG_THREADS, WG_SHARED,
                         map(a, new int[] {64, WG_BM}, k, t), wm, p(c), dt(c), p(offsets), e, k, n, beta);
@@ -1053,7 +1067,7 @@ public final class CudaBackend implements Backend {
                 // persistent: one block per multiprocessor walks the tiles of every expert's dW
                 long tiles = (long) e * ((k + WG_BM - 1) / WG_BM) * ((n + WG_BN - 1) / WG_BN);
                 // dW's map: boxes of 128 bytes of columns (64 bf16, 32 fp32) by 64 rows
-                launch("k_wg_wgrad", (int) Math.min(tiles, kernels.multiprocessors()), 1, WG_THREADS, WG_WGRAD_SHARED,
+                launch("k_wg_wgrad", (int) Math.min(tiles, persistentBlocks()), 1, WG_THREADS, WG_WGRAD_SHARED,
                         map(a, new int[] {64, 64}, k, t), map(dy, new int[] {64, 64}, n, t),
                         map(dw, new int[] {dw.dtype() == DType.F32 ? 32 : 64, 64, 1}, n, k, e), p(dw), dt(dw), p(offsets), e, k, n, beta);
                 return;

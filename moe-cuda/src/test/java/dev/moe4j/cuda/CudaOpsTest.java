@@ -174,7 +174,8 @@ class CudaOpsTest extends GpuTestBase {
      * Our own grouped kernels (native/grouped_gemm_sm90.cu on an H100/H200, native/grouped_gemm.cu) and the cuBLAS
      * forms, each forced, and AUTO's picks, on shapes that cross every tile edge: K and N not multiples of the tiles
      * (64-deep k-tiles, 128 and 256 columns), an expert of more than two 128-row tiles, empty experts, rows past
-     * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not.
+     * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not. The wgmma kernels run twice:
+     * one block per tile, then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent).
      */
     @ParameterizedTest
     @EnumSource(CudaBackend.GroupedKernel.class)
@@ -183,34 +184,45 @@ class CudaOpsTest extends GpuTestBase {
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = policy;
         try {
-            // (K, N): K past two 64-deep k-tiles and 128-row dW tiles, N inside one 256-column tile; then N over three
-            int[][] kn = {{200, 136}, {72, 520}};
-            // few rows per expert (the 64-row tiles) and many (the 128-row tiles)
-            for (int[] offs : new int[][] {{0, 5, 5, 70, 133, 133, 190}, {0, 300, 300, 301, 429, 700}}) {
-                int k = kn[offs.length % 2][0], n = kn[offs.length % 2][1];
-                int e = offs.length - 1, t = offs[e] + 9;
-                Tensor[] o = of(offs, e + 1);
-                for (DType out : new DType[] {DType.BF16, DType.F32}) {
-                    for (boolean tw : new boolean[] {false, true}) {
-                        for (float beta : new float[] {0f, 0.5f}) {
-                            Tensor[] a = rand(DType.BF16, 1, t, k), w = tw ? rand(DType.BF16, 1, e, n, k) : rand(DType.BF16, 1, e, k, n);
-                            Tensor[] c = rand(out, 1, t, n);
-                            double[] tail = java.util.Arrays.copyOfRange(c[1].toDoubles(), offs[e] * n, t * n);
-                            for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], beta);
-                            String what = policy + " groupedMatmul " + e + " experts, " + t + " rows, tW=" + tw + " beta=" + beta;
-                            check(what, c, BF16_TOL);
-                            assertArrayEquals(tail, java.util.Arrays.copyOfRange(c[1].toDoubles(), offs[e] * n, t * n), what + ": rows past offsets[E]");
-                        }
-                    }
-                    for (float beta : new float[] {0f, 1f, 0.25f}) {
-                        Tensor[] a = rand(DType.BF16, 1, t, k), dy = rand(DType.BF16, 1, t, n), dw = rand(out, 1, e, k, n);
-                        for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], beta);
-                        check(policy + " groupedMatmulWeightGrad " + e + " experts -> " + out + " beta=" + beta, dw, BF16_TOL);
-                    }
-                }
+            groupedKernelsAcrossTileEdges(policy.toString());
+            if (policy == CudaBackend.GroupedKernel.WGMMA) {
+                gpu.wgmmaPersistent = true;
+                gpu.wgmmaBlocks = 3;
+                groupedKernelsAcrossTileEdges(policy + " on 3 persistent blocks");
             }
         } finally {
             gpu.groupedKernel = saved;
+            gpu.wgmmaPersistent = false;
+            gpu.wgmmaBlocks = 0;
+        }
+    }
+
+    private void groupedKernelsAcrossTileEdges(String policy) {
+        // (K, N): K past two 64-deep k-tiles and 128-row dW tiles, N inside one 256-column tile; then N over three
+        int[][] kn = {{200, 136}, {72, 520}};
+        // few rows per expert (the 64-row tiles) and many (the 128-row tiles)
+        for (int[] offs : new int[][] {{0, 5, 5, 70, 133, 133, 190}, {0, 300, 300, 301, 429, 700}}) {
+            int k = kn[offs.length % 2][0], n = kn[offs.length % 2][1];
+            int e = offs.length - 1, t = offs[e] + 9;
+            Tensor[] o = of(offs, e + 1);
+            for (DType out : new DType[] {DType.BF16, DType.F32}) {
+                for (boolean tw : new boolean[] {false, true}) {
+                    for (float beta : new float[] {0f, 0.5f}) {
+                        Tensor[] a = rand(DType.BF16, 1, t, k), w = tw ? rand(DType.BF16, 1, e, n, k) : rand(DType.BF16, 1, e, k, n);
+                        Tensor[] c = rand(out, 1, t, n);
+                        double[] tail = java.util.Arrays.copyOfRange(c[1].toDoubles(), offs[e] * n, t * n);
+                        for (int i = 0; i < 2; i++) on(i).groupedMatmul(a[i], w[i], tw, o[i], c[i], beta);
+                        String what = policy + " groupedMatmul " + e + " experts, " + t + " rows, tW=" + tw + " beta=" + beta;
+                        check(what, c, BF16_TOL);
+                        assertArrayEquals(tail, java.util.Arrays.copyOfRange(c[1].toDoubles(), offs[e] * n, t * n), what + ": rows past offsets[E]");
+                    }
+                }
+                for (float beta : new float[] {0f, 1f, 0.25f}) {
+                    Tensor[] a = rand(DType.BF16, 1, t, k), dy = rand(DType.BF16, 1, t, n), dw = rand(out, 1, e, k, n);
+                    for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], beta);
+                    check(policy + " groupedMatmulWeightGrad " + e + " experts -> " + out + " beta=" + beta, dw, BF16_TOL);
+                }
+            }
         }
     }
 
