@@ -939,20 +939,26 @@ public final class CudaBackend implements Backend {
     boolean hasWgmma() { return kernels.hopper(); }
 
     @Override
-    public boolean wantsHostOffsets(DType dtype) {
-        // cuBLAS needs the offsets on the host to size its GEMMs (AUTO may pick it); our kernels read them on the device
-        return groupedKernel == GroupedKernel.AUTO || groupedKernel == GroupedKernel.CUBLAS || dtype != DType.BF16;
+    public boolean wantsHostOffsets(DType dtype, long rows, int groups) {
+        // cuBLAS needs the offsets on the host to size its GEMMs; our kernels read them on the device
+        if (dtype != DType.BF16) return true;
+        return switch (groupedKernel) {
+            case CUBLAS -> true;
+            case WGMMA, MMA_SYNC -> false;
+            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null)));
+        };
     }
 
     @Override
-    public boolean prefersEqualGroups(DType dtype) {
+    public boolean prefersEqualGroups(DType dtype, long rows, int groups) {
         // equal groups are one strided-batched cuBLAS GEMM; unequal ones a grouped-batched call or a loop of GEMMs
-        // (measured 1.4x-1.8x slower for 64-128 experts, docs/benchmarks.md)
-        return wantsHostOffsets(dtype);
+        // (measured 1.4x-1.8x slower for 64-128 experts, docs/benchmarks.md); ours cost the same either way
+        return wantsHostOffsets(dtype, rows, groups);
     }
 
     /**
-     * The kernel for a grouped product over t rows of e groups (offs: the offsets on the host): CUBLAS, WGMMA or
+     * The kernel for a grouped product over t rows of e groups (offs: the offsets on the host, or null where the caller
+     * has not read them and this backend does not want them): CUBLAS, WGMMA or
      * MMA_SYNC. Ours need bf16 operands, K and N multiples of 8 and 16-byte aligned operands and outputs (16-byte
      * loads, tensor-map addresses and strides).
      */
@@ -981,12 +987,13 @@ public final class CudaBackend implements Backend {
      * grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's until ours (with the
      * shared-memory store epilogue) is measured: with direct stores from registers it took 2.8-3.1x cuBLAS's time.
      */
-    private static boolean autoPicksWgmma(GroupedForm form, int e, int t, int[] offs) {
+    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs) {
         if (t > 128L * e) return false;
         return switch (form) {
             case DATA_GRAD -> true;
             case WEIGHT_GRAD -> false;
             case FORWARD -> {
+                if (offs == null) yield true;   // not known on the host: a dropless routing's unequal groups
                 for (int g = 1; g < e; g++) if (offs[g + 1] - offs[g] != offs[1] - offs[0]) yield true;
                 yield false;
             }
@@ -1012,7 +1019,7 @@ public final class CudaBackend implements Backend {
         int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
         int e = d[0], k = d[1], n = d[2], t = d[3];
         if (t == 0 || n == 0) return;
-        int[] offs = wantsHostOffsets(a.dtype()) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
+        int[] offs = wantsHostOffsets(a.dtype(), t, e) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
         GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
         switch (groupedKernelFor(form, a, w, c, e, t, k, n, offs)) {
             case WGMMA -> {
@@ -1061,7 +1068,7 @@ public final class CudaBackend implements Backend {
         int[] d = Checks.groupedMatmulWeightGrad(op, a, dy, offsets, dw);
         int e = d[0], k = d[1], n = d[2], t = d[3];
         if (k == 0 || n == 0) return;
-        int[] offs = wantsHostOffsets(a.dtype()) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
+        int[] offs = wantsHostOffsets(a.dtype(), t, e) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
         switch (groupedKernelFor(GroupedForm.WEIGHT_GRAD, a, dy, dw, e, t, k, n, offs)) {
             case WGMMA -> {
                 // persistent: one block per multiprocessor walks the tiles of every expert's dW

@@ -169,18 +169,19 @@ public interface Backend extends AutoCloseable {
     }
 
     /**
-     * Whether {@link #groupedMatmul} of this dtype runs faster with the offsets also given on the host, i.e. whether
-     * a caller that would have to read them back from the device (a wait for the stream) should. False where the
-     * backend reads them where they are.
+     * Whether {@link #groupedMatmul} of this dtype over about {@code rows} rows in {@code groups} groups runs faster
+     * with the offsets also given on the host, i.e. whether a caller that would have to read them back from the
+     * device (a wait for the stream) should. False where the backend reads them where they are.
      */
-    default boolean wantsHostOffsets(DType dtype) { return false; }
+    default boolean wantsHostOffsets(DType dtype, long rows, int groups) { return false; }
 
     /**
-     * Whether {@link #groupedMatmul} over equal groups (offsets given on the host) is so much faster than over
-     * unequal ones that dropless MoE should pad every expert's rows to the largest expert's count (DeepSpeed's
-     * layout, without drops) rather than run variable-size groups. False where unequal groups cost no more.
+     * Whether {@link #groupedMatmul} of this dtype over about {@code rows} rows in {@code groups} equal groups (offsets
+     * given on the host) is so much faster than over unequal ones that dropless MoE should pad every expert's rows to
+     * the largest expert's count (DeepSpeed's layout, without drops) rather than run variable-size groups. False
+     * where unequal groups cost no more.
      */
-    default boolean prefersEqualGroups(DType dtype) { return false; }
+    default boolean prefersEqualGroups(DType dtype, long rows, int groups) { return false; }
 
     /**
      * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],

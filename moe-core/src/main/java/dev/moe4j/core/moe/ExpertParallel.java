@@ -251,7 +251,8 @@ final class ExpertParallel {
         boolean equal = capacity > 0;
         Route r = new Route(equal, equal ? capacity : 0);
         r.bias = bias;
-        r.maxPadding = equal ? 0 : MoE.maxPadding(layout, b, dtype);
+        // the local experts' rows: in expectation each rank's own routed rows
+        r.maxPadding = equal ? 0 : MoE.maxPadding(layout, b, dtype, numExperts / P, g.dest().numel());
         r.dtype = dtype;
         r.pipelined = overlap && P > 1;
         int[] all = new int[P * numExperts];   // all[p*E + e]: rank p's rows for expert e

@@ -150,10 +150,10 @@ public final class MoE implements AutoCloseable {
         // and every expert owns an equal segment, which backends that prefer equal groups run much faster.
         int slots = capacity;   // rows per expert in buf; 0: dropless, sorted by expert, unpadded
         int[] counts = null;    // on the host only where the layout decision needs them
-        if (dropless && ep == null && padsDropless(cfg.droplessLayout, b, ctx.dtype(), 0, S * k)) {
+        if (dropless && ep == null && padsDropless(cfg.droplessLayout, b, ctx.dtype(), E, 0, S * k)) {
             counts = g.counts().toInts();   // the one wait of a dropless layer (its offsets would be read anyway)
             int most = Arrays.stream(counts).max().orElse(0);
-            if (padsDropless(cfg.droplessLayout, b, ctx.dtype(), (long) E * most, S * k)) {
+            if (padsDropless(cfg.droplessLayout, b, ctx.dtype(), E, (long) E * most, S * k)) {
                 slots = most;
                 g = gate.reroute(slots);
             }
@@ -195,7 +195,7 @@ public final class MoE implements AutoCloseable {
             } else if (counts != null) {
                 hostOffsets = new int[E + 1];
                 for (int e = 0; e < E; e++) hostOffsets[e + 1] = hostOffsets[e] + counts[e];
-            } else if (b.wantsHostOffsets(ctx.dtype())) {
+            } else if (b.wantsHostOffsets(ctx.dtype(), R, E)) {
                 hostOffsets = g.offsets().toInts();
             }
             y = saved.keep(experts.forward(buf, g.offsets(), hostOffsets, rowExpert));
@@ -240,23 +240,25 @@ public final class MoE implements AutoCloseable {
     /**
      * The padding a dropless layout allows, as {@link dev.moe4j.core.backend.ExpertLayout}'s maxPadding (padded rows
      * at most this many times the routed rows): SORTED 0 (never), PADDED unbounded, AUTO {@link #MAX_DROPLESS_PADDING}
-     * where the backend prefers equal groups for the dtype, else 0.
+     * where the backend prefers equal groups for the dtype and the shape (about rows routed rows over groups experts),
+     * else 0.
      */
-    static double maxPadding(DroplessLayout layout, Backend b, DType dtype) {
+    static double maxPadding(DroplessLayout layout, Backend b, DType dtype, int groups, long rows) {
         return switch (layout) {
             case SORTED -> 0;
             case PADDED -> Double.POSITIVE_INFINITY;
-            case AUTO -> b.prefersEqualGroups(dtype) ? MAX_DROPLESS_PADDING : 0;
+            case AUTO -> b.prefersEqualGroups(dtype, rows, groups) ? MAX_DROPLESS_PADDING : 0;
         };
     }
 
     /**
-     * Whether a dropless layout pads {@code rows} routed rows to {@code paddedRows} (experts times the largest count;
-     * 0 while the counts are not known yet: whether it may pad at all): SORTED never, PADDED always, AUTO where the
-     * backend prefers equal groups for the dtype and the padding stays within {@link #MAX_DROPLESS_PADDING}.
+     * Whether a dropless layout pads {@code rows} routed rows of {@code groups} experts to {@code paddedRows} (experts
+     * times the largest count; 0 while the counts are not known yet: whether it may pad at all): SORTED never, PADDED
+     * always, AUTO where the backend prefers equal groups for the dtype and shape and the padding stays within
+     * {@link #MAX_DROPLESS_PADDING}.
      */
-    static boolean padsDropless(DroplessLayout layout, Backend b, DType dtype, long paddedRows, long rows) {
-        return dev.moe4j.core.backend.ExpertLayout.pads(maxPadding(layout, b, dtype), paddedRows, rows);
+    static boolean padsDropless(DroplessLayout layout, Backend b, DType dtype, int groups, long paddedRows, long rows) {
+        return dev.moe4j.core.backend.ExpertLayout.pads(maxPadding(layout, b, dtype, groups, rows), paddedRows, rows);
     }
 
     /** rowExpert [R] I32: the expert each buffer row belongs to (0 for unused rows), by dispatching the choices. */
