@@ -576,6 +576,23 @@ __global__ void k_moe_unpermute_bwd_to_bf16x8(const uint4* dout, const uint4* bu
                        workBlocks, counts, C, R);
 }
 
+}  // extern "C" (a template follows)
+
+// An owner's input layout (ExpertLayout): its El experts, expert j starting at j * most when the owner pads (El * most
+// <= maxPadding * rows), else after the experts before it. col: each expert's rows from all sources. Calls
+// f(j, start) for j = 0 .. El (j = El: the end).
+template <typename F>
+__device__ __forceinline__ void forExpertStarts(const int* col, int El, float maxPadding, F f) {
+    int most = 0, rows = 0;
+    for (int j = 0; j < El; j++) { most = max(most, col[j]); rows += col[j]; }
+    bool padded = rows > 0 && (float)El * (float)most <= maxPadding * (float)rows;
+    for (int j = 0, at = 0; j <= El; j++) {
+        f(j, padded ? j * most : at);
+        if (j < El) at += col[j];
+    }
+}
+
+extern "C" {
 
 // The expert-parallel dispatch's destinations, ExpertLayout.dispatch on the device (no host read of the counts):
 // counts [P * E] (rank p's rows for expert e at p * E + e), rank me's dispatch buffer rows sorted by expert (R of
@@ -600,14 +617,8 @@ __global__ void k_ep_dispatch_dest(const int* counts, int me, int P, int E, floa
         base[e] = before;
     }
     __syncthreads();
-    for (int q = threadIdx.x; q < P; q += blockDim.x) {   // an owner per thread: its padding and its experts' starts
-        int most = 0, rows = 0;
-        for (int j = 0; j < El; j++) { int c = col[q * El + j]; most = max(most, c); rows += c; }
-        bool padded = rows > 0 && (float)El * (float)most <= maxPadding * (float)rows;
-        for (int j = 0, at = 0; j < El; j++) {
-            base[q * El + j] += padded ? j * most : at;
-            at += col[q * El + j];
-        }
+    for (int q = threadIdx.x; q < P; q += blockDim.x) {   // an owner per thread: its experts' starts
+        forExpertStarts(col + q * El, El, maxPadding, [&](int j, int start) { if (j < El) base[q * El + j] += start; });
     }
     if (threadIdx.x == blockDim.x - 1) {
         int at = 0;
@@ -652,13 +663,7 @@ __global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        int most = 0, total = 0;
-        for (int j = 0; j < El; j++) { most = max(most, col[j]); total += col[j]; }
-        bool padded = total > 0 && (float)El * (float)most <= maxPadding * (float)total;
-        for (int j = 0, at = 0; j <= El; j++) {
-            start[j] = padded ? j * most : at;
-            if (j < El) at += col[j];
-        }
+        forExpertStarts(col, El, maxPadding, [&](int j, int s) { start[j] = s; });
         if (local != nullptr && blockIdx.x == 0) {
             for (int j = 0; j < El; j++) local[j] = col[j];
             for (int j = 0; j <= El; j++) local[El + j] = start[j];
