@@ -257,20 +257,30 @@ public final class NcclGpuCheck {
                 }
                 return;
             }
-            long t0 = System.nanoTime();
-            try {
+            failsWithin("hang", timeout, () -> {
                 comm.allReduce(t);
                 comm.barrier();
-                check("hang detected", false, "the collective completed without rank 1");
-            } catch (CommTimeoutException e) {
-                long ms = (System.nanoTime() - t0) / 1_000_000;
-                log(comm, "got: " + e.getMessage());
-                check("hang detected within the timeout", ms < timeout.toMillis() + 5_000, "took " + ms + " ms");
-                check("hang names rank 1 and the collective", Arrays.equals(e.missingRanks(), new int[] {1}) && e.getMessage().contains("allReduce #2"),
-                        e.getMessage());
-            }
+            }, "names rank 1 and the collective", e -> e instanceof CommTimeoutException te && Arrays.equals(te.missingRanks(), new int[] {1})
+                    && e.getMessage().contains("allReduce #2"));
         }
     }
+
+    /** What rank 0 runs while rank 1 stalls or is gone: it must fail within the timeout (and 5 s), saying so. */
+    private void failsWithin(String what, Duration timeout, Stalled call, String says, java.util.function.Predicate<CommunicationException> said)
+            throws Exception {
+        long t0 = System.nanoTime();
+        try {
+            call.run();
+            check(what + " detected", false, "it completed without rank 1");
+        } catch (CommunicationException e) {
+            long ms = (System.nanoTime() - t0) / 1_000_000;
+            log(comm, "got: " + e.getMessage());
+            check(what + " detected within the timeout", ms < timeout.toMillis() + 5_000, "took " + ms + " ms");
+            check(what + " " + says, said.test(e), e.getMessage());
+        }
+    }
+
+    private interface Stalled { void run() throws Exception; }
 
     /**
      * Peer windows (CUDA IPC, one host): every rank stores rows of distinct values into every rank's window (its own
@@ -329,20 +339,13 @@ public final class NcclGpuCheck {
                 Thread.sleep(timeout.toMillis() * 2);
                 return;
             }
-            long t0 = System.nanoTime();
-            try {
+            failsWithin("window hang", timeout, () -> {
                 w.open();
                 w.publish();
                 w.await();
                 b.synchronize();   // stuck on the stream until the watchdog releases the wait
                 comm.barrier();
-                check("window hang detected", false, "the exchange completed without rank 1");
-            } catch (CommunicationException e) {
-                long ms = (System.nanoTime() - t0) / 1_000_000;
-                log(comm, "got: " + e.getMessage());
-                check("window hang detected within the timeout", ms < timeout.toMillis() + 5_000, "took " + ms + " ms");
-                check("window hang names the window's call", e.getMessage().contains("peer window"), e.getMessage());
-            }
+            }, "names the window's call", e -> e.getMessage().contains("peer window"));
         }
     }
 
@@ -357,19 +360,11 @@ public final class NcclGpuCheck {
                 Runtime.getRuntime().halt(0);
             }
             Thread.sleep(1000);
-            long t0 = System.nanoTime();
-            try {
+            failsWithin("death", timeout, () -> {
                 comm.allReduce(t);
                 comm.barrier();
-                check("death detected", false, "the collective completed without rank 1");
-            } catch (CommunicationException e) {
-                long ms = (System.nanoTime() - t0) / 1_000_000;
-                log(comm, "got: " + e.getMessage());
-                check("death detected within the timeout", ms < timeout.toMillis() + 5_000, "took " + ms + " ms");
-                boolean names = e instanceof CommTimeoutException te ? Arrays.equals(te.missingRanks(), new int[] {1})
-                        : e.getMessage().contains("peer may have died");
-                check("death reported", names, e.getMessage());
-            }
+            }, "reported", e -> e instanceof CommTimeoutException te ? Arrays.equals(te.missingRanks(), new int[] {1})
+                    : e.getMessage().contains("peer may have died"));
         }
     }
 }
