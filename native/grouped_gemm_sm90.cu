@@ -162,12 +162,26 @@ __device__ __forceinline__ void storeAcc(const float (&acc)[128], void* out, int
     }
 }
 
-// The expert, m-tile and n-tile of tile t in findGroupTile's order (an expert's m-tiles fastest), for one thread: it
-// walks forward from the previous answer, so a block's non-decreasing tiles cost one pass over the experts in all.
+// The expert, m-tile and n-tile of a block's tiles t (non-decreasing) in findGroupTile's order (an expert's m-tiles
+// fastest): the first by findGroupTile (the whole block, a warp-wide scan), the next ones by each thread walking on
+// from there, so a persistent block passes over the experts once in all; tiles at or past bound (the grid's bound of
+// tiles, past the last) end the walk at once.
 struct TileWalker {
     int e = 0, base = 0;   // expert e's first tile is base
+    int bound;
+
+    // The whole block: false where its first tile is past the last (the block exits).
+    __device__ __forceinline__ bool start(const int* offsets, int E, int nTiles, int& expert, int& mTile, int& nTile) {
+        bound = ((__ldg(offsets + E) + BM - 1) / BM + E) * nTiles;
+        if (!findGroupTile<BM>(offsets, E, nTiles, blockIdx.x, expert, mTile, nTile)) return false;
+        int mt = (__ldg(offsets + expert + 1) - __ldg(offsets + expert) + BM - 1) / BM;
+        e = expert;
+        base = blockIdx.x - nTile * mt - mTile;
+        return true;
+    }
 
     __device__ __forceinline__ bool find(const int* offsets, int E, int nTiles, int t, int& expert, int& mTile, int& nTile) {
+        if (t >= bound) return false;
         for (; e < E; e++) {
             int mt = (__ldg(offsets + e + 1) - __ldg(offsets + e) + BM - 1) / BM;
             if (t < base + mt * nTiles) {
@@ -196,7 +210,7 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
     int nTiles = (N + BN - 1) / BN, kTiles = (K + BK - 1) / BK;
     TileWalker walk;
     int expert, tile, nTile;
-    if (!walk.find(offsets, E, nTiles, blockIdx.x, expert, tile, nTile)) return;   // the whole block alike
+    if (!walk.start(offsets, E, nTiles, expert, tile, nTile)) return;   // the whole block alike
     Pipe<STAGES> p(smraw, full, empty);
     int wgi = threadIdx.x >> 7;
     if (wgi == 0) {
