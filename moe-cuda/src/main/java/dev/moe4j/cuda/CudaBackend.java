@@ -969,7 +969,7 @@ public final class CudaBackend implements Backend {
             case CUBLAS -> GroupedKernel.CUBLAS;
             case WGMMA -> {
                 if (!hasWgmma()) throw new IllegalStateException("moe4j.cuda.groupedKernel=wgmma needs a compute capability 9.0 GPU (H100, H200) "
-                        + "and moe-cuda built with nvcc (its sm_90a fatbin); this is " + name());
+                        + "and moe-cuda built with nvcc (its sm_90a fatbin, loaded when the backend starts); " + name() + " has not loaded them");
                 yield fits ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
             }
             // the grid's y dimension: m-tiles (products) or experts (weight gradient)

@@ -70,12 +70,17 @@ final class Kernels implements AutoCloseable {
         int major = v[0];
         Cuda.check(cudart.cudaDeviceGetAttribute(v, cudart.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute(minor)");
         byte[] sm90a = major == 9 && v[0] == 0 ? fatbin(RESOURCE_SM90A) : null;
+        CUmod_st h = null;
         if (sm90a != null) {
-            hopper = new CUmod_st();
-            load(hopper, sm90a, RESOURCE_SM90A);
-        } else {
-            hopper = null;
+            h = new CUmod_st();
+            try {
+                load(h, sm90a, RESOURCE_SM90A);
+            } catch (CudaException e) {   // the rest of the backend works without them: say so, once
+                System.err.println("moe4j: the Hopper grouped GEMM kernels did not load (" + e.getMessage() + "); grouped products run on cuBLAS");
+                h = null;
+            }
         }
+        hopper = h;
         for (int i = 0; i < MAX_ARGS; i++) argPtrs.put(i, Cuda.ptr(args.address() + 8L * i));
     }
 
