@@ -65,7 +65,7 @@ final class TrainCommand implements Callable<Integer> {
     @Option(names = "--vocab-size", description = "Vocabulary size for --shards (default: 50304 GPT-2 padded).", defaultValue = "50304")
     int shardVocabSize;
 
-    @Option(names = "--preset", defaultValue = "tiny", description = "Model shape: ${COMPLETION-CANDIDATES}.", completionCandidates = PresetNames.class)
+    @Option(names = "--preset", defaultValue = "tiny-moe", description = "Model shape (default ${DEFAULT-VALUE}: GPT-MoE, 8 experts top-1 on every other layer): ${COMPLETION-CANDIDATES}.", completionCandidates = PresetNames.class)
     String preset;
 
     @Option(names = "--layers", description = "Override the preset's number of layers (e.g. a shallower Mixture-of-Students student).")
