@@ -957,10 +957,9 @@ public final class CudaBackend implements Backend {
     }
 
     /**
-     * The kernel for a grouped product over t rows of e groups (offs: the offsets on the host, or null where the caller
-     * has not read them and this backend does not want them): CUBLAS, WGMMA or
-     * MMA_SYNC. Ours need bf16 operands, K and N multiples of 8 and 16-byte aligned operands and outputs (16-byte
-     * loads, tensor-map addresses and strides).
+     * The kernel for a grouped product over t rows of e groups: CUBLAS, WGMMA or MMA_SYNC. offs: the offsets on the
+     * host, or null where the caller has not read them and this backend does not want them. Ours need bf16 operands,
+     * K and N multiples of 8 and 16-byte aligned operands and outputs (16-byte loads, tensor-map addresses and strides).
      */
     private GroupedKernel groupedKernelFor(GroupedForm form, Tensor a, Tensor b, Tensor c, int e, int t, int k, int n, int[] offs) {
         boolean fits = a.dtype() == DType.BF16 && b.dtype() == DType.BF16 && k % 8 == 0 && n % 8 == 0 && p(a) % 16 == 0
