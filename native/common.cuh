@@ -176,7 +176,6 @@ struct LocalRows {
     __device__ __forceinline__ T* row(i64 r) const { return buf + r * len; }
 };
 
-
 // Grouped GEMM tiles (grouped_gemm.cu, grouped_gemm_sm90.cu): tile t of the list of every expert's tiles, expert
 // by expert, each expert's tiles n-tile by n-tile with its BM-row m-tiles fastest (nTiles 1: m-tiles only). Expert
 // e owns rows offsets[e] .. offsets[e + 1]. Warp 0 scans the per-expert tile counts 32 experts at a time; the block
