@@ -141,6 +141,17 @@ __device__ __forceinline__ float gelu_grad(float x) {
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 
+// Activation codes (CudaBackend.actCode): the gated ones read [a | b] rows twice as wide as their output.
+#define ACT_RELU 0
+#define ACT_GELU 1
+#define ACT_GEGLU 2
+#define ACT_SWIGLU 3
+
+// The non-gated activations (RELU, GELU) of v, and d act(v) / dv times d: one definition for the elementwise kernels
+// and the grouped GEMM epilogues that fuse them, so that fused and unfused results are the same bits.
+__device__ __forceinline__ float actPlain(int act, float v) { return act == ACT_RELU ? (v > 0.f ? v : 0.f) : gelu_f(v); }
+__device__ __forceinline__ float actPlainGrad(int act, float v, float d) { return act == ACT_RELU ? (v > 0.f ? d : 0.f) : d * gelu_grad(v); }
+
 // The rows of a buffer that lives scattered over up to eight tensors (scatterRowsTo's destinations: the ranks' peer
 // windows, the peers' mapped by CUDA IPC): row r is row dest[2r + 1] of d[dest[2r]], nowhere where dest[2r] is not
 // 0..7. Rows of c16 16-byte chunks. Two 4-byte loads: dest may be a view at any 4-byte offset.

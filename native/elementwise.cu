@@ -2,11 +2,6 @@
 // Shapes: x/out seen as [N, C] matrices, leading dims flattened; n = element count.
 #include "common.cuh"
 
-#define ACT_RELU 0
-#define ACT_GELU 1
-#define ACT_GEGLU 2
-#define ACT_SWIGLU 3
-
 extern "C" {
 
 // p[0..n) = v (floating or I32 through the same store helper).
@@ -310,10 +305,8 @@ __global__ void k_activation_bwd(int act, const void* x, int xdt, const void* bi
 
 // The non-gated activations on bf16 tensors, 8 elements per thread through 16-byte loads: the expert FFN's
 // widest elementwise ops ([tokens, ffn]), where the generic kernels above spend their time on 64-bit index math
-// and one-element loads. The same float math, so the results are bit-identical to theirs. n8 = elements / 8.
-__device__ __forceinline__ float actPlain(int act, float v) { return act == ACT_RELU ? (v > 0.f ? v : 0.f) : gelu_f(v); }
-// d act(v) / dv times d
-__device__ __forceinline__ float actPlainGrad(int act, float v, float d) { return act == ACT_RELU ? (v > 0.f ? d : 0.f) : d * gelu_grad(v); }
+// and one-element loads. The same float math (actPlain, actPlainGrad), so the results are bit-identical to theirs.
+// n8 = elements / 8.
 
 __global__ void k_activation_bf16x8(int act, const uint4* x, uint4* out, i64 n8) {
     FOR_N(i, n8) {

@@ -6,6 +6,8 @@
 //
 //   k_wg_nt:    C[rows_e, N] = A[rows_e, K] * W[e]^T + beta * C   (W [E, N, K]: map {K, N, E}, box {64, 256, 1})
 //   k_wg_nn:    C[rows_e, N] = A[rows_e, K] * W[e]   + beta * C   (W [E, K, N]: map {N, K, E}, box {64, 64, 1})
+//               either with the activation fused into its epilogue (storeAcc's modes: the forward's h and act(h), the
+//               data gradient through act')
 //   k_wg_wgrad: dW[e] [K, N] = A[rows_e, K]^T * dY[rows_e, N] + beta * dW[e]
 //               (A: map {K, T}, box {64, 64}; dY: map {N, T}, box {64, 64}; dW: map {N, K, E} of its dtype, box
 //               {128 bytes of columns, 64, 1}, written through by the bulk tensor copy)
@@ -19,6 +21,14 @@
 // A block walks tiles blockIdx.x, + gridDim.x, ...: the caller's grid makes it one tile per block or persistent.
 #include "common.cuh"
 #include <cuda.h>
+
+// The products' epilogues (CudaBackend.EPI_*): EPI_PLAIN out = acc + beta * out; EPI_ACT (the experts' first
+// product with its activation) out = h = acc and aux = act(h); EPI_ACT_GRAD (the second product's data gradient
+// through the activation) out = act'(aux) * d, where d = acc and aux = h. h and d are rounded to out's dtype first,
+// as the unfused path stores them, so fused and unfused give the same bits. aux has out's dtype and layout.
+#define EPI_PLAIN 0
+#define EPI_ACT 1
+#define EPI_ACT_GRAD 2
 
 namespace wg {
 
@@ -132,31 +142,58 @@ struct Pipe {
     __device__ __forceinline__ void release(int g) const { if ((threadIdx.x & 31) == 0) mbarArrive(&empty[g % S]); }
 };
 
-// Writes this consumer warpgroup's 64 x 256 accumulators: out[row, col] = acc + beta * out for rows < rowLimit and
-// cols < colLimit of the tile (rows from rowOrigin, cols from colOrigin); row-major with leading dimension ld.
-// Fragment layout of wgmma's m64nN f32 accumulators: warp w holds rows 16w .. 16w + 15, lane l rows l / 4 and
-// l / 4 + 8, columns 8j + 2 (l % 4) and the next.
+__device__ __forceinline__ float2 load2(const void* p, int dt, i64 i) {
+    return dt == DT_F32 ? *(const float2*)((const float*)p + i) : __bfloat1622float2(*(const __nv_bfloat162*)((const __nv_bfloat16*)p + i));
+}
+__device__ __forceinline__ void store2(void* p, int dt, i64 i, float a, float b) {
+    if (dt == DT_F32) *(float2*)((float*)p + i) = make_float2(a, b);
+    else *(__nv_bfloat162*)((__nv_bfloat16*)p + i) = __floats2bfloat162_rn(a, b);
+}
+
+// Writes this consumer warpgroup's 64 x 256 accumulators through epilogue mode (above) for rows < rowLimit and cols <
+// colLimit of the tile (rows from rowOrigin, cols from colOrigin); row-major with leading dimension ld. Fragment
+// layout of wgmma's m64nN f32 accumulators: warp w holds rows 16w .. 16w + 15, lane l rows l / 4 and l / 4 + 8,
+// columns 8j + 2 (l % 4) and the next. Values read back (beta, aux) are loaded 64 columns at a time before any of
+// those columns' stores, so that the loads overlap instead of each waiting behind a store.
 __device__ __forceinline__ void storeAcc(const float (&acc)[128], void* out, int cdt, i64 ld, i64 rowOrigin, int rowLimit,
-                                         int colOrigin, int colLimit, float beta) {
+                                         int colOrigin, int colLimit, float beta, void* aux = nullptr, int mode = EPI_PLAIN,
+                                         int act = 0) {
     int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+    bool reads = mode == EPI_ACT_GRAD || (mode == EPI_PLAIN && beta != 0.f);
+    const void* src = mode == EPI_ACT_GRAD ? aux : out;
 #pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-        int col = 8 * j + 2 * (lane & 3);
-        if (col >= colLimit) continue;   // colLimit is even: the pair is in or out
+    for (int j0 = 0; j0 < BN / 8; j0 += 8) {
+        float2 old[8][2];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int row = 16 * w + (lane >> 2) + 8 * h;
-            if (row >= rowLimit) continue;
-            i64 i = (rowOrigin + row) * ld + colOrigin + col;
-            float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-            if (cdt == DT_F32) {
-                float2* o = (float2*)((float*)out + i);
-                if (beta != 0.f) { float2 old = *o; v0 += beta * old.x; v1 += beta * old.y; }
-                *o = make_float2(v0, v1);
-            } else {
-                __nv_bfloat162* o = (__nv_bfloat162*)((__nv_bfloat16*)out + i);
-                if (beta != 0.f) { float2 old = __bfloat1622float2(*o); v0 += beta * old.x; v1 += beta * old.y; }
-                *o = __floats2bfloat162_rn(v0, v1);
+        for (int j = j0; j < j0 + 8; j++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int col = 8 * j + 2 * (lane & 3), row = 16 * w + (lane >> 2) + 8 * h;
+                old[j - j0][h] = reads && col < colLimit && row < rowLimit ? load2(src, cdt, (rowOrigin + row) * ld + colOrigin + col)
+                                                                           : make_float2(0.f, 0.f);
+            }
+        }
+#pragma unroll
+        for (int j = j0; j < j0 + 8; j++) {
+            int col = 8 * j + 2 * (lane & 3);
+            if (col >= colLimit) continue;   // colLimit is even: the pair is in or out
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int row = 16 * w + (lane >> 2) + 8 * h;
+                if (row >= rowLimit) continue;
+                i64 i = (rowOrigin + row) * ld + colOrigin + col;
+                float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+                float2 o = old[j - j0][h];
+                if (mode == EPI_PLAIN) {
+                    store2(out, cdt, i, v0 + beta * o.x, v1 + beta * o.y);
+                } else if (mode == EPI_ACT) {
+                    v0 = roundTo(cdt, v0);
+                    v1 = roundTo(cdt, v1);
+                    store2(out, cdt, i, v0, v1);
+                    store2(aux, cdt, i, actPlain(act, v0), actPlain(act, v1));
+                } else {
+                    store2(out, cdt, i, actPlainGrad(act, o.x, roundTo(cdt, v0)), actPlainGrad(act, o.y, roundTo(cdt, v1)));
+                }
             }
         }
     }
@@ -203,7 +240,7 @@ struct TileWalker {
 // computed and not stored.
 template <bool FWD>
 __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMap* tmW, void* C, int cdt, const int* offsets,
-                                        int E, int K, int N, float beta) {
+                                        int E, int K, int N, float beta, void* aux, int mode, int act) {
     constexpr int A_BYTES = BM * 128;
     extern __shared__ unsigned char smraw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
@@ -256,7 +293,7 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
             wgWait<0>();
             if (kTiles > 0) p.release(g - 1);
             int rowOrigin = rowStart + c * 64;
-            storeAcc(acc, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta);
+            storeAcc(acc, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta, aux, mode, act);
         }
     }
 }
@@ -387,16 +424,17 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
 #define WG_BODY(call) __trap()
 #endif
 
+// The products take an epilogue (mode, act and aux: EPI_* above; EPI_PLAIN ignores aux and act).
 extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_nt(
         const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt, const int* offsets,
-        int E, int K, int N, float beta) {
-    WG_BODY((wg::product<false>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta)));
+        int E, int K, int N, float beta, void* aux, int mode, int act) {
+    WG_BODY((wg::product<false>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta, aux, mode, act)));
 }
 
 extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_nn(
         const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt, const int* offsets,
-        int E, int K, int N, float beta) {
-    WG_BODY((wg::product<true>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta)));
+        int E, int K, int N, float beta, void* aux, int mode, int act) {
+    WG_BODY((wg::product<true>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta, aux, mode, act)));
 }
 
 extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_wgrad(

@@ -80,8 +80,8 @@ static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const
     CUtensorMap tw = f == NN ? tensorMap(B, {N, K, E}, {64, 64, 1}) : tensorMap(B, {K, N, E}, {64, 256, 1});
     int tiles = ((T + 127) / 128 + E) * ((N + 255) / 256);
     dim3 grid(persistent ? std::min(tiles, numSms) : tiles);
-    if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta);
-    else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta);
+    if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, nullptr, EPI_PLAIN, 0);
+    else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, nullptr, EPI_PLAIN, 0);
 }
 
 static std::vector<float> toHost(const void* d, i64 n, int cdt) {

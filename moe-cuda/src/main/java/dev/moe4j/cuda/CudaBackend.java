@@ -945,7 +945,7 @@ public final class CudaBackend implements Backend {
         return switch (groupedKernel) {
             case CUBLAS -> true;
             case WGMMA, MMA_SYNC -> false;
-            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null)));
+            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null, false)));
         };
     }
 
@@ -961,7 +961,7 @@ public final class CudaBackend implements Backend {
      * host, or null where the caller has not read them and this backend does not want them. Ours need bf16 operands,
      * K and N multiples of 8 and 16-byte aligned operands and outputs (16-byte loads, tensor-map addresses and strides).
      */
-    private GroupedKernel groupedKernelFor(GroupedForm form, Tensor a, Tensor b, Tensor c, int e, int t, int k, int n, int[] offs) {
+    private GroupedKernel groupedKernelFor(GroupedForm form, Tensor a, Tensor b, Tensor c, int e, int t, int k, int n, int[] offs, boolean fused) {
         boolean fits = a.dtype() == DType.BF16 && b.dtype() == DType.BF16 && k % 8 == 0 && n % 8 == 0 && p(a) % 16 == 0
                 && p(b) % 16 == 0 && p(c) % 16 == 0 && t > 0 && k > 0;
         return switch (groupedKernel) {
@@ -973,7 +973,7 @@ public final class CudaBackend implements Backend {
             }
             // the grid's y dimension: m-tiles (products) or experts (weight gradient)
             case MMA_SYNC -> fits && t / 64 + e + 1 <= 65535 ? GroupedKernel.MMA_SYNC : GroupedKernel.CUBLAS;
-            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
+            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs, fused) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
         };
     }
 
@@ -983,16 +983,17 @@ public final class CudaBackend implements Backend {
      * bound by tensor-core throughput (256 rows and more per expert: cuBLAS 8-22% faster). Among the weight-bound
      * products: the data gradient is ours (0.93-0.96x cuBLAS's time); the forward is ours over unequal groups only
      * (cuBLAS's one strided-batched GEMM over equal groups is level with ours, 1.01x; unequal groups are a
-     * grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's until ours (with the
+     * grouped-batched cuBLAS call, 1.4-1.8x slower), and ours where it takes the activation into its epilogue
+     * (fused: the activation's own pass over h saved); the weight gradient stays cuBLAS's until ours (with the
      * shared-memory store epilogue) is measured: with direct stores from registers it took 2.8-3.1x cuBLAS's time.
      */
-    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs) {
+    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
         if (t > 128L * e) return false;
         return switch (form) {
             case DATA_GRAD -> true;
             case WEIGHT_GRAD -> false;
             case FORWARD -> {
-                if (offs == null) yield true;   // not known on the host: a dropless routing's unequal groups
+                if (fused || offs == null) yield true;   // offs null: not on the host, a dropless routing's unequal groups
                 for (int g = 1; g < e; g++) if (offs[g + 1] - offs[g] != offs[1] - offs[0]) yield true;
                 yield false;
             }
@@ -1020,15 +1021,9 @@ public final class CudaBackend implements Backend {
         if (t == 0 || n == 0) return;
         int[] offs = wantsHostOffsets(a.dtype(), t, e) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
         GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
-        switch (groupedKernelFor(form, a, w, c, e, t, k, n, offs)) {
+        switch (groupedKernelFor(form, a, w, c, e, t, k, n, offs, false)) {
             case WGMMA -> {
-                // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit.
-                // Persistent: one block per multiprocessor walks them.
-                long tiles = (long) ((t + WG_BM - 1) / WG_BM + e) * ((n + WG_BN - 1) / WG_BN);
-                if (wgmmaPersistent) tiles = Math.min(tiles, persistentBlocks());
-                Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
-                launch(transW ? "k_wg_nt" : "k_wg_nn", Math.toIntExact(tiles), 1, WG_THREADS, WG_SHARED,
-                        map(a, new int[] {64, WG_BM}, k, t), wm, p(c), dt(c), p(offsets), e, k, n, beta);
+                wgmmaProduct(a, w, transW, offsets, c, e, t, k, n, beta, null, EPI_PLAIN, 0);
                 return;
             }
             case MMA_SYNC -> {
@@ -1054,6 +1049,58 @@ public final class CudaBackend implements Backend {
         }
     }
 
+    // grouped_gemm_sm90.cu's product epilogues: plain, the forward with its activation, the data gradient through it
+    private static final int EPI_PLAIN = 0, EPI_ACT = 1, EPI_ACT_GRAD = 2;
+
+    /** k_wg_nn / k_wg_nt over t rows of e groups with epilogue mode (aux and act: EPI_ACT, EPI_ACT_GRAD). */
+    private void wgmmaProduct(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, int e, int t, int k, int n, float beta,
+                              Tensor aux, int mode, int act) {
+        // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit.
+        // Persistent: one block per multiprocessor walks them.
+        long tiles = (long) ((t + WG_BM - 1) / WG_BM + e) * ((n + WG_BN - 1) / WG_BN);
+        if (wgmmaPersistent) tiles = Math.min(tiles, persistentBlocks());
+        Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
+        launch(transW ? "k_wg_nt" : "k_wg_nn", Math.toIntExact(tiles), 1, WG_THREADS, WG_SHARED, map(a, new int[] {64, WG_BM}, k, t), wm,
+                p(c), dt(c), p(offsets), e, k, n, beta, aux == null ? 0L : p(aux), mode, act);
+    }
+
+    /** The activation in the forward product's epilogue where our wgmma kernel runs it (not for gated activations). */
+    @Override
+    public void groupedMatmulActivation(Tensor a, Tensor w, Tensor offsets, int[] hostOffsets, Activation act, Tensor h, Tensor out) {
+        if (!fusedProduct("groupedMatmulActivation", a, w, false, offsets, hostOffsets, act, h, out, EPI_ACT)) {
+            Backend.super.groupedMatmulActivation(a, w, offsets, hostOffsets, act, h, out);
+        }
+    }
+
+    /** The activation's backward in the data-gradient product's epilogue where our wgmma kernel runs it: da never stored. */
+    @Override
+    public void groupedMatmulActivationBackward(Tensor dy, Tensor w, Tensor offsets, int[] hostOffsets, Activation act, Tensor h, Tensor dh) {
+        if (!fusedProduct("groupedMatmulActivationBackward", dy, w, true, offsets, hostOffsets, act, dh, h, EPI_ACT_GRAD)) {
+            Backend.super.groupedMatmulActivationBackward(dy, w, offsets, hostOffsets, act, h, dh);
+        }
+    }
+
+    /**
+     * Runs c = a w[e] (transW: a w[e]^T) with epilogue mode and its second tensor aux (c's dtype and shape) in our
+     * wgmma kernel where the kernel choice gives it; false (nothing done) otherwise, for the unfused default.
+     */
+    private boolean fusedProduct(String op, Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Activation act,
+                                 Tensor c, Tensor aux, int mode) {
+        if (act.gated() || !hasWgmma() || groupedKernel == GroupedKernel.CUBLAS || groupedKernel == GroupedKernel.MMA_SYNC) return false;
+        mainStreamOnly(op);
+        floating(op, "a", a); floating(op, "w", w); floating(op, "c", c); floating(op, "aux", aux);
+        int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);
+        int e = d[0], k = d[1], n = d[2], t = d[3];
+        Checks.matrix(op, "aux", aux, t, n);
+        if (aux.dtype() != c.dtype() || p(aux) % 16 != 0) return false;
+        if (t == 0 || n == 0) return true;
+        int[] offs = wantsHostOffsets(a.dtype(), t, e) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
+        GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
+        if (groupedKernelFor(form, a, w, c, e, t, k, n, offs, true) != GroupedKernel.WGMMA) return false;
+        wgmmaProduct(a, w, transW, offsets, c, e, t, k, n, 0f, aux, mode, actCode(act));
+        return true;
+    }
+
     @Override
     public void groupedMatmulWeightGrad(Tensor a, Tensor dy, Tensor offsets, Tensor dw, float beta) {
         groupedMatmulWeightGrad(a, dy, offsets, null, dw, beta);
@@ -1068,7 +1115,7 @@ public final class CudaBackend implements Backend {
         int e = d[0], k = d[1], n = d[2], t = d[3];
         if (k == 0 || n == 0) return;
         int[] offs = wantsHostOffsets(a.dtype(), t, e) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
-        switch (groupedKernelFor(GroupedForm.WEIGHT_GRAD, a, dy, dw, e, t, k, n, offs)) {
+        switch (groupedKernelFor(GroupedForm.WEIGHT_GRAD, a, dy, dw, e, t, k, n, offs, false)) {
             case WGMMA -> {
                 // persistent: one block per multiprocessor walks the tiles of every expert's dW
                 long tiles = (long) e * ((k + WG_BM - 1) / WG_BM) * ((n + WG_BN - 1) / WG_BN);

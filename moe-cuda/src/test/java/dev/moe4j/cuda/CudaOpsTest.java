@@ -226,6 +226,47 @@ class CudaOpsTest extends GpuTestBase {
         }
     }
 
+    /**
+     * The experts' product with its activation (forward: h and act(h); backward: act'(h) times the data gradient, da
+     * never stored) under each kernel choice: fused into the wgmma kernels' epilogues where they run it, else the
+     * product and the activation kernels; against the CPU backend's unfused ops. GELU and RELU fuse, SWIGLU (gated)
+     * takes the unfused path everywhere. Uneven experts (an empty one), K and N off the tile sizes.
+     */
+    @ParameterizedTest
+    @EnumSource(value = CudaBackend.GroupedKernel.class, names = {"AUTO", "CUBLAS", "WGMMA"})
+    void groupedMatmulWithActivationMatchesTheCpu(CudaBackend.GroupedKernel policy) {
+        assumeTrue(policy != CudaBackend.GroupedKernel.WGMMA || gpu.hasWgmma(), "the wgmma kernels need compute capability 9.0");
+        CudaBackend.GroupedKernel saved = gpu.groupedKernel;
+        gpu.groupedKernel = policy;
+        try {
+            int[] offs = {0, 5, 5, 70, 133, 133, 190};
+            int e = offs.length - 1, t = offs[e] + 9, k = 200, n = 136;
+            Tensor[] o = of(offs, e + 1);
+            for (Activation act : new Activation[] {Activation.GELU, Activation.RELU, Activation.SWIGLU}) {
+                int wide = act.inputWidth(n);
+                Tensor[] a = rand(DType.BF16, 1, t, k), w1 = rand(DType.BF16, 1, e, k, wide);
+                Tensor[] h = rand(DType.BF16, 1, t, wide), out = rand(DType.BF16, 1, t, n);
+                for (int i = 0; i < 2; i++) on(i).groupedMatmulActivation(a[i], w1[i], o[i], i == 1 ? offs : null, act, h[i], out[i]);
+                check(policy + " groupedMatmulActivation " + act + " h", grouped(h, offs[e]), BF16_TOL);
+                check(policy + " groupedMatmulActivation " + act + " out", grouped(out, offs[e]), BF16_TOL);
+                // the backward from the CPU's h on both sides (a bf16 GELU' is steep: the GPU's own h would differ in ulps)
+                Tensor[] dy = rand(DType.BF16, 1, t, k), w2 = rand(DType.BF16, 1, e, n, k), dh = rand(DType.BF16, 1, t, wide);
+                Tensor hCpu = gpu.fromDoubles(DType.BF16, h[0].toDoubles(), t, wide);
+                on(0).groupedMatmulActivationBackward(dy[0], w2[0], o[0], null, act, h[0], dh[0]);
+                on(1).groupedMatmulActivationBackward(dy[1], w2[1], o[1], offs, act, hCpu, dh[1]);
+                check(policy + " groupedMatmulActivationBackward " + act, grouped(dh, offs[e]), BF16_TOL);
+                hCpu.close();
+            }
+        } finally {
+            gpu.groupedKernel = saved;
+        }
+    }
+
+    /** The first rows of a CPU/GPU pair (the rows of the groups: what follows offsets[G] is unspecified). */
+    private static Tensor[] grouped(Tensor[] pair, int rows) {
+        return new Tensor[] {pair[0].rowSlice(0, rows), pair[1].rowSlice(0, rows)};
+    }
+
     /** Many unequal experts (some empty): cuBLAS's grouped-batched path, called back to back without a stream wait. */
     @ParameterizedTest
     @EnumSource(value = DType.class, names = {"F32", "BF16"})

@@ -184,6 +184,30 @@ public interface Backend extends AutoCloseable {
     default boolean prefersEqualGroups(DType dtype, long rows, int groups) { return false; }
 
     /**
+     * The experts' first product and its activation in one: h [T,N'] = A_e W[e] per group (W [E,K,N'], N' =
+     * act.inputWidth(N); h kept for the backward) and out [T,N] = act(h). The default is {@link #groupedMatmul}
+     * (beta 0) then {@link #activation}; a backend may fuse them (same results). Rows past offsets[E] of h and out
+     * are unspecified afterwards.
+     */
+    default void groupedMatmulActivation(Tensor a, Tensor w, Tensor offsets, int[] hostOffsets, Activation act, Tensor h, Tensor out) {
+        groupedMatmul(a, w, false, offsets, hostOffsets, h, 0f);
+        activation(act, h, out);
+    }
+
+    /**
+     * The backward of the experts' second product's data gradient through their activation in one: da = dY_e W[e]^T
+     * per group (W [E,N,K], da [T,N]) and dh = d act(h) / dh applied to da (h [T, act.inputWidth(N)], dh h's shape,
+     * assigned). The default is {@link #groupedMatmul} then {@link #activationBackward}; a backend may fuse them and
+     * never store da (same results). Rows past offsets[E] of dh are unspecified afterwards.
+     */
+    default void groupedMatmulActivationBackward(Tensor dy, Tensor w, Tensor offsets, int[] hostOffsets, Activation act, Tensor h, Tensor dh) {
+        try (Tensor da = empty(h.dtype(), dy.rows(), w.shape().dim(1))) {
+            groupedMatmul(dy, w, true, offsets, hostOffsets, da, 0f);
+            activationBackward(act, h, da, dh);
+        }
+    }
+
+    /**
      * The weight gradient of {@link #groupedMatmul}: dW[e] = beta * dW[e] + A_e^T * dY_e, with A [T,K],
      * dY [T,N], dW [E,K,N]; an expert without rows gets dW[e] = beta * dW[e], zero for beta = 0. (For a transposed
      * weight, call with A and dY swapped.)

@@ -137,6 +137,8 @@ public final class ExpertBank implements AutoCloseable {
         if (fusedBias1(p)) {
             linear(p, x, fc1, false, null, p.h1);
             b.activationGroupBias(act, p.h1, part(p, b1.value()), rowExpert, p.a);
+        } else if (p.offsets != null && b1 == null) {   // grouped without a first bias: the activation may go with the product
+            b.groupedMatmulActivation(x, part(p, fc1.value()), p.offsets, p.hostOffsets, act, p.h1, p.a);
         } else {
             linear(p, x, fc1, false, b1, p.h1);
             b.activation(act, p.h1, p.a);
@@ -201,15 +203,19 @@ public final class ExpertBank implements AutoCloseable {
         if (p.dh1 != null) throw new IllegalStateException("ExpertBank.backwardData called twice without backwardWeights");
         int R = p.x.rows();
         // da [R,F] = dy [R,M] * fc2[e]^T ; dh1 = act'(h1) da ; dx [R,M] = dh1 [R,F'] * fc1[e]^T
-        Tensor da = b.empty(ctx.dtype(), R, ffn);
-        linear(p, dy, fc2, true, null, da);
         p.dh1 = b.empty(ctx.dtype(), R, ffnIn);
-        if (fusedBias1(p)) {
-            b.activationGroupBiasBackward(act, p.h1, part(p, b1.value()), p.rowExpert, p.offsets, da, p.dh1, part(p, b1.definedGrad()));
+        if (p.offsets != null && b1 == null) {   // grouped without a first bias: da may never be stored
+            b.groupedMatmulActivationBackward(dy, part(p, fc2.value()), p.offsets, p.hostOffsets, act, p.h1, p.dh1);
         } else {
-            b.activationBackward(act, p.h1, da, p.dh1);
+            Tensor da = b.empty(ctx.dtype(), R, ffn);
+            linear(p, dy, fc2, true, null, da);
+            if (fusedBias1(p)) {
+                b.activationGroupBiasBackward(act, p.h1, part(p, b1.value()), p.rowExpert, p.offsets, da, p.dh1, part(p, b1.definedGrad()));
+            } else {
+                b.activationBackward(act, p.h1, da, p.dh1);
+            }
+            da.close();
         }
-        da.close();
         Tensor dx = b.empty(ctx.dtype(), R, hidden);
         linear(p, p.dh1, fc1, true, null, dx);
         p.dy = dy;
