@@ -164,8 +164,18 @@ static void check(cublasHandle_t h, Form f, int K, int N) {
                 auto c = toHost(C, cN, cdt);
                 bool tail = true;
                 if (f != WGRAD) for (i64 i = (i64)offs.back() * N; i < cN; i++) tail &= c[i] == r[i];
+                double err = relErr(c, r);
                 printf("  check %-6s%s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f), persistent ? " (persistent)" : "", K, N,
-                       cdt == DT_F32 ? "f32 " : "bf16", beta, relErr(c, r), f == WGRAD ? "-" : tail ? "yes" : "NO");
+                       cdt == DT_F32 ? "f32 " : "bf16", beta, err, f == WGRAD ? "-" : tail ? "yes" : "NO");
+                if (err > 1e-3) {   // where it goes wrong: the first few elements off, as (row, column) of the output
+                    int shown = 0;
+                    for (i64 i = 0; i < cN && shown < 6; i++) {
+                        if (std::fabs(c[i] - r[i]) > 1e-2 * (std::fabs(r[i]) + 1)) {
+                            printf("      at row %lld col %lld: ours %g cuBLAS %g\n", i / N, i % N, c[i], r[i]);
+                            shown++;
+                        }
+                    }
+                }
             }
         }
     }
