@@ -187,6 +187,47 @@ class MoELayerTest {
      * whose {@code empty} tensors hold NaN, as a GPU's may hold garbage, the output, dx and every gradient equal the
      * plain CPU backend's bit for bit. Capped with drops (top-1 RTS, top-2), padded and sorted dropless, residual.
      */
+    /**
+     * A dropless layer in the AUTO layout asks its backend, with the layer's shape (S * k routed rows over E experts),
+     * whether to pad to equal groups and whether to read the expert offsets to the host for its grouped products; it
+     * does what the answers say.
+     */
+    @Test
+    void droplessAutoLayoutAsksTheBackendWithTheLayersShape() {
+        for (boolean equal : new boolean[] {false, true}) {
+            for (boolean host : new boolean[] {false, true}) {
+                java.util.List<long[]> asked = new java.util.ArrayList<>();   // {rows, groups} of each question
+                java.util.List<Object[]> products = new java.util.ArrayList<>();   // {rows, host offsets} of each grouped product
+                Backend spy = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
+                        (proxy, method, args) -> switch (method.getName()) {
+                            case "prefersEqualGroups" -> { asked.add(new long[] {(long) args[1], (int) args[2]}); yield equal; }
+                            case "wantsHostOffsets" -> { asked.add(new long[] {(long) args[1], (int) args[2]}); yield host; }
+                            case "groupedMatmul" -> {
+                                if (args.length == 7) products.add(new Object[] {((Tensor) args[0]).rows(), args[4]});
+                                yield method.invoke(b, args);
+                            }
+                            default -> method.invoke(b, args);
+                        });
+                ModelContext ctx = new ModelContext(spy, DType.F32, 5);
+                ctx.setTraining(true);
+                int k = 2, tokens = 48;
+                MoE moe = build(ctx, base().optK(k).optDropless(true), 3);
+                Tensor x = Tensors.random(b, DType.F32, new SplittableRandom(8), 1.0, tokens, M);
+                int[] counts = moe.forward(x).counts().toInts();
+                int most = java.util.Arrays.stream(counts).max().orElseThrow();
+                String what = "equal groups preferred " + equal + ", host offsets wanted " + host;
+                assertFalse(asked.isEmpty(), what + ": the layer asked");
+                for (long[] q : asked) assertArrayEquals(new long[] {(long) tokens * k, E}, q, what + ": the layer's shape");
+                boolean pads = equal && (long) E * most <= MoE.MAX_DROPLESS_PADDING * tokens * k;
+                assertFalse(products.isEmpty(), what);
+                for (Object[] pr : products) {
+                    assertEquals(pads ? E * most : tokens * k, (int) pr[0], what + ": rows of the grouped products");
+                    assertEquals(pads || host, pr[1] != null, what + ": host offsets given");
+                }
+            }
+        }
+    }
+
     @Test
     void readsNoUnwrittenMemory() {
         Backend garbage = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
