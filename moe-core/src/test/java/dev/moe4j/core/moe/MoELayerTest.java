@@ -228,6 +228,34 @@ class MoELayerTest {
         }
     }
 
+    /**
+     * Grouped experts without a first bias take their activation with the products (groupedMatmulActivation and its
+     * backward, which a backend may fuse); with expert biases the bias goes with the activation instead.
+     */
+    @Test
+    void expertActivationGoesWithTheProductsWithoutAFirstBias() {
+        for (boolean bias : new boolean[] {false, true}) {
+            java.util.Map<String, Integer> calls = new java.util.HashMap<>();
+            Backend spy = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
+                    (proxy, method, args) -> {
+                        calls.merge(method.getName(), 1, Integer::sum);
+                        return method.invoke(b, args);
+                    });
+            ModelContext ctx = new ModelContext(spy, DType.F32, 5);
+            ctx.setTraining(true);
+            MoE moe = build(ctx, base().optK(2).optExpertBias(bias), 3);
+            Tensor x = Tensors.random(b, DType.F32, new SplittableRandom(8), 1.0, S, M);
+            Tensor r = Tensors.random(b, DType.F32, new SplittableRandom(9), 1.0, S, M);
+            moe.forward(x);
+            ctx.params().zeroGrad();
+            moe.backward(r, 0.1f);
+            int fused = bias ? 0 : 1;
+            assertEquals(fused, calls.getOrDefault("groupedMatmulActivation", 0), "bias " + bias + ": forward");
+            assertEquals(fused, calls.getOrDefault("groupedMatmulActivationBackward", 0), "bias " + bias + ": backward");
+            assertEquals(bias ? 1 : 0, calls.getOrDefault("activationGroupBias", 0), "bias " + bias + ": the bias with the activation");
+        }
+    }
+
     @Test
     void readsNoUnwrittenMemory() {
         Backend garbage = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
