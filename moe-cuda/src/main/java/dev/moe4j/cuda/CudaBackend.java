@@ -1094,9 +1094,9 @@ public final class CudaBackend implements Backend {
         Checks.matrix(op, "aux", aux, t, n);
         if (aux.dtype() != c.dtype() || p(aux) % 16 != 0) return false;
         if (t == 0 || n == 0) return true;
-        int[] offs = wantsHostOffsets(a.dtype(), t, e) ? hostOffsets(op, offsets, hostOffsets, e, t) : hostOffsets;
+        // the choice of a fused product needs no offsets on the host (autoPicksWgmma): none read here
         GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
-        if (groupedKernelFor(form, a, w, c, e, t, k, n, offs, true) != GroupedKernel.WGMMA) return false;
+        if (groupedKernelFor(form, a, w, c, e, t, k, n, hostOffsets, true) != GroupedKernel.WGMMA) return false;
         wgmmaProduct(a, w, transW, offsets, c, e, t, k, n, 0f, aux, mode, actCode(act));
         return true;
     }
