@@ -140,6 +140,18 @@ struct Pipe {
     // consumers: wait for step g's data; release step g (one arrival per warp) once the wgmma that read it is done
     __device__ __forceinline__ void wait(int g) const { mbarWait(&full[g % S], (g / S) & 1); }
     __device__ __forceinline__ void release(int g) const { if ((threadIdx.x & 31) == 0) mbarArrive(&empty[g % S]); }
+    // consumers, after issuing step g's wgmma (s: its step within the tile): commit it, keep one group in flight and
+    // release the step before it, whose group is now done
+    __device__ __forceinline__ void stepIssued(int g, int s) const {
+        wgCommit();
+        wgWait<1>();
+        if (s > 0) release(g - 1);
+    }
+    // consumers, after a tile's steps (g: the step after its last): wait for its last group and release that step
+    __device__ __forceinline__ void tileDone(int g, int steps) const {
+        wgWait<0>();
+        if (steps > 0) release(g - 1);
+    }
 };
 
 __device__ __forceinline__ float2 load2(const void* p, int dt, i64 i) {
@@ -286,12 +298,9 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
                     if constexpr (FWD) wgmma256<0, 1>(acc, descK(sA + kk * 32), descMN(sB + kk * 2048));
                     else wgmma256<0, 0>(acc, descK(sA + kk * 32), descK(sB + kk * 32));
                 }
-                wgCommit();
-                wgWait<1>();
-                if (kt > 0) p.release(g - 1);
+                p.stepIssued(g, kt);
             }
-            wgWait<0>();
-            if (kTiles > 0) p.release(g - 1);
+            p.tileDone(g, kTiles);
             int rowOrigin = rowStart + c * 64;
             storeAcc(acc, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta, aux, mode, act);
         }
@@ -322,10 +331,7 @@ __device__ __forceinline__ void storeAccTma(const float (&acc)[128], unsigned ch
             for (int h = 0; h < 2; h++) {
                 int row = 16 * w + (lane >> 2) + 8 * h;
                 int chunk = (inRow >> 4) ^ (row & 7);
-                unsigned char* dst = out + box * BOX + row * 128 + chunk * 16 + (inRow & 15);
-                float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-                if (cdt == DT_F32) *(float2*)dst = make_float2(v0, v1);
-                else *(__nv_bfloat162*)dst = __floats2bfloat162_rn(v0, v1);
+                store2(out + box * BOX + row * 128 + chunk * 16 + (inRow & 15), cdt, 0, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
             }
         }
         fenceProxyAsync();
@@ -338,6 +344,21 @@ __device__ __forceinline__ void storeAccTma(const float (&acc)[128], unsigned ch
             bulkCommit();
         }
     }
+}
+
+// Tile t of the weight gradient (expert by expert, n-tile by n-tile, m fastest): expert e, dW's rows m0.. and columns
+// n0.., reduced over the expert's rows r0 .. r0 + rows in steps of BK; the producer and the consumers alike.
+struct WgradTile { int e, m0, n0, r0, rows, steps; };
+
+__device__ __forceinline__ WgradTile wgradTile(const int* offsets, int t, int mTiles, int nTiles) {
+    WgradTile w;
+    w.e = t / (mTiles * nTiles);
+    w.m0 = t % mTiles * BM;
+    w.n0 = t / mTiles % nTiles * BN;
+    w.r0 = offsets[w.e];
+    w.rows = offsets[w.e + 1] - w.r0;
+    w.steps = (w.rows + BK - 1) / BK;
+    return w;
 }
 
 // Weight gradient, persistent: block b takes tiles b, b + gridDim.x, ... of the E x ceil(K / 128) x ceil(N / 256)
@@ -360,13 +381,12 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
         if (threadIdx.x == 0) {
             int g = 0;
             for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-                int e = t / (mTiles * nTiles), m0 = t % mTiles * BM, n0 = t / mTiles % nTiles * BN;
-                int r0 = offsets[e], steps = (offsets[e + 1] - r0 + BK - 1) / BK;
-                for (int s = 0; s < steps; s++, g++) {
+                WgradTile t0 = wgradTile(offsets, t, mTiles, nTiles);
+                for (int s = 0; s < t0.steps; s++, g++) {
                     uint64_t* bar = p.acquire(g);
                     unsigned char* st = p.stage(g);
-                    for (int j = 0; j < BM / 64; j++) tmaLoad2d(st + j * BOX, tmA, m0 + 64 * j, r0 + s * BK, bar);
-                    for (int j = 0; j < BN / 64; j++) tmaLoad2d(st + A_BYTES + j * BOX, tmDY, n0 + 64 * j, r0 + s * BK, bar);
+                    for (int j = 0; j < BM / 64; j++) tmaLoad2d(st + j * BOX, tmA, t0.m0 + 64 * j, t0.r0 + s * BK, bar);
+                    for (int j = 0; j < BN / 64; j++) tmaLoad2d(st + A_BYTES + j * BOX, tmDY, t0.n0 + 64 * j, t0.r0 + s * BK, bar);
                 }
             }
         }
@@ -375,16 +395,15 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
         int c = wgi - 1, g = 0;
         unsigned char* out = p.sm + WGRAD_STAGES * STAGE_BYTES + c * OUT_BYTES;
         for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-            int e = t / (mTiles * nTiles), m0 = t % mTiles * BM, n0 = t / mTiles % nTiles * BN;
-            int r0 = offsets[e], rows = offsets[e + 1] - r0, steps = (rows + BK - 1) / BK;
+            WgradTile t0 = wgradTile(offsets, t, mTiles, nTiles);
             float acc[128];
 #pragma unroll
             for (int i = 0; i < 128; i++) acc[i] = 0.f;
-            for (int s = 0; s < steps; s++, g++) {
+            for (int s = 0; s < t0.steps; s++, g++) {
                 p.wait(g);
                 unsigned char* sA = p.stage(g) + c * BOX;
                 unsigned char* sB = p.stage(g) + A_BYTES;
-                int valid = rows - s * BK;
+                int valid = t0.rows - s * BK;
                 if (valid < BK) {
                     // rows valid .. 63 of this warpgroup's A box (a box row is one 128-byte line: the swizzle permutes
                     // chunks within it) to zero, visible to wgmma before any of the warpgroup issues it
@@ -396,16 +415,13 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
                 wgFence();
 #pragma unroll
                 for (int kk = 0; kk < 4; kk++) wgmma256<1, 1>(acc, descMN(sA + kk * 2048), descMN(sB + kk * 2048));
-                wgCommit();
-                wgWait<1>();
-                if (s > 0) p.release(g - 1);
+                p.stepIssued(g, s);
             }
-            wgWait<0>();
-            if (steps > 0) p.release(g - 1);
-            int mOrigin = m0 + c * 64;
+            p.tileDone(g, t0.steps);
+            int mOrigin = t0.m0 + c * 64;
             if (mOrigin >= K) continue;   // this warpgroup's rows are all past K (the whole warpgroup alike)
-            if (beta == 0.f) storeAccTma(acc, out, tmDW, cdt, c, n0, mOrigin, e, N);
-            else storeAcc(acc, dW, cdt, N, (i64)e * K + mOrigin, K - mOrigin, n0, N - n0, beta);
+            if (beta == 0.f) storeAccTma(acc, out, tmDW, cdt, c, t0.n0, mOrigin, t0.e, N);
+            else storeAcc(acc, dW, cdt, N, (i64)t0.e * K + mOrigin, K - mOrigin, t0.n0, N - t0.n0, beta);
         }
         if ((threadIdx.x & 127) == 0) bulkWaitRead();   // the last stores have read the staging buffer
     }
