@@ -181,9 +181,12 @@ final class ExpertParallel {
             return ep.openWindow(b);
         }
 
+        /** The rows of M dtype elements that window w holds. */
+        static long rows(PeerWindow w, int M, DType dtype) { return w.bytes() / ((long) M * dtype.bytes()); }
+
         /** Every rank's window w as [rows, M] tensors of dtype, in rank order (the destinations of scatterRowsTo). */
         static Tensor[] all(PeerWindow w, int P, DType dtype, int M) {
-            int rows = Math.toIntExact(w.bytes() / ((long) M * dtype.bytes()));
+            int rows = Math.toIntExact(rows(w, M, dtype));
             Tensor[] t = new Tensor[P];
             for (int q = 0; q < P; q++) t[q] = w.tensor(q, dtype, rows, M);
             return t;
@@ -306,8 +309,7 @@ final class ExpertParallel {
             ExpertLayout lay = new ExpertLayout(all, P, r.maxPadding);
             if (r.gathered != null) {
                 // pending: the dispatch went out into a window sized by earlier routings; rows beyond it went nowhere
-                long windowRows = windows.x.bytes() / ((long) hidden * r.dtype.bytes());
-                if (lay.largestInput() > windowRows) {
+                if (lay.largestInput() > Windows.rows(windows.x, hidden, r.dtype)) {
                     windows.x.await();   // the exchange under way ends before its window is replaced
                     r.redispatch = true;
                 }
@@ -551,7 +553,7 @@ final class ExpertParallel {
     private static void dispatchPending(Communicator ep, Route r, int R, int M, DType dt, Rows dispatch) {
         Backend b = ep.backend();
         Windows w = r.windows;
-        long windowRows = w.x.bytes() / ((long) M * dt.bytes());
+        long windowRows = Windows.rows(w.x, M, dt);
         if (r.deviceDest == null) r.deviceDest = b.empty(DType.I32, R, 2);
         b.epDispatchDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, windowRows, r.deviceDest);
         r.dispatchDest = r.deviceDest;
