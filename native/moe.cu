@@ -642,7 +642,8 @@ __global__ void k_ep_dispatch_dest(const int* counts, int me, int P, int E, floa
 // Owner me's input rows -> (source rank, row in the source's dispatch buffer), ExpertLayout.combine on the device: the
 // input holds expert j's rows by source, expert j at j * most when me pads (as k_ep_dispatch_dest decides), else
 // after the experts before it; padding rows (and rows past the input) get (-1, 0). local (nullable) [2 * El + 1]: the
-// rows of each local expert, then the El + 1 expert offsets in the input. Shared: (P + 2) * El + 1 ints.
+// rows of each local expert, then the El + 1 expert offsets in the input, none past rows (GEMMs over out's rows stay
+// inside them when the input is larger). Shared: (P + 2) * El + 1 ints.
 __global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float maxPadding, int* out, int rows, int* local) {
     extern __shared__ __align__(16) unsigned char smem[];
     int El = E / P;
@@ -666,7 +667,7 @@ __global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float
         forExpertStarts(col, El, maxPadding, [&](int j, int s) { start[j] = s; });
         if (local != nullptr && blockIdx.x == 0) {
             for (int j = 0; j < El; j++) local[j] = col[j];
-            for (int j = 0; j <= El; j++) local[El + j] = start[j];
+            for (int j = 0; j <= El; j++) local[El + j] = min(start[j], rows);
         }
     }
     __syncthreads();

@@ -178,12 +178,15 @@ class CudaMoeVsCpuTest extends GpuTestBase {
                 checkInts("epDispatchDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " window " + window, out);
             }
         }
-        for (int me = 0; me < P; me++) {   // the combine's: every owner, padding rows and rows past its input included
-            int rows = new dev.moe4j.core.backend.ExpertLayout(counts, P, maxPadding).inputRows(me) + 37;
+        // the combine's: every owner, padding rows and rows past its input included, and an out shorter than the
+        // input (the offsets then stop at its rows)
+        for (int me = 0; me < P; me++) for (int extra : new int[] {37, -50}) {
+            int rows = Math.max(0, new dev.moe4j.core.backend.ExpertLayout(counts, P, maxPadding).inputRows(me) + extra);
             Tensor[] out = of(new int[2 * rows], rows, 2), local = of(new int[2 * El + 1], 2 * El + 1);
             for (int i = 0; i < 2; i++) on(i).epCombineDestinations(c[i], me, P, maxPadding, out[i], local[i]);
-            checkInts("epCombineDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me, out);
-            checkInts("epCombineDestinations local counts and offsets, rank " + me, local);
+            String what = " P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " rows " + rows;
+            checkInts("epCombineDestinations" + what, out);
+            checkInts("epCombineDestinations local counts and offsets" + what, local);
         }
         int groups = 5, cap = 37;
         int[] used = {0, 37, 12, 50, 1};   // empty, full, partial, over capacity (nothing free), one row

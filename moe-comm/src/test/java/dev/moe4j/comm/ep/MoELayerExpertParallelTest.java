@@ -1,6 +1,10 @@
 package dev.moe4j.comm.ep;
 
+import dev.moe4j.comm.ForwardingCommunicator;
 import dev.moe4j.comm.InProcessWorld;
+import dev.moe4j.core.backend.Backend;
+import dev.moe4j.core.comm.Communicator;
+import dev.moe4j.core.comm.PeerWindow;
 import dev.moe4j.core.comm.ProcessGroups;
 import dev.moe4j.core.cpu.CpuBackend;
 import dev.moe4j.core.moe.MoE;
@@ -12,9 +16,12 @@ import dev.moe4j.core.tensor.Tensor;
 import dev.moe4j.core.testing.Tensors;
 import org.junit.jupiter.api.Test;
 
+import java.lang.reflect.InvocationTargetException;
+import java.lang.reflect.Proxy;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.SplittableRandom;
+import java.util.function.Supplier;
 
 import static dev.moe4j.comm.ep.EpFixtures.assertClose;
 import static org.junit.jupiter.api.Assertions.assertEquals;
@@ -289,6 +296,70 @@ class MoELayerExpertParallelTest {
                 }
             }
         }
+    }
+
+    /**
+     * Where nothing of a dropless layer's forward needs the counts on the host (the sorted layout, no expert biases, a
+     * backend whose grouped products read their offsets on the device: the CPU's), the layer queues its experts before
+     * the host waits for the counts; with biases (a per-row table built on the host) or padding (the input's size
+     * follows from the counts) the wait comes first. Seen through a backend that logs the counts' read and the grouped
+     * products in order, at the second forward (the first opens the windows and reads the counts before its dispatch).
+     */
+    @Test
+    void droplessExpertsRunBeforeTheCountReadWhereNothingNeedsIt() {
+        record Case(boolean bias, MoE.DroplessLayout layout, boolean before) {}
+        for (Case c : List.of(new Case(false, MoE.DroplessLayout.AUTO, true), new Case(true, MoE.DroplessLayout.AUTO, false),
+                new Case(false, MoE.DroplessLayout.PADDED, false))) {
+            List<List<String>> logs = InProcessWorld.run(W, comm -> {
+                try (ProcessGroups groups = new ProcessGroups(comm)) {
+                    List<String> log = new ArrayList<>();
+                    Backend spy = logging(comm.backend(), log);
+                    Communicator group = new ForwardingCommunicator(new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new ArrayList<>(), true)) {
+                        @Override public Backend backend() { return spy; }
+                        @Override public PeerWindow openWindow(long bytes) { return inner.openWindow(bytes); }
+                        @Override public String describe() { return "logging " + inner.describe(); }
+                        @Override public Communicator split(int color, int key) { throw new UnsupportedOperationException(); }
+                        @Override public void close() { inner.close(); }
+                    };
+                    ModelContext ctx = new ModelContext(spy, DType.F64, 7);
+                    MoE moe = builder(true, 2).optExpertBias(c.bias()).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(c.layout()).setContext(ctx).build();
+                    ctx.allocateParameters();
+                    for (int step = 0; step < 2; step++) {
+                        log.clear();
+                        moe.forward(tokens(ctx, comm.rank() + W * step, false));
+                    }
+                    List<String> second = new ArrayList<>(log);
+                    moe.close();
+                    return second;
+                }
+            });
+            for (int r = 0; r < W; r++) {
+                List<String> log = logs.get(r);
+                int read = log.indexOf("counts read"), product = log.indexOf("grouped product");
+                String what = c + " rank " + r + ": " + log;
+                assertTrue(read >= 0 && product >= 0, what);
+                assertEquals(c.before(), product < read, what);
+            }
+        }
+    }
+
+    /** b, logging each grouped product and each read of readIntsLater's values into log. */
+    private static Backend logging(Backend b, List<String> log) {
+        return (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class}, (proxy, m, args) -> {
+            if (m.getName().startsWith("groupedMatmul")) log.add("grouped product");
+            Object out;
+            try {
+                out = m.invoke(b, args);
+            } catch (InvocationTargetException e) {
+                throw e.getCause();
+            }
+            if (!m.getName().equals("readIntsLater")) return out;
+            @SuppressWarnings("unchecked") Supplier<int[]> values = (Supplier<int[]>) out;
+            return (Supplier<int[]>) () -> {
+                log.add("counts read");
+                return values.get();
+            };
+        });
     }
 
     /**

@@ -496,7 +496,8 @@ public interface Backend extends AutoCloseable {
      * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows and for rows past the input
      * (out may have more rows than the input: the caller need not know its size yet). local (may be null) I32
      * [2 * El + 1] gets the rows of each of me's El experts, then the El + 1 offsets of its experts in the input (the
-     * grouped GEMMs'), so that nothing of the layout needs an upload. This default reads the counts and uploads
+     * grouped GEMMs'; none past out's rows, so that GEMMs over as many rows as out has stay inside them when the input
+     * is larger), so that nothing of the layout needs an upload. This default reads the counts and uploads
      * ExpertLayout's results.
      */
     default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out, Tensor local) {
@@ -507,7 +508,7 @@ public interface Backend extends AutoCloseable {
         if (local != null) {
             int[] lc = lay.localCounts(me), l = new int[2 * lc.length + 1];
             System.arraycopy(lc, 0, l, 0, lc.length);
-            for (int j = 0; j <= lc.length; j++) l[lc.length + j] = j < lc.length ? lay.start(me * lc.length + j, 0) : lay.inputRows(me);
+            for (int j = 0; j <= lc.length; j++) l[lc.length + j] = Math.min(rows, j < lc.length ? lay.start(me * lc.length + j, 0) : lay.inputRows(me));
             Checks.numel("epCombineDestinations", "local", local, l.length);
             try (Tensor t = fromInts(l, l.length)) {
                 copy(t, local);

@@ -39,6 +39,17 @@ public final class ExpertBank implements AutoCloseable {
         private int[] hostOffsets;     // offsets on the host when the caller knew them, else null
         private Tensor dh1, dy;        // between backwardData and backwardWeights
 
+        /**
+         * Keeps the first {@code rows} rows of what the forward saved: a forward over more rows than its offsets reach
+         * (expert parallelism sized by its window before the counts came), whose backward then runs on these.
+         */
+        void keepRows(int rows) {
+            if (dh1 != null) throw new IllegalStateException("ExpertBank.Pass.keepRows between backwardData and backwardWeights");
+            x = x.rowSlice(0, rows);
+            h1 = h1.rowSlice(0, rows);
+            a = a.rowSlice(0, rows);
+        }
+
         @Override
         public void close() {
             if (dh1 != null) dh1.close();

@@ -48,7 +48,8 @@ import java.util.List;
  * windows exist, a dropless layer sends its rows before the counts reach the host: the destinations come from the
  * all-gathered counts on the device ({@link Backend#epDispatchDestinations}), and the host reads the counts (the
  * layer's one wait) while the rows travel; a routing that outgrows the window X ends that exchange, grows X and sends
- * again.
+ * again. Where nothing of the forward needs the counts on the host ({@link Route#expertsBeforeCounts}) the experts run
+ * on the device's offsets before that wait ({@link #forwardBeforeCounts}).
  */
 final class ExpertParallel {
     private ExpertParallel() {}
@@ -84,6 +85,7 @@ final class ExpertParallel {
         Tensor deviceCombine;            // pending: combineDest computed on the device (owned)
         Tensor deviceLocal;              // pending: the local experts' rows and offsets computed on the device (owned)
         Tensor localCountsDevice;        // peer path: localCounts on the device (a view of packed or of deviceLocal)
+        boolean expertsBeforeCounts;     // pending: the experts run on the device's offsets before the host has the counts
 
         Route(boolean equal, int capacity) {
             this.equal = equal;
@@ -268,6 +270,9 @@ final class ExpertParallel {
             if (windows != null && !r.pipelined && windows.x != null) {
                 r.windows = windows;
                 r.countsLater = b.readIntsLater(r.gathered);
+                // nothing of the forward needs the counts on the host where the experts' input is not padded (its
+                // size), has no per-row expert table (biases) and the grouped GEMMs read their offsets on the device
+                r.expertsBeforeCounts = r.maxPadding == 0 && !bias && !b.wantsHostOffsets(dtype, g.dest().numel(), numExperts / P);
                 return r;
             }
             all = r.gathered.toInts();   // one host read for the layer
@@ -326,7 +331,7 @@ final class ExpertParallel {
             }
         }
         if (!r.pipelined) {
-            r.stages = new Stage[] {new Stage(0, El)};
+            if (r.stages == null) r.stages = new Stage[] {new Stage(0, El)};   // else the experts ran before the counts came
             r.stages[0].rows = rq;
         } else {
             int G = Math.min(chunks(), El);
@@ -516,6 +521,7 @@ final class ExpertParallel {
     private static Tensor forwardPeer(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
         Backend b = ep.backend();
         int P = ep.size(), me = ep.rank();
+        if (r.pending() && r.expertsBeforeCounts) return forwardBeforeCounts(ep, r, bank, R, M, dt, dispatch);
         if (r.pending()) {
             dispatchPending(ep, r, R, M, dt, dispatch);
             finish(ep, r, r.countsLater.get(), r.windows, M);   // the layer's one wait, for the counts only
@@ -547,6 +553,46 @@ final class ExpertParallel {
         w.y.publish();
         w.y.await();
         return w.y.tensor(me, dt, R, M);
+    }
+
+    /**
+     * The forward of a pending route whose experts need nothing from the host ({@link Route#expertsBeforeCounts}): the
+     * dispatch, the experts over all of X's rows on the device's offsets (the rows past this rank's input: not the
+     * experts', their outputs not stored) and their outputs' stores into Y are queued before the host waits for the
+     * counts, so that the wait overlaps the layer instead of holding back its GEMMs. A routing that outgrew X (the
+     * counts say so, the same on every rank) runs again in the grown window; the pass keeps the routed rows only.
+     */
+    private static Tensor forwardBeforeCounts(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
+        Backend b = ep.backend();
+        int P = ep.size(), me = ep.rank(), El = Math.toIntExact(r.gathered.numel() / P / P);
+        r.stages = new Stage[] {new Stage(0, El)};   // finish() fills in its sizes
+        Stage st = r.stages[0];
+        int[] counts = null;
+        do {
+            r.redispatch = false;
+            dispatchPending(ep, r, R, M, dt, dispatch);
+            Windows w = r.windows;
+            w.x.await();
+            w.y.open();
+            st.xin = w.x.tensor(me, dt, r.deviceCombine.rows(), M);   // as many rows as X holds
+            try (Tensor yl = bank.forward(st.pass, 0, El, st.xin, r.deviceLocal.view(El, El + 1), null, null)) {
+                b.scatterRowsTo(yl, r.deviceCombine, Windows.all(w.y, P, dt, M));   // rows past the input go nowhere
+            }
+            w.y.publish();
+            w.y.await();
+            if (counts == null) counts = r.countsLater.get();   // the layer's one wait, behind all of its forward
+            finish(ep, r, counts, w, M);
+            if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
+        } while (r.redispatch);   // X grew (every rank alike): everything again, all rows inside it
+        indices(b, r);
+        r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
+        if (r.localRows == 0) {
+            st.release();
+        } else {
+            st.xin = st.xin.rowSlice(0, st.expertRows);
+            st.pass.keepRows(st.expertRows);   // the backward runs on the routed rows only
+        }
+        return r.windows.y.tensor(me, dt, R, M);
     }
 
     /** A pending route's dispatch into X: destinations from the group's counts on the device, then open, stores, publish. */
