@@ -40,14 +40,16 @@ public final class ExpertBank implements AutoCloseable {
         private Tensor dh1, dy;        // between backwardData and backwardWeights
 
         /**
-         * Keeps the first {@code rows} rows of what the forward saved: a forward over more rows than its offsets reach
+         * Keeps the first {@code rows} rows of what the forward saved, with the offsets now also on the host
+         * (hostOffsets, same values as the forward's device offsets): a forward over more rows than its offsets reach
          * (expert parallelism sized by its window before the counts came), whose backward then runs on these.
          */
-        void keepRows(int rows) {
+        void keepRows(int rows, int[] hostOffsets) {
             if (dh1 != null) throw new IllegalStateException("ExpertBank.Pass.keepRows between backwardData and backwardWeights");
             x = x.rowSlice(0, rows);
             h1 = h1.rowSlice(0, rows);
             a = a.rowSlice(0, rows);
+            this.hostOffsets = hostOffsets;
         }
 
         @Override

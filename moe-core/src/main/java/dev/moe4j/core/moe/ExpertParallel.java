@@ -272,7 +272,8 @@ final class ExpertParallel {
                 r.countsLater = b.readIntsLater(r.gathered);
                 // nothing of the forward needs the counts on the host where the experts' input is not padded (its
                 // size), has no per-row expert table (biases) and the grouped GEMMs read their offsets on the device
-                r.expertsBeforeCounts = r.maxPadding == 0 && !bias && !b.wantsHostOffsets(dtype, g.dest().numel(), numExperts / P);
+                // (asked with the rows they would run on: X's)
+                r.expertsBeforeCounts = r.maxPadding == 0 && !bias && !b.wantsHostOffsets(dtype, Windows.rows(windows.x, hidden, dtype), numExperts / P);
                 return r;
             }
             all = r.gathered.toInts();   // one host read for the layer
@@ -299,19 +300,15 @@ final class ExpertParallel {
                 sendRows[p] += all[me * numExperts + p * El + j];
             }
         }
-        int[] localCounts = new int[El];
+        ExpertLayout lay = new ExpertLayout(all, P, r.maxPadding);
         int rq = 0;
-        for (int j = 0; j < El; j++) {
-            for (int p = 0; p < P; p++) localCounts[j] += n[p][j];
-            rq += localCounts[j];
-        }
+        for (int p = 0; p < P; p++) rq += recvRows[p];
         r.sendRows = sendRows;
         r.recvRows = recvRows;
         r.localRows = rq;
-        r.localCounts = localCounts;
+        r.localCounts = lay.localCounts(me);
         r.n = n;
         if (windows != null && !r.pipelined) {
-            ExpertLayout lay = new ExpertLayout(all, P, r.maxPadding);
             if (r.gathered != null) {
                 // pending: the dispatch went out into a window sized by earlier routings; rows beyond it went nowhere
                 if (lay.largestInput() > Windows.rows(windows.x, hidden, r.dtype)) {
@@ -590,7 +587,7 @@ final class ExpertParallel {
             st.release();
         } else {
             st.xin = st.xin.rowSlice(0, st.expertRows);
-            st.pass.keepRows(st.expertRows);   // the backward runs on the routed rows only
+            st.pass.keepRows(st.expertRows, st.hostOffsets);   // the backward runs on the routed rows only
         }
         return r.windows.y.tensor(me, dt, R, M);
     }
