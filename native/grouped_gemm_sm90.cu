@@ -110,8 +110,13 @@ __device__ __forceinline__ void bulkCommit() { asm volatile("cp.async.bulk.commi
 __device__ __forceinline__ void bulkWaitRead() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // Generic-proxy writes to shared memory made visible to the async proxy (wgmma, TMA) that reads them next.
 __device__ __forceinline__ void fenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// The 128 threads of consumer warpgroup c (named barriers 1 and 2; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroupSync(int c) { asm volatile("bar.sync %0, 128;\n" :: "r"(1 + c) : "memory"); }
+// The 128 threads of consumer warpgroup c (named barriers 1 and 2; 0 is __syncthreads); the 256 of both consumer
+// warpgroups (3). Immediate ids, so that ptxas reserves only these.
+__device__ __forceinline__ void warpgroupSync(int c) {
+    if (c == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+}
+__device__ __forceinline__ void consumersSync() { asm volatile("bar.sync 3, 256;\n" ::: "memory"); }
 
 // The stage pipeline: S stages of STAGE_BYTES (1024-byte aligned, from sm), a full barrier per stage (the
 // producer's expect_tx, completed by the TMA bytes) and an empty one (one arrival per consumer warp). Steps are
@@ -405,12 +410,20 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
                 unsigned char* sB = p.stage(g) + A_BYTES;
                 int valid = t0.rows - s * BK;
                 if (valid < BK) {
-                    // rows valid .. 63 of this warpgroup's A box (a box row is one 128-byte line: the swizzle permutes
-                    // chunks within it) to zero, visible to wgmma before any of the warpgroup issues it
-                    for (int i = threadIdx.x & 127; i < (BK - valid) * 8; i += 128)
-                        ((uint4*)(sA + valid * 128))[i] = make_uint4(0, 0, 0, 0);
+                    // rows valid .. 63 to zero (a box row is one 128-byte line: the swizzle permutes chunks within it)
+                    // in this warpgroup's A box and in its half of dY's four boxes, which both warpgroups read: the
+                    // rows hold the next expert's or whatever lies past offsets[E], and 0 x Inf or NaN would reach dW.
+                    // Visible to wgmma before either warpgroup issues it.
+                    uint4* rowsA = (uint4*)(sA + valid * 128);
+                    uint4* rowsB0 = (uint4*)(sB + 2 * c * BOX + valid * 128);
+                    uint4* rowsB1 = (uint4*)(sB + (2 * c + 1) * BOX + valid * 128);
+                    for (int i = threadIdx.x & 127; i < (BK - valid) * 8; i += 128) {
+                        rowsA[i] = make_uint4(0, 0, 0, 0);
+                        rowsB0[i] = make_uint4(0, 0, 0, 0);
+                        rowsB1[i] = make_uint4(0, 0, 0, 0);
+                    }
                     fenceProxyAsync();
-                    warpgroupSync(c);
+                    consumersSync();
                 }
                 wgFence();
 #pragma unroll

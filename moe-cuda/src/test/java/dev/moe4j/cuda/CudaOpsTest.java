@@ -218,7 +218,9 @@ class CudaOpsTest extends GpuTestBase {
                     }
                 }
                 for (float beta : new float[] {0f, 1f, 0.25f}) {
-                    Tensor[] a = rand(DType.BF16, 1, t, k), dy = rand(DType.BF16, 1, t, n), dw = rand(out, 1, e, k, n);
+                    // NaN in the rows past offsets[E], which no product may read (0 x NaN is NaN)
+                    Tensor[] a = nanRowsFrom(rand(DType.BF16, 1, t, k), offs[e]), dy = nanRowsFrom(rand(DType.BF16, 1, t, n), offs[e]);
+                    Tensor[] dw = rand(out, 1, e, k, n);
                     for (int i = 0; i < 2; i++) on(i).groupedMatmulWeightGrad(a[i], dy[i], o[i], dw[i], beta);
                     check(policy + " groupedMatmulWeightGrad " + e + " experts -> " + out + " beta=" + beta, dw, BF16_TOL);
                 }
@@ -260,6 +262,16 @@ class CudaOpsTest extends GpuTestBase {
         } finally {
             gpu.groupedKernel = saved;
         }
+    }
+
+    /** A CPU/GPU pair of matrices with its rows from {@code from} on set to NaN on both sides. */
+    private Tensor[] nanRowsFrom(Tensor[] pair, int from) {
+        double[] v = pair[0].toDoubles();
+        java.util.Arrays.fill(v, from * pair[0].cols(), v.length, Double.NaN);
+        int[] dims = pair[0].shape().dims();
+        DType dt = pair[0].dtype();
+        for (Tensor t : pair) t.close();
+        return new Tensor[] {cpu.fromDoubles(dt, v, dims), gpu.fromDoubles(dt, v, dims)};
     }
 
     /** The first rows of a CPU/GPU pair (the rows of the groups: what follows offsets[G] is unspecified). */
