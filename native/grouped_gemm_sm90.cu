@@ -106,6 +106,11 @@ __device__ __forceinline__ void tmaStore3d(const CUtensorMap* map, int c0, int c
     asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n"
                  :: "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smemAddr(src)) : "memory");
 }
+// The same, adding the tile into global memory (dW += tile) instead of overwriting it: fp32 adds, round to nearest.
+__device__ __forceinline__ void tmaAdd3d(const CUtensorMap* map, int c0, int c1, int c2, const void* src) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+                 :: "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smemAddr(src)) : "memory");
+}
 __device__ __forceinline__ void bulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void bulkWaitRead() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // Generic-proxy writes to shared memory made visible to the async proxy (wgmma, TMA) that reads them next.
@@ -312,13 +317,13 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
     }
 }
 
-// Writes this consumer warpgroup's 64 x 256 accumulators (beta 0) through shared memory: the fragments into
-// boxes of 64 rows x 128 bytes in the 128-byte swizzle (conflict-free: the 8 rows of a store fall into distinct
-// 16-byte chunks), then one thread stores them with the bulk tensor copy, which clips rows and columns past the
-// map's ends (dW's map {N, K, E}: rows past K are not the next expert's). fp32 goes in two halves of 128 columns.
-// The staging buffer is reused only after the previous tile's stores have read it.
+// Writes this consumer warpgroup's 64 x 256 accumulators (beta 0; add: beta 1 into fp32) through shared memory: the
+// fragments into boxes of 64 rows x 128 bytes in the 128-byte swizzle (conflict-free: the 8 rows of a store fall into
+// distinct 16-byte chunks), then one thread stores (or adds) them with the bulk tensor copy, which clips rows and
+// columns past the map's ends (dW's map {N, K, E}: rows past K are not the next expert's). fp32 goes in two halves of
+// 128 columns. The staging buffer is reused only after the previous tile's stores have read it.
 __device__ __forceinline__ void storeAccTma(const float (&acc)[128], unsigned char* out, const CUtensorMap* map, int cdt, int c,
-                                            int n0, int m0, int e, int N) {
+                                            int n0, int m0, int e, int N, bool add) {
     int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
     bool issuer = (threadIdx.x & 127) == 0;
     int halves = cdt == DT_F32 ? 2 : 1, boxCols = cdt == DT_F32 ? 32 : 64;   // columns of one 128-byte box row
@@ -344,7 +349,9 @@ __device__ __forceinline__ void storeAccTma(const float (&acc)[128], unsigned ch
         if (issuer) {
             for (int b = 0; b < 4; b++) {
                 int col0 = n0 + half * 128 + b * boxCols;
-                if (col0 < N) tmaStore3d(map, col0, m0, e, out + b * BOX);   // boxes wholly past N: nothing to write
+                if (col0 >= N) continue;   // boxes wholly past N: nothing to write
+                if (add) tmaAdd3d(map, col0, m0, e, out + b * BOX);
+                else tmaStore3d(map, col0, m0, e, out + b * BOX);
             }
             bulkCommit();
         }
@@ -370,9 +377,10 @@ __device__ __forceinline__ WgradTile wgradTile(const int* offsets, int t, int mT
 // tiles of dW (expert by expert, n-tile by n-tile, m fastest: resident blocks share dY's columns). Each tile reduces
 // over its expert's rows 64 at a time; the producer runs ahead into the next tiles while the consumers store, which
 // is what this product (one or two reduction steps for 64-row experts, a 128 x 256 output tile each) is bound by.
-// The last step's rows past the expert's end hold the next expert's rows (or zeros): each consumer zeroes them in
-// its A box before multiplying. An expert without rows still writes beta * dW. beta 0 stores through shared memory
-// and tmDW; otherwise each value is read and written in place (storeAcc).
+// The last step's rows past the expert's end hold the next expert's rows (or what lies past offsets[E]): the
+// consumers zero them in A's and dY's boxes before multiplying. An expert without rows still writes beta * dW. beta 0 stores through shared memory
+// and tmDW, and so does beta 1 into an fp32 dW (the bulk copy adds: gradient accumulation); other betas and beta 1
+// into bf16 (whose add would round twice) read and write each value in place (storeAcc).
 __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtensorMap* tmDY, const CUtensorMap* tmDW, void* dW,
                                            int cdt, const int* offsets, int E, int K, int N, float beta) {
     constexpr int A_BYTES = BM * 128;
@@ -433,7 +441,7 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
             p.tileDone(g, t0.steps);
             int mOrigin = t0.m0 + c * 64;
             if (mOrigin >= K) continue;   // this warpgroup's rows are all past K (the whole warpgroup alike)
-            if (beta == 0.f) storeAccTma(acc, out, tmDW, cdt, c, t0.n0, mOrigin, t0.e, N);
+            if (beta == 0.f || (beta == 1.f && cdt == DT_F32)) storeAccTma(acc, out, tmDW, cdt, c, t0.n0, mOrigin, t0.e, N, beta != 0.f);
             else storeAcc(acc, dW, cdt, N, (i64)t0.e * K + mOrigin, K - mOrigin, t0.n0, N - t0.n0, beta);
         }
         if ((threadIdx.x & 127) == 0) bulkWaitRead();   // the last stores have read the staging buffer

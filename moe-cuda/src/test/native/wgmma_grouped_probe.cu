@@ -60,8 +60,10 @@ static int numSms;
 // NT: C [T, N] = A [T, K] W[e]^T (W [E, N, K]); NN: C = A W[e] (W [E, K, N]); WGRAD: C [E, K, N] = A^T B per expert
 // (B = dY [T, N]). cdt: 0 fp32, 1 bf16.
 // persistent: the products on one block per multiprocessor (else one block per tile); the weight gradient always is.
+// blocks > 0: that many blocks, each walking many tiles (the checks' persistent runs, whose shapes have fewer tiles
+// than the multiprocessors).
 static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const int* offs, int E, int T, int K, int N, float beta,
-                   bool persistent = false) {
+                   bool persistent = false, int blocks = 0) {
     static bool prepared = false;
     if (!prepared) {
         CK(cudaFuncSetAttribute(k_wg_nt, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
@@ -73,13 +75,13 @@ static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const
         CUtensorMap ta = tensorMap(A, {K, T}, {64, 64}), tb = tensorMap(B, {N, T}, {64, 64});
         CUtensorMap tc = tensorMap(C, {N, K, E}, {cdt == DT_F32 ? 32 : 64, 64, 1}, cdt == DT_F32);
         int tiles = E * ((K + 127) / 128) * ((N + 255) / 256);
-        k_wg_wgrad<<<std::min(tiles, numSms), wg::THREADS, WGRAD_SHARED>>>(ta, tb, tc, C, cdt, offs, E, K, N, beta);
+        k_wg_wgrad<<<blocks > 0 ? blocks : std::min(tiles, numSms), wg::THREADS, WGRAD_SHARED>>>(ta, tb, tc, C, cdt, offs, E, K, N, beta);
         return;
     }
     CUtensorMap ta = tensorMap(A, {K, T}, {64, 128});
     CUtensorMap tw = f == NN ? tensorMap(B, {N, K, E}, {64, 64, 1}) : tensorMap(B, {K, N, E}, {64, 256, 1});
     int tiles = ((T + 127) / 128 + E) * ((N + 255) / 256);
-    dim3 grid(persistent ? std::min(tiles, numSms) : tiles);
+    dim3 grid(blocks > 0 ? blocks : persistent ? std::min(tiles, numSms) : tiles);
     if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, nullptr, EPI_PLAIN, 0);
     else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, nullptr, EPI_PLAIN, 0);
 }
@@ -148,24 +150,28 @@ static void check(cublasHandle_t h, Form f, int K, int N) {
     CK(cudaMalloc(&d, offs.size() * 4));
     CK(cudaMemcpy(d, offs.data(), offs.size() * 4, cudaMemcpyHostToDevice));
     k_fill<<<256, 256>>>(A, aN, 11, 2.f); k_fill<<<256, 256>>>(B, bN, 12, f == WGRAD ? 1.f : 0.2f);
+    if (f == WGRAD) {   // NaN (all bits set) in the rows past offsets[E], which the weight gradient must not read
+        i64 past = T - offs.back();
+        CK(cudaMemset(A + (i64)offs.back() * K, 0xFF, past * K * 2));
+        CK(cudaMemset(B + (i64)offs.back() * N, 0xFF, past * N * 2));
+    }
     for (int cdt : {DT_BF16, DT_F32}) {
-        for (float beta : {0.f, 0.5f}) {
+        for (float beta : {0.f, 0.5f, 1.f}) {   // the weight gradient adds through the bulk copy at beta 1 into fp32
             // the same start values in C and R
             k_fillC<<<256, 256>>>(R, cdt, cN, 13);
             cublasPerExpert(h, f, A, B, R, cdt, offs, K, N, beta);
             CK(cudaDeviceSynchronize());
             auto r = toHost(R, cN, cdt);
-            for (bool persistent : {false, true}) {
-                if (persistent && f == WGRAD) break;
+            for (bool persistent : {false, true}) {   // persistent: on 3 blocks, each walking many tiles
                 k_fillC<<<256, 256>>>(C, cdt, cN, 13);
-                runOwn(f, A, B, C, cdt, d, E, T, K, N, beta, persistent);
+                runOwn(f, A, B, C, cdt, d, E, T, K, N, beta, persistent, persistent ? 3 : 0);
                 CK(cudaGetLastError());
                 CK(cudaDeviceSynchronize());
                 auto c = toHost(C, cN, cdt);
                 bool tail = true;
                 if (f != WGRAD) for (i64 i = (i64)offs.back() * N; i < cN; i++) tail &= c[i] == r[i];
                 double err = relErr(c, r);
-                printf("  check %-6s%s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f), persistent ? " (persistent)" : "", K, N,
+                printf("  check %-6s%s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f), persistent ? " (3 blocks)" : "", K, N,
                        cdt == DT_F32 ? "f32 " : "bf16", beta, err, f == WGRAD ? "-" : tail ? "yes" : "NO");
                 if (err > 1e-3) {   // where it goes wrong: the first few elements off, as (row, column) of the output
                     int shown = 0;
