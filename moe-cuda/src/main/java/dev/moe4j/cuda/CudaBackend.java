@@ -986,6 +986,8 @@ public final class CudaBackend implements Backend {
      * grouped-batched cuBLAS call, 1.4-1.8x slower), and ours where it takes the activation into its epilogue
      * (fused: the activation's own pass over h saved); the weight gradient stays cuBLAS's until ours (with the
      * shared-memory store epilogue) is measured: with direct stores from registers it took 2.8-3.1x cuBLAS's time.
+     * (That epilogue serves beta 0 and beta 1 into fp32; other betas keep the direct stores, so a choice of ours for
+     * the weight gradient should look at beta.)
      */
     private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
         if (t > 128L * e) return false;
