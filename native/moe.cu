@@ -641,10 +641,11 @@ __global__ void k_ep_dispatch_dest(const int* counts, int me, int P, int E, floa
 
 // Owner me's input rows -> (source rank, row in the source's dispatch buffer), ExpertLayout.combine on the device: the
 // input holds expert j's rows by source, expert j at j * most when me pads (as k_ep_dispatch_dest decides), else
-// after the experts before it; padding rows (and rows past the input) get (-1, 0). local (nullable) [2 * El + 1]: the
+// after the experts before it; padding rows, rows past the input and rows whose place in the source's buffer is at or
+// beyond bufRows (the sources' windows must grow first) get (-1, 0). local (nullable) [2 * El + 1]: the
 // rows of each local expert, then the El + 1 expert offsets in the input, none past rows (GEMMs over out's rows stay
 // inside them when the input is larger). Shared: (P + 2) * El + 1 ints.
-__global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float maxPadding, int* out, int rows, int* local) {
+__global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float maxPadding, int bufRows, int* out, int rows, int* local) {
     extern __shared__ __align__(16) unsigned char smem[];
     int El = E / P;
     int* col = (int*)smem;       // [El] rows of my expert j from all sources
@@ -689,8 +690,9 @@ __global__ void k_ep_combine_dest(const int* counts, int me, int P, int E, float
             if (i < c) break;
             i -= c;
         }
-        out[2 * r] = p;
-        out[2 * r + 1] = bufStart[p * El + lo] + i;
+        int row = bufStart[p * El + lo] + i;
+        out[2 * r] = row < bufRows ? p : -1;
+        out[2 * r + 1] = row < bufRows ? row : 0;
     }
 }
 

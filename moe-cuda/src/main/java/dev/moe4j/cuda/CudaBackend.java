@@ -1948,7 +1948,7 @@ public final class CudaBackend implements Backend {
 
     /** One launch, as epDispatchDestinations (native/moe.cu k_ep_combine_dest). */
     @Override
-    public void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out, Tensor local) {
+    public void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, long bufRows, Tensor out, Tensor local) {
         String op = "epCombineDestinations";
         int E = epCounts(op, counts, me, P, out);
         int rows = out.rows(), El = E / P;
@@ -1958,11 +1958,11 @@ public final class CudaBackend implements Backend {
         }
         if (rows == 0 && local == null) return;
         if ((P + 2L) * El + 1 > 12000) {   // the kernel's tables beyond 48 KB of shared memory
-            Backend.super.epCombineDestinations(counts, me, P, maxPadding, out, local);
+            Backend.super.epCombineDestinations(counts, me, P, maxPadding, bufRows, out, local);
             return;
         }
         launch("k_ep_combine_dest", Math.max(1, Math.min(blocks(rows), 64)), 1, THREADS, (int) (((P + 2L) * El + 1) * 4), p(counts), me, P, E,
-                (float) Math.min(maxPadding, Float.MAX_VALUE), p(out), rows, p(local));
+                (float) Math.min(maxPadding, Float.MAX_VALUE), (int) Math.min(bufRows, Integer.MAX_VALUE), p(out), rows, p(local));
     }
 
     /** The checks of the expert-parallel destination ops; returns E. */

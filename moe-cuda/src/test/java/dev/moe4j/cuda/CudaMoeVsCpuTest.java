@@ -178,13 +178,13 @@ class CudaMoeVsCpuTest extends GpuTestBase {
                 checkInts("epDispatchDestinations P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " window " + window, out);
             }
         }
-        // the combine's: every owner, padding rows and rows past its input included, and an out shorter than the
-        // input (the offsets then stop at its rows)
-        for (int me = 0; me < P; me++) for (int extra : new int[] {37, -50}) {
+        // the combine's: every owner, padding rows and rows past its input included, an out shorter than the input
+        // (the offsets then stop at its rows), and sources' buffers smaller than their rows (those rows go nowhere)
+        for (int me = 0; me < P; me++) for (int extra : new int[] {37, -50}) for (long bufRows : new long[] {Long.MAX_VALUE, 400}) {
             int rows = Math.max(0, new dev.moe4j.core.backend.ExpertLayout(counts, P, maxPadding).inputRows(me) + extra);
             Tensor[] out = of(new int[2 * rows], rows, 2), local = of(new int[2 * El + 1], 2 * El + 1);
-            for (int i = 0; i < 2; i++) on(i).epCombineDestinations(c[i], me, P, maxPadding, out[i], local[i]);
-            String what = " P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " rows " + rows;
+            for (int i = 0; i < 2; i++) on(i).epCombineDestinations(c[i], me, P, maxPadding, bufRows, out[i], local[i]);
+            String what = " P=" + P + " El=" + El + " maxPadding=" + maxPadding + " rank " + me + " rows " + rows + " bufRows " + bufRows;
             checkInts("epCombineDestinations" + what, out);
             checkInts("epCombineDestinations local counts and offsets" + what, local);
         }

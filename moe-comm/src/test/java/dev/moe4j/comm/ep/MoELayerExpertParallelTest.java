@@ -67,8 +67,18 @@ class MoELayerExpertParallelTest {
         try (Tensor t = ctx.backend().fromDoubles(DType.F64, w, E, M)) { ctx.backend().copy(t, moe.gate().weight().master()); }
     }
 
-    private static Tensor dout(ModelContext ctx, int rank) {
-        return Tensors.random(ctx.backend(), DType.F64, new SplittableRandom(200 + rank), 1.0, S, M);
+    private static Tensor dout(ModelContext ctx, int rank) { return dout(ctx, rank, S); }
+
+    private static Tensor dout(ModelContext ctx, int rank, int tokens) {
+        return Tensors.random(ctx.backend(), DType.F64, new SplittableRandom(200 + rank), 1.0, tokens, M);
+    }
+
+    /** {@code n} tokens of uniform entries (seeded), the gate routing them as it will. */
+    private static Tensor tokens(ModelContext ctx, int seed, int n) {
+        SplittableRandom r = new SplittableRandom(100 + seed);
+        double[] v = new double[n * M];
+        for (int i = 0; i < v.length; i++) v[i] = r.nextDouble() * 2 - 1;
+        return ctx.backend().fromDoubles(DType.F64, v, n, M);
     }
 
     record Result(double[] out, double[] dx, double lAux, List<double[]> expertGrads, List<Integer> firstRow, List<String> calls) {
@@ -299,6 +309,71 @@ class MoELayerExpertParallelTest {
     }
 
     /**
+     * A dropless layer through the windows whose ranks take different numbers of tokens, more at the second step than
+     * any rank took before (Y, sized by the largest rank's rows, must grow: where the experts ran before the count read
+     * their outputs beyond it went nowhere, and the forward runs again), fewer at the third (fits), more again at the
+     * fourth. Each step equals the single-rank layer on each rank's tokens, expert gradients included; with and
+     * without biases, sorted (the CPU's AUTO) and padded.
+     */
+    @Test
+    void droplessPeerLayersTakeMoreTokensThanBefore() {
+        int[][] sizes = {{5, 5, 5, 5}, {5, 7, 9, 11}, {9, 8, 7, 6}, {14, 14, 3, 14}};   // [step][rank]
+        for (int variant = 0; variant < 4; variant++) {
+            MoE.DroplessLayout layout = variant % 2 == 0 ? MoE.DroplessLayout.AUTO : MoE.DroplessLayout.PADDED;
+            boolean bias = variant < 2;
+            ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
+            MoE ref = builder(true, 2).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
+            rc.allocateParameters();
+            List<List<double[]>> outs = new ArrayList<>(), dxs = new ArrayList<>(), grads = new ArrayList<>();
+            for (int[] size : sizes) {
+                rc.params().zeroGrad();
+                List<double[]> o = new ArrayList<>(), d = new ArrayList<>();
+                for (int r = 0; r < W; r++) {
+                    o.add(ref.forward(tokens(rc, r + 7 * size[r], size[r])).output().toDoubles());
+                    d.add(ref.backward(dout(rc, r, size[r]), 0.3f).toDoubles());
+                }
+                outs.add(o);
+                dxs.add(d);
+                rc.params().finishGrads();
+                grads.add(rc.params().all().stream().filter(Parameter::isExpert).map(p -> p.grad().toDoubles()).toList());
+            }
+            List<List<Result>> got = InProcessWorld.run(W, comm -> {
+                try (ProcessGroups groups = new ProcessGroups(comm)) {
+                    ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                    List<String> calls = new ArrayList<>();
+                    dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
+                    MoE moe = builder(true, 2).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(layout).setContext(ctx).build();
+                    ctx.allocateParameters();
+                    List<Result> res = new ArrayList<>();
+                    int me = comm.rank();
+                    for (int[] size : sizes) {
+                        ctx.params().zeroGrad();
+                        calls.clear();
+                        double[] out = moe.forward(tokens(ctx, me + 7 * size[me], size[me])).output().toDoubles();
+                        double[] dx = moe.backward(dout(ctx, me, size[me]), 0.3f).toDoubles();
+                        ctx.params().finishGrads();
+                        res.add(Result.of(ctx, out, dx, 0, new ArrayList<>(calls)));
+                    }
+                    moe.close();
+                    return res;
+                }
+            });
+            for (int r = 0; r < W; r++) {
+                for (int step = 0; step < sizes.length; step++) {
+                    String what = layout + (bias ? "" : " no bias") + " rank " + r + " step " + step;
+                    List<String> calls = got.get(r).get(step).calls();
+                    long opened = calls.stream().filter("openWindow"::equals).count();
+                    if (step == 1 || step == 3) assertTrue(opened >= 1, what + ": more rows than any rank had grow the windows: " + calls);
+                    if (step == 2) assertEquals(0, opened, what + ": fits: " + calls);
+                    assertClose(outs.get(step).get(r), got.get(r).get(step).out(), 1e-12, what + ": output");
+                    assertClose(dxs.get(step).get(r), got.get(r).get(step).dx(), 1e-12, what + ": dx");
+                    assertExpertGradsEqual(grads.get(step), got.get(r).get(step), r, what);
+                }
+            }
+        }
+    }
+
+    /**
      * Where nothing of a dropless layer's forward needs the counts on the host (the sorted layout, no expert biases, a
      * backend whose grouped products read their offsets on the device: the CPU's), the layer queues its experts before
      * the host waits for the counts; with biases (a per-row table built on the host) or padding (the input's size
@@ -314,13 +389,7 @@ class MoELayerExpertParallelTest {
                 try (ProcessGroups groups = new ProcessGroups(comm)) {
                     List<String> log = new ArrayList<>();
                     Backend spy = logging(comm.backend(), log);
-                    Communicator group = new ForwardingCommunicator(new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), new ArrayList<>(), true)) {
-                        @Override public Backend backend() { return spy; }
-                        @Override public PeerWindow openWindow(long bytes) { return inner.openWindow(bytes); }
-                        @Override public String describe() { return "logging " + inner.describe(); }
-                        @Override public Communicator split(int color, int key) { throw new UnsupportedOperationException(); }
-                        @Override public void close() { inner.close(); }
-                    };
+                    Communicator group = on(spy, groups.expertParallel(W));
                     ModelContext ctx = new ModelContext(spy, DType.F64, 7);
                     MoE moe = builder(true, 2).optExpertBias(c.bias()).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(c.layout()).setContext(ctx).build();
                     ctx.allocateParameters();
@@ -339,6 +408,82 @@ class MoELayerExpertParallelTest {
                 String what = c + " rank " + r + ": " + log;
                 assertTrue(read >= 0 && product >= 0, what);
                 assertEquals(c.before(), product < read, what);
+            }
+        }
+    }
+
+    /** Group ep with its windows, on backend spy (a proxy of ep's backend, whose tensors are ep's backend's). */
+    private static Communicator on(Backend spy, Communicator ep) {
+        return new ForwardingCommunicator(new OverlappedGradientSyncTest.Deferring(ep, new ArrayList<>(), true)) {
+            @Override public Backend backend() { return spy; }
+            @Override public PeerWindow openWindow(long bytes) { return inner.openWindow(bytes); }
+            @Override public String describe() { return "spied " + inner.describe(); }
+            @Override public Communicator split(int color, int key) { throw new UnsupportedOperationException(); }
+            @Override public void close() { inner.close(); }
+        };
+    }
+
+    /**
+     * Ranks with different numbers of tokens on a backend whose preference for equal groups (padding) depends on the
+     * rows asked about: the ranks must ask with the same rows (a size of the whole group's), or they lay the group out
+     * differently (some padding, some not) and exchange rows to the wrong places. With the windows (steps 1-2) and
+     * before them (step 0: the counts read first), with the windows' NCCL-free path and without windows.
+     */
+    @Test
+    void droplessRanksWithDifferentTokenCountsLayTheGroupOutAlike() {
+        int[] size = {3, 3, 12, 12};   // rows 6, 6, 24, 24 at k = 2; the spy prefers equal groups from 12 rows
+        for (boolean windows : new boolean[] {true, false}) {
+            ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
+            MoE ref = builder(true, 2).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
+            rc.allocateParameters();
+            List<double[]> outs = new ArrayList<>(), dxs = new ArrayList<>();
+            rc.params().zeroGrad();
+            for (int r = 0; r < W; r++) {
+                outs.add(ref.forward(tokens(rc, r + 50, size[r])).output().toDoubles());
+                dxs.add(ref.backward(dout(rc, r, size[r]), 0.3f).toDoubles());
+            }
+            rc.params().finishGrads();
+            List<double[]> grads = rc.params().all().stream().filter(Parameter::isExpert).map(p -> p.grad().toDoubles()).toList();
+            List<List<Result>> got = InProcessWorld.run(W, comm -> {
+                try (ProcessGroups groups = new ProcessGroups(comm)) {
+                    Backend b = comm.backend();
+                    Backend spy = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class}, (proxy, m, args) -> {
+                        if (m.getName().equals("prefersEqualGroups")) return (long) args[1] >= 12;
+                        try {
+                            return m.invoke(b, args);
+                        } catch (InvocationTargetException e) {
+                            throw e.getCause();
+                        }
+                    });
+                    Communicator group = windows ? on(spy, groups.expertParallel(W)) : new ForwardingCommunicator(groups.expertParallel(W)) {
+                        @Override public Backend backend() { return spy; }
+                        @Override public String describe() { return "spied " + inner.describe(); }
+                        @Override public Communicator split(int color, int key) { throw new UnsupportedOperationException(); }
+                        @Override public void close() { inner.close(); }
+                    };
+                    ModelContext ctx = new ModelContext(spy, DType.F64, 7);
+                    MoE moe = builder(true, 2).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(MoE.DroplessLayout.AUTO).setContext(ctx).build();
+                    ctx.allocateParameters();
+                    List<Result> res = new ArrayList<>();
+                    int me = comm.rank();
+                    for (int step = 0; step < 3; step++) {
+                        ctx.params().zeroGrad();
+                        double[] out = moe.forward(tokens(ctx, me + 50, size[me])).output().toDoubles();
+                        double[] dx = moe.backward(dout(ctx, me, size[me]), 0.3f).toDoubles();
+                        ctx.params().finishGrads();
+                        res.add(Result.of(ctx, out, dx, 0, List.of()));
+                    }
+                    moe.close();
+                    return res;
+                }
+            });
+            for (int r = 0; r < W; r++) {
+                for (int step = 0; step < 3; step++) {
+                    String what = (windows ? "windows" : "all-to-all") + " rank " + r + " step " + step;
+                    assertClose(outs.get(r), got.get(r).get(step).out(), 1e-12, what + ": output");
+                    assertClose(dxs.get(r), got.get(r).get(step).dx(), 1e-12, what + ": dx");
+                    assertExpertGradsEqual(grads, got.get(r).get(step), r, what);
+                }
             }
         }
     }

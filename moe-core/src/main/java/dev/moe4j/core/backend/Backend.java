@@ -493,14 +493,15 @@ public interface Backend extends AutoCloseable {
     /**
      * The expert-parallel combine's destinations on the device, {@link ExpertLayout#combine}: for each row of rank me's
      * input (its experts' rows by source, padded as {@link #epDispatchDestinations} lays them out), out I32 [rows, 2]
-     * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows and for rows past the input
-     * (out may have more rows than the input: the caller need not know its size yet). local (may be null) I32
+     * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows, for rows past the input (out
+     * may have more rows than the input: the caller need not know its size yet) and for rows whose place in the
+     * source's buffer is at or beyond bufRows (the sources' windows are smaller: they must grow first). local (may be null) I32
      * [2 * El + 1] gets the rows of each of me's El experts, then the El + 1 offsets of its experts in the input (the
      * grouped GEMMs'; none past out's rows, so that GEMMs over as many rows as out has stay inside them when the input
      * is larger), so that nothing of the layout needs an upload. This default reads the counts and uploads
      * ExpertLayout's results.
      */
-    default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, Tensor out, Tensor local) {
+    default void epCombineDestinations(Tensor counts, int me, int P, double maxPadding, long bufRows, Tensor out, Tensor local) {
         Checks.dtype("epCombineDestinations", "counts", counts, DType.I32);
         int rows = out.rows();
         Checks.matrix("epCombineDestinations", "out", out, rows, 2);
@@ -518,6 +519,12 @@ public interface Backend extends AutoCloseable {
         int[] c = lay.combine(me), all = new int[2 * rows];
         for (int i = 0; i < rows; i++) all[2 * i] = -1;
         System.arraycopy(c, 0, all, 0, Math.min(c.length, all.length));
+        for (int i = 0; i < rows; i++) {
+            if (all[2 * i + 1] >= bufRows) {
+                all[2 * i] = -1;
+                all[2 * i + 1] = 0;
+            }
+        }
         try (Tensor t = fromInts(all, rows, 2)) {
             copy(t, out);
         }

@@ -256,8 +256,6 @@ final class ExpertParallel {
         boolean equal = capacity > 0;
         Route r = new Route(equal, equal ? capacity : 0);
         r.bias = bias;
-        // the local experts' rows: in expectation each rank's own routed rows
-        r.maxPadding = equal ? 0 : MoE.maxPadding(layout, b, dtype, numExperts / P, g.dest().numel());
         r.dtype = dtype;
         r.pipelined = overlap && P > 1;
         int[] all = new int[P * numExperts];   // all[p*E + e]: rank p's rows for expert e
@@ -270,15 +268,25 @@ final class ExpertParallel {
             if (windows != null && !r.pipelined && windows.x != null) {
                 r.windows = windows;
                 r.countsLater = b.readIntsLater(r.gathered);
+                // every choice here must be the same on every rank (they lay the group out alike and exchange through
+                // the windows in the same order): asked with the windows' rows, which are. Y holds about the largest
+                // rank's routed rows, the local experts' rows in a balanced routing.
+                long xRows = Windows.rows(windows.x, hidden, dtype), yRows = Windows.rows(windows.y, hidden, dtype);
+                r.maxPadding = MoE.maxPadding(layout, b, dtype, numExperts / P, yRows);
                 // nothing of the forward needs the counts on the host where the experts' input is not padded (its
                 // size), has no per-row expert table (biases) and the grouped GEMMs read their offsets on the device
-                // (asked with the rows they would run on: X's)
-                r.expertsBeforeCounts = r.maxPadding == 0 && !bias && !b.wantsHostOffsets(dtype, Windows.rows(windows.x, hidden, dtype), numExperts / P);
+                // (asked with the rows they run on: X's). Their activations then take X's rows until the backward:
+                // not where X has grown past twice Y (after a skewed routing), which would hold that much more.
+                r.expertsBeforeCounts = r.maxPadding == 0 && !bias && xRows <= 2 * yRows
+                        && !b.wantsHostOffsets(dtype, xRows, numExperts / P);
                 return r;
             }
             all = r.gathered.toInts();   // one host read for the layer
             r.gathered.close();
             r.gathered = null;
+            long routed = 0;   // the local experts' rows in a balanced routing, the same on every rank
+            for (int c : all) routed += c;
+            r.maxPadding = MoE.maxPadding(layout, b, dtype, numExperts / P, routed / P);
         }
         finish(ep, r, all, windows, hidden);
         return r;
@@ -311,7 +319,9 @@ final class ExpertParallel {
         if (windows != null && !r.pipelined) {
             if (r.gathered != null) {
                 // pending: the dispatch went out into a window sized by earlier routings; rows beyond it went nowhere
-                if (lay.largestInput() > Windows.rows(windows.x, hidden, r.dtype)) {
+                // (and, with the experts run before the counts, so did their outputs beyond Y)
+                if (lay.largestInput() > Windows.rows(windows.x, hidden, r.dtype)
+                        || r.expertsBeforeCounts && lay.largestBuf() > Windows.rows(windows.y, hidden, r.dtype)) {
                     windows.x.await();   // the exchange under way ends before its window is replaced
                     r.redispatch = true;
                 }
@@ -556,8 +566,9 @@ final class ExpertParallel {
      * The forward of a pending route whose experts need nothing from the host ({@link Route#expertsBeforeCounts}): the
      * dispatch, the experts over all of X's rows on the device's offsets (the rows past this rank's input: not the
      * experts', their outputs not stored) and their outputs' stores into Y are queued before the host waits for the
-     * counts, so that the wait overlaps the layer instead of holding back its GEMMs. A routing that outgrew X (the
-     * counts say so, the same on every rank) runs again in the grown window; the pass keeps the routed rows only.
+     * counts, so that the wait overlaps the layer instead of holding back its GEMMs. A routing that outgrew X or Y (the
+     * counts say so, the same on every rank; rows beyond them went nowhere) runs again in the grown windows; the pass
+     * keeps the routed rows only.
      */
     private static Tensor forwardBeforeCounts(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
         Backend b = ep.backend();
@@ -580,7 +591,7 @@ final class ExpertParallel {
             if (counts == null) counts = r.countsLater.get();   // the layer's one wait, behind all of its forward
             finish(ep, r, counts, w, M);
             if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
-        } while (r.redispatch);   // X grew (every rank alike): everything again, all rows inside it
+        } while (r.redispatch);   // X or Y grew (every rank alike): everything again, all rows inside them
         indices(b, r);
         r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
         if (r.localRows == 0) {
@@ -607,7 +618,9 @@ final class ExpertParallel {
         if (r.deviceCombine != null) r.deviceCombine.close();
         r.deviceCombine = b.empty(DType.I32, Math.toIntExact(windowRows), 2);
         if (r.deviceLocal == null) r.deviceLocal = b.empty(DType.I32, Math.toIntExact(2 * (r.gathered.numel() / ep.size() / ep.size()) + 1));
-        b.epCombineDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, r.deviceCombine, r.deviceLocal);
+        // the experts' outputs go to Y before its size is checked where they run before the counts (else Y grows first)
+        long bufRows = r.expertsBeforeCounts ? Windows.rows(w.y, M, dt) : Long.MAX_VALUE;
+        b.epCombineDestinations(r.gathered, ep.rank(), ep.size(), r.maxPadding, bufRows, r.deviceCombine, r.deviceLocal);
     }
 
     /**
