@@ -501,7 +501,10 @@ public final class MoE implements AutoCloseable {
 
         /**
          * Expert-parallel degree (default 1). With epSize &gt; 1 the layer holds numExperts / epSize experts and
-         * needs its expert-parallel group ({@link #optExpertParallelGroup}).
+         * needs its expert-parallel group ({@link #optExpertParallelGroup}). In capacity mode every rank of the group
+         * must reach the same capacity (as in DeepSpeed: the same number of tokens per rank), since the ranks exchange
+         * equal blocks of experts x capacity rows without telling each other their sizes; dropless layers exchange
+         * their counts and take any number of tokens per rank.
          */
         public Builder optEpSize(int epSize) { this.epSize = epSize; return this; }
 
