@@ -558,6 +558,29 @@ class MoELayerExpertParallelTest {
         }
     }
 
+    /**
+     * Capacity mode with different token counts per rank (so different capacities): every rank fails at the first
+     * forward with an error that names the capacities, through the windows and through the all-to-alls alike, rather
+     * than exchanging blocks of sizes the others do not expect.
+     */
+    @Test
+    void capacityLayersOfRanksWithDifferentCapacitiesFailClearly() {
+        int[] size = {5, 5, 9, 9};   // capacities 2, 2, 3, 3 (k = 2 over 8 experts)
+        for (boolean peer : new boolean[] {true, false}) {
+            var e = assertThrows(dev.moe4j.core.comm.CommunicationException.class, () -> InProcessWorld.run(W, comm -> {
+                try (ProcessGroups groups = new ProcessGroups(comm)) {
+                    ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                    MoE moe = builder(false, 2).optEpSize(W).optExpertParallelGroup(groups.expertParallel(W)).optPeerExchange(peer).setContext(ctx).build();
+                    ctx.allocateParameters();
+                    moe.forward(tokens(ctx, comm.rank(), size[comm.rank()]));
+                    return null;
+                }
+            }));
+            String all = InProcessWorld.rankFailures(e).toString();
+            assertTrue(all.contains("capacities [2, 2, 3, 3]") && all.contains("same number of tokens"), all);
+        }
+    }
+
     @Test
     void anExpertParallelLayerNeedsAMatchingGroup() {
         InProcessWorld.run(2, comm -> {

@@ -260,6 +260,7 @@ final class ExpertParallel {
         r.pipelined = overlap && P > 1;
         int[] all = new int[P * numExperts];   // all[p*E + e]: rank p's rows for expert e
         if (equal) {
+            sameCapacity(ep, capacity);
             java.util.Arrays.fill(all, capacity);
         } else {
             r.gathered = b.empty(DType.I32, P * numExperts);
@@ -290,6 +291,26 @@ final class ExpertParallel {
         }
         finish(ep, r, all, windows, hidden);
         return r;
+    }
+
+    /**
+     * Fails unless every rank of the group has this capacity: capacity mode exchanges equal blocks of El x C rows
+     * without telling the ranks each other's sizes. Once per routing (kept while the capacity stays): a collective.
+     */
+    private static void sameCapacity(Communicator ep, int capacity) {
+        Backend b = ep.backend();
+        int[] caps;
+        try (Tensor mine = b.fromInts(new int[] {capacity}, 1); Tensor all = b.empty(DType.I32, ep.size())) {
+            ep.allGather(mine, all);
+            caps = all.toInts();
+        }
+        for (int q = 0; q < caps.length; q++) {
+            if (caps[q] != capacity) {
+                throw new IllegalStateException("MoE expert parallelism in capacity mode: rank " + ep.rank() + " has capacity " + capacity
+                        + " but rank " + q + " of its group has " + caps[q] + " (capacities " + java.util.Arrays.toString(caps)
+                        + "); every rank of the group needs the same number of tokens per layer, or use dropless routing");
+            }
+        }
     }
 
     /**
