@@ -250,59 +250,19 @@ class MoELayerExpertParallelTest {
         for (int variant = 0; variant < 4; variant++) {
             MoE.DroplessLayout layout = variant % 2 == 0 ? MoE.DroplessLayout.AUTO : MoE.DroplessLayout.PADDED;
             boolean bias = variant < 2;   // without biases no per-row table goes up at all
-            int steps = 3;
-            ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
-            MoE ref = builder(true, 2).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
-            rc.allocateParameters();
-            List<List<double[]>> outs = new ArrayList<>(), dxs = new ArrayList<>(), grads = new ArrayList<>();
-            double[] gate = ref.gate().weight().master().toDoubles();
-            for (int step = 0; step < steps; step++) {
-                setGate(rc, ref, step == 1 ? null : gate);
-                rc.params().zeroGrad();
-                List<double[]> o = new ArrayList<>(), d = new ArrayList<>();
-                for (int r = 0; r < W; r++) {
-                    o.add(ref.forward(tokens(rc, r + W * step, step == 1)).output().toDoubles());
-                    d.add(ref.backward(dout(rc, r), 0.3f).toDoubles());
-                }
-                outs.add(o);
-                dxs.add(d);
-                rc.params().finishGrads();
-                grads.add(rc.params().all().stream().filter(Parameter::isExpert).map(p -> p.grad().toDoubles()).toList());
-            }
-            List<List<Result>> got = InProcessWorld.run(W, comm -> {
-                try (ProcessGroups groups = new ProcessGroups(comm)) {
-                    ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
-                    List<String> calls = new ArrayList<>();
-                    dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
-                    MoE moe = builder(true, 2).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(layout).setContext(ctx).build();
-                    ctx.allocateParameters();
-                    List<Result> res = new ArrayList<>();
-                    double[] initial = moe.gate().weight().master().toDoubles();
-                    for (int step = 0; step < steps; step++) {
-                        setGate(ctx, moe, step == 1 ? null : initial);
-                        ctx.params().zeroGrad();
-                        calls.clear();
-                        double[] out = moe.forward(tokens(ctx, comm.rank() + W * step, step == 1)).output().toDoubles();
-                        double[] dx = moe.backward(dout(ctx, comm.rank()), 0.3f).toDoubles();
-                        ctx.params().finishGrads();
-                        res.add(Result.of(ctx, out, dx, 0, new ArrayList<>(calls)));
-                    }
-                    moe.close();
-                    return res;
-                }
-            });
+            String what = layout + (bias ? "" : " no bias");
+            List<List<Result>> got = droplessPeerStepsMatchTheSingleRankLayer(what, layout, bias, 3,
+                    (ctx, rank, step) -> tokens(ctx, rank + W * step, step == 1), (ctx, rank, step) -> dout(ctx, rank),
+                    (ctx, moe, step, initial) -> setGate(ctx, moe, step == 1 ? null : initial));
             for (int r = 0; r < W; r++) {
-                for (int step = 0; step < steps; step++) {
-                    String what = layout + (bias ? "" : " no bias") + " rank " + r + " step " + step;
+                for (int step = 0; step < 3; step++) {
+                    String at = what + " rank " + r + " step " + step;
                     List<String> calls = got.get(r).get(step).calls();
-                    assertEquals(0, calls.stream().filter(c -> c.startsWith("allToAll")).count(), what + ": " + calls);
+                    assertEquals(0, calls.stream().filter(c -> c.startsWith("allToAll")).count(), at + ": " + calls);
                     long opened = calls.stream().filter("openWindow"::equals).count();
-                    if (step == 0) assertEquals(4, opened, what + ": X, Y, DY, DX: " + calls);
-                    if (step == 1) assertTrue(opened >= 1, what + ": every token to one owner outgrows X: " + calls);
-                    if (step == 2) assertEquals(0, opened, what + ": fits the grown windows: " + calls);
-                    assertClose(outs.get(step).get(r), got.get(r).get(step).out(), 1e-12, what + ": output");
-                    assertClose(dxs.get(step).get(r), got.get(r).get(step).dx(), 1e-12, what + ": dx");
-                    assertExpertGradsEqual(grads.get(step), got.get(r).get(step), r, what);
+                    if (step == 0) assertEquals(4, opened, at + ": X, Y, DY, DX: " + calls);
+                    if (step == 1) assertTrue(opened >= 1, at + ": every token to one owner outgrows X: " + calls);
+                    if (step == 2) assertEquals(0, opened, at + ": fits the grown windows: " + calls);
                 }
             }
         }
@@ -321,56 +281,89 @@ class MoELayerExpertParallelTest {
         for (int variant = 0; variant < 4; variant++) {
             MoE.DroplessLayout layout = variant % 2 == 0 ? MoE.DroplessLayout.AUTO : MoE.DroplessLayout.PADDED;
             boolean bias = variant < 2;
-            ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
-            MoE ref = builder(true, 2).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
-            rc.allocateParameters();
-            List<List<double[]>> outs = new ArrayList<>(), dxs = new ArrayList<>(), grads = new ArrayList<>();
-            for (int[] size : sizes) {
-                rc.params().zeroGrad();
-                List<double[]> o = new ArrayList<>(), d = new ArrayList<>();
-                for (int r = 0; r < W; r++) {
-                    o.add(ref.forward(tokens(rc, r + 7 * size[r], size[r])).output().toDoubles());
-                    d.add(ref.backward(dout(rc, r, size[r]), 0.3f).toDoubles());
-                }
-                outs.add(o);
-                dxs.add(d);
-                rc.params().finishGrads();
-                grads.add(rc.params().all().stream().filter(Parameter::isExpert).map(p -> p.grad().toDoubles()).toList());
-            }
-            List<List<Result>> got = InProcessWorld.run(W, comm -> {
-                try (ProcessGroups groups = new ProcessGroups(comm)) {
-                    ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
-                    List<String> calls = new ArrayList<>();
-                    dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
-                    MoE moe = builder(true, 2).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(layout).setContext(ctx).build();
-                    ctx.allocateParameters();
-                    List<Result> res = new ArrayList<>();
-                    int me = comm.rank();
-                    for (int[] size : sizes) {
-                        ctx.params().zeroGrad();
-                        calls.clear();
-                        double[] out = moe.forward(tokens(ctx, me + 7 * size[me], size[me])).output().toDoubles();
-                        double[] dx = moe.backward(dout(ctx, me, size[me]), 0.3f).toDoubles();
-                        ctx.params().finishGrads();
-                        res.add(Result.of(ctx, out, dx, 0, new ArrayList<>(calls)));
-                    }
-                    moe.close();
-                    return res;
-                }
-            });
+            String what = layout + (bias ? "" : " no bias");
+            List<List<Result>> got = droplessPeerStepsMatchTheSingleRankLayer(what, layout, bias, sizes.length,
+                    (ctx, rank, step) -> tokens(ctx, rank + 7 * sizes[step][rank], sizes[step][rank]),
+                    (ctx, rank, step) -> dout(ctx, rank, sizes[step][rank]), (ctx, moe, step, initial) -> {});
             for (int r = 0; r < W; r++) {
                 for (int step = 0; step < sizes.length; step++) {
-                    String what = layout + (bias ? "" : " no bias") + " rank " + r + " step " + step;
+                    String at = what + " rank " + r + " step " + step;
                     List<String> calls = got.get(r).get(step).calls();
                     long opened = calls.stream().filter("openWindow"::equals).count();
-                    if (step == 1 || step == 3) assertTrue(opened >= 1, what + ": more rows than any rank had grow the windows: " + calls);
-                    if (step == 2) assertEquals(0, opened, what + ": fits: " + calls);
-                    assertClose(outs.get(step).get(r), got.get(r).get(step).out(), 1e-12, what + ": output");
-                    assertClose(dxs.get(step).get(r), got.get(r).get(step).dx(), 1e-12, what + ": dx");
-                    assertExpertGradsEqual(grads.get(step), got.get(r).get(step), r, what);
+                    if (step == 1 || step == 3) assertTrue(opened >= 1, at + ": more rows than any rank had grow the windows: " + calls);
+                    if (step == 2) assertEquals(0, opened, at + ": fits: " + calls);
                 }
             }
         }
+    }
+
+    /** A layer's input (tokens or output gradient) on one rank at one step. */
+    interface StepInput {
+        Tensor at(ModelContext ctx, int rank, int step);
+    }
+
+    /** What is done to a layer before each step (its gate set from its initial weights), on the reference and each rank. */
+    interface StepSetup {
+        void before(ModelContext ctx, MoE moe, int step, double[] initialGate);
+    }
+
+    /**
+     * A dropless top-2 layer through the windows (layout, biases) over steps, against the single-rank layer (sorted) on
+     * each rank's inputs: at every step each rank's output, input gradient and expert gradients equal the reference's.
+     * Returns each rank's results per step, with its communicator calls, for the caller's further checks.
+     */
+    private static List<List<Result>> droplessPeerStepsMatchTheSingleRankLayer(String what, MoE.DroplessLayout layout, boolean bias, int steps,
+                                                                             StepInput tokens, StepInput dout, StepSetup setup) {
+        ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
+        MoE ref = builder(true, 2).optExpertBias(bias).optDroplessLayout(MoE.DroplessLayout.SORTED).setContext(rc).build();
+        rc.allocateParameters();
+        List<List<double[]>> outs = new ArrayList<>(), dxs = new ArrayList<>(), grads = new ArrayList<>();
+        double[] gate = ref.gate().weight().master().toDoubles();
+        for (int step = 0; step < steps; step++) {
+            setup.before(rc, ref, step, gate);
+            rc.params().zeroGrad();
+            List<double[]> o = new ArrayList<>(), d = new ArrayList<>();
+            for (int r = 0; r < W; r++) {
+                o.add(ref.forward(tokens.at(rc, r, step)).output().toDoubles());
+                d.add(ref.backward(dout.at(rc, r, step), 0.3f).toDoubles());
+            }
+            outs.add(o);
+            dxs.add(d);
+            rc.params().finishGrads();
+            grads.add(rc.params().all().stream().filter(Parameter::isExpert).map(p -> p.grad().toDoubles()).toList());
+        }
+        List<List<Result>> got = InProcessWorld.run(W, comm -> {
+            try (ProcessGroups groups = new ProcessGroups(comm)) {
+                ModelContext ctx = new ModelContext(comm.backend(), DType.F64, 7);
+                List<String> calls = new ArrayList<>();
+                dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
+                MoE moe = builder(true, 2).optExpertBias(bias).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(layout).setContext(ctx).build();
+                ctx.allocateParameters();
+                List<Result> res = new ArrayList<>();
+                double[] initial = moe.gate().weight().master().toDoubles();
+                int me = comm.rank();
+                for (int step = 0; step < steps; step++) {
+                    setup.before(ctx, moe, step, initial);
+                    ctx.params().zeroGrad();
+                    calls.clear();
+                    double[] out = moe.forward(tokens.at(ctx, me, step)).output().toDoubles();
+                    double[] dx = moe.backward(dout.at(ctx, me, step), 0.3f).toDoubles();
+                    ctx.params().finishGrads();
+                    res.add(Result.of(ctx, out, dx, 0, new ArrayList<>(calls)));
+                }
+                moe.close();
+                return res;
+            }
+        });
+        for (int r = 0; r < W; r++) {
+            for (int step = 0; step < steps; step++) {
+                String at = what + " rank " + r + " step " + step;
+                assertClose(outs.get(step).get(r), got.get(r).get(step).out(), 1e-12, at + ": output");
+                assertClose(dxs.get(step).get(r), got.get(r).get(step).dx(), 1e-12, at + ": dx");
+                assertExpertGradsEqual(grads.get(step), got.get(r).get(step), r, at);
+            }
+        }
+        return got;
     }
 
     /**
