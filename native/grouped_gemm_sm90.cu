@@ -378,9 +378,10 @@ __device__ __forceinline__ WgradTile wgradTile(const int* offsets, int t, int mT
 // over its expert's rows 64 at a time; the producer runs ahead into the next tiles while the consumers store, which
 // is what this product (one or two reduction steps for 64-row experts, a 128 x 256 output tile each) is bound by.
 // The last step's rows past the expert's end hold the next expert's rows (or what lies past offsets[E]): the
-// consumers zero them in A's and dY's boxes before multiplying. An expert without rows still writes beta * dW. beta 0 stores through shared memory
-// and tmDW, and so does beta 1 into an fp32 dW (the bulk copy adds: gradient accumulation); other betas and beta 1
-// into bf16 (whose add would round twice) read and write each value in place (storeAcc).
+// consumers zero them in A's and dY's boxes before multiplying. An expert without rows still writes beta * dW. beta 0
+// stores through shared memory and tmDW, and so does beta 1 into an fp32 dW (the bulk copy adds: gradient
+// accumulation); other betas and beta 1 into bf16 (whose add would round twice) read and write each value in place
+// (storeAcc).
 __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtensorMap* tmDY, const CUtensorMap* tmDW, void* dW,
                                            int cdt, const int* offsets, int E, int K, int N, float beta) {
     constexpr int A_BYTES = BM * 128;

@@ -382,7 +382,7 @@ class MoELayerExpertParallelTest {
                 try (ProcessGroups groups = new ProcessGroups(comm)) {
                     List<String> log = new ArrayList<>();
                     Backend spy = logging(comm.backend(), log);
-                    Communicator group = on(spy, groups.expertParallel(W));
+                    Communicator group = on(spy, groups.expertParallel(W), true);
                     ModelContext ctx = new ModelContext(spy, DType.F64, 7);
                     MoE moe = builder(true, 2).optExpertBias(c.bias()).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(c.layout()).setContext(ctx).build();
                     ctx.allocateParameters();
@@ -405,9 +405,12 @@ class MoELayerExpertParallelTest {
         }
     }
 
-    /** Group ep with its windows, on backend spy (a proxy of ep's backend, whose tensors are ep's backend's). */
-    private static Communicator on(Backend spy, Communicator ep) {
-        return new ForwardingCommunicator(new OverlappedGradientSyncTest.Deferring(ep, new ArrayList<>(), true)) {
+    /**
+     * Group ep on backend spy (a proxy of ep's backend, whose tensors are ep's backend's), with its peer windows or
+     * without any (the layers then move rows by the collectives).
+     */
+    private static Communicator on(Backend spy, Communicator ep, boolean windows) {
+        return new ForwardingCommunicator(new OverlappedGradientSyncTest.Deferring(ep, new ArrayList<>(), windows)) {
             @Override public Backend backend() { return spy; }
             @Override public PeerWindow openWindow(long bytes) { return inner.openWindow(bytes); }
             @Override public String describe() { return "spied " + inner.describe(); }
@@ -440,20 +443,9 @@ class MoELayerExpertParallelTest {
             List<List<Result>> got = InProcessWorld.run(W, comm -> {
                 try (ProcessGroups groups = new ProcessGroups(comm)) {
                     Backend b = comm.backend();
-                    Backend spy = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class}, (proxy, m, args) -> {
-                        if (m.getName().equals("prefersEqualGroups")) return (long) args[1] >= 12;
-                        try {
-                            return m.invoke(b, args);
-                        } catch (InvocationTargetException e) {
-                            throw e.getCause();
-                        }
-                    });
-                    Communicator group = windows ? on(spy, groups.expertParallel(W)) : new ForwardingCommunicator(groups.expertParallel(W)) {
-                        @Override public Backend backend() { return spy; }
-                        @Override public String describe() { return "spied " + inner.describe(); }
-                        @Override public Communicator split(int color, int key) { throw new UnsupportedOperationException(); }
-                        @Override public void close() { inner.close(); }
-                    };
+                    Backend spy = (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class},
+                            (proxy, m, args) -> m.getName().equals("prefersEqualGroups") ? (Object) ((long) args[1] >= 12) : call(b, m, args));
+                    Communicator group = on(spy, groups.expertParallel(W), windows);
                     ModelContext ctx = new ModelContext(spy, DType.F64, 7);
                     MoE moe = builder(true, 2).optEpSize(W).optExpertParallelGroup(group).optDroplessLayout(MoE.DroplessLayout.AUTO).setContext(ctx).build();
                     ctx.allocateParameters();
@@ -481,16 +473,20 @@ class MoELayerExpertParallelTest {
         }
     }
 
+    /** A proxied call passed on to b, with b's own exception. */
+    private static Object call(Backend b, java.lang.reflect.Method m, Object[] args) throws Throwable {
+        try {
+            return m.invoke(b, args);
+        } catch (InvocationTargetException e) {
+            throw e.getCause();
+        }
+    }
+
     /** b, logging each grouped product and each read of readIntsLater's values into log. */
     private static Backend logging(Backend b, List<String> log) {
         return (Backend) Proxy.newProxyInstance(Backend.class.getClassLoader(), new Class<?>[] {Backend.class}, (proxy, m, args) -> {
             if (m.getName().startsWith("groupedMatmul")) log.add("grouped product");
-            Object out;
-            try {
-                out = m.invoke(b, args);
-            } catch (InvocationTargetException e) {
-                throw e.getCause();
-            }
+            Object out = call(b, m, args);
             if (!m.getName().equals("readIntsLater")) return out;
             @SuppressWarnings("unchecked") Supplier<int[]> values = (Supplier<int[]>) out;
             return (Supplier<int[]>) () -> {

@@ -495,8 +495,8 @@ public interface Backend extends AutoCloseable {
      * input (its experts' rows by source, padded as {@link #epDispatchDestinations} lays them out), out I32 [rows, 2]
      * gets (source rank, row in the source's dispatch buffer), (-1, 0) for padding rows, for rows past the input (out
      * may have more rows than the input: the caller need not know its size yet) and for rows whose place in the
-     * source's buffer is at or beyond bufRows (the sources' windows are smaller: they must grow first). local (may be null) I32
-     * [2 * El + 1] gets the rows of each of me's El experts, then the El + 1 offsets of its experts in the input (the
+     * source's buffer is at or beyond bufRows (the sources' windows are smaller: they must grow first). local (may be
+     * null) I32 [2 * El + 1] gets the rows of each of me's El experts, then the El + 1 offsets of its experts in the input (the
      * grouped GEMMs'; none past out's rows, so that GEMMs over as many rows as out has stay inside them when the input
      * is larger), so that nothing of the layout needs an upload. This default reads the counts and uploads
      * ExpertLayout's results.

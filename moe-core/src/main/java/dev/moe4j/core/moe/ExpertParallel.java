@@ -552,8 +552,7 @@ final class ExpertParallel {
         if (r.pending() && r.expertsBeforeCounts) return forwardBeforeCounts(ep, r, bank, R, M, dt, dispatch);
         if (r.pending()) {
             dispatchPending(ep, r, R, M, dt, dispatch);
-            finish(ep, r, r.countsLater.get(), r.windows, M);   // the layer's one wait, for the counts only
-            if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
+            finishPending(ep, r, r.countsLater.get(), M);   // the layer's one wait, for the counts only
             if (r.redispatch) {   // the window X grew (every rank alike): the rows go again, all of them inside it
                 r.redispatch = false;
                 dispatchPending(ep, r, R, M, dt, dispatch);
@@ -593,7 +592,7 @@ final class ExpertParallel {
      */
     private static Tensor forwardBeforeCounts(Communicator ep, Route r, ExpertBank bank, int R, int M, DType dt, Rows dispatch) {
         Backend b = ep.backend();
-        int P = ep.size(), me = ep.rank(), El = Math.toIntExact(r.gathered.numel() / P / P);
+        int P = ep.size(), me = ep.rank(), El = bank.experts();   // the bank holds this rank's experts
         r.stages = new Stage[] {new Stage(0, El)};   // finish() fills in its sizes
         Stage st = r.stages[0];
         int[] counts = null;
@@ -610,8 +609,7 @@ final class ExpertParallel {
             w.y.publish();
             w.y.await();
             if (counts == null) counts = r.countsLater.get();   // the layer's one wait, behind all of its forward
-            finish(ep, r, counts, w, M);
-            if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
+            finishPending(ep, r, counts, M);
         } while (r.redispatch);   // X or Y grew (every rank alike): everything again, all rows inside them
         indices(b, r);
         r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
@@ -622,6 +620,12 @@ final class ExpertParallel {
             st.pass.keepRows(st.expertRows, st.hostOffsets);   // the backward runs on the routed rows only
         }
         return r.windows.y.tensor(me, dt, R, M);
+    }
+
+    /** {@link #finish} for a pending route, whose rows went out through its windows: they must stay. */
+    private static void finishPending(Communicator ep, Route r, int[] counts, int M) {
+        finish(ep, r, counts, r.windows, M);
+        if (r.windows == null) throw new IllegalStateException("peer windows vanished between two forwards");
     }
 
     /** A pending route's dispatch into X: destinations from the group's counts on the device, then open, stores, publish. */
