@@ -50,6 +50,7 @@ class OverlappedGradientSyncTest {
         @Override public String describe() { return "deferring " + inner.describe(); }
         @Override public void allToAll(Tensor send, Tensor recv) { log.add("allToAll"); inner.allToAll(send, recv); }
         @Override public void allToAllV(Tensor send, int[] sr, Tensor recv, int[] rr) { log.add("allToAllV"); inner.allToAllV(send, sr, recv, rr); }
+        @Override public void allGather(Tensor send, Tensor recv) { log.add("allGather"); inner.allGather(send, recv); }
 
         @Override
         public void exchangeRows(Tensor send, RowBlocks sb, Tensor recv, RowBlocks rb) {

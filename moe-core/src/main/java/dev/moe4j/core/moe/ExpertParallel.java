@@ -45,11 +45,12 @@ import java.util.List;
  * (window Y; dxin into DX). The windows belong to the layer
  * ({@link Windows}): X keeps the experts' input and Y the layer's y until the backward, as the exchange's own buffers.
  * A dropless owner that pads ({@link ExpertLayout}) zeroes its input's padding rows once the rows have arrived. Once the
- * windows exist, a dropless layer sends its rows before the counts reach the host: the destinations come from the
- * all-gathered counts on the device ({@link Backend#epDispatchDestinations}), and the host reads the counts (the
- * layer's one wait) while the rows travel; a routing that outgrows the window X ends that exchange, grows X and sends
- * again. Where nothing of the forward needs the counts on the host ({@link Route#expertsBeforeCounts}) the experts run
- * on the device's offsets before that wait ({@link #forwardBeforeCounts}).
+ * windows exist, a dropless layer exchanges its counts through a window as well ({@link Windows#gatherCounts}) and
+ * sends its rows before the counts reach the host: the destinations come from the group's counts on the device
+ * ({@link Backend#epDispatchDestinations}), and the host reads the counts (the layer's one wait) while the rows travel;
+ * a routing that outgrows the window X ends that exchange, grows X and sends again. Where nothing of the forward needs
+ * the counts on the host ({@link Route#expertsBeforeCounts}) the experts run on the device's offsets before that wait
+ * ({@link #forwardBeforeCounts}).
  */
 final class ExpertParallel {
     private ExpertParallel() {}
@@ -59,6 +60,9 @@ final class ExpertParallel {
      * expert. More stages hide more of the first dispatch and the last combine, but each moves smaller blocks.
      */
     static int chunks() { return Math.max(1, Integer.getInteger("moe4j.ep.chunks", 2)); }
+
+    /** {@code -Dmoe4j.ep.countWindow=false}: dropless layers all-gather their counts even where windows are open ({@link Windows#gatherCounts}). */
+    private static final boolean COUNT_WINDOW = !"false".equals(System.getProperty("moe4j.ep.countWindow"));
 
     /** The routing of one forward, kept for its backward. */
     static final class Route implements AutoCloseable {
@@ -124,7 +128,8 @@ final class ExpertParallel {
      * DX (the dispatch gradient) take rows in buf's layout. X and Y are the layer's own; DY and DX hold rows only within
      * one layer's backward, so the layers of one expert-parallel group share them ({@link Shared}). Opened on the first
      * forward that can use them and reopened larger when a routing needs more rows (every rank at the same forward:
-     * the sizes come from the shared routing).
+     * the sizes come from the shared routing). The group's dropless layers also exchange their counts through a shared
+     * window C ({@link #gatherCounts}).
      */
     static final class Windows implements AutoCloseable {
         PeerWindow x, y;
@@ -132,9 +137,10 @@ final class ExpertParallel {
         private Communicator group;
         private boolean unavailable;   // the communicator offers none: the collectives from then on
 
-        /** DY and DX of the layers of one group on this rank (keyed by the group's communicator), with their users. */
+        /** DY, DX and C of the layers of one group on this rank (keyed by the group's communicator), with their users. */
         private static final class Shared {
-            PeerWindow dy, dx;
+            PeerWindow dy, dx, counts;
+            Tensor firstRow, toRowOfMine;   // C's stores: P times row 0 of the counts; row q to (rank q, row rank())
             int users;
         }
 
@@ -173,6 +179,44 @@ final class ExpertParallel {
             return true;
         }
 
+        /**
+         * The group's counts [P * E] (I32, rank p's at p * E) on the device, exchanged through the group's window C in
+         * place of an all-gather (collective: every rank of the group, at the same layer): each rank stores its counts
+         * into its row of every rank's C, then the window's flags (on two H200s a small NCCL collective takes about 20
+         * us). A view of C, valid until the group's next exchange of counts (the next dropless layer's forward, which the
+         * uses of this layer's are queued before). Null where it does not apply: E not a multiple of 4 (the stores move
+         * 16-byte units) or {@code -Dmoe4j.ep.countWindow=false} (the all-gather, kept to measure against).
+         */
+        Tensor gatherCounts(Communicator ep, Tensor counts) {
+            int P = ep.size(), E = Math.toIntExact(counts.numel());
+            if (!COUNT_WINDOW || E % 4 != 0 || shared == null) return null;
+            Backend b = ep.backend();
+            long bytes = (long) P * E * DType.I32.bytes();
+            if (shared.counts == null || shared.counts.bytes() < bytes) {
+                shared.counts = grown(ep, shared.counts, bytes);
+                if (shared.counts == null) return null;   // on every rank (a collective)
+            }
+            if (shared.firstRow == null) {
+                int[] to = new int[2 * P];
+                for (int q = 0; q < P; q++) {
+                    to[2 * q] = q;
+                    to[2 * q + 1] = ep.rank();
+                }
+                // state across steps, made during one: out of the step's scope
+                shared.firstRow = dev.moe4j.core.tensor.Scope.detach(b.fromInts(new int[P], P));
+                shared.toRowOfMine = dev.moe4j.core.tensor.Scope.detach(b.fromInts(to, P, 2));
+            }
+            PeerWindow c = shared.counts;
+            c.open();
+            try (Tensor mine = b.empty(DType.I32, P, E)) {
+                b.gatherRows(counts.reshape(1, E), shared.firstRow, mine);
+                b.scatterRowsTo(mine, shared.toRowOfMine, all(c, P, DType.I32, E));
+            }
+            c.publish();
+            c.await();
+            return c.tensor(ep.rank(), DType.I32, P, E).reshape(P * E);
+        }
+
         /** A window of at least {@code bytes} in place of {@code old} (closed; dropless routings grow with headroom). */
         private static PeerWindow grown(Communicator ep, PeerWindow old, long bytes) {
             long b = Math.max(bytes, 1);
@@ -204,6 +248,9 @@ final class ExpertParallel {
                 if (--shared.users == 0) {
                     if (shared.dy != null) shared.dy.close();
                     if (shared.dx != null) shared.dx.close();
+                    if (shared.counts != null) shared.counts.close();
+                    if (shared.firstRow != null) shared.firstRow.close();
+                    if (shared.toRowOfMine != null) shared.toRowOfMine.close();
                     SHARED.remove(group);
                 }
             }
@@ -263,10 +310,15 @@ final class ExpertParallel {
             sameCapacity(ep, capacity);
             java.util.Arrays.fill(all, capacity);
         } else {
-            r.gathered = b.empty(DType.I32, P * numExperts);
-            ep.allGather(g.counts(), r.gathered);
-            // with windows already open, the dispatch goes out before the counts reach the host (finish() after it)
-            if (windows != null && !r.pipelined && windows.x != null) {
+            // with windows already open, the counts travel through one and the dispatch goes out before they reach the
+            // host (finish() after it)
+            boolean peer = windows != null && !r.pipelined && windows.x != null;
+            r.gathered = peer ? windows.gatherCounts(ep, g.counts()) : null;
+            if (r.gathered == null) {
+                r.gathered = b.empty(DType.I32, P * numExperts);
+                ep.allGather(g.counts(), r.gathered);
+            }
+            if (peer) {
                 r.windows = windows;
                 r.countsLater = b.readIntsLater(r.gathered);
                 // every choice here must be the same on every rank (they lay the group out alike and exchange through
