@@ -32,8 +32,9 @@ import java.util.function.Consumer;
  * {@code -Dmoe4j.bench.gradDType=f32} for fp32) at EP = world size, in capacity mode (factor 1.0) and dropless,
  * against the same process's layer with the same local experts and no communication (E = experts per GPU, epSize 1). Each GPU holds S = 8192 tokens and El experts: the shares of 350M+MoE-128 and
  * 1.3B+MoE-128 (16 per GPU at EP 2, k = 1) and of 1.3B+MoE-64-top2 (8 per GPU, k = 2). Both layers do the same
- * expert work per GPU (S*k rows); the difference is the gate over E instead of El experts and the four
- * all-to-alls (plus, dropless, one count all-gather and host read per layer).
+ * expert work per GPU (S*k rows); the difference is the gate over E instead of El experts and the four row
+ * exchanges (all-to-alls, or stores into peer windows), plus, dropless, one count exchange (an all-gather, or through
+ * a window) and host read per layer.
  *
  * <p>Timing ({@link BenchTiming}): 200 warm-up steps, then the median of 20, each step between CUDA events on the
  * backend's stream (the NCCL collectives run on it). Rank 0 prints one JSON line per config and mode;
