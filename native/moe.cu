@@ -28,14 +28,26 @@ __device__ __forceinline__ void warpArgmax(int& best, double& bv) {
 // Per token (one warp each, its lanes over the experts so that rows are read coalesced): gates[s,:] =
 // softmax(logits[s,:]); experts[s,j] = argmax over experts not yet chosen of logits (+ Gumbel noise: choice 0 with
 // rsample, later ones with secondSampling); ties: lowest index (exact, whatever the reduction order). lse[s] saved
-// for the z-loss. logits, gates [S,E]; experts [S,k].
-__global__ void k_gate_topk(const void* logits, int ldt, void* gates, int gdt, int* experts, float* lse, int S, int E, int k,
-                            int rsample, int secondSampling, unsigned long long seed, unsigned long long offset) {
+// for the z-loss. logits, gates [S,E]; experts [S,k]. With pieces (fp32 [S][npieces][E], the partial products of an
+// fp32 gate weight's bf16 pieces: f32_split.cu) the logits (fp32) are their sum, added in k_sum_pieces' order and
+// written here: the product's own pass that would sum them saved.
+__global__ void k_gate_topk(void* logits, int ldt, const float* pieces, int npieces, void* gates, int gdt, int* experts, float* lse,
+                            int S, int E, int k, int rsample, int secondSampling, unsigned long long seed, unsigned long long offset) {
     int s = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
     if (s >= S) return;   // the whole warp
     i64 base = (i64)s * E;
     float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) m = fmaxf(m, ld(logits, ldt, base + e));
+    if (pieces != nullptr) {   // each lane reads back only what it wrote itself below
+        const float* row = pieces + (i64)s * npieces * E;
+        for (int e = lane; e < E; e += 32) {
+            float v = 0.f;
+            for (int p = 0; p < npieces; p++) v += row[(i64)p * E + e];
+            ((float*)logits)[base + e] = v;
+            m = fmaxf(m, v);
+        }
+    } else {
+        for (int e = lane; e < E; e += 32) m = fmaxf(m, ld(logits, ldt, base + e));
+    }
     m = warpMax(m);
     float sum = 0.f;
     for (int e = lane; e < E; e += 32) sum += expf(ld(logits, ldt, base + e) - m);

@@ -860,11 +860,9 @@ public final class CudaBackend implements Backend {
                 gemm(new GemmOperands(p(as), bf, p(bs), bf, p(c), ct), 0, 0, 0, transA, transB, m, n, t * k, alpha, beta, 1, 0, 0, 0);
             }
         } else if (b32) {
-            // B's pieces side by side along N: C' [m, t*n] = op(A) op(B'), then C = alpha * (sum of C's column blocks) + beta * C
+            // then C = alpha * (sum of C's column blocks) + beta * C
             int t = c32 ? 3 : 2;
-            try (Tensor bs = scratch(DType.BF16, t * n * k); Tensor cs = scratch(DType.F32, m, t * n)) {
-                splitF32(b, bs, transB ? 1 : k, transB ? (long) n * k : n, t, PIECES_012);
-                gemm(new GemmOperands(p(a), bf, p(bs), bf, p(cs), f32), 0, 0, 0, transA, transB, m, t * n, k, 1f, 0f, 1, 0, 0, 0);
+            try (Tensor cs = productOfPiecesOfB(a, transA, b, transB, t, m, n, k)) {
                 launchN("k_sum_pieces", (long) m * n, p(cs), (long) t * n, (long) n, t, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
             }
         } else {
@@ -876,6 +874,20 @@ public final class CudaBackend implements Backend {
                 launchN("k_sum_pieces", (long) m * n, p(cs), (long) n, (long) m * n, t, alpha, beta, p(c), dt(c), (long) n, (long) m * n);
             }
         }
+    }
+
+    /**
+     * C' [m, t*n] fp32 (scratch, the caller's to close) = op(A) op(B') with B' fp32 B's first t bf16 pieces side by
+     * side along N: C's column blocks are the pieces' partial products, whose sum is op(A) op(B).
+     */
+    private Tensor productOfPiecesOfB(Tensor a, boolean transA, Tensor b, boolean transB, int t, int m, int n, int k) {
+        Tensor cs = scratch(DType.F32, m, t * n);
+        try (Tensor bs = scratch(DType.BF16, t * n * k)) {
+            splitF32(b, bs, transB ? 1 : k, transB ? (long) n * k : n, t, PIECES_012);
+            int bf = cudart.CUDA_R_16BF;
+            gemm(new GemmOperands(p(a), bf, p(bs), bf, p(cs), cudart.CUDA_R_32F), 0, 0, 0, transA, transB, m, t * n, k, 1f, 0f, 1, 0, 0, 0);
+        }
+        return cs;
     }
 
     /** dst [outer][blocks][inner] bf16 = the pieces (code) of src [outer][inner] fp32, block by block. */
@@ -1766,8 +1778,32 @@ public final class CudaBackend implements Backend {
 
     // ------------------------------------------------------------------ MoE routing
 
+    /**
+     * A bf16 x times the fp32 gate weight runs as the split product (the weight's three bf16 pieces side by side,
+     * {@link #splitMatmul}) whose partial products the top-k kernel sums as it reads them, writing the logits: the
+     * product's own pass over them saved. Other dtypes: the product, then {@link #moeGate}.
+     */
     @Override
-    public void moeGate(GateSpec spec, Tensor logits, GateOutputs out) {
+    public void moeGateLinear(GateSpec spec, Tensor x, Tensor weight, Tensor logits, GateOutputs out) {
+        String op = "moeGateLinear";
+        floating(op, "x", x); floating(op, "weight", weight); floating(op, "logits", logits);
+        int[] d = Checks.matmul(x, false, weight, true, logits);
+        int batch = d[0], s = d[1], e = d[2], m = d[3];
+        if (x.dtype() == DType.BF16 && weight.dtype() == DType.F32 && logits.dtype() == DType.F32 && s > 0 && m > 0
+                && splitsF32(x, weight, logits, batch, s, e, m)) {
+            try (Tensor pieces = productOfPiecesOfB(x, false, weight, true, 3, s, e, m)) {
+                gate(spec, logits, pieces, out);
+            }
+            return;
+        }
+        Backend.super.moeGateLinear(spec, x, weight, logits, out);
+    }
+
+    @Override
+    public void moeGate(GateSpec spec, Tensor logits, GateOutputs out) { gate(spec, logits, null, out); }
+
+    /** moeGate; pieces non-null: fp32 [S, 3E], the logits' three partial products, summed into logits (fp32) first. */
+    private void gate(GateSpec spec, Tensor logits, Tensor pieces, GateOutputs out) {
         String op = "moeGate";
         floating(op, "logits", logits);
         Checks.rank(op, "logits", logits, 2);
@@ -1790,8 +1826,9 @@ public final class CudaBackend implements Backend {
              Tensor gsum = scratch(DType.F32, Math.toIntExact((long) tiles * e)); Tensor parts = scratch(DType.F32, e + scanBlocks);
              Tensor ticket = scratch(DType.I32, 1)) {
             // a warp per token
-            launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(out.gates()), dt(out.gates()),
-                    p(out.experts()), p(lse), s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0, spec.seed(), spec.offset());
+            launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(pieces), pieces == null ? 0 : 3,
+                    p(out.gates()), dt(out.gates()), p(out.experts()), p(lse), s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0,
+                    spec.seed(), spec.offset());
             launch("k_gate_tile", tiles, 1, threads, (threads / 32) * 4 * e, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k, tile,
                     p(out.dest()), p(cnt), p(gsum), p(ticket));
             launch("k_gate_scan", scanBlocks, 1, 256, 0, p(cnt), p(gsum), p(lse), s, e, k, tiles, cap, p(base), p(out.counts()), p(out.offsets()),

@@ -72,6 +72,37 @@ class CudaMoeVsCpuTest extends GpuTestBase {
     }
 
     /**
+     * The gate's linear layer with the routing, a bf16 x times an fp32 weight (the model's gate): on the GPU the split
+     * product's three partial products go to the top-k kernel, which sums them into the logits. The logits match the
+     * CPU's within fp32 tolerance, and every output is the GPU's own product-then-gate bit for bit (the same sums in the
+     * same order). Top-1 with Gumbel noise, top-2 with second-expert sampling; the 350M+MoE-128 gate's shape.
+     */
+    @ParameterizedTest
+    @CsvSource({"1, 128, 8192, 1024, 64", "2, 64, 1000, 256, 0", "2, 6, 37, 40, 9", "1, 300, 777, 64, 3"})
+    void gateLinearIsTheProductThenTheGate(int k, int e, int s, int m, int capacity) {
+        GateSpec spec = new GateSpec(k, capacity, false, k == 1, k > 1, 0x5eedL, 1L << 34);
+        Tensor[] x = rand(DType.BF16, 1, s, m), w = rand(DType.F32, 0.1, e, m);
+        Tensor[] logits = {cpu.zeros(DType.F32, s, e), gpu.zeros(DType.F32, s, e)};
+        GateOutputs[] out = {outputs(cpu, s, e, k), outputs(gpu, s, e, k)};
+        for (int i = 0; i < 2; i++) on(i).moeGateLinear(spec, x[i], w[i], logits[i], out[i]);
+        System.out.printf("moeGateLinear k=%d E=%d S=%d M=%d C=%d%n", k, e, s, m, capacity);
+        check("moeGateLinear logits", logits, F32_TOL);
+        check("moeGateLinear gates", new Tensor[] {out[0].gates(), out[1].gates()}, F32_TOL);
+        Tensor l2 = gpu.zeros(DType.F32, s, e);
+        gpu.matmul(x[1], false, w[1], true, l2, 1f, 0f);
+        GateOutputs o2 = outputs(gpu, s, e, k);
+        gpu.moeGate(spec, l2, o2);
+        assertArrayEquals(l2.toFloats(), logits[1].toFloats(), "logits");
+        assertArrayEquals(o2.gates().toFloats(), out[1].gates().toFloats(), "gates");
+        assertArrayEquals(o2.experts().toInts(), out[1].experts().toInts(), "experts");
+        assertArrayEquals(o2.dest().toInts(), out[1].dest().toInts(), "dest");
+        assertArrayEquals(o2.counts().toInts(), out[1].counts().toInts(), "counts");
+        assertArrayEquals(o2.offsets().toInts(), out[1].offsets().toInts(), "offsets");
+        assertArrayEquals(o2.weights().toFloats(), out[1].weights().toFloats(), "weights");
+        assertArrayEquals(o2.losses().toFloats(), out[1].losses().toFloats(), "losses");
+    }
+
+    /**
      * The counts forms of the dispatch and of the combine's backward (dbuf and dw in one pass over dout) against the
      * CPU's, into NaN-filled buffers so that a row left unwritten fails: capped with drops and free slots (top-1 with
      * RTS, top-2), padded dropless, sorted dropless; bf16 widths of the 8-column kernels (48, 64, 1024) and the

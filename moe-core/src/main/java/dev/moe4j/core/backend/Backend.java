@@ -422,6 +422,15 @@ public interface Backend extends AutoCloseable {
     void moeGate(GateSpec spec, Tensor logits, GateOutputs out);
 
     /**
+     * The gate's linear layer and {@link #moeGate}: logits [S,E] = x [S,M] weight^T (weight [E,M]; logits written in
+     * their dtype, for the backward), then the gate on them. A backend may fuse the two.
+     */
+    default void moeGateLinear(GateSpec spec, Tensor x, Tensor weight, Tensor logits, GateOutputs out) {
+        matmul(x, false, weight, true, logits, 1f, 0f);
+        moeGate(spec, logits, out);
+    }
+
+    /**
      * Backward of {@link #moeGate}: dlogits [S,E] (assigned) of loss = f(weights) + lauxCoeff * l_aux +
      * zlossCoeff * z-loss, given dweights = df/dweights [S,k]. Flows through the softmax, the top-k
      * renormalisation over kept choices (nothing through the discrete choices, slots or l_aux's mask) and the

@@ -70,14 +70,13 @@ public final class Gate implements AutoCloseable {
         } else {
             xg = x;
         }
-        // logits [S,E] = xg [S,M] * W^T [M,E]
+        // logits [S,E] = xg [S,M] * W^T [M,E], then the routing
         logits = saved.keep(b.empty(gdt, S, experts));
-        b.matmul(xg, false, weight.master(), true, logits, 1f, 0f);
         GateSpec probe = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(), 0);
         spec = new GateSpec(k, capacity, useRts, rsample, secondSampling, ctx.seed(),
                 ctx.nextRandomOffset(probe.randomCount(S, experts)));
         out = newOutputs(S, k);
-        b.moeGate(spec, logits, out);
+        b.moeGateLinear(spec, xg, weight.master(), logits, out);
         return out;
     }
 
