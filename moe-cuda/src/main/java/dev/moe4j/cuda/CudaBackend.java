@@ -1100,7 +1100,7 @@ public final class CudaBackend implements Backend {
      */
     private boolean fusedProduct(String op, Tensor a, Tensor w, boolean transW, Tensor offsets, int[] hostOffsets, Activation act,
                                  Tensor c, Tensor aux, int mode) {
-        if (act.gated() || !hasWgmma() || groupedKernel == GroupedKernel.CUBLAS || groupedKernel == GroupedKernel.MMA_SYNC) return false;
+        if (act.gated() || !hasWgmma()) return false;   // the kernel choice below says the rest
         mainStreamOnly(op);
         floating(op, "a", a); floating(op, "w", w); floating(op, "c", c); floating(op, "aux", aux);
         int[] d = Checks.groupedMatmul(op, a, w, transW, offsets, c);

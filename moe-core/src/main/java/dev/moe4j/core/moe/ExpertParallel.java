@@ -609,8 +609,7 @@ final class ExpertParallel {
                 r.redispatch = false;
                 dispatchPending(ep, r, R, M, dt, dispatch);
             }
-            indices(b, r);
-            r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
+            settled(b, r);
         } else {
             r.releaseActivations();
             indices(b, r);
@@ -663,8 +662,7 @@ final class ExpertParallel {
             if (counts == null) counts = r.countsLater.get();   // the layer's one wait, behind all of its forward
             finishPending(ep, r, counts, M);
         } while (r.redispatch);   // X or Y grew (every rank alike): everything again, all rows inside them
-        indices(b, r);
-        r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
+        settled(b, r);
         if (r.localRows == 0) {
             st.release();
         } else {
@@ -672,6 +670,12 @@ final class ExpertParallel {
             st.pass.keepRows(st.expertRows, st.hostOffsets);   // the backward runs on the routed rows only
         }
         return r.windows.y.tensor(me, dt, R, M);
+    }
+
+    /** A pending route once its rows are where the counts say: its index tensors, the combine's destinations of its input rows. */
+    private static void settled(Backend b, Route r) {
+        indices(b, r);
+        r.combineDest = r.deviceCombine.rowSlice(0, r.inputRows);
     }
 
     /** {@link #finish} for a pending route, whose rows went out through its windows: they must stay. */
