@@ -886,6 +886,9 @@ public final class CudaBackend implements Backend {
             splitF32(b, bs, transB ? 1 : k, transB ? (long) n * k : n, t, PIECES_012);
             int bf = cudart.CUDA_R_16BF;
             gemm(new GemmOperands(p(a), bf, p(bs), bf, p(cs), cudart.CUDA_R_32F), 0, 0, 0, transA, transB, m, t * n, k, 1f, 0f, 1, 0, 0, 0);
+        } catch (RuntimeException | Error e) {
+            cs.close();
+            throw e;
         }
         return cs;
     }

@@ -97,15 +97,21 @@ class MoELayerExpertParallelTest {
 
     /** Rank r's expert gradients are the rows of its experts [r*E/W, (r+1)*E/W) of the single-rank gradients. */
     private static void assertExpertGrads(List<Parameter> refExperts, Result got, int r, String what) {
-        assertExpertGradsEqual(refExperts.stream().map(p -> p.grad().toDoubles()).toList(), got, r, what);
+        assertExpertGradsEqual(refExperts.stream().map(p -> p.grad().toDoubles()).toList(), refExperts.stream().map(p -> p.shape().dim(0)).toList(),
+                got, r, what);
     }
 
-    /** The same against the single-rank gradients as read (refGrads: the expert parameters' in order). */
+    /** The same against the single-rank gradients as read (refGrads: the expert parameters' in order, of E experts each). */
     private static void assertExpertGradsEqual(List<double[]> refGrads, Result got, int r, String what) {
+        assertExpertGradsEqual(refGrads, java.util.Collections.nCopies(refGrads.size(), E), got, r, what);
+    }
+
+    /** experts: each parameter's experts (the layer's E). */
+    private static void assertExpertGradsEqual(List<double[]> refGrads, List<Integer> experts, Result got, int r, String what) {
         for (int i = 0; i < refGrads.size(); i++) {
             double[] all = refGrads.get(i);
-            int n = got.expertGrads().get(i).length, from = got.firstRow().get(i) * (all.length / E);
-            assertEquals(r * (E / W), got.firstRow().get(i), "rank r holds experts [r*E/W, (r+1)*E/W)");
+            int e = experts.get(i), n = got.expertGrads().get(i).length, from = got.firstRow().get(i) * (all.length / e);
+            assertEquals(r * (e / W), got.firstRow().get(i), "rank r holds experts [r*E/W, (r+1)*E/W)");
             assertClose(java.util.Arrays.copyOfRange(all, from, from + n), got.expertGrads().get(i), 1e-12, what + ": expert parameter " + i);
         }
     }
@@ -499,20 +505,23 @@ class MoELayerExpertParallelTest {
     }
 
     /**
-     * Two layers of one group in sequence (the second on the first's output, backward in reverse): they share DY and DX
-     * (six windows, not eight) and each rank's output, input gradient and expert gradients equal the single-rank pair's.
+     * Three layers of one group in sequence (each on the one before's output, backward in reverse; capacity top-2, then
+     * dropless over E and over 2E experts): they share DY, DX and the dropless layers' count window C, which the third
+     * layer's larger counts regrow in the second step, and each rank's output, input gradient and expert gradients
+     * equal the single-rank layers'.
      */
     @Test
     void twoLayersOfOneGroupShareTheirGradientWindows() {
         ModelContext rc = new ModelContext(new CpuBackend(), DType.F64, 7);
         MoE a = builder(false, 2).optName("a").setContext(rc).build(), b = builder(true, 1).optName("b").setContext(rc).build();
+        MoE c = builder(true, 1).optNumExperts(2 * E).optName("c").setContext(rc).build();
         rc.allocateParameters();
         rc.params().zeroGrad();
         List<double[]> outs = new ArrayList<>(), dxs = new ArrayList<>();
         for (int r = 0; r < W; r++) {
-            Tensor h = a.forward(tokens(rc, r, false)).output();
-            outs.add(b.forward(h).output().toDoubles());
-            dxs.add(a.backward(b.backward(dout(rc, r), 0.3f), 0.3f).toDoubles());
+            Tensor h = b.forward(a.forward(tokens(rc, r, false)).output()).output();
+            outs.add(c.forward(h).output().toDoubles());
+            dxs.add(a.backward(b.backward(c.backward(dout(rc, r), 0.3f), 0.3f), 0.3f).toDoubles());
         }
         rc.params().finishGrads();
         List<Parameter> refExperts = rc.params().all().stream().filter(Parameter::isExpert).toList();
@@ -523,26 +532,31 @@ class MoELayerExpertParallelTest {
                 dev.moe4j.core.comm.Communicator group = new OverlappedGradientSyncTest.Deferring(groups.expertParallel(W), calls, true);
                 MoE la = builder(false, 2).optName("a").optEpSize(W).optExpertParallelGroup(group).setContext(ctx).build();
                 MoE lb = builder(true, 1).optName("b").optEpSize(W).optExpertParallelGroup(group).setContext(ctx).build();
+                MoE lc = builder(true, 1).optNumExperts(2 * E).optName("c").optEpSize(W).optExpertParallelGroup(group).setContext(ctx).build();
                 ctx.allocateParameters();
                 ctx.params().zeroGrad();
-                for (int step = 0; step < 2; step++) {   // the second step reuses every window
+                for (int step = 0; step < 2; step++) {   // the second step reuses every window but C, which opens and grows
                     ctx.params().zeroGrad();
-                    Tensor h = la.forward(tokens(ctx, comm.rank(), false)).output();
-                    double[] out = lb.forward(h).output().toDoubles();
-                    double[] dx = la.backward(lb.backward(dout(ctx, comm.rank()), 0.3f), 0.3f).toDoubles();
+                    Tensor h = lb.forward(la.forward(tokens(ctx, comm.rank(), false)).output()).output();
+                    double[] out = lc.forward(h).output().toDoubles();
+                    double[] dx = la.backward(lb.backward(lc.backward(dout(ctx, comm.rank()), 0.3f), 0.3f), 0.3f).toDoubles();
                     if (step == 0) continue;
                     ctx.params().finishGrads();
                     Result res = Result.of(ctx, out, dx, 0, calls);
                     la.close();
                     lb.close();
+                    lc.close();
                     return res;
                 }
                 throw new IllegalStateException("unreachable");
             }
         });
         for (int r = 0; r < W; r++) {
-            assertEquals(7, got.get(r).calls().stream().filter("openWindow"::equals).count(), "X and Y per layer; DY, DX and the dropless layer's counts' shared: " + got.get(r).calls());
-            assertEquals(0, got.get(r).calls().stream().filter(c -> c.startsWith("allToAll")).count(), got.get(r).calls().toString());
+            assertEquals(10, got.get(r).calls().stream().filter("openWindow"::equals).count(),
+                    "X and Y per layer; DY, DX and the dropless layers' counts' C shared, C grown once: " + got.get(r).calls());
+            assertEquals(3, got.get(r).calls().stream().filter("allGather"::equals).count(),
+                    "the first step only: the capacity layer's capacity check, the dropless layers' counts: " + got.get(r).calls());
+            assertEquals(0, got.get(r).calls().stream().filter(call -> call.startsWith("allToAll")).count(), got.get(r).calls().toString());
             assertClose(outs.get(r), got.get(r).out(), 1e-12, "rank " + r + ": output");
             assertClose(dxs.get(r), got.get(r).dx(), 1e-12, "rank " + r + ": dx");
             assertExpertGrads(refExperts, got.get(r), r, "rank " + r);

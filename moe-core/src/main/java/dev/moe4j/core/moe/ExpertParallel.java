@@ -61,7 +61,10 @@ final class ExpertParallel {
      */
     static int chunks() { return Math.max(1, Integer.getInteger("moe4j.ep.chunks", 2)); }
 
-    /** {@code -Dmoe4j.ep.countWindow=false}: dropless layers all-gather their counts even where windows are open ({@link Windows#gatherCounts}). */
+    /**
+     * {@code -Dmoe4j.ep.countWindow=false}: dropless layers all-gather their counts even where windows are open
+     * ({@link Windows#gatherCounts}); it must be the same on every rank of a group.
+     */
     private static final boolean COUNT_WINDOW = !"false".equals(System.getProperty("moe4j.ep.countWindow"));
 
     /** The routing of one forward, kept for its backward. */
@@ -81,7 +84,7 @@ final class ExpertParallel {
         int[] dispatchTo, combineTo;     // peer path, until indices() uploads them: (rank, row) per buf row / per input row
         Tensor dispatchDest, combineDest; // I32 [R, 2] and [expert rows, 2]: views of the upload, or (pending) the device's
         Tensor gathered;                 // pending: the group's counts [P * E] on the device, not yet read
-        java.util.function.Supplier<int[]> countsLater;   // pending: their read, started behind the all-gather
+        java.util.function.Supplier<int[]> countsLater;   // pending: their read, started behind their exchange
         Tensor deviceDest;               // pending: dispatchDest computed on the device (owned)
         boolean redispatch;              // pending: the dispatch outran X's size; X grew and the rows go again
         int inputRows;                   // peer path: this rank's experts' input rows, padding included
@@ -184,12 +187,13 @@ final class ExpertParallel {
          * place of an all-gather (collective: every rank of the group, at the same layer): each rank stores its counts
          * into its row of every rank's C, then the window's flags (on two H200s a small NCCL collective takes about 20
          * us). A view of C, valid until the group's next exchange of counts (the next dropless layer's forward, which the
-         * uses of this layer's are queued before). Null where it does not apply: E not a multiple of 4 (the stores move
-         * 16-byte units) or {@code -Dmoe4j.ep.countWindow=false} (the all-gather, kept to measure against).
+         * uses of this layer's are queued before). Null where it does not apply: E not a multiple of 4 or more than 8
+         * ranks (the stores are one scatterRowsTo of 16-byte units, up to 8 destinations on CUDA), or
+         * {@code -Dmoe4j.ep.countWindow=false} (the all-gather, kept to measure against; the same on every rank).
          */
         Tensor gatherCounts(Communicator ep, Tensor counts) {
             int P = ep.size(), E = Math.toIntExact(counts.numel());
-            if (!COUNT_WINDOW || E % 4 != 0 || shared == null) return null;
+            if (!COUNT_WINDOW || E % 4 != 0 || P > 8 || shared == null) return null;
             Backend b = ep.backend();
             long bytes = (long) P * E * DType.I32.bytes();
             if (shared.counts == null || shared.counts.bytes() < bytes) {
