@@ -1805,7 +1805,7 @@ public final class CudaBackend implements Backend {
     @Override
     public void moeGate(GateSpec spec, Tensor logits, GateOutputs out) { gate(spec, logits, null, out); }
 
-    /** moeGate; pieces non-null: fp32 [S, 3E], the logits' three partial products, summed into logits (fp32) first. */
+    /** moeGate; pieces non-null: fp32 [S, tE], the logits' t partial products side by side, summed into logits (fp32) first. */
     private void gate(GateSpec spec, Tensor logits, Tensor pieces, GateOutputs out) {
         String op = "moeGate";
         floating(op, "logits", logits);
@@ -1829,7 +1829,7 @@ public final class CudaBackend implements Backend {
              Tensor gsum = scratch(DType.F32, Math.toIntExact((long) tiles * e)); Tensor parts = scratch(DType.F32, e + scanBlocks);
              Tensor ticket = scratch(DType.I32, 1)) {
             // a warp per token
-            launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(pieces), pieces == null ? 0 : 3,
+            launch("k_gate_topk", Math.toIntExact((32L * s + 255) / 256), 1, 256, 0, p(logits), dt(logits), p(pieces), pieces == null ? 0 : pieces.cols() / e,
                     p(out.gates()), dt(out.gates()), p(out.experts()), p(lse), s, e, k, spec.rsample() ? 1 : 0, spec.secondSampling() ? 1 : 0,
                     spec.seed(), spec.offset());
             launch("k_gate_tile", tiles, 1, threads, (threads / 32) * 4 * e, p(out.experts()), p(out.gates()), dt(out.gates()), s, e, k, tile,
