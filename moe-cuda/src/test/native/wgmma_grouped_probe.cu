@@ -54,7 +54,7 @@ static CUtensorMap tensorMap(const void* p, std::vector<i64> dims, std::vector<i
 
 enum Form { NT, NN, WGRAD };
 static const char* formName(Form f) { return f == NT ? "dgrad" : f == NN ? "fwd" : "wgrad"; }
-static const int SHARED = wg::STAGES * wg::STAGE_BYTES + 1024, WGRAD_SHARED = wg::WGRAD_STAGES * wg::STAGE_BYTES + 2 * wg::OUT_BYTES + 1024;
+static const int SHARED = wg::STAGES * wg::STAGE_BYTES + 2 * wg::EPI_BYTES + 1024, WGRAD_SHARED = wg::WGRAD_STAGES * wg::STAGE_BYTES + 2 * wg::OUT_BYTES + 1024;
 static int numSms;
 
 // NT: C [T, N] = A [T, K] W[e]^T (W [E, N, K]); NN: C = A W[e] (W [E, K, N]); WGRAD: C [E, K, N] = A^T B per expert
@@ -62,8 +62,9 @@ static int numSms;
 // persistent: the products on one block per multiprocessor (else one block per tile); the weight gradient always is.
 // blocks > 0: that many blocks, each walking many tiles (the checks' persistent runs, whose shapes have fewer tiles
 // than the multiprocessors).
+// aux, mode: the products' fused GeLU epilogues (EPI_ACT: aux = gelu(C); EPI_ACT_GRAD: C = gelu'(aux) x the product).
 static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const int* offs, int E, int T, int K, int N, float beta,
-                   bool persistent = false, int blocks = 0) {
+                   bool persistent = false, int blocks = 0, void* aux = nullptr, int mode = EPI_PLAIN) {
     static bool prepared = false;
     if (!prepared) {
         CK(cudaFuncSetAttribute(k_wg_nt, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
@@ -82,8 +83,8 @@ static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const
     CUtensorMap tw = f == NN ? tensorMap(B, {N, K, E}, {64, 64, 1}) : tensorMap(B, {K, N, E}, {64, 256, 1});
     int tiles = ((T + 127) / 128 + E) * ((N + 255) / 256);
     dim3 grid(blocks > 0 ? blocks : persistent ? std::min(tiles, numSms) : tiles);
-    if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, nullptr, EPI_PLAIN, 0);
-    else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, nullptr, EPI_PLAIN, 0);
+    if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, aux, mode, ACT_GELU);
+    else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, aux, mode, ACT_GELU);
 }
 
 static std::vector<float> toHost(const void* d, i64 n, int cdt) {
@@ -226,6 +227,16 @@ static void time(cublasHandle_t h, const Shape& s) {
         CK(cudaDeviceSynchronize());
         printf("  time  %-24s persistent own %.3f %.3f ms  own/cuBLAS %.2f  own %.0f TFLOP/s  err %.2e\n", s.name, tp, tp2,
                std::min(tp, tp2) / std::min(tc, tc2), flop / std::min(tp, tp2) / 1e9, relErr(toHost(C, cN, DT_BF16), toHost(R, cN, DT_BF16)));
+        // the fused epilogue the layer runs on this form (the forward's h and gelu(h); the data gradient through gelu')
+        bf16* X;
+        CK(cudaMalloc(&X, cN * 2));
+        k_fill<<<1024, 256>>>(X, cN, 23, 2.f);
+        int mode = f == NN ? EPI_ACT : EPI_ACT_GRAD;
+        auto fused = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f, false, 0, X, mode); };
+        float tf = medianMs(fused), tf2 = medianMs(fused);
+        printf("  time  %-24s fused gelu own %.3f %.3f ms  own/cuBLAS %.2f (cuBLAS without the activation's pass)\n", s.name, tf, tf2,
+               std::min(tf, tf2) / std::min(tc, tc2));
+        cudaFree(X);
     }
     cudaFree(A); cudaFree(B); cudaFree(C); cudaFree(R); cudaFree(d);
 }

@@ -938,10 +938,10 @@ public final class CudaBackend implements Backend {
     private enum GroupedForm { FORWARD, DATA_GRAD, WEIGHT_GRAD }
 
     private static final int GG_BN = 128, GG_PAD = 8, GG_THREADS = 256;
-    // grouped_gemm_sm90.cu: 384 threads; the products 4 stages of A [128 x 64] and B [256 x 64] bf16, the weight
-    // gradient 3 and two 64 x 256 bf16 output tiles; + 1 KiB for alignment
+    // grouped_gemm_sm90.cu: 384 threads; the products 4 stages of A [128 x 64] and B [256 x 64] bf16 and two 64 x 64
+    // fp32 staging buffers, the weight gradient 3 stages and two 64 x 256 bf16 output tiles; + 1 KiB for alignment
     private static final int WG_THREADS = 384, WG_BM = 128, WG_BN = 256, WG_STAGE = (WG_BM + WG_BN) * 128;
-    private static final int WG_SHARED = 4 * WG_STAGE + 1024, WG_WGRAD_SHARED = 3 * WG_STAGE + 2 * 64 * WG_BN * 2 + 1024;
+    private static final int WG_SHARED = 4 * WG_STAGE + 2 * 64 * 64 * 4 + 1024, WG_WGRAD_SHARED = 3 * WG_STAGE + 2 * 64 * WG_BN * 2 + 1024;
 
     /** Dynamic shared memory of a grouped kernel: its stages of A and B tiles (Tiles in grouped_gemm.cu). */
     private static int groupedKernelShared(int bm, int bk, int stages, boolean aKContig, boolean bKContig) {
@@ -993,24 +993,23 @@ public final class CudaBackend implements Backend {
     }
 
     /**
-     * AUTO's choice, from the H100 measurements of both on the layer benchmark's products (docs/benchmarks.md):
-     * ours where the product is bound by reading the expert weights (about 64 rows per expert), cuBLAS where it is
-     * bound by tensor-core throughput (256 rows and more per expert: cuBLAS 8-22% faster). Among the weight-bound
-     * products: the data gradient is ours (0.93-0.96x cuBLAS's time); the forward is ours over unequal groups only
-     * (cuBLAS's one strided-batched GEMM over equal groups is level with ours, 1.01x; unequal groups are a
-     * grouped-batched cuBLAS call, 1.4-1.8x slower), and ours where it takes the activation into its epilogue
-     * (fused: the activation's own pass over h saved); the weight gradient stays cuBLAS's until ours (with the
-     * shared-memory store epilogue) is measured: with direct stores from registers it took 2.8-3.1x cuBLAS's time.
-     * (That epilogue serves beta 0 and beta 1 into fp32; other betas keep the direct stores, so a choice of ours for
-     * the weight gradient should look at beta.)
+     * AUTO's choice, from the H100 measurements of both on the layer benchmark's products (docs/benchmarks.md,
+     * "Grouped GEMM on wgmma"): ours where the product is bound by reading the expert weights (about 64 rows per
+     * expert), cuBLAS where it is bound by tensor-core throughput (256 rows and more per expert, where ours is level to
+     * 7% behind). Among the weight-bound products: the data gradient is ours (0.95-0.96x cuBLAS's time); the forward is
+     * ours over unequal groups only (cuBLAS's one strided-batched GEMM over equal groups is level with ours; unequal
+     * groups are a grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's (ours 1.09-1.16x).
+     * Never the fused activation epilogues (fused: the product with its activation): with one block per multiprocessor
+     * and nothing overlapping it, the activation's math and reads in the epilogue took 2.2-3x the plain product's time,
+     * against about a tenth for the activation's own kernel.
      */
     private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
-        if (t > 128L * e) return false;
+        if (fused || t > 128L * e) return false;
         return switch (form) {
             case DATA_GRAD -> true;
             case WEIGHT_GRAD -> false;
             case FORWARD -> {
-                if (fused || offs == null) yield true;   // offs null: not on the host, a dropless routing's unequal groups
+                if (offs == null) yield true;   // not on the host: a dropless routing's unequal groups
                 for (int g = 1; g < e; g++) if (offs[g + 1] - offs[g] != offs[1] - offs[0]) yield true;
                 yield false;
             }
