@@ -233,54 +233,65 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
     }
 }
 
-// The products' epilogue (mode: EPI_* above) through this warpgroup's staging buffer stg
-// (EPI_BYTES), 64 columns at a time: the fragments go in as fp32, rows of 256 bytes with 16-byte chunk k of row r at
-// k ^ (r % 8) (the 8 rows of a fragment store, and the 4 rows of a read-back, fall on distinct banks); then each
-// thread takes 8 consecutive columns of a row: one 16-byte load of what the mode reads (beta's out, aux) and one
-// 16-byte store (bf16) per output, a warp covering 4 whole rows. Storing the fragments directly wrote 16 bytes of
-// each of 8 rows per instruction (half sectors), and the fused modes twice over: measured 1.3-2.3x the products'
-// time on the layer's 4096-column outputs.
-__device__ __forceinline__ void storeAccStaged(const float (&acc)[128], float* stg, int c, void* out, int cdt, i64 ld, i64 rowOrigin,
+// The products' epilogue (mode: EPI_* above, the same arithmetic as storeAcc's, so the same bits) through this
+// warpgroup's staging buffer stg (EPI_BYTES), 64 columns at a time: the fragments go in as fp32, rows of 256 bytes
+// with 16-byte chunk k of row r at k ^ (r % 8) (the 8 rows of a fragment store, and the 4 rows of a read-back, fall
+// on distinct banks); then each thread takes 8 consecutive columns of 4 rows: 16-byte loads of what the mode reads
+// (beta's out, aux; all four issued before any store) and 16-byte stores (bf16), a warp covering 4 whole rows.
+// Storing the fragments straight wrote 16 bytes of each of 8 rows per instruction (1.3-1.8x the product's time on
+// 4096 and more columns). The loop over the 4 column chunks is not unrolled (the accumulators move down 32 after
+// each, so chunk 0's are always acc[0..31]): unrolled, the fused modes' activation made the kernel 20,000
+// instructions and the instruction fetch stalled it (Nsight Compute: 36% of the warps' samples; 2.3x the product's
+// time). acc is consumed.
+__device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, int c, void* out, int cdt, i64 ld, i64 rowOrigin,
                                                int rowLimit, int colOrigin, int colLimit, float beta, void* aux, int mode, int act) {
     if (rowLimit <= 0) return;   // the whole warpgroup alike: its rows are past the expert's end
     int tid = threadIdx.x & 127, lane = threadIdx.x & 31, w = tid >> 5;
     bool reads = mode == EPI_ACT_GRAD || (mode == EPI_PLAIN && beta != 0.f);
     const void* src = mode == EPI_ACT_GRAD ? aux : out;
+#pragma unroll 1
+    for (int q = 0; q < BN / 64 && 64 * q < colLimit; q++) {
+        warpgroupSync(c);   // the previous chunk's read-back is done
 #pragma unroll
-    for (int q = 0; q < BN / 64; q++) {
-        if (64 * q >= colLimit) break;   // uniform
-        warpgroupSync(c);                // the previous chunk's read-back is done
-#pragma unroll
-        for (int jj = 0; jj < 8; jj++) {
-            int j = 8 * q + jj, col = 8 * jj + 2 * (lane & 3);
+        for (int j = 0; j < 8; j++) {
+            int col = 8 * j + 2 * (lane & 3);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 int row = 16 * w + (lane >> 2) + 8 * h;
                 *(float2*)(stg + row * 64 + (((col >> 2) ^ (row & 7)) << 2) + (col & 3)) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
             }
         }
+#pragma unroll
+        for (int k = 0; k < 96; k++) acc[k] = acc[k + 32];
         warpgroupSync(c);
+        int g = tid & 7, col = 64 * q + 8 * g;
+        if (col >= colLimit) continue;   // colLimit is a multiple of 8: 8 columns in or out
+        float o[4][8];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            int idx = tid + 128 * i, row = idx >> 3, g = idx & 7, col = 64 * q + 8 * g;
-            if (row >= rowLimit || col >= colLimit) continue;   // colLimit is a multiple of 8: 8 columns in or out
+            int row = (tid >> 3) + 16 * i;
+            if (reads && row < rowLimit) load8(src, cdt, (rowOrigin + row) * ld + colOrigin + col, o[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = (tid >> 3) + 16 * i;
+            if (row >= rowLimit) break;
             float4 lo = *(const float4*)(stg + row * 64 + (((2 * g) ^ (row & 7)) << 2));
             float4 hi = *(const float4*)(stg + row * 64 + (((2 * g + 1) ^ (row & 7)) << 2));
-            float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w}, o[8];
+            float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
             i64 at = (rowOrigin + row) * ld + colOrigin + col;
-            if (reads) load8(src, cdt, at, o);
             if (mode == EPI_PLAIN) {
 #pragma unroll
-                for (int k = 0; k < 8; k++) v[k] = v[k] + beta * (reads ? o[k] : 0.f);
+                for (int k = 0; k < 8; k++) v[k] = v[k] + beta * (reads ? o[i][k] : 0.f);
                 store8(out, cdt, at, v);
             } else if (mode == EPI_ACT) {
 #pragma unroll
-                for (int k = 0; k < 8; k++) { v[k] = roundTo(cdt, v[k]); o[k] = actPlain(act, v[k]); }
+                for (int k = 0; k < 8; k++) { v[k] = roundTo(cdt, v[k]); o[i][k] = actPlain(act, v[k]); }
                 store8(out, cdt, at, v);
-                store8(aux, cdt, at, o);
+                store8(aux, cdt, at, o[i]);
             } else {
 #pragma unroll
-                for (int k = 0; k < 8; k++) v[k] = actPlainGrad(act, o[k], roundTo(cdt, v[k]));
+                for (int k = 0; k < 8; k++) v[k] = actPlainGrad(act, o[i][k], roundTo(cdt, v[k]));
                 store8(out, cdt, at, v);
             }
         }

@@ -12,6 +12,7 @@
 #include "../../../../native/grouped_gemm_sm90.cu"
 #include <cublas_v2.h>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <vector>
 #include <algorithm>
@@ -248,7 +249,9 @@ int main(int argc, char** argv) {
     CK(cudaGetDeviceProperties(&p, 0));
     numSms = p.multiProcessorCount;
     printf("%s, %d SMs\n", p.name, p.multiProcessorCount);
-    for (Form f : {NT, NN, WGRAD}) { check(h, f, 200, 136); check(h, f, 1024, 512); }
+    // an argument: time only the shapes whose name contains it, without the checks (for a profiler)
+    const char* only = argc > 1 ? argv[1] : nullptr;
+    if (!only) for (Form f : {NT, NN, WGRAD}) { check(h, f, 200, 136); check(h, f, 1024, 512); }
     // the layer benchmark's expert products, capacity-padded (experts x rows, K, N)
     Shape shapes[] = {
         {"350M fc1 fwd", NN, 128, 64, 1024, 4096}, {"350M fc2 fwd", NN, 128, 64, 4096, 1024},
@@ -262,6 +265,6 @@ int main(int argc, char** argv) {
         {"top2 fc2 wgrad", WGRAD, 64, 256, 8192, 2048}, {"mixtral fc1 wgrad", WGRAD, 8, 4096, 4096, 14336},
         {"ep8 fc1 wgrad", WGRAD, 16, 512, 2048, 8192}, {"ep8 fc2 wgrad", WGRAD, 16, 512, 8192, 2048},
     };
-    for (const Shape& s : shapes) time(h, s);
+    for (const Shape& s : shapes) if (!only || strstr(s.name, only)) time(h, s);
     return 0;
 }
