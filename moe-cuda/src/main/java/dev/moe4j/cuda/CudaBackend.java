@@ -923,13 +923,9 @@ public final class CudaBackend implements Backend {
     GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "cublas").toUpperCase(java.util.Locale.ROOT));
 
     /**
-     * The wgmma products' grid: one block per tile (false, measured) or one per multiprocessor walking the tiles
-     * (true: the next tile's loads overlap the last one's stores; {@code -Dmoe4j.cuda.wgmmaPersistent=true}, to be
-     * measured against it and then settled).
+     * Blocks of a persistent wgmma grid: one per multiprocessor, or (tests, above 0) this many, so that each walks many
+     * tiles; above 0 it also makes every product persistent (wgmmaProduct).
      */
-    boolean wgmmaPersistent = Boolean.getBoolean("moe4j.cuda.wgmmaPersistent");
-
-    /** Blocks of a persistent wgmma grid: one per multiprocessor, or (tests, above 0) this many, so that each walks many tiles. */
     int wgmmaBlocks;
 
     private int persistentBlocks() { return wgmmaBlocks > 0 ? wgmmaBlocks : kernels.multiprocessors(); }
@@ -1071,10 +1067,13 @@ public final class CudaBackend implements Backend {
     /** k_wg_nn / k_wg_nt over t rows of e groups with epilogue mode (aux and act: EPI_ACT, EPI_ACT_GRAD). */
     private void wgmmaProduct(Tensor a, Tensor w, boolean transW, Tensor offsets, Tensor c, int e, int t, int k, int n, float beta,
                               Tensor aux, int mode, int act) {
-        // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit.
-        // Persistent: one block per multiprocessor walks them.
+        // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit. Persistent
+        // (one block per multiprocessor walking them, the next tile's loads under the last one's stores) where the
+        // tensor cores bound the product, over 128 rows per group on average (AUTO's line; measured at 256 and more:
+        // 0.96-1.04x cuBLAS against 1.01-1.15x for a block per tile, which is 1-3% the faster on 64-row groups; H100,
+        // docs/benchmarks.md "Grouped GEMM on wgmma").
         long tiles = (long) ((t + WG_BM - 1) / WG_BM + e) * ((n + WG_BN - 1) / WG_BN);
-        if (wgmmaPersistent) tiles = Math.min(tiles, persistentBlocks());
+        if (wgmmaBlocks > 0 || t > 128L * e) tiles = Math.min(tiles, persistentBlocks());
         Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
         launch(transW ? "k_wg_nt" : "k_wg_nn", Math.toIntExact(tiles), 1, WG_THREADS, WG_SHARED, map(a, new int[] {64, WG_BM}, k, t), wm,
                 p(c), dt(c), p(offsets), e, k, n, beta, aux == null ? 0L : p(aux), mode, act);

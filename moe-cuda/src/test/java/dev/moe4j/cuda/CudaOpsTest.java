@@ -175,7 +175,8 @@ class CudaOpsTest extends GpuTestBase {
      * forms, each forced, and AUTO's picks, on shapes that cross every tile edge: K and N not multiples of the tiles
      * (64-deep k-tiles, 128 and 256 columns), an expert of more than two 128-row tiles, empty experts, rows past
      * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not. The wgmma kernels run twice:
-     * one block per tile, then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent).
+     * by the backend's grid (one block per tile on the first shape's few rows per expert, persistent on the second's
+     * many), then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent).
      */
     @ParameterizedTest
     @EnumSource(CudaBackend.GroupedKernel.class)
@@ -186,13 +187,11 @@ class CudaOpsTest extends GpuTestBase {
         try {
             groupedKernelsAcrossTileEdges(policy.toString());
             if (policy == CudaBackend.GroupedKernel.WGMMA) {
-                gpu.wgmmaPersistent = true;
                 gpu.wgmmaBlocks = 3;
                 groupedKernelsAcrossTileEdges(policy + " on 3 persistent blocks");
             }
         } finally {
             gpu.groupedKernel = saved;
-            gpu.wgmmaPersistent = false;
             gpu.wgmmaBlocks = 0;
         }
     }
