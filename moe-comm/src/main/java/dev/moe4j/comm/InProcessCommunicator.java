@@ -442,7 +442,7 @@ public final class InProcessCommunicator implements Communicator {
 
     // ------------------------------------------------------------------ peer windows
 
-    private record WindowDeposit(Storage storage, int[] flags, boolean host) {}
+    private record WindowDeposit(Storage storage, int[] flags, boolean host, long bytes) {}
 
     /**
      * Windows in host memory, which the rank threads share: each rank's a tensor of its own backend, the others' seen
@@ -461,13 +461,21 @@ public final class InProcessCommunicator implements Communicator {
         } catch (UnsupportedOperationException e) {
             host = true;
         }
-        Round r = exchange("openWindow", new WindowDeposit(mine.storage(), new int[2 * size()], host));
+        Round r = exchange("openWindow", new WindowDeposit(mine.storage(), new int[2 * size()], host, bytes));
         int n = size();
         WindowDeposit[] all = new WindowDeposit[n];
+        long[] sizes = new long[n];
         boolean everyHost = true;
         for (int p = 0; p < n; p++) {
             all[p] = (WindowDeposit) r.deposits[p];
             everyHost &= all[p].host;
+            sizes[p] = all[p].bytes;
+        }
+        try {
+            PeerWindow.checkSameSize(sizes, describe());
+        } catch (IllegalArgumentException e) {
+            mine.close();
+            throw e;
         }
         if (!everyHost) {
             mine.close();
@@ -496,9 +504,7 @@ public final class InProcessCommunicator implements Communicator {
         public Tensor tensor(int q, DType dtype, int rows, int cols) {
             if (closedWindow) throw new IllegalStateException("peer window of " + describe() + " was closed");
             if (q < 0 || q >= all.length) throw new IllegalArgumentException("peer window: rank " + q + " of " + all.length);
-            if ((long) rows * cols * dtype.bytes() > bytes) {
-                throw new IllegalArgumentException("peer window of " + bytes + " bytes cannot hold " + dtype + "[" + rows + ", " + cols + "]");
-            }
+            PeerWindow.checkFits(bytes, dtype, rows, cols);
             return Tensor.borrowing(backend, all[q].storage, dtype, Shape.of(rows, cols));
         }
 

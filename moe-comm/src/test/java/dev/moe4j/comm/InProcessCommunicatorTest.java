@@ -270,6 +270,35 @@ class InProcessCommunicatorTest {
         });
     }
 
+    /** Windows of different sizes would let a rank store past a smaller peer's: every rank refuses, naming each size. */
+    @Test
+    void windowsOfDifferentSizesAreRefusedOnEveryRankNamingTheSizes() {
+        var e = assertThrows(CommunicationException.class, () -> InProcessWorld.run(3, comm -> {
+            try (var w = comm.openWindow(comm.rank() == 2 ? 128 : 64)) {
+                fail("opened a window of " + w.bytes() + " bytes");
+            }
+            return null;
+        }));
+        var failures = InProcessWorld.rankFailures(e);
+        assertEquals(3, failures.size(), failures.toString());
+        for (Throwable f : failures) {
+            assertInstanceOf(IllegalArgumentException.class, f);
+            assertTrue(f.getMessage().contains("rank 0: 64, rank 1: 64, rank 2: 128 bytes"), f.getMessage());
+        }
+    }
+
+    @Test
+    void aWindowsTensorMustFitIt() {
+        InProcessWorld.run(2, comm -> {
+            try (var w = comm.openWindow(64)) {
+                assertEquals(16, w.tensor(1 - comm.rank(), DType.F32, 4, 4).numel());
+                var tooBig = assertThrows(IllegalArgumentException.class, () -> w.tensor(1 - comm.rank(), DType.F32, 5, 4));
+                assertTrue(tooBig.getMessage().contains("64 bytes cannot hold"), tooBig.getMessage());
+            }
+            return null;
+        });
+    }
+
     @Test
     void aRankThatNeverOpensItsWindowFailsTheOthersWithinTheTimeoutNamingIt() {
         long t0 = System.nanoTime();

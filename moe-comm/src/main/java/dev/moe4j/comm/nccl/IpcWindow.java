@@ -75,10 +75,17 @@ final class IpcWindow implements PeerWindow {
         byte[] handle = new byte[64];
         h.reserved().get(handle);
         byte[] host = hostId();
-        byte[] both = new byte[host.length + handle.length];
-        System.arraycopy(host, 0, both, 0, host.length);
-        System.arraycopy(handle, 0, both, host.length, handle.length);
+        // host id, IPC handle, this rank's size (every rank checks that all asked for the same)
+        byte[] both = java.nio.ByteBuffer.allocate(host.length + handle.length + 8).put(host).put(handle).putLong(bytes).array();
         byte[][] all = comm.allGatherBytes(both);
+        long[] sizes = new long[size];
+        for (int q = 0; q < size; q++) sizes[q] = java.nio.ByteBuffer.wrap(all[q], host.length + handle.length, 8).getLong();
+        try {
+            PeerWindow.checkSameSize(sizes, comm.describe());
+        } catch (IllegalArgumentException e) {
+            cudart.cudaFree(pointer(mine));
+            throw e;
+        }
         long[] windows = new long[size];
         windows[rank] = mine;
         boolean ok = comm.backend().wrapDeviceMemory(mine + FLAG_BYTES, bytes) != null;   // the backend can use foreign memory
@@ -86,7 +93,7 @@ final class IpcWindow implements PeerWindow {
         for (int q = 0; q < size && ok; q++) {
             if (q == rank) continue;
             cudaIpcMemHandle_t hq = new cudaIpcMemHandle_t();
-            hq.reserved().put(java.util.Arrays.copyOfRange(all[q], host.length, all[q].length));
+            hq.reserved().put(java.util.Arrays.copyOfRange(all[q], host.length, host.length + handle.length));
             Pointer at = new Pointer();
             int rc = cudart.cudaIpcOpenMemHandle(at, hq, cudart.cudaIpcMemLazyEnablePeerAccess);
             if (rc != cudart.cudaSuccess) {
@@ -113,6 +120,7 @@ final class IpcWindow implements PeerWindow {
     public Tensor tensor(int q, DType dtype, int rows, int cols) {
         if (closed) throw new IllegalStateException("peer window of " + comm.describe() + " was closed");
         if (q < 0 || q >= size) throw new IllegalArgumentException("peer window: rank " + q + " of " + size);
+        PeerWindow.checkFits(bytes, dtype, rows, cols);
         return Tensor.borrowing(comm.backend(), data[q], dtype, Shape.of(rows, cols));
     }
 

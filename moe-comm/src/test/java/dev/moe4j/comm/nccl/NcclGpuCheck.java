@@ -324,6 +324,14 @@ public final class NcclGpuCheck {
                 }
             }
         }
+        // windows of different sizes: refused on every rank, naming them (a rank would store past a smaller peer's)
+        String refused = null;
+        try (var w = comm.openWindow(r == 0 ? 2048 : 1024)) {
+            refused = "opened (" + (w == null ? "null" : w.bytes() + " bytes") + ")";
+        } catch (IllegalArgumentException e) {
+            refused = e.getMessage();
+        }
+        check("peer windows of different sizes refused", refused.contains("rank 0: 2048, rank 1: 1024"), refused);
     }
 
     /** Rank 1 stalls before the second exchange of a peer window: rank 0's wait must fail by the watchdog, naming it. */

@@ -47,4 +47,27 @@ public interface PeerWindow extends AutoCloseable {
      */
     @Override
     void close();
+
+    /**
+     * For {@link Communicator#openWindow}'s implementations, with every rank's size in hand (so that every rank decides
+     * alike): throws, naming each rank's size, where they differ. A rank storing past a smaller peer window would write
+     * into memory that is not the window's.
+     */
+    static void checkSameSize(long[] bytesOfRank, String group) {
+        for (long b : bytesOfRank) {
+            if (b != bytesOfRank[0]) {
+                StringBuilder all = new StringBuilder();
+                for (int q = 0; q < bytesOfRank.length; q++) all.append(q == 0 ? "" : ", ").append("rank ").append(q).append(": ").append(bytesOfRank[q]);
+                throw new IllegalArgumentException("openWindow on " + group + ": every rank must ask for the same size (a collective), got "
+                        + all + " bytes");
+            }
+        }
+    }
+
+    /** For {@link #tensor}'s implementations: throws where [rows, cols] of dtype does not fit a window of bytes. */
+    static void checkFits(long bytes, DType dtype, int rows, int cols) {
+        if (rows < 0 || cols < 0 || (long) rows * cols * dtype.bytes() > bytes) {
+            throw new IllegalArgumentException("peer window of " + bytes + " bytes cannot hold " + dtype + "[" + rows + ", " + cols + "]");
+        }
+    }
 }
