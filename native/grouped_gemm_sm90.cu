@@ -16,8 +16,9 @@
 // The input maps are bf16.
 //
 // A block has 384 threads: warpgroup 0 produces (one thread issues the TMA loads of STAGES stages, each guarded by
-// a full and an empty mbarrier), warpgroups 1 and 2 consume, each multiplying 64 rows of the 128-row tile by 256
-// columns with wgmma m64n256k16, one wgmma group in flight, releasing a stage when the group that read it is done.
+// a full and an empty mbarrier), warpgroups 1 and 2 consume, each multiplying 64 rows by 256 columns with wgmma
+// m64n256k16, one wgmma group in flight, releasing a stage when the group that read it is done: both the two halves
+// of a 128-row tile (cooperative), or each its own 64-row tiles (the products' ping-pong schedule, k_wg_*_pp).
 // A block walks tiles blockIdx.x, + gridDim.x, ...: the caller's grid makes it one tile per block or persistent.
 #include "common.cuh"
 #include <cuda.h>
@@ -123,11 +124,22 @@ __device__ __forceinline__ void warpgroupSync(int c) {
     else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 __device__ __forceinline__ void consumersSync() { asm volatile("bar.sync 3, 256;\n" ::: "memory"); }
+// The ping-pong products' turns (named barriers 4: warpgroup 0's mainloop is done, 5: warpgroup 1's): consumer c
+// waits for the other's last mainloop before its own, and passes the turn after it.
+__device__ __forceinline__ void turnWait(int c) {
+    if (c == 0) asm volatile("bar.sync 5, 256;\n" ::: "memory");
+    else asm volatile("bar.sync 4, 256;\n" ::: "memory");
+}
+__device__ __forceinline__ void turnPass(int c) {
+    if (c == 0) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
+    else asm volatile("bar.arrive 5, 256;\n" ::: "memory");
+}
 
-// The stage pipeline: S stages of STAGE_BYTES (1024-byte aligned, from sm), a full barrier per stage (the
-// producer's expect_tx, completed by the TMA bytes) and an empty one (one arrival per consumer warp). Steps are
-// numbered g = 0, 1, ... over the block's whole life; step g uses stage g % S.
-template <int S>
+// The stage pipeline: S stages of BYTES (1024-byte aligned, from sm), a full barrier per stage (the producer's
+// expect_tx, completed by the TMA bytes) and an empty one (one arrival per warp that reads the stage: WARPS, 8 where
+// both consumer warpgroups read every stage, 4 where each reads its own tiles' stages). Steps are numbered g = 0, 1,
+// ... over the block's whole life; step g uses stage g % S.
+template <int S, int BYTES = STAGE_BYTES, int WARPS = 8>
 struct Pipe {
     unsigned char* sm;
     uint64_t* full;
@@ -136,16 +148,16 @@ struct Pipe {
     __device__ __forceinline__ Pipe(unsigned char* smraw, uint64_t* f, uint64_t* e)
         : sm((unsigned char*)(((uintptr_t)smraw + 1023) & ~(uintptr_t)1023)), full(f), empty(e) {
         if (threadIdx.x == 0) {
-            for (int s = 0; s < S; s++) { mbarInit(&full[s], 1); mbarInit(&empty[s], 8); }
+            for (int s = 0; s < S; s++) { mbarInit(&full[s], 1); mbarInit(&empty[s], WARPS); }
             asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         }
         __syncthreads();
     }
-    __device__ __forceinline__ unsigned char* stage(int g) const { return sm + (g % S) * STAGE_BYTES; }
+    __device__ __forceinline__ unsigned char* stage(int g) const { return sm + (g % S) * BYTES; }
     // producer: waits until step g's stage is released by its previous use, then expects the step's bytes
     __device__ __forceinline__ uint64_t* acquire(int g) const {
         if (g >= S) mbarWait(&empty[g % S], ((g / S) - 1) & 1);
-        mbarExpectTx(&full[g % S], STAGE_BYTES);
+        mbarExpectTx(&full[g % S], BYTES);
         return &full[g % S];
     }
     // consumers: wait for step g's data; release step g (one arrival per warp) once the wgmma that read it is done
@@ -302,15 +314,16 @@ __device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, in
 // fastest): the first by findGroupTile (the whole block, a warp-wide scan), the next ones by each thread walking on
 // from there, so a persistent block passes over the experts once in all; tiles at or past bound (the grid's bound of
 // tiles, past the last) end the walk at once.
+template <int TBM>   // the tiles' rows
 struct TileWalker {
     int e = 0, base = 0;   // expert e's first tile is base
     int bound;
 
     // The whole block: false where its first tile is past the last (the block exits).
     __device__ __forceinline__ bool start(const int* offsets, int E, int nTiles, int& expert, int& mTile, int& nTile) {
-        bound = ((__ldg(offsets + E) + BM - 1) / BM + E) * nTiles;
-        if (!findGroupTile<BM>(offsets, E, nTiles, blockIdx.x, expert, mTile, nTile)) return false;
-        int mt = (__ldg(offsets + expert + 1) - __ldg(offsets + expert) + BM - 1) / BM;
+        bound = ((__ldg(offsets + E) + TBM - 1) / TBM + E) * nTiles;
+        if (!findGroupTile<TBM>(offsets, E, nTiles, blockIdx.x, expert, mTile, nTile)) return false;
+        int mt = (__ldg(offsets + expert + 1) - __ldg(offsets + expert) + TBM - 1) / TBM;
         e = expert;
         base = blockIdx.x - nTile * mt - mTile;
         return true;
@@ -319,7 +332,7 @@ struct TileWalker {
     __device__ __forceinline__ bool find(const int* offsets, int E, int nTiles, int t, int& expert, int& mTile, int& nTile) {
         if (t >= bound) return false;
         for (; e < E; e++) {
-            int mt = (__ldg(offsets + e + 1) - __ldg(offsets + e) + BM - 1) / BM;
+            int mt = (__ldg(offsets + e + 1) - __ldg(offsets + e) + TBM - 1) / TBM;
             if (t < base + mt * nTiles) {
                 expert = e;
                 nTile = (t - base) / mt;
@@ -332,33 +345,42 @@ struct TileWalker {
     }
 };
 
-// Forward (FWD: W [E, K, N] read MN-major) or data-gradient (W [E, N, K], K-major) product in 128 x 256 tiles: block
-// b takes tiles b, b + gridDim.x, ... (TileWalker's order: resident blocks share one slice of W[e] and the expert's
-// rows stay in L2). A grid of the tile bound runs one tile per block; a grid of one block per multiprocessor is
-// persistent, the producer loading the next tile while the consumers store. Rows of a tile past the expert's end are
-// computed and not stored.
-template <bool FWD>
+// Forward (FWD: W [E, K, N] read MN-major) or data-gradient (W [E, N, K], K-major) product: block b takes tiles b,
+// b + gridDim.x, ... (TileWalker's order: resident blocks share one slice of W[e] and the expert's rows stay in L2).
+// Two schedules (PP):
+// - cooperative (false): 128 x 256 tiles, both consumer warpgroups on every tile (64 rows each). A grid of the tile
+//   bound runs one tile per block; a grid of one block per multiprocessor is persistent, the producer loading the next
+//   tile while the consumers store. Rows of a tile past the expert's end are computed and not stored (on 64-row
+//   experts the second warpgroup's half).
+// - ping-pong (true): 64 x 256 tiles, each of one consumer warpgroup (the block's tiles alternate between them), so
+//   that one warpgroup's epilogue runs while the other multiplies; persistent grids only (a block of one tile would
+//   leave one warpgroup idle). Stages of 64 rows of A, each read by one warpgroup. The two mainloops take turns
+//   (turnWait / turnPass): a warpgroup then waits on a stage only after every earlier step of the block has been
+//   waited on, so the stage's full barrier is at most one phase behind (a parity wait cannot tell a phase from the
+//   one two before it: without the turns, warpgroup 1's first wait could pass on warpgroup 0's data). The turn is
+//   passed only where the other has a next tile, so that no arrival is left pending at exit.
+template <bool FWD, bool PP>
 __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMap* tmW, void* C, int cdt, const int* offsets,
                                         int E, int K, int N, float beta, void* aux, int mode, int act) {
-    constexpr int A_BYTES = BM * 128;
+    constexpr int TBM = PP ? 64 : BM, A_BYTES = TBM * 128, BYTES = (TBM + BN) * 128, TILES_PER_STEP = PP ? 2 : 1;
     extern __shared__ unsigned char smraw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
     int nTiles = (N + BN - 1) / BN, kTiles = (K + BK - 1) / BK;
-    TileWalker walk;
+    TileWalker<TBM> walk;
     int expert, tile, nTile;
     if (!walk.start(offsets, E, nTiles, expert, tile, nTile)) return;   // the whole block alike
-    Pipe<STAGES> p(smraw, full, empty);
+    Pipe<STAGES, BYTES, PP ? 4 : 8> p(smraw, full, empty);
     int wgi = threadIdx.x >> 7;
     if (wgi == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (threadIdx.x == 0) {
             int g = 0;
             for (int t = blockIdx.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile); t += gridDim.x) {
-                int rowStart = __ldg(offsets + expert) + tile * BM, n0 = nTile * BN;
+                int rowStart = __ldg(offsets + expert) + tile * TBM, n0 = nTile * BN;
                 for (int kt = 0; kt < kTiles; kt++, g++) {
                     uint64_t* bar = p.acquire(g);
                     unsigned char* st = p.stage(g);
-                    tmaLoad2d(st, tmA, kt * BK, rowStart, bar);
+                    tmaLoad2d(st, tmA, kt * BK, rowStart, bar);   // TBM rows (tmA's box)
                     if constexpr (FWD) {
                         for (int j = 0; j < BN / 64; j++) tmaLoad3d(st + A_BYTES + j * BOX, tmW, n0 + 64 * j, kt * BK, expert, bar);
                     } else {
@@ -369,16 +391,22 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-        int c = wgi - 1, g = 0;
-        float* stg = (float*)(p.sm + STAGES * STAGE_BYTES + c * EPI_BYTES);
-        for (int t = blockIdx.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile); t += gridDim.x) {
-            int rowStart = __ldg(offsets + expert) + tile * BM, rowEnd = __ldg(offsets + expert + 1), n0 = nTile * BN;
+        int c = wgi - 1;
+        float* stg = (float*)(p.sm + STAGES * BYTES + c * EPI_BYTES);
+        // the block's j-th tile (t = blockIdx.x + j * gridDim.x) is loaded as steps j * kTiles ..; ping-pong: this
+        // warpgroup's tiles are j = c, c + 2, ...
+        int j = PP ? c : 0;
+        for (int t = blockIdx.x + j * gridDim.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile);
+             t += TILES_PER_STEP * gridDim.x, j += TILES_PER_STEP) {
+            int rowStart = __ldg(offsets + expert) + tile * TBM, rowEnd = __ldg(offsets + expert + 1), n0 = nTile * BN;
             float acc[128];
 #pragma unroll
             for (int i = 0; i < 128; i++) acc[i] = 0.f;
+            int g = j * kTiles;
+            if (PP && j > 0) turnWait(c);   // the other warpgroup's tile j - 1 has been waited on step by step
             for (int kt = 0; kt < kTiles; kt++, g++) {
                 p.wait(g);
-                unsigned char* sA = p.stage(g) + c * 64 * 128;
+                unsigned char* sA = p.stage(g) + (PP ? 0 : c * 64 * 128);
                 unsigned char* sB = p.stage(g) + A_BYTES;
                 wgFence();
 #pragma unroll
@@ -388,8 +416,12 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
                 }
                 p.stepIssued(g, kt);
             }
+            if constexpr (PP) {
+                int e1, m1, n1;   // tile j + 1, the other's, if there is one
+                if (walk.find(offsets, E, nTiles, t + gridDim.x, e1, m1, n1)) turnPass(c);
+            }
             p.tileDone(g, kTiles);
-            int rowOrigin = rowStart + c * 64;
+            int rowOrigin = rowStart + (PP ? 0 : c * 64);
             storeAccStaged(acc, stg, c, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta, aux, mode, act);
         }
     }
@@ -531,27 +563,28 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
 
 }  // namespace wg
 
-// Dynamic shared memory (CudaBackend.WG_SHARED, WG_WGRAD_SHARED): the products STAGES stages of A (128 x 64) and B
-// (256 x 64) bf16 and two staging buffers (EPI_BYTES), the weight gradient WGRAD_STAGES stages and two output tiles
-// (OUT_BYTES); plus 1 KiB to align the first stage to 1024 bytes.
+// Dynamic shared memory (CudaBackend.WG_SHARED, WG_PP_SHARED, WG_WGRAD_SHARED): the products STAGES stages of A
+// (128 x 64, ping-pong 64 x 64) and B (256 x 64) bf16 and two staging buffers (EPI_BYTES), the weight gradient
+// WGRAD_STAGES stages and two output tiles (OUT_BYTES); plus 1 KiB to align the first stage to 1024 bytes.
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WG_BODY(call) call
 #else
 #define WG_BODY(call) __trap()
 #endif
 
-// The products take an epilogue (mode, act and aux: EPI_* above; EPI_PLAIN ignores aux and act).
-extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_nt(
-        const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt, const int* offsets,
-        int E, int K, int N, float beta, void* aux, int mode, int act) {
-    WG_BODY((wg::product<false>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta, aux, mode, act)));
-}
-
-extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_nn(
-        const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt, const int* offsets,
-        int E, int K, int N, float beta, void* aux, int mode, int act) {
-    WG_BODY((wg::product<true>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta, aux, mode, act)));
-}
+// The products take an epilogue (mode, act and aux: EPI_* above; EPI_PLAIN ignores aux and act). _pp: ping-pong
+// (tmA's box 64 rows, a persistent grid), else cooperative (tmA's box 128 rows).
+#define WG_PRODUCT(name, FWD, PP)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) name(                                                    \
+            const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmW, void* C, int cdt,           \
+            const int* offsets, int E, int K, int N, float beta, void* aux, int mode, int act) {                          \
+        WG_BODY((wg::product<FWD, PP>(&tmA, &tmW, C, cdt, offsets, E, K, N, beta, aux, mode, act)));                     \
+    }
+WG_PRODUCT(k_wg_nt, false, false)
+WG_PRODUCT(k_wg_nn, true, false)
+WG_PRODUCT(k_wg_nt_pp, false, true)
+WG_PRODUCT(k_wg_nn_pp, true, true)
+#undef WG_PRODUCT
 
 extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) k_wg_wgrad(
         const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmDY, const __grid_constant__ CUtensorMap tmDW,

@@ -55,6 +55,7 @@ static CUtensorMap tensorMap(const void* p, std::vector<i64> dims, std::vector<i
 
 enum Form { NT, NN, WGRAD };
 static const char* formName(Form f) { return f == NT ? "dgrad" : f == NN ? "fwd" : "wgrad"; }
+static const int PP_SHARED = wg::STAGES * (64 + wg::BN) * 128 + 2 * wg::EPI_BYTES + 1024;   // ping-pong: 64-row A stages
 static const int SHARED = wg::STAGES * wg::STAGE_BYTES + 2 * wg::EPI_BYTES + 1024, WGRAD_SHARED = wg::WGRAD_STAGES * wg::STAGE_BYTES + 2 * wg::OUT_BYTES + 1024;
 static int numSms;
 
@@ -64,13 +65,16 @@ static int numSms;
 // blocks > 0: that many blocks, each walking many tiles (the checks' persistent runs, whose shapes have fewer tiles
 // than the multiprocessors).
 // aux, mode: the products' fused GeLU epilogues (EPI_ACT: aux = gelu(C); EPI_ACT_GRAD: C = gelu'(aux) x the product).
+// pp: the products' ping-pong schedule (64-row tiles, one consumer warpgroup each; always persistent).
 static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const int* offs, int E, int T, int K, int N, float beta,
-                   bool persistent = false, int blocks = 0, void* aux = nullptr, int mode = EPI_PLAIN) {
+                   bool persistent = false, int blocks = 0, void* aux = nullptr, int mode = EPI_PLAIN, bool pp = false) {
     static bool prepared = false;
     if (!prepared) {
         CK(cudaFuncSetAttribute(k_wg_nt, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
         CK(cudaFuncSetAttribute(k_wg_nn, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
         CK(cudaFuncSetAttribute(k_wg_wgrad, cudaFuncAttributeMaxDynamicSharedMemorySize, WGRAD_SHARED));
+        CK(cudaFuncSetAttribute(k_wg_nt_pp, cudaFuncAttributeMaxDynamicSharedMemorySize, PP_SHARED));
+        CK(cudaFuncSetAttribute(k_wg_nn_pp, cudaFuncAttributeMaxDynamicSharedMemorySize, PP_SHARED));
         prepared = true;
     }
     if (f == WGRAD) {
@@ -80,9 +84,16 @@ static void runOwn(Form f, const bf16* A, const bf16* B, void* C, int cdt, const
         k_wg_wgrad<<<blocks > 0 ? blocks : std::min(tiles, numSms), wg::THREADS, WGRAD_SHARED>>>(ta, tb, tc, C, cdt, offs, E, K, N, beta);
         return;
     }
-    CUtensorMap ta = tensorMap(A, {K, T}, {64, 128});
+    int bm = pp ? 64 : 128;
+    CUtensorMap ta = tensorMap(A, {K, T}, {64, bm});
     CUtensorMap tw = f == NN ? tensorMap(B, {N, K, E}, {64, 64, 1}) : tensorMap(B, {K, N, E}, {64, 256, 1});
-    int tiles = ((T + 127) / 128 + E) * ((N + 255) / 256);
+    int tiles = ((T + bm - 1) / bm + E) * ((N + 255) / 256);
+    if (pp) {
+        dim3 g(blocks > 0 ? blocks : std::min(tiles, numSms));
+        if (f == NN) k_wg_nn_pp<<<g, wg::THREADS, PP_SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, aux, mode, ACT_GELU);
+        else k_wg_nt_pp<<<g, wg::THREADS, PP_SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, aux, mode, ACT_GELU);
+        return;
+    }
     dim3 grid(blocks > 0 ? blocks : persistent ? std::min(tiles, numSms) : tiles);
     if (f == NN) k_wg_nn<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, aux, mode, ACT_GELU);
     else k_wg_nt<<<grid, wg::THREADS, SHARED>>>(ta, tw, C, cdt, offs, E, K, N, beta, aux, mode, ACT_GELU);
@@ -164,16 +175,18 @@ static void check(cublasHandle_t h, Form f, int K, int N) {
             cublasPerExpert(h, f, A, B, R, cdt, offs, K, N, beta);
             CK(cudaDeviceSynchronize());
             auto r = toHost(R, cN, cdt);
-            for (bool persistent : {false, true}) {   // persistent: on 3 blocks, each walking many tiles
+            for (int run = 0; run < (f == WGRAD ? 2 : 3); run++) {   // a block per tile; on 3 blocks, each walking many tiles; ping-pong on 3
+                bool persistent = run > 0, pp = run == 2;
                 k_fillC<<<256, 256>>>(C, cdt, cN, 13);
-                runOwn(f, A, B, C, cdt, d, E, T, K, N, beta, persistent, persistent ? 3 : 0);
+                runOwn(f, A, B, C, cdt, d, E, T, K, N, beta, persistent, persistent ? 3 : 0, nullptr, EPI_PLAIN, pp);
                 CK(cudaGetLastError());
                 CK(cudaDeviceSynchronize());
                 auto c = toHost(C, cN, cdt);
                 bool tail = true;
                 if (f != WGRAD) for (i64 i = (i64)offs.back() * N; i < cN; i++) tail &= c[i] == r[i];
                 double err = relErr(c, r);
-                printf("  check %-6s%s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f), persistent ? " (3 blocks)" : "", K, N,
+                printf("  check %-6s%s K=%d N=%d %s beta=%.1f rel err %.3e tail untouched %s\n", formName(f),
+                       pp ? " (ping-pong, 3 blocks)" : persistent ? " (3 blocks)" : "", K, N,
                        cdt == DT_F32 ? "f32 " : "bf16", beta, err, f == WGRAD ? "-" : tail ? "yes" : "NO");
                 if (err > 1e-3) {   // where it goes wrong: the first few elements off, as (row, column) of the output
                     int shown = 0;
@@ -235,9 +248,17 @@ static void time(cublasHandle_t h, const Shape& s) {
         int mode = f == NN ? EPI_ACT : EPI_ACT_GRAD;
         auto fused = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f, false, 0, X, mode); };
         auto fusedP = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f, true, 0, X, mode); };
+        auto pp = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f, true, 0, nullptr, EPI_PLAIN, true); };
+        auto fusedPP = [&] { runOwn(f, A, B, C, DT_BF16, d, E, T, K, N, 0.f, true, 0, X, mode, true); };
         float tf = medianMs(fused), tfp = medianMs(fusedP), tf2 = medianMs(fused), tfp2 = medianMs(fusedP);
         printf("  time  %-24s fused gelu own %.3f %.3f ms, persistent %.3f %.3f ms  own/cuBLAS %.2f (cuBLAS without the activation's pass)\n",
                s.name, tf, tf2, tfp, tfp2, std::min(std::min(tf, tf2), std::min(tfp, tfp2)) / std::min(tc, tc2));
+        float tq = medianMs(pp), tqf = medianMs(fusedPP), tq2 = medianMs(pp), tqf2 = medianMs(fusedPP);
+        pp();
+        CK(cudaDeviceSynchronize());
+        printf("  time  %-24s ping-pong own %.3f %.3f ms, fused gelu %.3f %.3f ms  own/cuBLAS %.2f, fused %.2f  err %.2e\n", s.name, tq, tq2,
+               tqf, tqf2, std::min(tq, tq2) / std::min(tc, tc2), std::min(tqf, tqf2) / std::min(tc, tc2),
+               relErr(toHost(C, cN, DT_BF16), toHost(R, cN, DT_BF16)));
         cudaFree(X);
     }
     cudaFree(A); cudaFree(B); cudaFree(C); cudaFree(R); cudaFree(d);

@@ -928,6 +928,14 @@ public final class CudaBackend implements Backend {
      */
     int wgmmaBlocks;
 
+    /**
+     * The wgmma products' schedule (native/grouped_gemm_sm90.cu): both consumer warpgroups on each 128-row tile
+     * (false, measured), or each on its own 64-row tiles so that one's epilogue runs under the other's products (true,
+     * {@code -Dmoe4j.cuda.wgmmaPingPong=true}: what the fused activation epilogues would need to pay; not yet run on a
+     * GPU, to be measured against the other and then settled).
+     */
+    boolean wgmmaPingPong = Boolean.getBoolean("moe4j.cuda.wgmmaPingPong");
+
     private int persistentBlocks() { return wgmmaBlocks > 0 ? wgmmaBlocks : kernels.multiprocessors(); }
 
     /** The forms of a grouped product: C = A W[e] (W [E,K,N]), C = A W[e]^T (W [E,N,K]), dW[e] = A^T dY. */
@@ -938,6 +946,8 @@ public final class CudaBackend implements Backend {
     // fp32 staging buffers, the weight gradient 3 stages and two 64 x 256 bf16 output tiles; + 1 KiB for alignment
     private static final int WG_THREADS = 384, WG_BM = 128, WG_BN = 256, WG_STAGE = (WG_BM + WG_BN) * 128;
     private static final int WG_SHARED = 4 * WG_STAGE + 2 * 64 * 64 * 4 + 1024, WG_WGRAD_SHARED = 3 * WG_STAGE + 2 * 64 * WG_BN * 2 + 1024;
+    // the products' ping-pong schedule: 64-row tiles, so 4 stages of A [64 x 64] and B [256 x 64]
+    private static final int WG_PP_BM = 64, WG_PP_SHARED = 4 * (WG_PP_BM + WG_BN) * 128 + 2 * 64 * 64 * 4 + 1024;
 
     /** Dynamic shared memory of a grouped kernel: its stages of A and B tiles (Tiles in grouped_gemm.cu). */
     private static int groupedKernelShared(int bm, int bk, int stages, boolean aKContig, boolean bKContig) {
@@ -1072,11 +1082,14 @@ public final class CudaBackend implements Backend {
         // tensor cores bound the product, over 128 rows per group on average (AUTO's line; measured at 256 and more:
         // 0.96-1.04x cuBLAS against 1.01-1.15x for a block per tile, which is 1-3% the faster on 64-row groups; H100,
         // docs/benchmarks.md "Grouped GEMM on wgmma").
-        long tiles = (long) ((t + WG_BM - 1) / WG_BM + e) * ((n + WG_BN - 1) / WG_BN);
-        if (wgmmaBlocks > 0 || t > 128L * e) tiles = Math.min(tiles, persistentBlocks());
+        // Ping-pong: always persistent (a block of one tile would leave one consumer warpgroup idle).
+        boolean pp = wgmmaPingPong;
+        int bm = pp ? WG_PP_BM : WG_BM;
+        long tiles = (long) ((t + bm - 1) / bm + e) * ((n + WG_BN - 1) / WG_BN);
+        if (pp || wgmmaBlocks > 0 || t > 128L * e) tiles = Math.min(tiles, persistentBlocks());
         Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
-        launch(transW ? "k_wg_nt" : "k_wg_nn", Math.toIntExact(tiles), 1, WG_THREADS, WG_SHARED, map(a, new int[] {64, WG_BM}, k, t), wm,
-                p(c), dt(c), p(offsets), e, k, n, beta, aux == null ? 0L : p(aux), mode, act);
+        launch((transW ? "k_wg_nt" : "k_wg_nn") + (pp ? "_pp" : ""), Math.toIntExact(tiles), 1, WG_THREADS, pp ? WG_PP_SHARED : WG_SHARED,
+                map(a, new int[] {64, bm}, k, t), wm, p(c), dt(c), p(offsets), e, k, n, beta, aux == null ? 0L : p(aux), mode, act);
     }
 
     /** The activation in the forward product's epilogue where our wgmma kernel runs it (not for gated activations). */

@@ -174,9 +174,10 @@ class CudaOpsTest extends GpuTestBase {
      * Our own grouped kernels (native/grouped_gemm_sm90.cu on an H100/H200, native/grouped_gemm.cu) and the cuBLAS
      * forms, each forced, and AUTO's picks, on shapes that cross every tile edge: K and N not multiples of the tiles
      * (64-deep k-tiles, 128 and 256 columns), an expert of more than two 128-row tiles, empty experts, rows past
-     * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not. The wgmma kernels run twice:
+     * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not. The wgmma kernels run
      * by the backend's grid (one block per tile on the first shape's few rows per expert, persistent on the second's
-     * many), then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent).
+     * many), then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent), then
+     * with the products' ping-pong schedule on 3 blocks and on its own grid.
      */
     @ParameterizedTest
     @EnumSource(CudaBackend.GroupedKernel.class)
@@ -189,10 +190,15 @@ class CudaOpsTest extends GpuTestBase {
             if (policy == CudaBackend.GroupedKernel.WGMMA) {
                 gpu.wgmmaBlocks = 3;
                 groupedKernelsAcrossTileEdges(policy + " on 3 persistent blocks");
+                gpu.wgmmaPingPong = true;
+                groupedKernelsAcrossTileEdges(policy + " ping-pong on 3 blocks");
+                gpu.wgmmaBlocks = 0;
+                groupedKernelsAcrossTileEdges(policy + " ping-pong");
             }
         } finally {
             gpu.groupedKernel = saved;
             gpu.wgmmaBlocks = 0;
+            gpu.wgmmaPingPong = false;
         }
     }
 
@@ -240,26 +246,37 @@ class CudaOpsTest extends GpuTestBase {
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = policy;
         try {
-            int[] offs = {0, 5, 5, 70, 133, 133, 190};
-            int e = offs.length - 1, t = offs[e] + 9, k = 200, n = 136;
-            Tensor[] o = of(offs, e + 1);
-            for (Activation act : new Activation[] {Activation.GELU, Activation.RELU, Activation.SWIGLU}) {
-                int wide = act.inputWidth(n);
-                Tensor[] a = rand(DType.BF16, 1, t, k), w1 = rand(DType.BF16, 1, e, k, wide);
-                Tensor[] h = rand(DType.BF16, 1, t, wide), out = rand(DType.BF16, 1, t, n);
-                for (int i = 0; i < 2; i++) on(i).groupedMatmulActivation(a[i], w1[i], o[i], i == 1 ? offs : null, act, h[i], out[i]);
-                check(policy + " groupedMatmulActivation " + act + " h", grouped(h, offs[e]), BF16_TOL);
-                check(policy + " groupedMatmulActivation " + act + " out", grouped(out, offs[e]), BF16_TOL);
-                // the backward from the CPU's h on both sides (a bf16 GELU' is steep: the GPU's own h would differ in ulps)
-                Tensor[] dy = rand(DType.BF16, 1, t, k), w2 = rand(DType.BF16, 1, e, n, k), dh = rand(DType.BF16, 1, t, wide);
-                Tensor hCpu = gpu.fromDoubles(DType.BF16, h[0].toDoubles(), t, wide);
-                on(0).groupedMatmulActivationBackward(dy[0], w2[0], o[0], null, act, h[0], dh[0]);
-                on(1).groupedMatmulActivationBackward(dy[1], w2[1], o[1], offs, act, hCpu, dh[1]);
-                check(policy + " groupedMatmulActivationBackward " + act, grouped(dh, offs[e]), BF16_TOL);
-                hCpu.close();
+            activationProducts(policy.toString());
+            if (policy == CudaBackend.GroupedKernel.WGMMA) {
+                gpu.wgmmaPingPong = true;   // each 64-row tile one warpgroup's, 3 blocks walking them
+                gpu.wgmmaBlocks = 3;
+                activationProducts(policy + " ping-pong");
             }
         } finally {
             gpu.groupedKernel = saved;
+            gpu.wgmmaPingPong = false;
+            gpu.wgmmaBlocks = 0;
+        }
+    }
+
+    private void activationProducts(String policy) {
+        int[] offs = {0, 5, 5, 70, 133, 133, 190};
+        int e = offs.length - 1, t = offs[e] + 9, k = 200, n = 136;
+        Tensor[] o = of(offs, e + 1);
+        for (Activation act : new Activation[] {Activation.GELU, Activation.RELU, Activation.SWIGLU}) {
+            int wide = act.inputWidth(n);
+            Tensor[] a = rand(DType.BF16, 1, t, k), w1 = rand(DType.BF16, 1, e, k, wide);
+            Tensor[] h = rand(DType.BF16, 1, t, wide), out = rand(DType.BF16, 1, t, n);
+            for (int i = 0; i < 2; i++) on(i).groupedMatmulActivation(a[i], w1[i], o[i], i == 1 ? offs : null, act, h[i], out[i]);
+            check(policy + " groupedMatmulActivation " + act + " h", grouped(h, offs[e]), BF16_TOL);
+            check(policy + " groupedMatmulActivation " + act + " out", grouped(out, offs[e]), BF16_TOL);
+            // the backward from the CPU's h on both sides (a bf16 GELU' is steep: the GPU's own h would differ in ulps)
+            Tensor[] dy = rand(DType.BF16, 1, t, k), w2 = rand(DType.BF16, 1, e, n, k), dh = rand(DType.BF16, 1, t, wide);
+            Tensor hCpu = gpu.fromDoubles(DType.BF16, h[0].toDoubles(), t, wide);
+            on(0).groupedMatmulActivationBackward(dy[0], w2[0], o[0], null, act, h[0], dh[0]);
+            on(1).groupedMatmulActivationBackward(dy[1], w2[1], o[1], offs, act, hCpu, dh[1]);
+            check(policy + " groupedMatmulActivationBackward " + act, grouped(dh, offs[e]), BF16_TOL);
+            hCpu.close();
         }
     }
 
