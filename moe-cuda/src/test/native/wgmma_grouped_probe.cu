@@ -256,9 +256,18 @@ static void time(cublasHandle_t h, const Shape& s) {
         float tq = medianMs(pp), tqf = medianMs(fusedPP), tq2 = medianMs(pp), tqf2 = medianMs(fusedPP);
         pp();
         CK(cudaDeviceSynchronize());
-        printf("  time  %-24s ping-pong own %.3f %.3f ms, fused gelu %.3f %.3f ms  own/cuBLAS %.2f, fused %.2f  err %.2e\n", s.name, tq, tq2,
-               tqf, tqf2, std::min(tq, tq2) / std::min(tc, tc2), std::min(tqf, tqf2) / std::min(tc, tc2),
-               relErr(toHost(C, cN, DT_BF16), toHost(R, cN, DT_BF16)));
+        double ppErr = relErr(toHost(C, cN, DT_BF16), toHost(R, cN, DT_BF16));
+        // the fused ping-pong outputs against the cooperative kernel's (the same arithmetic: equal bit for bit)
+        k_fill<<<1024, 256>>>(X, cN, 23, 2.f);
+        fused();
+        CK(cudaDeviceSynchronize());
+        auto wantC = toHost(C, cN, DT_BF16), wantX = toHost(X, cN, DT_BF16);
+        k_fill<<<1024, 256>>>(X, cN, 23, 2.f);
+        fusedPP();
+        CK(cudaDeviceSynchronize());
+        double fusedErr = std::max(relErr(toHost(C, cN, DT_BF16), wantC), relErr(toHost(X, cN, DT_BF16), wantX));
+        printf("  time  %-24s ping-pong own %.3f %.3f ms, fused gelu %.3f %.3f ms  own/cuBLAS %.2f, fused %.2f  err %.2e, fused vs cooperative %.2e\n",
+               s.name, tq, tq2, tqf, tqf2, std::min(tq, tq2) / std::min(tc, tc2), std::min(tqf, tqf2) / std::min(tc, tc2), ppErr, fusedErr);
         cudaFree(X);
     }
     cudaFree(A); cudaFree(B); cudaFree(C); cudaFree(R); cudaFree(d);

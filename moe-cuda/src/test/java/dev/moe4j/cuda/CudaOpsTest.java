@@ -177,7 +177,7 @@ class CudaOpsTest extends GpuTestBase {
      * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not. The wgmma kernels run
      * by the backend's grid (one block per tile on the first shape's few rows per expert, persistent on the second's
      * many), then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent), then
-     * with the products' ping-pong schedule on 3 blocks and on its own grid.
+     * with the products' ping-pong schedule on one block.
      */
     @ParameterizedTest
     @EnumSource(CudaBackend.GroupedKernel.class)
@@ -186,14 +186,15 @@ class CudaOpsTest extends GpuTestBase {
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = policy;
         try {
-            groupedKernelsAcrossTileEdges(policy.toString());
+            groupedKernelsAcrossTileEdges(policy.toString(), TILE_EDGES_KN);
             if (policy == CudaBackend.GroupedKernel.WGMMA) {
                 gpu.wgmmaBlocks = 3;
-                groupedKernelsAcrossTileEdges(policy + " on 3 persistent blocks");
+                groupedKernelsAcrossTileEdges(policy + " on 3 persistent blocks", TILE_EDGES_KN);
+                // ping-pong on one block, whose tiles alternate between the consumers with 3 and 6 k-steps (the
+                // stages shared by both, and the turns between them, reused across many tiles)
                 gpu.wgmmaPingPong = true;
-                groupedKernelsAcrossTileEdges(policy + " ping-pong on 3 blocks");
-                gpu.wgmmaBlocks = 0;
-                groupedKernelsAcrossTileEdges(policy + " ping-pong");
+                gpu.wgmmaBlocks = 1;
+                groupedKernelsAcrossTileEdges(policy + " ping-pong on one block", new int[][] {{328, 136}, {136, 520}});
             }
         } finally {
             gpu.groupedKernel = saved;
@@ -202,9 +203,10 @@ class CudaOpsTest extends GpuTestBase {
         }
     }
 
-    private void groupedKernelsAcrossTileEdges(String policy) {
-        // (K, N): K past two 64-deep k-tiles and 128-row dW tiles, N inside one 256-column tile; then N over three
-        int[][] kn = {{200, 136}, {72, 520}};
+    // (K, N): K past two 64-deep k-tiles and 128-row dW tiles, N inside one 256-column tile; then N over three
+    private static final int[][] TILE_EDGES_KN = {{200, 136}, {72, 520}};
+
+    private void groupedKernelsAcrossTileEdges(String policy, int[][] kn) {
         // few rows per expert (the 64-row tiles) and many (the 128-row tiles)
         for (int[] offs : new int[][] {{0, 5, 5, 70, 133, 133, 190}, {0, 300, 300, 301, 429, 700}}) {
             int k = kn[offs.length % 2][0], n = kn[offs.length % 2][1];
@@ -248,8 +250,8 @@ class CudaOpsTest extends GpuTestBase {
         try {
             activationProducts(policy.toString());
             if (policy == CudaBackend.GroupedKernel.WGMMA) {
-                gpu.wgmmaPingPong = true;   // each 64-row tile one warpgroup's, 3 blocks walking them
-                gpu.wgmmaBlocks = 3;
+                gpu.wgmmaPingPong = true;   // each 64-row tile one warpgroup's, one block walking them all
+                gpu.wgmmaBlocks = 1;
                 activationProducts(policy + " ping-pong");
             }
         } finally {
