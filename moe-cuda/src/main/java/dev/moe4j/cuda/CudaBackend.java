@@ -966,7 +966,7 @@ public final class CudaBackend implements Backend {
         return switch (groupedKernel) {
             case CUBLAS -> true;
             case WGMMA, MMA_SYNC -> false;
-            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null, false)));
+            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null, false, false)));
         };
     }
 
@@ -994,7 +994,7 @@ public final class CudaBackend implements Backend {
             }
             // the grid's y dimension: m-tiles (products) or experts (weight gradient)
             case MMA_SYNC -> fits && t / 64 + e + 1 <= 65535 ? GroupedKernel.MMA_SYNC : GroupedKernel.CUBLAS;
-            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs, fused) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
+            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs, fused, wgmmaPingPong) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
         };
     }
 
@@ -1005,17 +1005,19 @@ public final class CudaBackend implements Backend {
      * 7% behind). Among the weight-bound products: the data gradient is ours (0.95-0.96x cuBLAS's time); the forward is
      * ours over unequal groups only (cuBLAS's one strided-batched GEMM over equal groups is level with ours; unequal
      * groups are a grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's (ours 1.09-1.16x).
-     * Never the fused activation epilogues (fused: the product with its activation): with one block per multiprocessor
-     * and nothing overlapping it, the activation's math and reads in the epilogue took 2.2-3x the plain product's time,
-     * against about a tenth for the activation's own kernel.
+     * The fused activation epilogues (fused: the product with its activation) not on the cooperative schedule: with
+     * nothing overlapping the epilogue, the activation's math and reads there took 1.1-1.7x the plain product's time,
+     * more than the activation's own kernel. On the ping-pong schedule (pingPong; not yet measured), whose epilogues run
+     * under the other warpgroup's products, they are picked where the plain product would be, and the forward over
+     * equal groups too (its activation pass saved).
      */
-    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
-        if (fused || t > 128L * e) return false;
+    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused, boolean pingPong) {
+        if (t > 128L * e || fused && !pingPong) return false;
         return switch (form) {
             case DATA_GRAD -> true;
             case WEIGHT_GRAD -> false;
             case FORWARD -> {
-                if (offs == null) yield true;   // not on the host: a dropless routing's unequal groups
+                if (fused || offs == null) yield true;   // offs null: not on the host, a dropless routing's unequal groups
                 for (int g = 1; g < e; g++) if (offs[g + 1] - offs[g] != offs[1] - offs[0]) yield true;
                 yield false;
             }
