@@ -41,11 +41,10 @@ final class IpcWindow implements PeerWindow {
     private final long mine;           // this rank's window (cudaMalloc)
     private final long[] windows;      // every rank's window as mapped here (this rank's own at [rank])
     private final Storage[] data;      // the data part of each, as the backend's storage
-    private final CUstream_st stream;
     private int epoch;
     private boolean closed;
 
-    private IpcWindow(NcclCommunicator comm, int rank, int size, int device, long bytes, long mine, long[] windows, CUstream_st stream) {
+    private IpcWindow(NcclCommunicator comm, int rank, int size, int device, long bytes, long mine, long[] windows) {
         this.comm = comm;
         this.rank = rank;
         this.size = size;
@@ -53,7 +52,6 @@ final class IpcWindow implements PeerWindow {
         this.bytes = bytes;
         this.mine = mine;
         this.windows = windows;
-        this.stream = stream;
         this.data = new Storage[size];
         for (int q = 0; q < size; q++) data[q] = comm.backend().wrapDeviceMemory(windows[q] + FLAG_BYTES, bytes);
     }
@@ -62,7 +60,7 @@ final class IpcWindow implements PeerWindow {
      * Collective: a window of {@code bytes} on every rank, or null on every rank where one of them cannot map the others'
      * (another host, GPUs without peer access, one GPU shared by two ranks).
      */
-    static IpcWindow open(NcclCommunicator comm, int rank, int size, int device, long bytes, CUstream_st stream) {
+    static IpcWindow open(NcclCommunicator comm, int rank, int size, int device, long bytes) {
         if (size > MAX_RANKS) return null;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
         Pointer p = new Pointer();
@@ -111,7 +109,7 @@ final class IpcWindow implements PeerWindow {
             cudart.cudaFree(pointer(mine));
             return null;
         }
-        return new IpcWindow(comm, rank, size, device, bytes, mine, windows, stream);
+        return new IpcWindow(comm, rank, size, device, bytes, mine, windows);
     }
 
     @Override public long bytes() { return bytes; }
@@ -192,14 +190,18 @@ final class IpcWindow implements PeerWindow {
         }
     }
 
-    /** After this rank's queued work (the peers' stores into this window ended with its last await). */
+    /**
+     * After this rank's queued work (the peers' stores into this window ended with its last await): the whole device's,
+     * since the window's exchanges ran on whichever stream was the backend's at the time (its main one, or a side
+     * stream inside Backend.beside). Windows close rarely (grown, or at the end).
+     */
     @Override
     public void close() {
         if (closed) return;
         closed = true;
         comm.forget(this);
         cudart.cudaSetDevice(device);
-        cudart.cudaStreamSynchronize(stream);
+        cudart.cudaDeviceSynchronize();
         for (int q = 0; q < size; q++) if (q != rank && windows[q] != 0) cudart.cudaIpcCloseMemHandle(pointer(windows[q]));
         cudart.cudaFree(pointer(mine));
     }

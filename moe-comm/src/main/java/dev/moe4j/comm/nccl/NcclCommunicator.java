@@ -558,7 +558,7 @@ public final class NcclCommunicator implements Communicator {
     public synchronized PeerWindow openWindow(long bytes) {
         usable("openWindow");
         if (bytes <= 0) throw new IllegalArgumentException("openWindow: bytes must be > 0, got " + bytes);
-        IpcWindow w = IpcWindow.open(this, rank, size, device, bytes, stream);
+        IpcWindow w = IpcWindow.open(this, rank, size, device, bytes);
         if (w != null) windows.add(w);
         return w;
     }
