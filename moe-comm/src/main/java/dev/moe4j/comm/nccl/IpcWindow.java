@@ -42,7 +42,7 @@ final class IpcWindow implements PeerWindow {
     private final long[] windows;      // every rank's window as mapped here (this rank's own at [rank])
     private final Storage[] data;      // the data part of each, as the backend's storage
     private int epoch;
-    private boolean closed;
+    private volatile boolean closed;   // read by the watchdog's release too
 
     private IpcWindow(NcclCommunicator comm, int rank, int size, int device, long bytes, long mine, long[] windows) {
         this.comm = comm;
@@ -159,8 +159,11 @@ final class IpcWindow implements PeerWindow {
         });
     }
 
-    /** After a failure: sets this rank's flags past every epoch on a stream of its own, so that waits queued on them pass. */
-    void release() {
+    /**
+     * After a failure: sets this rank's flags past every epoch on a stream of its own, so that waits queued on them pass
+     * (a close waiting for the device among them). Locked against close's freeing of the window.
+     */
+    synchronized void release() {
         if (closed) return;
         cudart.cudaSetDevice(device);
         CUstream_st s = new CUstream_st();
@@ -193,16 +196,21 @@ final class IpcWindow implements PeerWindow {
     /**
      * After this rank's queued work (the peers' stores into this window ended with its last await): the whole device's,
      * since the window's exchanges ran on whichever stream was the backend's at the time (its main one, or a side
-     * stream inside Backend.beside). Windows close rarely (grown, or at the end).
+     * stream inside Backend.beside). Windows close rarely (grown, or at the end). The window stays registered with the
+     * communicator while the device drains, so that a peer that never publishes (the watchdog fails the communicator)
+     * has this window's queued waits released instead of hanging the sync.
      */
     @Override
     public void close() {
         if (closed) return;
-        closed = true;
-        comm.forget(this);
         cudart.cudaSetDevice(device);
         cudart.cudaDeviceSynchronize();
-        for (int q = 0; q < size; q++) if (q != rank && windows[q] != 0) cudart.cudaIpcCloseMemHandle(pointer(windows[q]));
-        cudart.cudaFree(pointer(mine));
+        synchronized (this) {
+            if (closed) return;
+            closed = true;
+            comm.forget(this);
+            for (int q = 0; q < size; q++) if (q != rank && windows[q] != 0) cudart.cudaIpcCloseMemHandle(pointer(windows[q]));
+            cudart.cudaFree(pointer(mine));
+        }
     }
 }
