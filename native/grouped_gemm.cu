@@ -1,7 +1,7 @@
 // Grouped GEMMs of the expert FFN on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation), reading the
 // expert offsets on the device: no host round trip to size the groups, one launch for all experts.
 //
-// Opt-in (-Dmoe4j.cuda.groupedKernel=own): measured on an H100 (docs/benchmarks.md, 2026-11-23) it is slower than
+// Opt-in (-Dmoe4j.cuda.groupedKernel=mma_sync): measured on an H100 (docs/benchmarks.md, 2026-11-23) it is slower than
 // cuBLAS on every benchmark shape, by 1.1-1.4x where the product is bound by reading expert weights and 2-2.7x
 // where it is bound by tensor-core throughput (mma.sync reaches about 250 TFLOP/s here; cuBLAS's wgmma kernels
 // about 600). It stays as the device-offset path and the base for a wgmma version. Each block computes one BM x BN
