@@ -64,24 +64,40 @@ final class IpcWindow implements PeerWindow {
         if (size > MAX_RANKS) return null;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
         Pointer p = new Pointer();
-        cuda("cudaMalloc(peer window)", cudart.cudaMalloc(p, FLAG_BYTES + bytes));
-        long mine = p.address();
-        cuda("cudaMemset(peer window flags)", cudart.cudaMemset(p, 0, FLAG_BYTES));
-        cuda("cudaDeviceSynchronize", cudart.cudaDeviceSynchronize());   // the flags are 0 before any peer can see them
-        cudaIpcMemHandle_t h = new cudaIpcMemHandle_t();
-        cuda("cudaIpcGetMemHandle", cudart.cudaIpcGetMemHandle(h, p));
+        // a failed allocation still joins the all-gather below, so that every rank refuses alike (else the others would
+        // wait there until the watchdog)
+        int allocated = cudart.cudaMalloc(p, FLAG_BYTES + bytes);
+        long mine = allocated == cudart.cudaSuccess ? p.address() : 0;
         byte[] handle = new byte[64];
-        h.reserved().get(handle);
+        if (mine != 0) {
+            cuda("cudaMemset(peer window flags)", cudart.cudaMemset(p, 0, FLAG_BYTES));
+            cuda("cudaDeviceSynchronize", cudart.cudaDeviceSynchronize());   // the flags are 0 before any peer can see them
+            cudaIpcMemHandle_t h = new cudaIpcMemHandle_t();
+            cuda("cudaIpcGetMemHandle", cudart.cudaIpcGetMemHandle(h, p));
+            h.reserved().get(handle);
+        } else {
+            cudart.cudaGetLastError();   // cleared: the CUDA context stays usable
+        }
         byte[] host = hostId();
-        // host id, IPC handle, this rank's size (every rank checks that all asked for the same)
-        byte[] both = java.nio.ByteBuffer.allocate(host.length + handle.length + 8).put(host).put(handle).putLong(bytes).array();
+        // host id, IPC handle, this rank's size (every rank checks that all asked for the same), whether it has it
+        byte[] both = java.nio.ByteBuffer.allocate(host.length + handle.length + 9).put(host).put(handle).putLong(bytes)
+                .put((byte) (mine != 0 ? 1 : 0)).array();
         byte[][] all = comm.allGatherBytes(both);
         long[] sizes = new long[size];
-        for (int q = 0; q < size; q++) sizes[q] = java.nio.ByteBuffer.wrap(all[q], host.length + handle.length, 8).getLong();
+        java.util.List<Integer> without = new java.util.ArrayList<>();
+        for (int q = 0; q < size; q++) {
+            java.nio.ByteBuffer r = java.nio.ByteBuffer.wrap(all[q], host.length + handle.length, 9);
+            sizes[q] = r.getLong();
+            if (r.get() == 0) without.add(q);
+        }
         try {
             PeerWindow.checkSameSize(sizes, comm.describe());
-        } catch (IllegalArgumentException e) {
-            cudart.cudaFree(pointer(mine));
+            if (!without.isEmpty()) {
+                throw new CommunicationException(comm.describe() + ": openWindow: rank(s) " + without + " could not allocate a peer window of "
+                        + bytes + " bytes (cudaMalloc: " + (mine == 0 ? cudart.cudaGetErrorString(allocated).getString() : "failed there") + ")");
+            }
+        } catch (RuntimeException e) {
+            if (mine != 0) cudart.cudaFree(pointer(mine));
             throw e;
         }
         long[] windows = new long[size];

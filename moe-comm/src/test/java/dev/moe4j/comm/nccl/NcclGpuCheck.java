@@ -332,6 +332,17 @@ public final class NcclGpuCheck {
             refused = e.getMessage();
         }
         check("peer windows of different sizes refused", refused.contains("rank 0: 2048, rank 1: 1024"), refused);
+        // a window no GPU can hold: refused on every rank, naming them, and the communicator goes on
+        String tooBig;
+        try (var w = comm.openWindow(1L << 50)) {
+            tooBig = "opened (" + (w == null ? "null" : w.bytes() + " bytes") + ")";
+        } catch (CommunicationException e) {
+            tooBig = e.getMessage();
+        }
+        check("a peer window past the device's memory refused on every rank", tooBig.contains("could not allocate a peer window"), tooBig);
+        try (var w = comm.openWindow(1024)) {
+            check("peer windows open after a refusal", w != null, "openWindow returned null");
+        }
     }
 
     /** Rank 1 stalls before the second exchange of a peer window: rank 0's wait must fail by the watchdog, naming it. */
