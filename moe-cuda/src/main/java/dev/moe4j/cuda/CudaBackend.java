@@ -1728,6 +1728,12 @@ public final class CudaBackend implements Backend {
     }
 
     @Override
+    public void releaseCachedMemory() {
+        synchronize();
+        allocator.emptyCache();   // blocks freed beside a side stream's work stay deferred, not cached: untouched
+    }
+
+    @Override
     public dev.moe4j.core.tensor.Storage wrapDeviceMemory(long address, long bytes) {
         if (address == 0 || bytes <= 0) throw new IllegalArgumentException("wrapDeviceMemory: address " + address + ", " + bytes + " bytes");
         return new CudaStorage(this, address, bytes, true);

@@ -89,4 +89,20 @@ class CudaMemoryTest extends GpuTestBase {
         moe.close();
         ctx.params().close();
     }
+
+    /** releaseCachedMemory gives the cached (freed) blocks back to the device and keeps those in use. */
+    @Test
+    void releaseCachedMemoryReturnsTheCacheAndKeepsWhatIsInUse() {
+        Tensor kept = gpu.zeros(DType.F32, 1 << 20);
+        gpu.zeros(DType.F32, 16 << 20).close();   // 64 MiB, cached on close
+        gpu.synchronize();
+        long held = gpu.allocatedBytes(), inUse = gpu.inUseBytes();
+        assertTrue(held - inUse >= 64L << 20, "the closed tensor's block should be cached: held " + held + ", in use " + inUse);
+        gpu.releaseCachedMemory();
+        assertEquals(inUse, gpu.inUseBytes(), "in-use blocks untouched");
+        assertEquals(inUse, gpu.allocatedBytes(), "every cached block returned");
+        gpu.scale(kept, 2.0, kept);   // the kept tensor still works
+        assertEquals(0.0, kept.toDoubles()[0]);
+        kept.close();
+    }
 }

@@ -67,6 +67,12 @@ final class IpcWindow implements PeerWindow {
         // a failed allocation still joins the all-gather below, so that every rank refuses alike (else the others would
         // wait there until the watchdog)
         int allocated = cudart.cudaMalloc(p, FLAG_BYTES + bytes);
+        if (allocated != cudart.cudaSuccess) {   // the backend's cache may hold what the device lacks
+            cudart.cudaGetLastError();
+            comm.backend().releaseCachedMemory();
+            cuda("cudaSetDevice", cudart.cudaSetDevice(device));
+            allocated = cudart.cudaMalloc(p, FLAG_BYTES + bytes);
+        }
         long mine = allocated == cudart.cudaSuccess ? p.address() : 0;
         byte[] handle = new byte[64];
         if (mine != 0) {

@@ -388,6 +388,12 @@ public interface Backend extends AutoCloseable {
     default dev.moe4j.core.tensor.Storage wrapDeviceMemory(long address, long bytes) { return null; }
 
     /**
+     * Returns the memory this backend keeps cached for its next tensors to the device, after its queued work: for an
+     * allocation made beside the backend (a peer window) that found the device full. A no-op where nothing is cached.
+     */
+    default void releaseCachedMemory() {}
+
+    /**
      * out[g] += the sum of rows offsets[g] .. offsets[g+1] of x, for each group g: x [R, C], offsets I32 [G+1] (the
      * grouped GEMMs' offsets: non-decreasing, offsets[G] &lt;= R; rows past it are not read), out [G, C]. Accumulates.
      * The bias gradient of grouped experts. This default reads the offsets to the host and sums each group with
