@@ -245,7 +245,7 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
     }
 }
 
-// The products' epilogue (mode: EPI_* above, the same arithmetic as storeAcc's, so the same bits) through this
+// The products' epilogue (mode: EPI_* above, whose roundings give the unfused path's bits) through this
 // warpgroup's staging buffer stg (EPI_BYTES), 64 columns at a time: the fragments go in as fp32, rows of 256 bytes
 // with 16-byte chunk k of row r at k ^ (r % 8) (the 8 rows of a fragment store, and the 4 rows of a read-back, fall
 // on distinct banks); then each thread takes 8 consecutive columns of 4 rows: 16-byte loads of what the mode reads
