@@ -362,7 +362,8 @@ struct TileWalker {
 template <bool FWD, bool PP>
 __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMap* tmW, void* C, int cdt, const int* offsets,
                                         int E, int K, int N, float beta, void* aux, int mode, int act) {
-    constexpr int TBM = PP ? 64 : BM, A_BYTES = TBM * 128, BYTES = (TBM + BN) * 128, TILES_PER_STEP = PP ? 2 : 1;
+    constexpr int TBM = PP ? 64 : BM, A_BYTES = TBM * 128, BYTES = (TBM + BN) * 128;
+    constexpr int OWN_TILE_STRIDE = PP ? 2 : 1;   // a consumer takes every block tile, or (ping-pong) every other one
     extern __shared__ unsigned char smraw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
     int nTiles = (N + BN - 1) / BN, kTiles = (K + BK - 1) / BK;
@@ -397,7 +398,7 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
         // warpgroup's tiles are j = c, c + 2, ...
         int j = PP ? c : 0;
         for (int t = blockIdx.x + j * gridDim.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile);
-             t += TILES_PER_STEP * gridDim.x, j += TILES_PER_STEP) {
+             t += OWN_TILE_STRIDE * gridDim.x, j += OWN_TILE_STRIDE) {
             int rowStart = __ldg(offsets + expert) + tile * TBM, rowEnd = __ldg(offsets + expert + 1), n0 = nTile * BN;
             float acc[128];
 #pragma unroll

@@ -912,9 +912,9 @@ public final class CudaBackend implements Backend {
 
     /**
      * Which kernel runs the bf16 expert products ({@code -Dmoe4j.cuda.groupedKernel=cublas|auto|wgmma|mma_sync}).
-     * CUBLAS is the default until the layer benchmark has measured AUTO: AUTO takes our wgmma kernels on an H100/H200
-     * for the products where they were measured faster than cuBLAS ({@link #autoPicksWgmma}, docs/benchmarks.md
-     * "Grouped GEMM on wgmma") and cuBLAS elsewhere. WGMMA (native/grouped_gemm_sm90.cu, compute capability 9.0 only)
+     * CUBLAS is the default: AUTO, which takes our wgmma kernels on an H100/H200 for the products where they were
+     * measured faster than cuBLAS ({@link #autoPicksWgmma}, docs/benchmarks.md "Grouped GEMM on wgmma") and cuBLAS
+     * elsewhere, measured level with it in the layer benchmark. WGMMA (native/grouped_gemm_sm90.cu, compute capability 9.0 only)
      * and MMA_SYNC (native/grouped_gemm.cu, sm_80 on, slower than cuBLAS everywhere measured) force ours: one launch,
      * offsets read on the device, no host round trip (a dropless layer then reads no counts to the host).
      */
@@ -943,11 +943,11 @@ public final class CudaBackend implements Backend {
 
     private static final int GG_BN = 128, GG_PAD = 8, GG_THREADS = 256;
     // grouped_gemm_sm90.cu: 384 threads; the products 4 stages of A [128 x 64] and B [256 x 64] bf16 and two 64 x 64
-    // fp32 staging buffers, the weight gradient 3 stages and two 64 x 256 bf16 output tiles; + 1 KiB for alignment
-    private static final int WG_THREADS = 384, WG_BM = 128, WG_BN = 256, WG_STAGE = (WG_BM + WG_BN) * 128;
-    private static final int WG_SHARED = 4 * WG_STAGE + 2 * 64 * 64 * 4 + 1024, WG_WGRAD_SHARED = 3 * WG_STAGE + 2 * 64 * WG_BN * 2 + 1024;
-    // the products' ping-pong schedule: 64-row tiles, so 4 stages of A [64 x 64] and B [256 x 64]
-    private static final int WG_PP_BM = 64, WG_PP_SHARED = 4 * (WG_PP_BM + WG_BN) * 128 + 2 * 64 * 64 * 4 + 1024;
+    // fp32 staging buffers (WG_EPI), the weight gradient 3 stages and two 64 x 256 bf16 output tiles; + 1 KiB for
+    // alignment. The products' ping-pong schedule: 64-row tiles, so stages of A [64 x 64] and B [256 x 64].
+    private static final int WG_THREADS = 384, WG_BM = 128, WG_PP_BM = 64, WG_BN = 256, WG_EPI = 2 * 64 * 64 * 4;
+    private static final int WG_SHARED = 4 * (WG_BM + WG_BN) * 128 + WG_EPI + 1024, WG_PP_SHARED = 4 * (WG_PP_BM + WG_BN) * 128 + WG_EPI + 1024;
+    private static final int WG_WGRAD_SHARED = 3 * (WG_BM + WG_BN) * 128 + 2 * 64 * WG_BN * 2 + 1024;
 
     /** Dynamic shared memory of a grouped kernel: its stages of A and B tiles (Tiles in grouped_gemm.cu). */
     private static int groupedKernelShared(int bm, int bk, int stages, boolean aKContig, boolean bKContig) {
@@ -1002,9 +1002,9 @@ public final class CudaBackend implements Backend {
      * AUTO's choice, from the H100 measurements of both on the layer benchmark's products (docs/benchmarks.md,
      * "Grouped GEMM on wgmma"): ours where the product is bound by reading the expert weights (about 64 rows per
      * expert), cuBLAS where it is bound by tensor-core throughput (256 rows and more per expert, where ours is level to
-     * 7% behind). Among the weight-bound products: the data gradient is ours (0.95-0.96x cuBLAS's time); the forward is
+     * 7% behind). Among the weight-bound products: the data gradient is ours (0.91-0.97x cuBLAS's time); the forward is
      * ours over unequal groups only (cuBLAS's one strided-batched GEMM over equal groups is level with ours; unequal
-     * groups are a grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's (ours 1.09-1.16x).
+     * groups are a grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's (ours 1.06-1.38x).
      * The fused activation epilogues (fused: the product with its activation) not on the cooperative schedule: with
      * nothing overlapping the epilogue, the activation's math and reads there took 1.1-1.7x the plain product's time,
      * more than the activation's own kernel. On the ping-pong schedule (pingPong; not yet measured), whose epilogues run
