@@ -39,6 +39,7 @@ constexpr int WGRAD_STAGES = 3;    // the weight gradient's, which also stages i
 constexpr int BOX = 64 * 128;      // one box of 64 rows of 128 bytes: 8 KiB
 constexpr int STAGE_BYTES = (BM + BN) * 128, OUT_BYTES = 64 * BN * 2;
 constexpr int EPI_BYTES = 64 * 64 * 4;   // the products' staging of one consumer warpgroup: 64 x 64 fp32 accumulators
+constexpr int READ_BYTES = 64 * 128;     // ping-pong: one of a consumer's two buffers of what its epilogue reads (64 x 64 bf16)
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -249,20 +250,46 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
 // warpgroup's staging buffer stg (EPI_BYTES), 64 columns at a time: the fragments go in as fp32, rows of 256 bytes
 // with 16-byte chunk k of row r at k ^ (r % 8) (the 8 rows of a fragment store, and the 4 rows of a read-back, fall
 // on distinct banks); then each thread takes 8 consecutive columns of 4 rows: 16-byte loads of what the mode reads
-// (beta's out, aux; all four issued before any store) and 16-byte stores (bf16), a warp covering 4 whole rows.
+// (beta's out, aux; all four issued before any store; for bf16 a chunk ahead, below) and 16-byte stores (bf16), a warp covering 4 whole rows.
 // Storing the fragments straight wrote 16 bytes of each of 8 rows per instruction (1.3-1.8x the product's time on
 // 4096 and more columns). The loop over the 4 column chunks is not unrolled (the accumulators move down 32 after
 // each, so chunk 0's are always acc[0..31]): unrolled, the fused modes' activation made the kernel 20,000
 // instructions and the instruction fetch stalled it (Nsight Compute: 36% of the warps' samples; 2.3x the product's
-// time). acc is consumed.
-__device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, int c, void* out, int cdt, i64 ld, i64 rowOrigin,
-                                               int rowLimit, int colOrigin, int colLimit, float beta, void* aux, int mode, int act) {
+// time). A bf16 read is loaded a chunk ahead (issued before the chunk before it is staged), so that its latency runs
+// under that chunk's work: loaded where it was used, the fused data gradient's h waited in full four times a tile
+// (Nsight Compute, top-2 fc2 on ping-pong: 18% of the stall samples on those loads, the kernel 1.4x the plain
+// product). acc is consumed.
+__device__ __forceinline__ void cpAsync16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smemAddr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// Copies column chunk q (q < BN / 64) of a bf16 src the epilogue reads into buf (READ_BYTES: 64 rows of 128 bytes):
+// each thread the 8 columns of the 4 rows it will read back itself (no barrier needed), as one cp.async group.
+__device__ __forceinline__ void fetchChunk(unsigned char* buf, const void* src, i64 ld, i64 rowOrigin, int rowLimit, int colOrigin,
+                                           int colLimit, int q) {
+    int tid = threadIdx.x & 127, g = tid & 7, col = 64 * q + 8 * g;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int row = (tid >> 3) + 16 * i;
+        if (row < rowLimit && col < colLimit) cpAsync16(buf + row * 128 + g * 16, (const __nv_bfloat16*)src + (rowOrigin + row) * ld + colOrigin + col);
+    }
+    cpAsyncCommit();
+}
+
+__device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, unsigned char* ahead, int c, void* out, int cdt, i64 ld,
+                                               i64 rowOrigin, int rowLimit, int colOrigin, int colLimit, float beta, void* aux, int mode,
+                                               int act) {
     if (rowLimit <= 0) return;   // the whole warpgroup alike: its rows are past the expert's end
     int tid = threadIdx.x & 127, lane = threadIdx.x & 31, w = tid >> 5;
     bool reads = mode == EPI_ACT_GRAD || (mode == EPI_PLAIN && beta != 0.f);
     const void* src = mode == EPI_ACT_GRAD ? aux : out;
+    int g = tid & 7;
 #pragma unroll 1
     for (int q = 0; q < BN / 64 && 64 * q < colLimit; q++) {
+        // ahead: chunk q is in (or on its way to) buffer q % 2; the next one goes to the other while this is staged
+        if (ahead && q + 1 < BN / 64) fetchChunk(ahead + ((q + 1) & 1) * READ_BYTES, src, ld, rowOrigin, rowLimit, colOrigin, colLimit, q + 1);
         warpgroupSync(c);   // the previous chunk's read-back is done
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -276,13 +303,22 @@ __device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, in
 #pragma unroll
         for (int k = 0; k < 96; k++) acc[k] = acc[k + 32];
         warpgroupSync(c);
-        int g = tid & 7, col = 64 * q + 8 * g;
+        int col = 64 * q + 8 * g;
         if (col >= colLimit) continue;   // colLimit is a multiple of 8: 8 columns in or out
         float o[4][8];
+        if (ahead) {
+            if (q + 1 < BN / 64) cpAsyncWait<1>(); else cpAsyncWait<0>();   // this thread's pieces of chunk q are in
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int row = (tid >> 3) + 16 * i;
-            if (reads && row < rowLimit) load8(src, cdt, (rowOrigin + row) * ld + colOrigin + col, o[i]);
+            for (int i = 0; i < 4; i++) {
+                int row = (tid >> 3) + 16 * i;
+                if (row < rowLimit) unpack8(*(const uint4*)(ahead + (q & 1) * READ_BYTES + row * 128 + g * 16), o[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int row = (tid >> 3) + 16 * i;
+                if (reads && row < rowLimit) load8(src, cdt, (rowOrigin + row) * ld + colOrigin + col, o[i]);
+            }
         }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -307,6 +343,18 @@ __device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, in
                 store8(out, cdt, at, v);
             }
         }
+    }
+}
+
+// Pulls the rows the epilogue will read (src: 64 rows of this warpgroup's tile, its columns) from DRAM into L2, a few
+// k-steps before the epilogue, so that its loads there hit L2.
+__device__ __forceinline__ void prefetchL2(const void* src, int dt, i64 ld, i64 rowOrigin, int rowLimit, int colOrigin, int colLimit) {
+    int es = dt == DT_F32 ? 4 : 2, lines = (min(colLimit, BN) * es + 127) / 128;   // 128-byte lines of a row
+    for (int l = threadIdx.x & 127; l < 64 * lines; l += 128) {
+        int row = l / lines;
+        if (row >= rowLimit) break;
+        const char* at = (const char*)src + ((rowOrigin + row) * ld + colOrigin) * es + (l % lines) * 128;
+        asm volatile("prefetch.global.L2 [%0];\n" :: "l"(at));
     }
 }
 
@@ -394,12 +442,19 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         int c = wgi - 1;
         float* stg = (float*)(p.sm + STAGES * BYTES + c * EPI_BYTES);
+        // what the epilogue reads (aux's h, or beta's old out): pulled into L2 three k-steps before the epilogue; on
+        // ping-pong, bf16, also copied into this warpgroup's two read buffers a column chunk ahead, the first from then
+        bool reads = mode == EPI_ACT_GRAD || (mode == EPI_PLAIN && beta != 0.f);
+        const void* src = mode == EPI_ACT_GRAD ? aux : C;
+        int prefetchStep = reads ? max(kTiles - 3, 0) : -1;
+        unsigned char* ahead = PP && reads && cdt == DT_BF16 ? p.sm + STAGES * BYTES + 2 * EPI_BYTES + c * 2 * READ_BYTES : nullptr;
         // the block's j-th tile (t = blockIdx.x + j * gridDim.x) is loaded as steps j * kTiles ..; ping-pong: this
         // warpgroup's tiles are j = c, c + 2, ...
         int j = PP ? c : 0;
         for (int t = blockIdx.x + j * gridDim.x; walk.find(offsets, E, nTiles, t, expert, tile, nTile);
              t += OWN_TILE_STRIDE * gridDim.x, j += OWN_TILE_STRIDE) {
             int rowStart = __ldg(offsets + expert) + tile * TBM, rowEnd = __ldg(offsets + expert + 1), n0 = nTile * BN;
+            int rowOrigin = rowStart + (PP ? 0 : c * 64);
             float acc[128];
 #pragma unroll
             for (int i = 0; i < 128; i++) acc[i] = 0.f;
@@ -416,14 +471,17 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
                     else wgmma256<0, 0>(acc, descK(sA + kk * 32), descK(sB + kk * 32));
                 }
                 p.stepIssued(g, kt);
+                if (kt == prefetchStep) {
+                    prefetchL2(src, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0);
+                    if (ahead) fetchChunk(ahead, src, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, 0);
+                }
             }
             if constexpr (PP) {
                 int e1, m1, n1;   // tile j + 1, the other's, if there is one
                 if (walk.find(offsets, E, nTiles, t + gridDim.x, e1, m1, n1)) turnPass(c);
             }
             p.tileDone(g, kTiles);
-            int rowOrigin = rowStart + (PP ? 0 : c * 64);
-            storeAccStaged(acc, stg, c, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta, aux, mode, act);
+            storeAccStaged(acc, stg, ahead, c, C, cdt, N, rowOrigin, rowEnd - rowOrigin, n0, N - n0, beta, aux, mode, act);
         }
     }
 }
@@ -565,7 +623,8 @@ __device__ __forceinline__ void weightGrad(const CUtensorMap* tmA, const CUtenso
 }  // namespace wg
 
 // Dynamic shared memory (CudaBackend.WG_SHARED, WG_PP_SHARED, WG_WGRAD_SHARED): the products STAGES stages of A
-// (128 x 64, ping-pong 64 x 64) and B (256 x 64) bf16 and two staging buffers (EPI_BYTES), the weight gradient
+// (128 x 64, ping-pong 64 x 64) and B (256 x 64) bf16 and two staging buffers (EPI_BYTES), ping-pong also four read
+// buffers (READ_BYTES, two per consumer; 225 KiB in all), the weight gradient
 // WGRAD_STAGES stages and two output tiles (OUT_BYTES); plus 1 KiB to align the first stage to 1024 bytes.
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WG_BODY(call) call

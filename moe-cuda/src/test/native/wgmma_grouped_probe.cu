@@ -55,7 +55,7 @@ static CUtensorMap tensorMap(const void* p, std::vector<i64> dims, std::vector<i
 
 enum Form { NT, NN, WGRAD };
 static const char* formName(Form f) { return f == NT ? "dgrad" : f == NN ? "fwd" : "wgrad"; }
-static const int PP_SHARED = wg::STAGES * (64 + wg::BN) * 128 + 2 * wg::EPI_BYTES + 1024;   // ping-pong: 64-row A stages
+static const int PP_SHARED = wg::STAGES * (64 + wg::BN) * 128 + 2 * wg::EPI_BYTES + 4 * wg::READ_BYTES + 1024;   // ping-pong: 64-row A stages, read buffers
 static const int SHARED = wg::STAGES * wg::STAGE_BYTES + 2 * wg::EPI_BYTES + 1024, WGRAD_SHARED = wg::WGRAD_STAGES * wg::STAGE_BYTES + 2 * wg::OUT_BYTES + 1024;
 static int numSms;
 static int failures;   // checks out of bounds: the exit status

@@ -944,9 +944,10 @@ public final class CudaBackend implements Backend {
     private static final int GG_BN = 128, GG_PAD = 8, GG_THREADS = 256;
     // grouped_gemm_sm90.cu: 384 threads; the products 4 stages of A [128 x 64] and B [256 x 64] bf16 and two 64 x 64
     // fp32 staging buffers (WG_EPI), the weight gradient 3 stages and two 64 x 256 bf16 output tiles; + 1 KiB for
-    // alignment. The products' ping-pong schedule: 64-row tiles, so stages of A [64 x 64] and B [256 x 64].
-    private static final int WG_THREADS = 384, WG_BM = 128, WG_PP_BM = 64, WG_BN = 256, WG_EPI = 2 * 64 * 64 * 4;
-    private static final int WG_SHARED = 4 * (WG_BM + WG_BN) * 128 + WG_EPI + 1024, WG_PP_SHARED = 4 * (WG_PP_BM + WG_BN) * 128 + WG_EPI + 1024;
+    // alignment. The products' ping-pong schedule: 64-row tiles, so stages of A [64 x 64] and B [256 x 64], and four
+    // 64 x 64 bf16 buffers of what the epilogues read (WG_PP_READ).
+    private static final int WG_THREADS = 384, WG_BM = 128, WG_PP_BM = 64, WG_BN = 256, WG_EPI = 2 * 64 * 64 * 4, WG_PP_READ = 4 * 64 * 128;
+    private static final int WG_SHARED = 4 * (WG_BM + WG_BN) * 128 + WG_EPI + 1024, WG_PP_SHARED = 4 * (WG_PP_BM + WG_BN) * 128 + WG_EPI + WG_PP_READ + 1024;
     private static final int WG_WGRAD_SHARED = 3 * (WG_BM + WG_BN) * 128 + 2 * 64 * WG_BN * 2 + 1024;
 
     /** Dynamic shared memory of a grouped kernel: its stages of A and B tiles (Tiles in grouped_gemm.cu). */
