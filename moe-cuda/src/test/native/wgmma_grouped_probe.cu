@@ -293,6 +293,7 @@ int main(int argc, char** argv) {
     // the layer benchmark's expert products, capacity-padded (experts x rows, K, N)
     Shape shapes[] = {
         {"350M fc1 fwd", NN, 128, 64, 1024, 4096}, {"350M fc2 fwd", NN, 128, 64, 4096, 1024},
+        {"1.3B fc1 fwd", NN, 128, 64, 2048, 8192}, {"1.3B fc2 dgrad", NT, 128, 64, 2048, 8192},
         {"top2 fc1 fwd", NN, 64, 256, 2048, 8192}, {"top2 fc2 fwd", NN, 64, 256, 8192, 2048},
         {"mixtral fc1 fwd", NN, 8, 4096, 4096, 14336}, {"ep8 fc1 fwd", NN, 16, 512, 2048, 8192},
         {"350M fc2 dgrad", NT, 128, 64, 1024, 4096}, {"350M fc1 dgrad", NT, 128, 64, 4096, 1024},

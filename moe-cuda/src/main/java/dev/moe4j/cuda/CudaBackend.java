@@ -928,14 +928,6 @@ public final class CudaBackend implements Backend {
      */
     int wgmmaBlocks;
 
-    /**
-     * The wgmma products' schedule (native/grouped_gemm_sm90.cu): both consumer warpgroups on each 128-row tile
-     * (false, measured), or each on its own 64-row tiles so that one's epilogue runs under the other's products (true,
-     * {@code -Dmoe4j.cuda.wgmmaPingPong=true}: what the fused activation epilogues would need to pay; not yet run on a
-     * GPU, to be measured against the other and then settled).
-     */
-    boolean wgmmaPingPong = Boolean.getBoolean("moe4j.cuda.wgmmaPingPong");
-
     private int persistentBlocks() { return wgmmaBlocks > 0 ? wgmmaBlocks : kernels.multiprocessors(); }
 
     /** The forms of a grouped product: C = A W[e] (W [E,K,N]), C = A W[e]^T (W [E,N,K]), dW[e] = A^T dY. */
@@ -967,7 +959,7 @@ public final class CudaBackend implements Backend {
         return switch (groupedKernel) {
             case CUBLAS -> true;
             case WGMMA, MMA_SYNC -> false;
-            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null, false, false)));
+            case AUTO -> !(hasWgmma() && java.util.Arrays.stream(GroupedForm.values()).allMatch(f -> autoPicksWgmma(f, groups, rows, null, false)));
         };
     }
 
@@ -995,7 +987,7 @@ public final class CudaBackend implements Backend {
             }
             // the grid's y dimension: m-tiles (products) or experts (weight gradient)
             case MMA_SYNC -> fits && t / 64 + e + 1 <= 65535 ? GroupedKernel.MMA_SYNC : GroupedKernel.CUBLAS;
-            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs, fused, wgmmaPingPong) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
+            case AUTO -> fits && hasWgmma() && autoPicksWgmma(form, e, t, offs, fused) ? GroupedKernel.WGMMA : GroupedKernel.CUBLAS;
         };
     }
 
@@ -1006,14 +998,19 @@ public final class CudaBackend implements Backend {
      * 7% behind). Among the weight-bound products: the data gradient is ours (0.91-0.97x cuBLAS's time); the forward is
      * ours over unequal groups only (cuBLAS's one strided-batched GEMM over equal groups is level with ours; unequal
      * groups are a grouped-batched cuBLAS call, 1.4-1.8x slower); the weight gradient stays cuBLAS's (ours 1.06-1.38x).
-     * The fused activation epilogues (fused: the product with its activation) not on the cooperative schedule: with
-     * nothing overlapping the epilogue, the activation's math and reads there took 1.1-1.7x the plain product's time,
-     * more than the activation's own kernel. On the ping-pong schedule (pingPong; not yet measured), whose epilogues run
-     * under the other warpgroup's products, they are picked where the plain product would be, and the forward over
-     * equal groups too (its activation pass saved).
+     * The fused activation epilogues (fused: the product with its activation; they run on the ping-pong schedule,
+     * wgmmaProduct) only where the host offsets show every group within one 64-row tile (a capacity layout of 64 rows
+     * or fewer per expert): there the epilogue runs under the other warpgroup's products and the activation's pass is
+     * saved (350M+MoE-128 capped 2.698 ms against 2.734 unfused). Over larger groups a 64-row tile reads an expert's
+     * weights once per 64 rows, twice as often as the cooperative 128-row tile: a dropless layout padded to about 100
+     * rows ran 3.55 ms against 2.95 (H100, docs/benchmarks.md).
      */
-    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused, boolean pingPong) {
-        if (t > 128L * e || fused && !pingPong) return false;
+    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
+        if (t > 128L * e) return false;
+        if (fused) {
+            if (offs == null) return false;
+            for (int g = 0; g < e; g++) if (offs[g + 1] - offs[g] > WG_PP_BM) return false;
+        }
         return switch (form) {
             case DATA_GRAD -> true;
             case WEIGHT_GRAD -> false;
@@ -1085,8 +1082,12 @@ public final class CudaBackend implements Backend {
         // tensor cores bound the product, over 128 rows per group on average (AUTO's line; measured at 256 and more:
         // 0.96-1.04x cuBLAS against 1.01-1.15x for a block per tile, which is 1-3% the faster on 64-row groups; H100,
         // docs/benchmarks.md "Grouped GEMM on wgmma").
-        // Ping-pong: always persistent (a block of one tile would leave one consumer warpgroup idle).
-        boolean pp = wgmmaPingPong;
+        // The fused epilogues run on the ping-pong schedule (each consumer warpgroup its own 64-row tiles, one's epilogue
+        // under the other's products; measured against the cooperative schedule's: 350M fc2 data gradient through
+        // GeLU' 0.44 against 0.66 ms, 0.98-0.64x on 9 of 10 shapes, Mixtral's level), always persistent (a block of one
+        // tile would leave one consumer idle); the plain products on the cooperative one (ping-pong level on 64-row
+        // groups, 1.1-1.2x on tensor-core-bound shapes).
+        boolean pp = mode != EPI_PLAIN;
         int bm = pp ? WG_PP_BM : WG_BM;
         long tiles = (long) ((t + bm - 1) / bm + e) * ((n + WG_BN - 1) / WG_BN);
         if (pp || wgmmaBlocks > 0 || t > 128L * e) tiles = Math.min(tiles, persistentBlocks());
@@ -1125,7 +1126,7 @@ public final class CudaBackend implements Backend {
         Checks.matrix(op, "aux", aux, t, n);
         if (aux.dtype() != c.dtype() || p(aux) % 16 != 0) return false;
         if (t == 0 || n == 0) return true;
-        // the choice of a fused product needs no offsets on the host (autoPicksWgmma): none read here
+        // AUTO fuses only where the caller has the offsets on the host (autoPicksWgmma): none read here
         GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
         if (groupedKernelFor(form, a, w, c, e, t, k, n, hostOffsets, true) != GroupedKernel.WGMMA) return false;
         wgmmaProduct(a, w, transW, offsets, c, e, t, k, n, 0f, aux, mode, actCode(act));

@@ -54,23 +54,22 @@ class CudaModelTest extends GpuTestBase {
     /**
      * The bf16 layer with its expert products on our own grouped kernels (forced): they read the offsets on the device,
      * so a dropless layer runs without reading its counts to the host (MoE.forward asks the host only for backends that
-     * want them). Capacity and dropless, k 1 and 2; the wgmma products also on their ping-pong schedule.
+     * want them). Capacity and dropless, k 1 and 2; the wgmma products also on one persistent block (the fused
+     * epilogues' ping-pong schedule: both consumers and their turns over every tile).
      */
     @ParameterizedTest
     @CsvSource({"WGMMA, 1, 0.6, false", "WGMMA, 2, -1, false", "WGMMA, 1, -1, false", "WGMMA, 2, 0.8, true", "WGMMA, 1, -1, true",
             "MMA_SYNC, 2, 0.8, false", "MMA_SYNC, 2, -1, false"})
-    void moeLayerOnOurGroupedKernelsMatchesTheCpu(CudaBackend.GroupedKernel kernel, int k, double capacityFactor, boolean pingPong) {
+    void moeLayerOnOurGroupedKernelsMatchesTheCpu(CudaBackend.GroupedKernel kernel, int k, double capacityFactor, boolean oneBlock) {
         assumeTrue(kernel != CudaBackend.GroupedKernel.WGMMA || gpu.hasWgmma(), "the wgmma kernels need compute capability 9.0");
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = kernel;
-        gpu.wgmmaPingPong = pingPong;
-        if (pingPong) gpu.wgmmaBlocks = 1;   // the layer's few tiles all on one block: both consumers and their turns
+        if (oneBlock) gpu.wgmmaBlocks = 1;   // the layer's few tiles all on one block: both consumers and their turns
         try {
             assertFalse(gpu.wantsHostOffsets(DType.BF16, 48 * k, 6), "our kernels read the offsets on the device");
             layerMatchesTheCpu(k, capacityFactor, false, false, DType.BF16, MoE.DroplessLayout.AUTO);
         } finally {
             gpu.groupedKernel = saved;
-            gpu.wgmmaPingPong = false;
             gpu.wgmmaBlocks = 0;
         }
     }

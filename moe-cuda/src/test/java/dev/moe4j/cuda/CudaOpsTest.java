@@ -176,8 +176,7 @@ class CudaOpsTest extends GpuTestBase {
      * (64-deep k-tiles, 128 and 256 columns), an expert of more than two 128-row tiles, empty experts, rows past
      * offsets[E] (untouched, checked bit for bit), bf16 and fp32 outputs, beta 0 and not. The wgmma kernels run
      * by the backend's grid (one block per tile on the first shape's few rows per expert, persistent on the second's
-     * many), then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent), then
-     * with the products' ping-pong schedule on one block.
+     * many), then persistent on 3 blocks, each walking many tiles (the weight gradient is always persistent).
      */
     @ParameterizedTest
     @EnumSource(CudaBackend.GroupedKernel.class)
@@ -190,16 +189,10 @@ class CudaOpsTest extends GpuTestBase {
             if (policy == CudaBackend.GroupedKernel.WGMMA) {
                 gpu.wgmmaBlocks = 3;
                 groupedKernelsAcrossTileEdges(policy + " on 3 persistent blocks", TILE_EDGES_KN);
-                // ping-pong on one block, whose tiles alternate between the consumers with 3 and 6 k-steps (the
-                // stages shared by both, and the turns between them, reused across many tiles)
-                gpu.wgmmaPingPong = true;
-                gpu.wgmmaBlocks = 1;
-                groupedKernelsAcrossTileEdges(policy + " ping-pong on one block", new int[][] {{328, 136}, {136, 520}});
             }
         } finally {
             gpu.groupedKernel = saved;
             gpu.wgmmaBlocks = 0;
-            gpu.wgmmaPingPong = false;
         }
     }
 
@@ -248,22 +241,27 @@ class CudaOpsTest extends GpuTestBase {
         CudaBackend.GroupedKernel saved = gpu.groupedKernel;
         gpu.groupedKernel = policy;
         try {
-            activationProducts(policy.toString());
+            activationProducts(policy.toString(), SOME_PAST_64, 200, 136);
+            activationProducts(policy.toString(), NONE_PAST_64, 200, 136);   // AUTO's fused case
             if (policy == CudaBackend.GroupedKernel.WGMMA) {
-                gpu.wgmmaPingPong = true;   // each 64-row tile one warpgroup's, one block walking them all
+                // the fused epilogues' ping-pong schedule on one block, whose 64-row tiles alternate between the
+                // consumers with 6 and 3 k-steps (the stages shared by both, the turns between them and the read-ahead
+                // buffers reused across many tiles), over one and three column tiles
                 gpu.wgmmaBlocks = 1;
-                activationProducts(policy + " ping-pong");
+                activationProducts(policy + " on one block", SOME_PAST_64, 328, 136);
+                activationProducts(policy + " on one block", SOME_PAST_64, 136, 520);
             }
         } finally {
             gpu.groupedKernel = saved;
-            gpu.wgmmaPingPong = false;
             gpu.wgmmaBlocks = 0;
         }
     }
 
-    private void activationProducts(String policy) {
-        int[] offs = {0, 5, 5, 70, 133, 133, 190};
-        int e = offs.length - 1, t = offs[e] + 9, k = 200, n = 136;
+    // experts' offsets with an empty expert and K, N off the tiles: one expert past a 64-row tile, or none (where AUTO fuses)
+    private static final int[] SOME_PAST_64 = {0, 5, 5, 70, 133, 133, 190}, NONE_PAST_64 = {0, 5, 5, 64, 127, 127, 190};
+
+    private void activationProducts(String policy, int[] offs, int k, int n) {
+        int e = offs.length - 1, t = offs[e] + 9;
         Tensor[] o = of(offs, e + 1);
         for (Activation act : new Activation[] {Activation.GELU, Activation.RELU, Activation.SWIGLU}) {
             int wide = act.inputWidth(n);
