@@ -911,16 +911,17 @@ public final class CudaBackend implements Backend {
     }
 
     /**
-     * Which kernel runs the bf16 expert products ({@code -Dmoe4j.cuda.groupedKernel=cublas|auto|wgmma|mma_sync}).
-     * CUBLAS is the default: AUTO, which takes our wgmma kernels on an H100/H200 for the products where they were
-     * measured faster than cuBLAS ({@link #autoPicksWgmma}, docs/benchmarks.md "Grouped GEMM on wgmma") and cuBLAS
-     * elsewhere, measured level with it in the layer benchmark. WGMMA (native/grouped_gemm_sm90.cu, compute capability 9.0 only)
+     * Which kernel runs the bf16 expert products ({@code -Dmoe4j.cuda.groupedKernel=auto|cublas|wgmma|mma_sync}).
+     * AUTO is the default: our wgmma kernels on an H100/H200 for the products where they were measured faster than
+     * cuBLAS ({@link #autoPicksWgmma}, docs/benchmarks.md "Grouped GEMM on wgmma"), cuBLAS elsewhere and on every other
+     * GPU; in the layer benchmark 2% faster than CUBLAS on 350M+MoE-128 capped and 1% on 1.3B+MoE-128, the same
+     * kernels as CUBLAS on the other configurations (H100, docs/benchmarks.md). WGMMA (native/grouped_gemm_sm90.cu, compute capability 9.0 only)
      * and MMA_SYNC (native/grouped_gemm.cu, sm_80 on, slower than cuBLAS everywhere measured) force ours: one launch,
      * offsets read on the device, no host round trip (a dropless layer then reads no counts to the host).
      */
     enum GroupedKernel { AUTO, CUBLAS, WGMMA, MMA_SYNC }
 
-    GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "cublas").toUpperCase(java.util.Locale.ROOT));
+    GroupedKernel groupedKernel = GroupedKernel.valueOf(System.getProperty("moe4j.cuda.groupedKernel", "auto").toUpperCase(java.util.Locale.ROOT));
 
     /**
      * Blocks of a persistent wgmma grid: one per multiprocessor, or (tests, above 0) this many, so that each walks many
