@@ -1085,7 +1085,7 @@ public final class CudaBackend implements Backend {
         // docs/benchmarks.md "Grouped GEMM on wgmma").
         // The fused epilogues run on the ping-pong schedule (each consumer warpgroup its own 64-row tiles, one's epilogue
         // under the other's products; measured against the cooperative schedule's: 350M fc2 data gradient through
-        // GeLU' 0.44 against 0.66 ms, 0.98-0.64x on 9 of 10 shapes, Mixtral's level), always persistent (a block of one
+        // GeLU' 0.44 against 0.66 ms; faster on 9 of 10 shapes, not the top-2 forward), always persistent (a block of one
         // tile would leave one consumer idle); the plain products on the cooperative one (ping-pong level on 64-row
         // groups, 1.1-1.2x on tensor-core-bound shapes).
         boolean pp = mode != EPI_PLAIN;
