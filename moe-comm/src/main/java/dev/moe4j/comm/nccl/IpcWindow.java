@@ -64,8 +64,8 @@ final class IpcWindow implements PeerWindow {
         if (size > MAX_RANKS) return null;
         cuda("cudaSetDevice", cudart.cudaSetDevice(device));
         Pointer p = new Pointer();
-        // a failed allocation still joins the all-gather below, so that every rank refuses alike (else the others would
-        // wait there until the watchdog)
+        // a failed allocation (or a failure in setting it up) still joins the all-gather below, so that every rank
+        // refuses alike (else the others would wait there until the watchdog)
         int allocated = cudart.cudaMalloc(p, FLAG_BYTES + bytes);
         if (allocated != cudart.cudaSuccess) {   // the backend's cache may hold what the device lacks
             cudart.cudaGetLastError();
@@ -74,16 +74,24 @@ final class IpcWindow implements PeerWindow {
             allocated = cudart.cudaMalloc(p, FLAG_BYTES + bytes);
         }
         long mine = allocated == cudart.cudaSuccess ? p.address() : 0;
+        String failed = mine != 0 ? null : "cudaMalloc: " + cudart.cudaGetErrorString(allocated).getString();   // this rank's, if any
         byte[] handle = new byte[64];
         if (mine != 0) {
-            cuda("cudaMemset(peer window flags)", cudart.cudaMemset(p, 0, FLAG_BYTES));
-            cuda("cudaDeviceSynchronize", cudart.cudaDeviceSynchronize());   // the flags are 0 before any peer can see them
+            // the flags are 0 before any peer can see them; a failure here, too, joins the all-gather as "no window"
             cudaIpcMemHandle_t h = new cudaIpcMemHandle_t();
-            cuda("cudaIpcGetMemHandle", cudart.cudaIpcGetMemHandle(h, p));
-            h.reserved().get(handle);
-        } else {
-            cudart.cudaGetLastError();   // cleared: the CUDA context stays usable
+            int rc = cudart.cudaMemset(p, 0, FLAG_BYTES);
+            String call = "cudaMemset(peer window flags)";
+            if (rc == cudart.cudaSuccess) { rc = cudart.cudaDeviceSynchronize(); call = "cudaDeviceSynchronize"; }
+            if (rc == cudart.cudaSuccess) { rc = cudart.cudaIpcGetMemHandle(h, p); call = "cudaIpcGetMemHandle"; }
+            if (rc == cudart.cudaSuccess) {
+                h.reserved().get(handle);
+            } else {
+                failed = call + ": " + cudart.cudaGetErrorString(rc).getString();
+                cudart.cudaFree(p);
+                mine = 0;
+            }
         }
+        if (mine == 0) cudart.cudaGetLastError();   // cleared: the CUDA context stays usable
         byte[] host = hostId();
         // host id, IPC handle, this rank's size (every rank checks that all asked for the same), whether it has it
         byte[] both = java.nio.ByteBuffer.allocate(host.length + handle.length + 9).put(host).put(handle).putLong(bytes)
@@ -100,7 +108,7 @@ final class IpcWindow implements PeerWindow {
             PeerWindow.checkSameSize(sizes, comm.describe());
             if (!without.isEmpty()) {
                 throw new CommunicationException(comm.describe() + ": openWindow: rank(s) " + without + " could not allocate a peer window of "
-                        + bytes + " bytes (cudaMalloc: " + (mine == 0 ? cudart.cudaGetErrorString(allocated).getString() : "failed there") + ")");
+                        + bytes + " bytes (" + (failed != null ? failed : "failed there") + ")");
             }
         } catch (RuntimeException e) {
             if (mine != 0) cudart.cudaFree(pointer(mine));
