@@ -250,15 +250,17 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
 // warpgroup's staging buffer stg (EPI_BYTES), 64 columns at a time: the fragments go in as fp32, rows of 256 bytes
 // with 16-byte chunk k of row r at k ^ (r % 8) (the 8 rows of a fragment store, and the 4 rows of a read-back, fall
 // on distinct banks); then each thread takes 8 consecutive columns of 4 rows: 16-byte loads of what the mode reads
-// (beta's out, aux; all four issued before any store; for bf16 a chunk ahead, below) and 16-byte stores (bf16), a warp covering 4 whole rows.
+// (beta's out, aux; all four issued before any store; on ping-pong, bf16, a chunk ahead, below) and 16-byte stores
+// (bf16), a warp covering 4 whole rows.
 // Storing the fragments straight wrote 16 bytes of each of 8 rows per instruction (1.3-1.8x the product's time on
 // 4096 and more columns). The loop over the 4 column chunks is not unrolled (the accumulators move down 32 after
 // each, so chunk 0's are always acc[0..31]): unrolled, the fused modes' activation made the kernel 20,000
 // instructions and the instruction fetch stalled it (Nsight Compute: 36% of the warps' samples; 2.3x the product's
-// time). A bf16 read is loaded a chunk ahead (issued before the chunk before it is staged), so that its latency runs
-// under that chunk's work: loaded where it was used, the fused data gradient's h waited in full four times a tile
-// (Nsight Compute, top-2 fc2 on ping-pong: 18% of the stall samples on those loads, the kernel 1.4x the plain
-// product). acc is consumed.
+// time). ahead (ping-pong, a bf16 read; else null): the reads go through the warpgroup's two READ_BYTES buffers, each
+// chunk copied while the one before it is staged (the first by the mainloop), so that their latency runs under that
+// work: loaded where they were used, the fused data gradient's h waited in full four times a tile (Nsight Compute,
+// top-2 fc2 on ping-pong: 18% of the stall samples on those loads, the kernel 1.4x the plain product). The
+// cooperative schedule has no shared memory left for them and loads after the staging. acc is consumed.
 __device__ __forceinline__ void cpAsync16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smemAddr(dst)), "l"(src) : "memory");
 }
@@ -446,7 +448,7 @@ __device__ __forceinline__ void product(const CUtensorMap* tmA, const CUtensorMa
         // ping-pong, bf16, also copied into this warpgroup's two read buffers a column chunk ahead, the first from then
         bool reads = mode == EPI_ACT_GRAD || (mode == EPI_PLAIN && beta != 0.f);
         const void* src = mode == EPI_ACT_GRAD ? aux : C;
-        int prefetchStep = reads ? max(kTiles - 3, 0) : -1;
+        int prefetchStep = reads ? max(kTiles - 3, 0) : -1;   // K > 0 (the caller's check): the mainloop reaches it
         unsigned char* ahead = PP && reads && cdt == DT_BF16 ? p.sm + STAGES * BYTES + 2 * EPI_BYTES + c * 2 * READ_BYTES : nullptr;
         // the block's j-th tile (t = blockIdx.x + j * gridDim.x) is loaded as steps j * kTiles ..; ping-pong: this
         // warpgroup's tiles are j = c, c + 2, ...

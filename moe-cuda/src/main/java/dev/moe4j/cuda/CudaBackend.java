@@ -932,7 +932,7 @@ public final class CudaBackend implements Backend {
     private int persistentBlocks() { return wgmmaBlocks > 0 ? wgmmaBlocks : kernels.multiprocessors(); }
 
     /** The forms of a grouped product: C = A W[e] (W [E,K,N]), C = A W[e]^T (W [E,N,K]), dW[e] = A^T dY. */
-    private enum GroupedForm { FORWARD, DATA_GRAD, WEIGHT_GRAD }
+    enum GroupedForm { FORWARD, DATA_GRAD, WEIGHT_GRAD }
 
     private static final int GG_BN = 128, GG_PAD = 8, GG_THREADS = 256;
     // grouped_gemm_sm90.cu: 384 threads; the products 4 stages of A [128 x 64] and B [256 x 64] bf16 and two 64 x 64
@@ -1006,7 +1006,7 @@ public final class CudaBackend implements Backend {
      * weights once per 64 rows, twice as often as the cooperative 128-row tile: a dropless layout padded to about 100
      * rows ran 3.55 ms against 2.95 (H100, docs/benchmarks.md).
      */
-    private static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
+    static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
         if (t > 128L * e) return false;
         if (fused) {
             if (offs == null) return false;
@@ -1128,8 +1128,9 @@ public final class CudaBackend implements Backend {
         if (aux.dtype() != c.dtype() || p(aux) % 16 != 0) return false;
         if (t == 0 || n == 0) return true;
         // AUTO fuses only where the caller has the offsets on the host (autoPicksWgmma): none read here
+        int[] offs = hostOffsets == null ? null : hostOffsets(op, offsets, hostOffsets, e, t);   // checked, not read
         GroupedForm form = transW ? GroupedForm.DATA_GRAD : GroupedForm.FORWARD;
-        if (groupedKernelFor(form, a, w, c, e, t, k, n, hostOffsets, true) != GroupedKernel.WGMMA) return false;
+        if (groupedKernelFor(form, a, w, c, e, t, k, n, offs, true) != GroupedKernel.WGMMA) return false;
         wgmmaProduct(a, w, transW, offsets, c, e, t, k, n, 0f, aux, mode, actCode(act));
         return true;
     }

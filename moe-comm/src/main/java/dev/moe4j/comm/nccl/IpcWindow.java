@@ -91,7 +91,7 @@ final class IpcWindow implements PeerWindow {
                 mine = 0;
             }
         }
-        if (mine == 0) cudart.cudaGetLastError();   // cleared: the CUDA context stays usable
+        if (mine == 0) cudart.cudaGetLastError();   // cleared (a sticky error stays: the all-gather then fails on this rank)
         byte[] host = hostId();
         // host id, IPC handle, this rank's size (every rank checks that all asked for the same), whether it has it
         byte[] both = java.nio.ByteBuffer.allocate(host.length + handle.length + 9).put(host).put(handle).putLong(bytes)
@@ -107,7 +107,7 @@ final class IpcWindow implements PeerWindow {
         try {
             PeerWindow.checkSameSize(sizes, comm.describe());
             if (!without.isEmpty()) {
-                throw new CommunicationException(comm.describe() + ": openWindow: rank(s) " + without + " could not allocate a peer window of "
+                throw new CommunicationException(comm.describe() + ": openWindow: rank(s) " + without + " could not set up a peer window of "
                         + bytes + " bytes (" + (failed != null ? failed : "failed there") + ")");
             }
         } catch (RuntimeException e) {
