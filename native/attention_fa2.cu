@@ -311,15 +311,6 @@ __device__ __forceinline__ void forward(const bf16* qkv, void* out, int odt, voi
 // ------------------------------------------------------------------------------------------------ backward
 // delta[bh][i] = rowsum(dO * O) of each query row, and the dQ accumulator (fp32 [B][T][H][D], the layout of dO)
 // zeroed: one thread per 8-column chunk, D / 8 threads a row (a divisor of 32, so a row's lanes share a warp).
-__device__ __forceinline__ void load8(float (&x)[8], const void* p, int dt, i64 i) {
-    if (dt == DT_BF16) {
-        unpack8(*reinterpret_cast<const uint4*>((const bf16*)p + i), x);
-    } else {
-        float4 a = *reinterpret_cast<const float4*>((const float*)p + i), b = *reinterpret_cast<const float4*>((const float*)p + i + 4);
-        x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-    }
-}
-
 __device__ __forceinline__ void backwardPrep(const void* dout, int gdt, const void* out, int odt, float* delta, float* dqAcc,
                                              int B, int T, int H, int D) {
     const int cpr = D / 8, lane = threadIdx.x & 31;

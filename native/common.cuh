@@ -43,6 +43,16 @@ __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
     for (int k = 0; k < 4; k++) { float2 t = __bfloat1622float2(h[k]); f[2 * k] = t.x; f[2 * k + 1] = t.y; }
 }
 
+// The 8 values of p (bf16 or fp32, dt) from element i (a multiple of 8) as floats: one or two 16-byte loads.
+__device__ __forceinline__ void load8(float (&x)[8], const void* p, int dt, i64 i) {
+    if (dt == DT_BF16) {
+        unpack8(*reinterpret_cast<const uint4*>((const __nv_bfloat16*)p + i), x);
+    } else {
+        float4 a = *reinterpret_cast<const float4*>((const float*)p + i), b = *reinterpret_cast<const float4*>((const float*)p + i + 4);
+        x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    }
+}
+
 __device__ __forceinline__ float warpSum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -222,17 +222,6 @@ __device__ __forceinline__ void storeAcc(const float (&acc)[128], void* out, int
     }
 }
 
-__device__ __forceinline__ void load8(const void* p, int dt, i64 i, float (&v)[8]) {
-    if (dt == DT_F32) {
-        float4 a = *(const float4*)((const float*)p + i), b = *(const float4*)((const float*)p + i + 4);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    } else {
-        uint4 u = *(const uint4*)((const __nv_bfloat16*)p + i);
-        const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
-#pragma unroll
-        for (int k = 0; k < 4; k++) { float2 f = __bfloat1622float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
-    }
-}
 __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[8]) {
     if (dt == DT_F32) {
         *(float4*)((float*)p + i) = make_float4(v[0], v[1], v[2], v[3]);
@@ -319,7 +308,7 @@ __device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, un
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int row = (tid >> 3) + 16 * i;
-                if (reads && row < rowLimit) load8(src, cdt, (rowOrigin + row) * ld + colOrigin + col, o[i]);
+                if (reads && row < rowLimit) load8(o[i], src, cdt, (rowOrigin + row) * ld + colOrigin + col);
             }
         }
 #pragma unroll

@@ -1007,7 +1007,7 @@ public final class CudaBackend implements Backend {
      * rows ran 3.55 ms against 2.95 (H100, docs/benchmarks.md).
      */
     static boolean autoPicksWgmma(GroupedForm form, int e, long t, int[] offs, boolean fused) {
-        if (t > 128L * e) return false;
+        if (tensorCoreBound(e, t)) return false;
         if (fused) {
             if (offs == null) return false;
             for (int g = 0; g < e; g++) if (offs[g + 1] - offs[g] > WG_PP_BM) return false;
@@ -1022,6 +1022,12 @@ public final class CudaBackend implements Backend {
             }
         };
     }
+
+    /**
+     * Whether a grouped product over t rows of e groups is bound by tensor-core throughput rather than by reading the
+     * expert weights: more than 128 rows per group on average (measured at 256 and more; docs/benchmarks.md).
+     */
+    private static boolean tensorCoreBound(int e, long t) { return t > 128L * e; }
 
     /** A tensor map over t's packed rows (bf16 or fp32): dims innermost first, moved in boxes (Kernels.TensorMap). */
     private Kernels.TensorMap map(Tensor t, int[] box, long... dims) { return new Kernels.TensorMap(p(t), t.dtype() == DType.F32, dims, box); }
@@ -1080,7 +1086,7 @@ public final class CudaBackend implements Backend {
                               Tensor aux, int mode, int act) {
         // an upper bound of tiles: each group adds at most one partial m-tile; blocks past the last exit. Persistent
         // (one block per multiprocessor walking them, the next tile's loads under the last one's stores) where the
-        // tensor cores bound the product, over 128 rows per group on average (AUTO's line; measured at 256 and more:
+        // tensor cores bound the product (tensorCoreBound, AUTO's line too; measured at 256 rows and more per group:
         // 0.96-1.04x cuBLAS against 1.01-1.15x for a block per tile, which is 1-3% the faster on 64-row groups; H100,
         // docs/benchmarks.md "Grouped GEMM on wgmma").
         // The fused epilogues run on the ping-pong schedule (each consumer warpgroup its own 64-row tiles, one's epilogue
@@ -1091,7 +1097,7 @@ public final class CudaBackend implements Backend {
         boolean pp = mode != EPI_PLAIN;
         int bm = pp ? WG_PP_BM : WG_BM;
         long tiles = (long) ((t + bm - 1) / bm + e) * ((n + WG_BN - 1) / WG_BN);
-        if (pp || wgmmaBlocks > 0 || t > 128L * e) tiles = Math.min(tiles, persistentBlocks());
+        if (pp || wgmmaBlocks > 0 || tensorCoreBound(e, t)) tiles = Math.min(tiles, persistentBlocks());
         Kernels.TensorMap wm = transW ? map(w, new int[] {64, WG_BN, 1}, k, n, e) : map(w, new int[] {64, 64, 1}, n, k, e);
         launch((transW ? "k_wg_nt" : "k_wg_nn") + (pp ? "_pp" : ""), Math.toIntExact(tiles), 1, WG_THREADS, pp ? WG_PP_SHARED : WG_SHARED,
                 map(a, new int[] {64, bm}, k, t), wm, p(c), dt(c), p(offsets), e, k, n, beta, aux == null ? 0L : p(aux), mode, act);
