@@ -5,8 +5,8 @@
 // out, lse, dout, dqkv may be F32 or BF16 (dtype code per argument). Head size D = 64 or 128.
 // CudaBackend runs these for bf16 qkv with D = 64 / 128 (the CUDA-core tiled kernels of attention.cu otherwise).
 //
-// Uses the PTX wrappers of grouped_gemm.cu (gg::cpAsync16, ldmatrix4, ldmatrix4T, mma16816; all.cu includes
-// grouped_gemm.cu first). Requirements the launcher checks: qkv, dout (bf16 or f32) 16-byte aligned (16-byte
+// Uses the PTX wrappers of grouped_gemm.cu (gg::ldmatrix4, ldmatrix4T, mma16816; all.cu includes grouped_gemm.cu
+// first) and common.cuh's cp.async ones. Requirements the launcher checks: qkv, dout (bf16 or f32) 16-byte aligned (16-byte
 // cp.async chunks / float4 loads of whole 8-element chunks: every row and head offset is a multiple of D >= 64
 // elements), out and dqkv 8-byte aligned (pairs of adjacent columns are stored together).
 //
@@ -62,9 +62,6 @@
 
 namespace fa2 {
 
-using gg::cpAsync16;
-using gg::cpAsyncCommit;
-using gg::cpAsyncWait;
 using gg::ldmatrix4;
 using gg::ldmatrix4T;
 using gg::mma16816;

@@ -53,6 +53,21 @@ __device__ __forceinline__ void load8(float (&x)[8], const void* p, int dt, i64 
     }
 }
 
+// Shared-memory addresses and the asynchronous 16-byte copy global -> shared (cp.async, sm_80 and later), for the
+// tensor-core kernels of both fatbins. The "memory" clobbers keep the compiler from moving this thread's own shared
+// loads and stores across an issue or a wait (the wgmma epilogue reads its copies back with plain loads).
+__device__ __forceinline__ unsigned smemAddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cpAsync16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smemAddr(dst)), "l"(src) : "memory");
+}
+// valid false: no source bytes read, the 16 bytes zero-filled
+__device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smemAddr(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// until at most N of this thread's committed groups are still in flight
+template <int N> __device__ __forceinline__ void cpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
 __device__ __forceinline__ float warpSum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -20,15 +20,6 @@ constexpr int BN = 128, THREADS = 256, PAD = 8;
 // eight 16-byte rows an ldmatrix reads fall into distinct banks.
 constexpr int tileElems(int rows, int cols) { return rows * (cols + PAD); }
 
-__device__ __forceinline__ unsigned smemAddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared; fewer than 16 valid source bytes (here: 0) zero-fill the rest.
-__device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smemAddr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
-
 __device__ __forceinline__ void ldmatrix4(unsigned (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smemAddr(p)));

@@ -43,7 +43,6 @@ constexpr int READ_BYTES = 64 * 128;     // ping-pong: one of a consumer's two b
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ unsigned smemAddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void wgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgWait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
@@ -250,11 +249,6 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
 // work: loaded where they were used, the fused data gradient's h waited in full four times a tile (Nsight Compute,
 // top-2 fc2 on ping-pong: 18% of the stall samples on those loads, the kernel 1.4x the plain product). The
 // cooperative schedule has no shared memory left for them and loads after the staging. acc is consumed.
-__device__ __forceinline__ void cpAsync16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smemAddr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
 
 // Copies column chunk q (q < BN / 64) of a bf16 src the epilogue reads into buf (READ_BYTES: 64 rows of 128 bytes):
 // each thread the 8 columns of the 4 rows it will read back itself (no barrier needed), as one cp.async group.
