@@ -282,6 +282,17 @@ __global__ void k_gate_dest(const void* gates, int gdt, const int* experts, cons
     }
 }
 
+// A dropless routing in the capacity layout with capacity C (at least the largest count): dest = e*C + (dest -
+// offsets[e]), offsets[e] = e*C (Backend.moeGatePad). A thread per choice and one per offset.
+__global__ void k_gate_pad(const int* experts, const int* dest, const int* offsets, i64 n, int E, int capacity,
+                           int* destOut, int* offsetsOut) {
+    FOR_N(i, n) {
+        int e = experts[i];
+        destOut[i] = e * capacity + dest[i] - offsets[e];
+    }
+    FOR_N(e, (i64)E + 1) offsetsOut[e] = (int)e * capacity;
+}
+
 // first[e] = number of tokens whose first choice is e (the l_aux statistic; for k = 1 the backward uses counts
 // instead). One block: a shared histogram, each warp's tokens of one expert added at once by their lowest lane
 // (integer adds: the result is exact in any order). Dynamic shared memory: E ints.

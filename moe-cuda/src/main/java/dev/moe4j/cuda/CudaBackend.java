@@ -1908,6 +1908,23 @@ public final class CudaBackend implements Backend {
         }
     }
 
+    /** On the device, without reading the counts: the caller's capacity must be at least the largest count. */
+    @Override
+    public void moeGatePad(GateOutputs dropless, int capacity, Tensor dest, Tensor offsets) {
+        String op = "moeGatePad";
+        int s = dropless.dest().dim(0), k = dropless.dest().dim(1), e = dropless.counts().dim(0);
+        Checks.gateOutputs(op, dropless, s, e, k);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        Checks.matrix(op, "dest", dest, s, k);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        Checks.numel(op, "offsets", offsets, e + 1L);
+        if (capacity < 1) throw new IllegalArgumentException(op + ": capacity must be >= 1, got " + capacity);
+        // the threads read every old offset while others write the new ones
+        if (p(offsets) == p(dropless.offsets())) throw new IllegalArgumentException(op + ": offsets must not be the dropless routing's own");
+        long n = (long) s * k;
+        launchN("k_gate_pad", Math.max(n, e + 1L), p(dropless.experts()), p(dropless.dest()), p(dropless.offsets()), n, e, capacity, p(dest), p(offsets));
+    }
+
     @Override
     public void moePermute(Tensor x, Tensor dest, Tensor buf) {
         permute(x, dest, null, 0, buf);

@@ -72,6 +72,34 @@ class CudaMoeVsCpuTest extends GpuTestBase {
     }
 
     /**
+     * moeGatePad (the padded dropless layer's routing) on the GPU against the CPU's, into outputs filled with -7, and
+     * against the GPU's own gate routed with that capacity: the 350M+MoE-128 gate's shape, top-2 with sampling, E past a
+     * block of threads, and a capacity above the largest count.
+     */
+    @ParameterizedTest
+    @CsvSource({"1, 128, 8192, 0, true, false", "2, 16, 3000, 0, false, true", "2, 300, 777, 5, false, false", "3, 7, 50, 2, true, true"})
+    void gatePadMatchesTheCpuAndTheGateWithThatCapacity(int k, int e, int s, int extra, boolean rsample, boolean second) {
+        GateSpec dropless = new GateSpec(k, 0, false, rsample, second, 0x5eedL, 1L << 34);
+        Tensor[] logits = rand(DType.F32, 2, s, e);
+        GateOutputs[] out = {outputs(cpu, s, e, k), outputs(gpu, s, e, k)};
+        for (int i = 0; i < 2; i++) on(i).moeGate(dropless, logits[i], out[i]);
+        int c = java.util.Arrays.stream(out[0].counts().toInts()).max().orElseThrow() + extra;
+        int[] junkDest = new int[s * k], junkOffsets = new int[e + 1];
+        java.util.Arrays.fill(junkDest, -7);
+        java.util.Arrays.fill(junkOffsets, -7);
+        Tensor[] dest = of(junkDest, s, k), offsets = of(junkOffsets, e + 1);
+        for (int i = 0; i < 2; i++) on(i).moeGatePad(out[i], c, dest[i], offsets[i]);
+        System.out.printf("moeGatePad k=%d E=%d S=%d C=%d%n", k, e, s, c);
+        checkInts("moeGatePad dest", dest);
+        checkInts("moeGatePad offsets", offsets);
+        GateOutputs routed = outputs(gpu, s, e, k);
+        gpu.moeGate(new GateSpec(k, c, false, rsample, second, 0x5eedL, 1L << 34), logits[1], routed);
+        assertArrayEquals(routed.dest().toInts(), dest[1].toInts(), "moeGatePad dest against the gate with capacity " + c);
+        assertArrayEquals(routed.offsets().toInts(), offsets[1].toInts(), "moeGatePad offsets against the gate with capacity " + c);
+        assertArrayEquals(routed.weights().toFloats(), out[1].weights().toFloats(), "the weights are the dropless call's");
+    }
+
+    /**
      * The gate's linear layer with the routing, a bf16 x times an fp32 weight (the model's gate): on the GPU the split
      * product's three partial products go to the top-k kernel, which sums them into the logits. The logits match the
      * CPU's within fp32 tolerance, and every output is the GPU's own product-then-gate bit for bit (the same sums in the
@@ -117,7 +145,7 @@ class CudaMoeVsCpuTest extends GpuTestBase {
         Tensor[] logits = rand(DType.F32, 2, s, e);
         GateOutputs[] out = {outputs(cpu, s, e, k), outputs(gpu, s, e, k)};
         for (int i = 0; i < 2; i++) on(i).moeGate(new GateSpec(k, capacity, rts, false, false, 0x5eedL, 0), logits[i], out[i]);
-        // PADDED: MoE's padded dropless layout, re-routed with capacity = the largest count
+        // PADDED: MoE's padded dropless layout, the gate with capacity = the largest count (what moeGatePad gives)
         int c = layout.equals("PADDED") ? java.util.Arrays.stream(out[0].counts().toInts()).max().orElseThrow() : capacity;
         if (c != capacity) {
             for (int i = 0; i < 2; i++) {

@@ -1,6 +1,8 @@
 package dev.moe4j.cuda;
 
 import dev.moe4j.core.backend.Activation;
+import dev.moe4j.core.backend.GateOutputs;
+import dev.moe4j.core.backend.GateSpec;
 import dev.moe4j.core.moe.MoE;
 import dev.moe4j.core.nn.ModelContext;
 import dev.moe4j.core.tensor.DType;
@@ -11,7 +13,7 @@ import dev.moe4j.core.testing.BenchTiming;
 
 /**
  * Times the MoE layer forward + backward (bf16, training, one GPU, all experts local) on the five configs of
- * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless] [config names...]. The layer is
+ * SPEC.md with the CUDA backend. Usage: MoeLayerBench [iterations] [capped|dropless|attention|routing] [config names...]. The layer is
  * its PyTorch peer's (moe_layer_reference.py): GeLU experts without bias, bf16 gradients
  * ({@code -Dmoe4j.bench.gradDType=f32} for fp32).
  * Prints ms per forward+backward and the expert-GEMM TFLOP/s (12 * S * k * M * F FLOPs). Every figure is the
@@ -41,6 +43,10 @@ public final class MoeLayerBench {
         try (CudaBackend gpu = new CudaBackend(0)) {
             if (args.length > 1 && args[1].equals("attention")) {
                 attention(gpu, iters);
+                return;
+            }
+            if (args.length > 1 && args[1].equals("routing")) {
+                routing(gpu, iters);
                 return;
             }
             for (Config c : CONFIGS) {
@@ -108,4 +114,40 @@ public final class MoeLayerBench {
         }
     }
 
+    /**
+     * The padded dropless layer's routing on each config's gate shape (fp32 logits [S, E]): the dropless gate, the read
+     * of its counts (the layer's one wait), then the capacity layout with capacity = the largest count, either by
+     * routing again with that capacity (the layer before moeGatePad) or by moeGatePad. Medians of CUDA-event spans,
+     * which include the host's time to issue what follows the wait, as in the layer.
+     */
+    static void routing(CudaBackend gpu, int iters) {
+        for (Config c : CONFIGS) {
+            try (Scope sc = Scope.open()) {
+                Tensor logits = gpu.empty(DType.F32, c.s, c.e);
+                gpu.randomNormal(logits, 0, 1, 5, 0);
+                GateOutputs first = gateOutputs(gpu, c), again = gateOutputs(gpu, c);
+                Tensor dest = gpu.empty(DType.I32, c.s, c.k), offsets = gpu.empty(DType.I32, c.e + 1);
+                GateSpec dropless = new GateSpec(c.k, 0, false, false, false, 7, 0);
+                java.util.function.IntSupplier gateAndRead = () -> {
+                    gpu.moeGate(dropless, logits, first);
+                    return java.util.Arrays.stream(first.counts().toInts()).max().orElseThrow();
+                };
+                Runnable gateOnly = gateAndRead::getAsInt;
+                Runnable routeAgain = () -> gpu.moeGate(new GateSpec(c.k, gateAndRead.getAsInt(), false, false, false, 7, 0), logits, again);
+                Runnable pad = () -> gpu.moeGatePad(first, gateAndRead.getAsInt(), dest, offsets);
+                double[] ms = new double[3];
+                Runnable[] ways = {gateOnly, routeAgain, pad};
+                for (int round = 0; round < 2; round++) {   // the first round warms up
+                    for (int w = 0; w < 3; w++) ms[w] = BenchTiming.medianMs(gpu, 50, iters, ways[w]);
+                }
+                System.out.printf("%-24s S=%d E=%d k=%d routing: dropless gate + count read %.1f us, + routed again %.1f us, + moeGatePad %.1f us%n",
+                        c.name, c.s, c.e, c.k, 1e3 * ms[0], 1e3 * ms[1], 1e3 * ms[2]);
+            }
+        }
+    }
+
+    static GateOutputs gateOutputs(CudaBackend gpu, Config c) {
+        return new GateOutputs(gpu.empty(DType.F32, c.s, c.e), gpu.empty(DType.I32, c.s, c.k), gpu.empty(DType.I32, c.s, c.k),
+                gpu.empty(DType.F32, c.s, c.k), gpu.empty(DType.I32, c.e), gpu.empty(DType.I32, c.e + 1), gpu.empty(DType.F32, 2));
+    }
 }

@@ -445,6 +445,35 @@ public interface Backend extends AutoCloseable {
     void moeGateBackward(GateSpec spec, Tensor logits, GateOutputs saved, Tensor dweights,
                          float lauxCoeff, float zlossCoeff, Tensor dlogits);
 
+    /**
+     * A dropless {@link #moeGate}'s routing in the capacity layout with capacity C (at least its largest count, so that
+     * nothing drops): dest I32 [S,k] (assigned) = e*C + the choice's place within its expert e (dropless dest -
+     * offsets[e]), offsets I32 [E+1] (assigned) = e*C. It is what moeGate with capacity C gives on the same logits and
+     * random draws, whose other outputs equal the dropless call's. This default computes it on the host.
+     */
+    default void moeGatePad(GateOutputs dropless, int capacity, Tensor dest, Tensor offsets) {
+        String op = "moeGatePad";
+        int s = dropless.dest().dim(0), k = dropless.dest().dim(1), e = dropless.counts().dim(0);
+        Checks.gateOutputs(op, dropless, s, e, k);
+        Checks.dtype(op, "dest", dest, DType.I32);
+        Checks.matrix(op, "dest", dest, s, k);
+        Checks.dtype(op, "offsets", offsets, DType.I32);
+        Checks.numel(op, "offsets", offsets, e + 1L);
+        int[] counts = toInts(dropless.counts()), ex = toInts(dropless.experts()), d = toInts(dropless.dest()), off = toInts(dropless.offsets());
+        int most = java.util.Arrays.stream(counts).max().orElse(0);
+        if (capacity < Math.max(1, most)) throw new IllegalArgumentException(op + ": capacity " + capacity + " is below the largest expert count " + most);
+        int[] pd = new int[d.length], po = new int[e + 1];
+        for (int i = 0; i < d.length; i++) {
+            if (d[i] < 0) throw new IllegalArgumentException(op + ": the routing drops choice " + i + "; it must be a dropless one");
+            pd[i] = ex[i] * capacity + d[i] - off[ex[i]];
+        }
+        for (int j = 0; j <= e; j++) po[j] = j * capacity;
+        try (Tensor td = fromInts(pd, s, k); Tensor to = fromInts(po, e + 1)) {
+            copy(td, dest);
+            copy(to, offsets);
+        }
+    }
+
     /** Dispatch: buf[dest[s,j]] = x[s] for dest[s,j] &gt;= 0. x [S,M], dest I32 [S,k], buf [R,M]; other rows untouched. */
     void moePermute(Tensor x, Tensor dest, Tensor buf);
 

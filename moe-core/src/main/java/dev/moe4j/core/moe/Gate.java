@@ -81,16 +81,20 @@ public final class Gate implements AutoCloseable {
     }
 
     /**
-     * Routes the last forward's tokens again with another capacity: the same logits and random draws, so the same
-     * choices and combine weights. Dropless MoE re-routes with capacity = its largest expert count, which drops
-     * nothing and gives every expert an equal (padded) segment. The outputs it returns replace the forward's.
+     * The last (dropless) forward's routing in the capacity layout with capacity C = at least its largest expert count:
+     * the same choices and combine weights, nothing dropped, every expert an equal (padded) segment of C rows, as a
+     * forward with capacity C would route ({@link Backend#moeGatePad}: the destinations remapped, not routed again).
+     * The outputs it returns replace the forward's.
      */
-    public GateOutputs reroute(int capacity) {
-        if (out == null) throw new IllegalStateException("Gate.reroute called before forward");
-        if (capacity < 1) throw new IllegalArgumentException("Gate.reroute: capacity must be >= 1, got " + capacity);
+    public GateOutputs pad(int capacity) {
+        if (out == null) throw new IllegalStateException("Gate.pad called before forward");
+        if (!spec.dropless()) throw new IllegalStateException("Gate.pad: the forward routed with capacity " + spec.capacity() + ", not dropless");
+        if (capacity < 1) throw new IllegalArgumentException("Gate.pad: capacity must be >= 1, got " + capacity);
+        int S = logits.rows();
+        Tensor dest = saved.keep(b.empty(DType.I32, S, spec.k())), offsets = saved.keep(b.empty(DType.I32, experts + 1));
+        b.moeGatePad(out, capacity, dest, offsets);
         spec = new GateSpec(spec.k(), capacity, spec.useRts(), spec.rsample(), spec.secondSampling(), spec.seed(), spec.offset());
-        out = newOutputs(logits.rows(), spec.k());
-        b.moeGate(spec, logits, out);
+        out = new GateOutputs(out.gates(), out.experts(), dest, out.weights(), out.counts(), offsets, out.losses());
         return out;
     }
 

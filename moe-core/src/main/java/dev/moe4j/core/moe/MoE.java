@@ -146,8 +146,8 @@ public final class MoE implements AutoCloseable {
                 train && cfg.noisyGatePolicy == NoisyGatePolicy.RSAMPLE,
                 train && k > 1 && cfg.top2SecondExpertSampling);
 
-        // Dropless in the capacity layout: re-routed with capacity = the largest expert count, nothing is dropped
-        // and every expert owns an equal segment, which backends that prefer equal groups run much faster.
+        // Dropless in the capacity layout: capacity = the largest expert count, nothing is dropped and every expert owns
+        // an equal segment, which backends that prefer equal groups run much faster.
         int slots = capacity;   // rows per expert in buf; 0: dropless, sorted by expert, unpadded
         int[] counts = null;    // on the host only where the layout decision needs them
         if (dropless && ep == null && padsDropless(cfg.droplessLayout, b, ctx.dtype(), E, 0, S * k)) {
@@ -155,7 +155,7 @@ public final class MoE implements AutoCloseable {
             int most = Arrays.stream(counts).max().orElse(0);
             if (padsDropless(cfg.droplessLayout, b, ctx.dtype(), E, (long) E * most, S * k)) {
                 slots = most;
-                g = gate.reroute(slots);
+                g = gate.pad(slots);
             }
         }
 

@@ -217,7 +217,7 @@ class CpuMoEGateTest {
         Tensor logits = Tensors.random(b, DType.F32, rnd, 2, s, e);
         GateOutputs first = outputs(DType.F32, s, e, k);
         b.moeGate(new GateSpec(k, capacity, false, false, false, 5, 0), logits, first);
-        // PADDED: MoE's padded dropless layout, re-routed with capacity = the largest count
+        // PADDED: MoE's padded dropless layout, the gate with capacity = the largest count (what moeGatePad gives)
         int c = layout.equals("PADDED") ? Arrays.stream(first.counts().toInts()).max().orElseThrow() : capacity;
         GateOutputs o = c == capacity ? first : outputs(DType.F32, s, e, k);
         if (o != first) b.moeGate(new GateSpec(k, c, false, false, false, 5, 0), logits, o);
@@ -265,6 +265,42 @@ class CpuMoEGateTest {
         Tensor other = b.zeros(DType.F32, rows + 1, m);
         var ex = assertThrows(IllegalArgumentException.class, () -> b.moePermute(x, o.dest(), o.counts(), c, other));
         assertTrue(ex.getMessage().contains("buf"), ex.getMessage());
+    }
+
+    /**
+     * moeGatePad of a dropless routing is the gate routed again with that capacity (at least the largest count), on the
+     * same logits and random draws: the same dest and offsets, and every other output of that call equals the
+     * dropless one's. A capacity below the largest count, or a routing with drops, is refused.
+     */
+    @ParameterizedTest
+    @CsvSource({"1, 5, 40, 0, false, false", "2, 6, 50, 0, false, true", "2, 4, 30, 3, true, false", "3, 7, 33, 1, true, true"})
+    void padIsTheGateRoutedWithThatCapacity(int k, int e, int s, int extra, boolean rsample, boolean second) {
+        SplittableRandom rnd = new SplittableRandom(97L * k + s);
+        Tensor logits = Tensors.random(b, DType.F32, rnd, 2, s, e);
+        GateOutputs dropless = outputs(DType.F32, s, e, k);
+        b.moeGate(new GateSpec(k, 0, false, rsample, second, 11, 1L << 20), logits, dropless);
+        int most = Arrays.stream(dropless.counts().toInts()).max().orElseThrow(), c = most + extra;
+        GateOutputs routed = outputs(DType.F32, s, e, k);
+        b.moeGate(new GateSpec(k, c, false, rsample, second, 11, 1L << 20), logits, routed);
+        Tensor dest = b.zeros(DType.I32, s, k), offsets = b.zeros(DType.I32, e + 1);
+        b.moeGatePad(dropless, c, dest, offsets);
+        assertArrayEquals(routed.dest().toInts(), dest.toInts(), "dest");
+        assertArrayEquals(routed.offsets().toInts(), offsets.toInts(), "offsets");
+        assertTrue(Arrays.stream(dest.toInts()).allMatch(d -> d >= 0 && d < e * c), "nothing dropped, every row inside E*C");
+        assertArrayEquals(routed.gates().toDoubles(), dropless.gates().toDoubles(), "gates");
+        assertArrayEquals(routed.experts().toInts(), dropless.experts().toInts(), "experts");
+        assertArrayEquals(routed.weights().toDoubles(), dropless.weights().toDoubles(), "weights");
+        assertArrayEquals(routed.counts().toInts(), dropless.counts().toInts(), "counts");
+        assertArrayEquals(routed.losses().toDoubles(), dropless.losses().toDoubles(), "losses");
+
+        var low = assertThrows(IllegalArgumentException.class, () -> b.moeGatePad(dropless, most - 1, dest, offsets));
+        assertTrue(low.getMessage().contains("largest expert count " + most), low.getMessage());
+        if (most > 1) {
+            GateOutputs capped = outputs(DType.F32, s, e, k);
+            b.moeGate(new GateSpec(k, most - 1, false, rsample, second, 11, 1L << 20), logits, capped);
+            var drops = assertThrows(IllegalArgumentException.class, () -> b.moeGatePad(capped, most, dest, offsets));
+            assertTrue(drops.getMessage().contains("drops"), drops.getMessage());
+        }
     }
 
     // ---------------------------------------------------------------- gradients
