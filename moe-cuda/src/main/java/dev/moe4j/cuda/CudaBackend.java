@@ -1912,16 +1912,11 @@ public final class CudaBackend implements Backend {
     @Override
     public void moeGatePad(GateOutputs dropless, int capacity, Tensor dest, Tensor offsets) {
         String op = "moeGatePad";
-        int s = dropless.dest().dim(0), k = dropless.dest().dim(1), e = dropless.counts().dim(0);
-        Checks.gateOutputs(op, dropless, s, e, k);
-        Checks.dtype(op, "dest", dest, DType.I32);
-        Checks.matrix(op, "dest", dest, s, k);
-        Checks.dtype(op, "offsets", offsets, DType.I32);
-        Checks.numel(op, "offsets", offsets, e + 1L);
-        if (capacity < 1) throw new IllegalArgumentException(op + ": capacity must be >= 1, got " + capacity);
+        Checks.gatePad(op, dropless, capacity, dest, offsets);
+        int e = Math.toIntExact(offsets.numel() - 1);
         // the threads read every old offset while others write the new ones
         if (p(offsets) == p(dropless.offsets())) throw new IllegalArgumentException(op + ": offsets must not be the dropless routing's own");
-        long n = (long) s * k;
+        long n = dest.numel();
         launchN("k_gate_pad", Math.max(n, e + 1L), p(dropless.experts()), p(dropless.dest()), p(dropless.offsets()), n, e, capacity, p(dest), p(offsets));
     }
 

@@ -453,15 +453,11 @@ public interface Backend extends AutoCloseable {
      */
     default void moeGatePad(GateOutputs dropless, int capacity, Tensor dest, Tensor offsets) {
         String op = "moeGatePad";
-        int s = dropless.dest().dim(0), k = dropless.dest().dim(1), e = dropless.counts().dim(0);
-        Checks.gateOutputs(op, dropless, s, e, k);
-        Checks.dtype(op, "dest", dest, DType.I32);
-        Checks.matrix(op, "dest", dest, s, k);
-        Checks.dtype(op, "offsets", offsets, DType.I32);
-        Checks.numel(op, "offsets", offsets, e + 1L);
+        Checks.gatePad(op, dropless, capacity, dest, offsets);
+        int s = dest.dim(0), k = dest.dim(1), e = Math.toIntExact(offsets.numel() - 1);
         int[] counts = toInts(dropless.counts()), ex = toInts(dropless.experts()), d = toInts(dropless.dest()), off = toInts(dropless.offsets());
         int most = java.util.Arrays.stream(counts).max().orElse(0);
-        if (capacity < Math.max(1, most)) throw new IllegalArgumentException(op + ": capacity " + capacity + " is below the largest expert count " + most);
+        if (capacity < most) throw new IllegalArgumentException(op + ": capacity " + capacity + " is below the largest expert count " + most);
         int[] pd = new int[d.length], po = new int[e + 1];
         for (int i = 0; i < d.length; i++) {
             if (d[i] < 0) throw new IllegalArgumentException(op + ": the routing drops choice " + i + "; it must be a dropless one");

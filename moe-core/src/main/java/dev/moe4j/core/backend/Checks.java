@@ -169,4 +169,21 @@ public final class Checks {
         floating(op, "losses", o.losses());
         numel(op, "losses", o.losses(), 2);
     }
+
+    /** {@link Backend#moeGatePad}'s operands: one gate call's outputs, dest I32 [S,k], offsets I32 [E+1], capacity &gt;= 1. */
+    public static void gatePad(String op, GateOutputs dropless, int capacity, Tensor dest, Tensor offsets) {
+        if (dropless == null) throw new IllegalArgumentException(op + ": outputs are null");
+        open(op, "dest", dropless.dest());
+        open(op, "counts", dropless.counts());
+        int s = dropless.dest().dim(0), k = dropless.dest().dim(1), e = dropless.counts().dim(0);
+        gateOutputs(op, dropless, s, e, k);
+        open(op, "dest", dest);
+        dtype(op, "dest", dest, DType.I32);
+        matrix(op, "dest", dest, s, k);
+        open(op, "offsets", offsets);
+        dtype(op, "offsets", offsets, DType.I32);
+        numel(op, "offsets", offsets, e + 1L);
+        if (capacity < 1) throw new IllegalArgumentException(op + ": capacity must be >= 1, got " + capacity);
+    }
+
 }
