@@ -234,6 +234,19 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
     }
 }
 
+// Copies column chunk q (q < BN / 64) of a bf16 src the epilogue reads into buf (READ_BYTES: 64 rows of 128 bytes):
+// each thread the 8 columns of the 4 rows it will read back itself (no barrier needed), as one cp.async group.
+__device__ __forceinline__ void fetchChunk(unsigned char* buf, const void* src, i64 ld, i64 rowOrigin, int rowLimit, int colOrigin,
+                                           int colLimit, int q) {
+    int tid = threadIdx.x & 127, g = tid & 7, col = 64 * q + 8 * g;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int row = (tid >> 3) + 16 * i;
+        if (row < rowLimit && col < colLimit) cpAsync16(buf + row * 128 + g * 16, (const __nv_bfloat16*)src + (rowOrigin + row) * ld + colOrigin + col);
+    }
+    cpAsyncCommit();
+}
+
 // The products' epilogue (mode: EPI_* above, whose roundings give the unfused path's bits) through this
 // warpgroup's staging buffer stg (EPI_BYTES), 64 columns at a time: the fragments go in as fp32, rows of 256 bytes
 // with 16-byte chunk k of row r at k ^ (r % 8) (the 8 rows of a fragment store, and the 4 rows of a read-back, fall
@@ -249,20 +262,6 @@ __device__ __forceinline__ void store8(void* p, int dt, i64 i, const float (&v)[
 // work: loaded where they were used, the fused data gradient's h waited in full four times a tile (Nsight Compute,
 // top-2 fc2 on ping-pong: 18% of the stall samples on those loads, the kernel 1.4x the plain product). The
 // cooperative schedule has no shared memory left for them and loads after the staging. acc is consumed.
-
-// Copies column chunk q (q < BN / 64) of a bf16 src the epilogue reads into buf (READ_BYTES: 64 rows of 128 bytes):
-// each thread the 8 columns of the 4 rows it will read back itself (no barrier needed), as one cp.async group.
-__device__ __forceinline__ void fetchChunk(unsigned char* buf, const void* src, i64 ld, i64 rowOrigin, int rowLimit, int colOrigin,
-                                           int colLimit, int q) {
-    int tid = threadIdx.x & 127, g = tid & 7, col = 64 * q + 8 * g;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int row = (tid >> 3) + 16 * i;
-        if (row < rowLimit && col < colLimit) cpAsync16(buf + row * 128 + g * 16, (const __nv_bfloat16*)src + (rowOrigin + row) * ld + colOrigin + col);
-    }
-    cpAsyncCommit();
-}
-
 __device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, unsigned char* ahead, int c, void* out, int cdt, i64 ld,
                                                i64 rowOrigin, int rowLimit, int colOrigin, int colLimit, float beta, void* aux, int mode,
                                                int act) {
