@@ -331,14 +331,16 @@ __device__ __forceinline__ void storeAccStaged(float (&acc)[128], float* stg, un
 }
 
 // Pulls the rows the epilogue will read (src: 64 rows of this warpgroup's tile, its columns) from DRAM into L2, a few
-// k-steps before the epilogue, so that its loads there hit L2.
+// k-steps before the epilogue, so that its loads there hit L2. A row's bytes need not start on a 128-byte line (a row
+// of N x 2 bytes, N not a multiple of 64): it may touch one line more than its length fills, the last skipped where not.
 __device__ __forceinline__ void prefetchL2(const void* src, int dt, i64 ld, i64 rowOrigin, int rowLimit, int colOrigin, int colLimit) {
-    int es = dt == DT_F32 ? 4 : 2, lines = (min(colLimit, BN) * es + 127) / 128;   // 128-byte lines of a row
+    int es = dt == DT_F32 ? 4 : 2, bytes = min(colLimit, BN) * es, lines = (bytes + 127) / 128 + 1;
     for (int l = threadIdx.x & 127; l < 64 * lines; l += 128) {
         int row = l / lines;
         if (row >= rowLimit) break;
-        const char* at = (const char*)src + ((rowOrigin + row) * ld + colOrigin) * es + (l % lines) * 128;
-        asm volatile("prefetch.global.L2 [%0];\n" :: "l"(at));
+        const char* first = (const char*)src + ((rowOrigin + row) * ld + colOrigin) * es;
+        const char* at = (const char*)((unsigned long long)first & ~127ull) + (l % lines) * 128;
+        if (at < first + bytes) asm volatile("prefetch.global.L2 [%0];\n" :: "l"(at));
     }
 }
 
