@@ -19,11 +19,6 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 @Tag("gpu")
 class CudaMoeTest extends GpuTestBase {
 
-    static GateOutputs outputs(int s, int e, int k, int rows) {
-        return new GateOutputs(gpu.zeros(DType.F32, s, e), gpu.zeros(DType.I32, s, k), gpu.zeros(DType.I32, s, k),
-                gpu.zeros(DType.F32, s, k), gpu.zeros(DType.I32, e), gpu.zeros(DType.I32, e + 1), gpu.zeros(DType.F32, 2));
-    }
-
     static double[] toD(float[] f) { double[] d = new double[f.length]; for (int i = 0; i < f.length; i++) d[i] = f[i]; return d; }
 
     @ParameterizedTest
@@ -32,7 +27,7 @@ class CudaMoeTest extends GpuTestBase {
         Tensor logits = Tensors.random(gpu, DType.F32, rnd, 2, s, e);
         double[] l = logits.toDoubles();
         MoeReference ref = new MoeReference(l, s, e, k, capacity);
-        GateOutputs out = outputs(s, e, k, 0);
+        GateOutputs out = CudaMoeVsCpuTest.outputs(gpu, s, e, k);
         GateSpec spec = new GateSpec(k, capacity, false, false, false, 1, 0);
         gpu.moeGate(spec, logits, out);
         assertArrayEquals(ref.experts, out.experts().toInts(), "experts");
@@ -71,7 +66,7 @@ class CudaMoeTest extends GpuTestBase {
     @CsvSource({"1, 6, 37, 9, F32, 45", "2, 6, 37, 9, BF16, 45", "2, 5, 41, 0, F32, 45", "2, 6, 37, 9, BF16, 48", "1, 5, 41, 0, BF16, 64"})
     void permuteUnpermuteAndBackward(int k, int e, int s, int capacity, DType dt, int m) {
         Tensor logits = Tensors.random(gpu, DType.F32, rnd, 2, s, e);
-        GateOutputs out = outputs(s, e, k, 0);
+        GateOutputs out = CudaMoeVsCpuTest.outputs(gpu, s, e, k);
         gpu.moeGate(new GateSpec(k, capacity, false, false, false, 1, 0), logits, out);
         int rows = capacity > 0 ? e * capacity : s * k;
         int[] dest = out.dest().toInts();

@@ -125,7 +125,7 @@ public final class MoeLayerBench {
             try (Scope sc = Scope.open()) {
                 Tensor logits = gpu.empty(DType.F32, c.s, c.e);
                 gpu.randomNormal(logits, 0, 1, 5, 0);
-                GateOutputs first = gateOutputs(gpu, c), again = gateOutputs(gpu, c);
+                GateOutputs first = CudaMoeVsCpuTest.outputs(gpu, c.s, c.e, c.k), again = CudaMoeVsCpuTest.outputs(gpu, c.s, c.e, c.k);
                 Tensor dest = gpu.empty(DType.I32, c.s, c.k), offsets = gpu.empty(DType.I32, c.e + 1);
                 GateSpec dropless = new GateSpec(c.k, 0, false, false, false, 7, 0);
                 java.util.function.IntSupplier gateAndRead = () -> {
@@ -144,10 +144,5 @@ public final class MoeLayerBench {
                         c.name, c.s, c.e, c.k, 1e3 * ms[0], 1e3 * ms[1], 1e3 * ms[2]);
             }
         }
-    }
-
-    static GateOutputs gateOutputs(CudaBackend gpu, Config c) {
-        return new GateOutputs(gpu.empty(DType.F32, c.s, c.e), gpu.empty(DType.I32, c.s, c.k), gpu.empty(DType.I32, c.s, c.k),
-                gpu.empty(DType.F32, c.s, c.k), gpu.empty(DType.I32, c.e), gpu.empty(DType.I32, c.e + 1), gpu.empty(DType.F32, 2));
     }
 }

@@ -185,5 +185,4 @@ public final class Checks {
         numel(op, "offsets", offsets, e + 1L);
         if (capacity < 1) throw new IllegalArgumentException(op + ": capacity must be >= 1, got " + capacity);
     }
-
 }
